@@ -1,0 +1,33 @@
+"""The paper's metrics (CDA, ASR) and the guard's own rates, all fractions in [0, 1].
+
+ASR counts triggered inputs whose true class is not the target and that end up labelled as the
+target; a trigger alarm (label -1) or a correct label is not a success for the attacker.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _mean(mask: torch.Tensor) -> float:
+    return mask.float().mean().item() if mask.numel() else float("nan")
+
+
+def undefended(pred_clean, y_clean, pred_trigger, target: int) -> dict:
+    """CDA and ASR of the bare model from its predicted labels."""
+    return {"cda": _mean(pred_clean.cpu() == y_clean.cpu()), "asr": _mean(pred_trigger.cpu() == target)}
+
+
+def defended(clean, y_clean, trig, y_trig_true, target: int) -> dict:
+    """Metrics of a guard from its results on clean inputs and on triggered non-target inputs."""
+    lc, vc = clean.labels.cpu(), clean.verdict.cpu()
+    lt, vt = trig.labels.cpu(), trig.verdict.cpu()
+    return {
+        "cda": _mean(lc == y_clean.cpu()),
+        "asr": _mean(lt == target),
+        "r_acc": _mean(lt == y_trig_true.cpu()),
+        "alarm_rate_clean": _mean(vc == 1),
+        "alarm_rate_trigger": _mean(vt == 1),
+        "ood_rate_clean": _mean(vc == 2),
+        "ood_rate_trigger": _mean(vt == 2),
+        "accept_accuracy_clean": _mean((lc == y_clean.cpu())[vc == 0]),
+    }

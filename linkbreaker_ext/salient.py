@@ -1,0 +1,42 @@
+"""Algorithm 2: per-class neuron importance and salient-set masks.
+
+Importance of neuron i for class k is ``|mu_ki - ref_i| / (sigma_ki + eps)``: the paper's mean over
+deviation, with the mean measured from the clean reference activation ``ref`` (the class-balanced
+mean that also fills non-salient positions). The paper's raw ``mu/sigma`` ranks neurons that are
+constant on clean data (a background pixel, a ReLU stuck at its bias, a dormant backdoor unit) as
+infinitely important; measured from the reference they score zero, because replacing them with the
+reference changes nothing for clean inputs while it erases whatever a trigger puts there. Taking the
+absolute value keeps neurons that are consistently *lower* for class k than elsewhere, which is what
+makes a head refuse other classes' inputs.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def class_statistics(acts: torch.Tensor, labels: torch.Tensor, num_classes: int):
+    """Per-class mean and standard deviation ``[K, D]`` and the class-balanced reference ``[D]``."""
+    mu = torch.stack([acts[labels == k].mean(0) for k in range(num_classes)])
+    sd = torch.stack([acts[labels == k].std(0, unbiased=False) for k in range(num_classes)])
+    return mu, sd, mu.mean(0)
+
+
+def importance(mu: torch.Tensor, sd: torch.Tensor, ref: torch.Tensor, rel_eps: float = 1e-3):
+    """``[K, D]`` importance; ``rel_eps`` (relative to the layer's typical deviation) keeps a neuron
+    that is constant within a class but informative from dividing by zero."""
+    eps = rel_eps * sd.mean().clamp_min(1e-12) + 1e-12
+    score = (mu - ref).abs() / (sd + eps)
+    # A neuron whose class mean equals the reference to float precision carries no evidence.
+    tiny = (mu - ref).abs() <= 1e-6 * (ref.abs() + sd.mean())
+    return score.masked_fill(tiny, 0.0)
+
+
+def top_fraction_masks(scores: torch.Tensor, fractions: torch.Tensor, min_score: float = 0.0):
+    """Binary masks ``[K, D]``: for class k the ``fractions[k]`` share of neurons with the highest
+    score, never a neuron whose score is zero or below ``min_score``."""
+    k, d = scores.shape
+    counts = (fractions.to(scores.device).clamp(0, 1) * d).round().long().clamp(1, d)
+    order = scores.argsort(dim=1, descending=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(d, device=scores.device).expand(k, d).contiguous())
+    return ((rank < counts[:, None]) & (scores > 0) & (scores >= min_score)).float()
