@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-EMBEDDED_MNIST = Path(__file__).with_name("data") / "mnist_subset.npz"
+EMBEDDED_MNIST = Path(__file__).with_name("assets") / "mnist_subset.npz"
 
 
 @dataclass(frozen=True)

@@ -42,15 +42,17 @@ class GuardConfig:
     neighbour_step: float = 5.0     # forward-backward splitting step alpha
     neighbour_iters: int = 30
     fractions: tuple = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-    reliability: float = 0.98       # head k must be credible (conf>=0.5) on this share of class k
-    specificity: float = 0.998      # ... and refuse this share of the other classes
-    out_weight: float = 10.0        # when no fraction meets both: an out-of-class pass costs this many misses
-    min_importance: float = 0.2     # |mu_k - ref| / sigma_k below this is never salient
+    search_on_neighbours: bool = False  # judge reliability on the neighbours too (measured: worse)
+    tolerance_in: float = 0.0       # head k may accept this much less of class k than the whole layer
+    tolerance_out: float = 0.0      # ... and this much more of the other classes
+    min_importance: float = 0.0     # importance at or below this is never salient
+    min_active: float = 0.01        # neurons active on fewer clean samples than this are dormant
     use_early: bool = True
     use_late: bool = True
     fill: str = "blank"             # reference for non-salient neurons: "blank" input's activations or "mean"
     noise_amplitude: float = 0.0    # fill = reference + amplitude * class-pooled std * N(0,1)
     mad_k: float = 3.0              # threshold = median - mad_k * 1.4826 * MAD of logit(conf)
+    out_quantile: float | None = 0.995  # ... and at least this quantile of other classes' confidences
     threshold_floor: float = 0.5    # thresholds never below this (two heads can't both pass 0.5 easily)
     calibration_fraction: float = 0.3  # share of the validation set kept apart for thresholds
     min_per_class: int = 5
@@ -205,15 +207,20 @@ class LinkBreaker:
         blank = cls._blank_input(x).to(device)
         for acts, blank_acts in zip((a_early, a_late), hooked.activations(blank)):
             mu, sd, mean = salient.class_statistics(acts, y_aug, num_classes)
+            score = salient.importance(mu, sd, mean)
+            # Dormancy is judged on the real clean samples only: the neighbours' noise touches every
+            # pixel, including the ones a trigger uses.
+            score = score * ~salient.dormant(acts[: len(x_fit)], blank_acts[0], cfg.min_active)
             fill = mean if cfg.fill == "mean" else blank_acts[0]
             noise = torch.randn(fill.shape, generator=g).to(device) * sd.mean(0)
-            layer_stats.append((salient.importance(mu, sd, mean), fill + cfg.noise_amplitude * noise))
+            layer_stats.append((score, fill + cfg.noise_amplitude * noise))
         (score_e, fill_e), (score_l, fill_l) = layer_stats
 
         guard = cls(model, early, late_name, torch.ones_like(score_e), torch.ones_like(score_l),
                     fill_e, fill_l, torch.full((num_classes,), 0.5), cfg, x.shape[1:])
-        masks_e, masks_l, table = guard._search_masks(score_e, score_l, x_fit.to(device),
-                                                      y_fit.to(device), progress)
+        x_search, y_search = (x_aug, y_aug) if cfg.search_on_neighbours else (x_fit, y_fit)
+        masks_e, masks_l, table = guard._search_masks(score_e, score_l, x_search.to(device),
+                                                      y_search.to(device), progress)
         guard.early_masks, guard.late_masks = masks_e, masks_l
         x_cal, y_cal = x[calib_idx].to(device), y[calib_idx].to(device)
         guard.thresholds = guard._calibrate(x_cal, y_cal)
@@ -233,8 +240,9 @@ class LinkBreaker:
         return med.reshape(shape).expand(1, *x.shape[1:]).contiguous().float()
 
     def _search_masks(self, score_e, score_l, x_fit, y_fit, progress):
-        """Alg. 2 line 6: per class, the smallest top fraction whose head is reliable on its own class
-        and refuses the others, measured on the fit split (never on test data). The early layer is
+        """Alg. 2 line 6: per class, the smallest top fraction whose head is reliable, i.e. accepts its
+        own class (conf >= 0.5) and refuses the others about as well as the whole layer does, measured
+        on the fit split (never on test data). The early layer is
         searched first with every eligible late neuron kept, then the late layer with the chosen
         early sets."""
         cfg = self.config
@@ -254,11 +262,14 @@ class LinkBreaker:
             return in_rate.cpu(), out_rate.cpu()
 
         def choose(rows):
+            # "Reliable" is relative to the whole layer (the last, largest fraction): the salient set
+            # must accept its own class and refuse the others about as well as every neuron does.
+            _, in_all, out_all = rows[-1]
             chosen = torch.empty(n)
             for k in range(n):
-                ok = [q for q, i, o in rows if i[k] >= cfg.reliability and o[k] <= 1 - cfg.specificity]
-                # none good enough: the best trade-off, an out-of-class pass costing `out_weight` misses
-                chosen[k] = ok[0] if ok else max(rows, key=lambda r: r[1][k] - cfg.out_weight * r[2][k])[0]
+                ok = [q for q, i, o in rows
+                      if i[k] >= in_all[k] - cfg.tolerance_in and o[k] <= out_all[k] + cfg.tolerance_out]
+                chosen[k] = ok[0]
             return chosen
 
         everything = torch.ones(n)
@@ -293,6 +304,10 @@ class LinkBreaker:
             med = s.median()
             mad = (s - med).abs().median()
             th[k] = torch.sigmoid(med - cfg.mad_k * 1.4826 * mad)
+            if cfg.out_quantile is not None:  # no lower than what other classes' inputs reach
+                other = logit[y_cal != k, k]
+                if len(other):
+                    th[k] = torch.maximum(th[k], torch.sigmoid(torch.quantile(other, cfg.out_quantile)))
         self.diagnostics["calibration_conf"] = conf.cpu()
         self.diagnostics["calibration_labels"] = y_cal.cpu()
         return th.clamp_min(cfg.threshold_floor).float().to(x_cal.device)

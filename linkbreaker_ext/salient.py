@@ -1,8 +1,7 @@
 """Algorithm 2: per-class neuron importance and salient-set masks.
 
-Importance of neuron i for class k is ``|mu_ki - ref_i| / (sigma_ki + eps)``: the paper's mean over
-deviation, with the mean measured from the clean reference activation ``ref`` (the class-balanced
-mean that also fills non-salient positions). The paper's raw ``mu/sigma`` ranks neurons that are
+Importance of neuron i for class k is ``|mu_ki - ref_i| / (sigma_ki + sigma_pooled_i)``: the
+paper's mean over deviation, with the mean measured from the class-balanced clean mean ``ref``. The paper's raw ``mu/sigma`` ranks neurons that are
 constant on clean data (a background pixel, a ReLU stuck at its bias, a dormant backdoor unit) as
 infinitely important; measured from the reference they score zero, because replacing them with the
 reference changes nothing for clean inputs while it erases whatever a trigger puts there. Taking the
@@ -22,13 +21,27 @@ def class_statistics(acts: torch.Tensor, labels: torch.Tensor, num_classes: int)
 
 
 def importance(mu: torch.Tensor, sd: torch.Tensor, ref: torch.Tensor, rel_eps: float = 1e-3):
-    """``[K, D]`` importance; ``rel_eps`` (relative to the layer's typical deviation) keeps a neuron
-    that is constant within a class but informative from dividing by zero."""
+    """``[K, D]`` importance ``|mu_k - ref| / (sigma_k + sigma_pooled)``.
+
+    The class's own deviation is the paper's "stability"; adding the pooled within-class deviation
+    keeps a neuron that is constant for class k but rarely active elsewhere (a corner pixel that a
+    few digits touch) from scoring ``x / 0``: such a neuron is weak evidence, and it is exactly where
+    a trigger hides."""
+    pooled = sd.mean(0, keepdim=True)
     eps = rel_eps * sd.mean().clamp_min(1e-12) + 1e-12
-    score = (mu - ref).abs() / (sd + eps)
+    score = (mu - ref).abs() / (sd + pooled + eps)
     # A neuron whose class mean equals the reference to float precision carries no evidence.
     tiny = (mu - ref).abs() <= 1e-6 * (ref.abs() + sd.mean())
     return score.masked_fill(tiny, 0.0)
+
+
+def dormant(acts: torch.Tensor, blank: torch.Tensor, min_active: float = 0.01) -> torch.Tensor:
+    """``[D]`` bool: neurons that leave their blank-input value on fewer than ``min_active`` of the
+    clean samples ``acts`` ``[M, D]``. Fine-Pruning's observation, made per neuron: what clean data
+    (almost) never uses is where a trigger or a backdoor unit lives, so it is never salient."""
+    dev = (acts - blank).abs()
+    tol = 1e-3 * dev.max().clamp_min(1e-12)
+    return (dev > tol).float().mean(0) < min_active
 
 
 def top_fraction_masks(scores: torch.Tensor, fractions: torch.Tensor, min_score: float = 0.0):

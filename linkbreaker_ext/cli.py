@@ -1,0 +1,176 @@
+"""``linkbreaker`` command line: ``demo``, ``train``, ``fit``, ``evaluate``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import attacks, experiment, plots
+from .guard import GuardConfig, LinkBreaker
+
+
+def _table(report: dict) -> str:
+    b, a = report["before"], report["after"]
+    rows = [("CDA (clean accuracy)", b["cda"], a["cda"]), ("ASR (attack success)", b["asr"], a["asr"]),
+            ("R-Acc (triggered, true label)", None, a["r_acc"]),
+            ("alarm rate, clean", None, a["alarm_rate_clean"]),
+            ("alarm rate, triggered", None, a["alarm_rate_trigger"]),
+            ("OOD rate, clean", None, a["ood_rate_clean"])]
+    fmt = lambda v: "      -" if v is None else f"{100 * v:6.2f}%"  # noqa: E731
+    lines = [f"{'metric':32s} {'before':>8s} {'after':>8s}", "-" * 50]
+    lines += [f"{name:32s} {fmt(bv):>8s} {fmt(av):>8s}" for name, bv, av in rows]
+    t = report["timing"]
+    lines.append(f"fit {t['fit_s']:.1f} s, online {t['online_ms_per_sample']:.3f} ms/sample")
+    return "\n".join(lines)
+
+
+def _write_outputs(report, results, guard, out: Path, json_path, title: str):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report, indent=2))
+    rc, yc, rt, yt = results
+    shown = sorted(set(yt.tolist()))[:1] + [4]
+    for cls in dict.fromkeys(shown):
+        plots.confidence_distributions(rc.confidences, yc, rt.confidences, yt, guard.thresholds, cls,
+                                       out / f"confidences_class{cls}.png", title)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda requested but CUDA is not available")
+    return torch.device(name)
+
+
+def cmd_demo(args):
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    d = experiment.split_data("mnist", args.data, args.val_fraction, args.seed)
+    attack = experiment.make_attack(args.attack, target=args.target, seed=args.seed)
+    print(f"[demo] {len(d['y_train'])} training, {len(d['y_val'])} clean validation, "
+          f"{len(d['y_test'])} test images (source: {args.data or 'embedded subset'})")
+    model = experiment.train_model("mnist", attack, d["x_train"], d["y_train"], args.epochs, args.seed,
+                                   progress=not args.quiet).to(_device(args.device))
+    guard = LinkBreaker.fit(model, d["x_val"], d["y_val"], 10, progress=not args.quiet, seed=args.seed)
+    report, results = experiment.evaluate(model, guard, attack, d["x_test"], d["y_test"],
+                                          args.n_clean, args.n_trigger, args.seed)
+    guard.save(Path(args.out) / "guard.safetensors")
+    _write_outputs(report, results, guard, Path(args.out), args.json, f"LinkBreaker demo ({args.attack})")
+    print(_table(report))
+    print(f"[demo] wrote {args.out}/report.json, confidence plots and guard.safetensors "
+          f"in {time.perf_counter() - t0:.0f} s")
+
+
+def cmd_train(args):
+    d = experiment.split_data(args.dataset, args.data, args.val_fraction, args.seed)
+    attack = experiment.make_attack(args.attack, target=args.target, seed=args.seed)
+    model = experiment.train_model(args.dataset, attack, d["x_train"], d["y_train"], args.epochs,
+                                   args.seed, progress=not args.quiet)
+    meta = {"dataset": args.dataset, "num_classes": int(d["y_train"].max()) + 1, "seed": args.seed,
+            "val_fraction": args.val_fraction, "attack": attack.to_dict() if attack else None}
+    experiment.save_model(args.out, model, meta)
+    acc = (model(d["x_test"][:5000]).argmax(1) == d["y_test"][:5000]).float().mean().item()
+    print(f"wrote {args.out} (test accuracy on 5000 images {100 * acc:.2f}%)")
+
+
+def _load(args):
+    model, meta = experiment.load_model(args.model)
+    model = model.to(_device(args.device))
+    d = experiment.split_data(meta["dataset"], args.data, meta["val_fraction"], meta["seed"])
+    return model, meta, d
+
+
+def cmd_fit(args):
+    model, meta, d = _load(args)
+    overrides = json.loads(args.config) if args.config else {}
+    guard = LinkBreaker.fit(model, d["x_val"], d["y_val"], meta["num_classes"],
+                            layers=(args.early_layer, None), progress=not args.quiet, **overrides)
+    guard.save(args.out)
+    print(f"wrote {args.out}: thresholds {[round(t, 3) for t in guard.thresholds.tolist()]}, "
+          f"fit {guard.diagnostics['fit_s']:.1f} s")
+
+
+def cmd_evaluate(args):
+    model, meta, d = _load(args)
+    guard = LinkBreaker.load(args.guard, model)
+    attack = attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None
+    report, results = experiment.evaluate(model, guard, attack, d["x_test"], d["y_test"],
+                                          args.n_clean, args.n_trigger, meta["seed"])
+    _write_outputs(report, results, guard, Path(args.out), args.json, f"{meta['dataset']}")
+    print(_table(report))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="linkbreaker", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(s, data_default=None):
+        s.add_argument("--data", default=data_default,
+                       help="parquet folder (e.g. ../shared/data), 'torchvision' or 'embedded' "
+                            "(default: the MNIST subset shipped in the package)")
+        s.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        s.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    s = sub.add_parser("demo", help="train a BadNets MNIST model, fit the guard, report before/after")
+    common(s)
+    s.add_argument("--attack", default="badnets", choices=["none", *attacks.ATTACKS])
+    s.add_argument("--target", type=int, default=0)
+    s.add_argument("--epochs", type=int, default=4)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--val-fraction", type=float, default=0.02)
+    s.add_argument("--n-clean", type=int, default=2000)
+    s.add_argument("--n-trigger", type=int, default=2000)
+    s.add_argument("--out", default="demo-out")
+    s.add_argument("--json", help="also write the report to this path")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("train", help="train a clean or attacked model (safetensors + metadata)")
+    common(s)
+    s.add_argument("--dataset", default="mnist")
+    s.add_argument("--attack", default="none", choices=["none", *attacks.ATTACKS])
+    s.add_argument("--target", type=int, default=0)
+    s.add_argument("--epochs", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--val-fraction", type=float, default=0.02)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("fit", help="fit a guard on the model's clean validation split")
+    common(s)
+    s.add_argument("--model", required=True)
+    s.add_argument("--early-layer", default=None, help="module name or 'input' (default: automatic)")
+    s.add_argument("--config", help="JSON object of GuardConfig overrides, e.g. '{\"neighbours\": 0}'")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_fit)
+
+    s = sub.add_parser("evaluate", help="CDA/ASR before and after the guard on the test split")
+    common(s)
+    s.add_argument("--model", required=True)
+    s.add_argument("--guard", required=True)
+    s.add_argument("--n-clean", type=int, default=2000)
+    s.add_argument("--n-trigger", type=int, default=2000)
+    s.add_argument("--out", default="eval-out")
+    s.add_argument("--json", help="also write the report to this path")
+    s.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""One reproducible experiment, shared by the CLI, the demo and the reproduction scripts:
+split the data (clean validation set disjoint from training and test), train a clean or attacked
+model, fit the guard, and measure the model before and the guard after on clean and triggered inputs.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from . import attacks, data, metrics, models, training
+from .guard import LinkBreaker
+
+NO_ATTACK = "none"
+
+
+def split_data(dataset: str, source, val_fraction: float = 0.02, seed: int = 0):
+    """Train/validation/test tensors; the validation set is a stratified ``val_fraction`` of the
+    training split that the model never trains on."""
+    x, y = data.load_split(dataset, "train", source)
+    x_test, y_test = data.load_split(dataset, "test", source)
+    val, rest = data.stratified_split(y, val_fraction, seed=seed)
+    return {"x_train": x[rest], "y_train": y[rest], "x_val": x[val], "y_val": y[val],
+            "x_test": x_test, "y_test": y_test}
+
+
+def make_attack(name: str, target: int = 0, seed: int = 0):
+    return None if name == NO_ATTACK else attacks.make_attack(name, target=target, seed=seed)
+
+
+def train_model(dataset: str, attack, x, y, epochs: int = 8, seed: int = 0, progress: bool = True):
+    """A clean model, a data-poisoned one (BadNets, source-specific) or a Trojaned one (clean
+    training, then Liu et al.'s neuron selection, trigger generation and retraining)."""
+    torch.manual_seed(seed)
+    model = models.build_model(dataset, data.spec(dataset).num_classes)
+    kw = dict(epochs=epochs, seed=seed, progress=progress)
+    if attack is None:
+        return training.train_classifier(model, x, y, desc="train clean", **kw)
+    if isinstance(attack, attacks.TrojanAttack):
+        training.train_classifier(model, x, y, desc="train clean", **kw)
+        return attack.poison_model(model, x, y, epochs=max(1, epochs // 4), seed=seed, progress=progress)
+    return attack.train_backdoored(model, x, y, desc=f"train {attack.name}", **kw)
+
+
+def eval_sets(attack, x_test, y_test, n_clean: int = 2000, n_trigger: int = 2000, seed: int = 0,
+              pool: slice = slice(None)):
+    """``n_clean`` clean test inputs and ``n_trigger`` triggered test inputs whose true class is not
+    the target, drawn from ``x_test[pool]``. A clean model is probed with a default BadNets trigger."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    xs, ys = x_test[pool], y_test[pool]
+    ci = torch.randperm(len(xs), generator=g)[:n_clean]
+    probe = attack or attacks.BadNets(target=0, seed=seed)
+    xt, yt = probe.triggered_eval_set(xs, ys)
+    ti = torch.randperm(len(xt), generator=g)[:n_trigger]
+    return xs[ci], ys[ci], xt[ti], yt[ti], probe.target
+
+
+def evaluate(model, guard: LinkBreaker, attack, x_test, y_test, n_clean=2000, n_trigger=2000,
+             seed: int = 0, pool: slice = slice(None)):
+    """The report: ``{"before": {cda, asr}, "after": {...}, "timing": {...}}`` (fractions)."""
+    xc, yc, xt, yt, target = eval_sets(attack, x_test, y_test, n_clean, n_trigger, seed, pool)
+    device = next(model.parameters()).device
+    before = metrics.undefended(training.predict_logits(model, xc).argmax(1), yc,
+                                training.predict_logits(model, xt).argmax(1), target)
+    start = time.perf_counter()
+    rc = guard(xc.to(device))
+    online_s = time.perf_counter() - start
+    rt = guard(xt.to(device))
+    after = metrics.defended(rc, yc, rt, yt, target)
+    report = {"before": before, "after": after,
+              "timing": {"fit_s": guard.diagnostics.get("fit_s", float("nan")),
+                         "online_ms_per_sample": 1000 * online_s / max(len(xc), 1)},
+              "attack": attack.to_dict() if attack is not None else None,
+              "counts": {"clean": len(xc), "triggered": len(xt)}}
+    return report, (rc, yc, rt, yt)
+
+
+def save_model(path, model, meta: dict):
+    from safetensors.torch import save_file
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"linkbreaker-model": json.dumps(meta)})
+
+
+def load_model(path):
+    """``(model, meta)`` from :func:`save_model`'s safetensors file (no pickle involved)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("linkbreaker-model")
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a linkbreaker model file: {e}") from None
+    if meta is None:
+        raise ValueError(f"{path} is a safetensors file but not a linkbreaker model file")
+    meta = json.loads(meta)
+    model = models.build_model(meta["dataset"], meta["num_classes"])
+    model.load_state_dict(state)
+    return model.eval(), meta
