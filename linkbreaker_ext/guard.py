@@ -43,8 +43,9 @@ class GuardConfig:
     neighbour_iters: int = 30
     fractions: tuple = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     search_on_neighbours: bool = False  # judge reliability on the neighbours too (measured: worse)
-    tolerance_in: float = 0.0       # head k may accept this much less of class k than the whole layer
-    tolerance_out: float = 0.0      # ... and this much more of the other classes
+    reliability_measure: str = "confidence"  # "confidence": mean conf; "rate": share with conf >= 0.5
+    tolerance_in: float = 0.002     # head k may be this much less sure of class k than the whole layer
+    tolerance_out: float = 0.0005   # ... and this much more sure of the other classes
     min_importance: float = 0.0     # importance at or below this is never salient
     min_active: float = 0.01        # neurons active on fewer clean samples than this are dormant
     use_early: bool = True
@@ -256,9 +257,13 @@ class LinkBreaker:
             return salient.top_fraction_masks(score, fractions, cfg.min_importance)
 
         def rates(me, ml):
-            credible = self.head_confidences(x_fit, me, ml, half)[0] >= 0.5
-            in_rate = (credible & own).sum(0).float() / own.sum(0).clamp_min(1)
-            out_rate = (credible & ~own).sum(0).float() / (~own).sum(0).clamp_min(1)
+            # Mean own-class confidence on class k and on the other classes: a smooth version of the
+            # accept/refuse rates that still resolves differences on ~100 samples per class.
+            conf = self.head_confidences(x_fit, me, ml, half)[0]
+            if cfg.reliability_measure == "rate":
+                conf = (conf >= 0.5).float()
+            in_rate = (conf * own).sum(0) / own.sum(0).clamp_min(1)
+            out_rate = (conf * ~own).sum(0) / (~own).sum(0).clamp_min(1)
             return in_rate.cpu(), out_rate.cpu()
 
         def choose(rows):
@@ -326,6 +331,7 @@ class LinkBreaker:
         tensors = {"early_masks": self.early_masks, "late_masks": self.late_masks,
                    "early_fill": self.early_fill, "late_fill": self.late_fill,
                    "thresholds": self.thresholds}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path),
                   metadata={FORMAT: json.dumps(meta)})
 
