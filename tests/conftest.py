@@ -1,0 +1,109 @@
+"""Shared tiny fixtures: a synthetic 3-class 1x12x12 data set and a small conv net trained on it.
+
+Each class is a bright shape (a horizontal bar, a vertical bar, a square blob) with a random shift
+of up to one pixel, plus clipped Gaussian noise. Everything lives in the top-left 9x9 region: rows
+9-11 and columns 9-11 are exactly 0 in every image, so they are *dormant* input pixels on clean data
+and the natural place for a trigger. Most pixels are 0, so the guard's "blank" input is black.
+
+Everything here is session-scoped and seeded, so every test sees the same model and data.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from linkbreaker_ext import training
+from linkbreaker_ext.guard import LinkBreaker
+
+NUM_CLASSES = 3
+SHAPE = (1, 12, 12)
+ACTIVE = 9            # pixels [0, ACTIVE) x [0, ACTIVE) may be non-zero; the rest are always 0
+TRIGGER = (slice(10, 12), slice(10, 12))  # a 2x2 patch inside the always-zero corner
+
+# Cheap guard settings shared by the tests (a few seconds of fitting at most).
+FAST = dict(neighbours=1, neighbour_iters=3, fractions=(0.1, 0.3, 0.6, 1.0))
+
+
+def make_images(n_per_class: int, seed: int):
+    """``(x, y)``: float32 ``[3n, 1, 12, 12]`` in [0, 1], int64 labels, classes interleaved."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_per_class * NUM_CLASSES
+    y = torch.arange(n) % NUM_CLASSES
+    x = torch.zeros(n, *SHAPE)
+    shift = torch.randint(-1, 2, (n, 2), generator=g)
+    for i in range(n):
+        dr, dc = shift[i].tolist()
+        c = int(y[i])
+        if c == 0:    # horizontal bar
+            x[i, 0, 3 + dr:5 + dr, 1:8] = 1.0
+        elif c == 1:  # vertical bar
+            x[i, 0, 1:8, 3 + dc:5 + dc] = 1.0
+        else:         # square blob
+            x[i, 0, 3 + dr:6 + dr, 3 + dc:6 + dc] = 1.0
+    noise = torch.randn(n, 1, ACTIVE, ACTIVE, generator=g) * 0.15
+    x[:, :, :ACTIVE, :ACTIVE] += noise
+    return x.clamp_(0.0, 1.0), y
+
+
+def add_trigger(x: torch.Tensor) -> torch.Tensor:
+    xt = x.clone()
+    xt[:, 0, TRIGGER[0], TRIGGER[1]] = 1.0
+    return xt
+
+
+def make_net(seed: int = 0) -> nn.Sequential:
+    """Conv(1,4,3)-ReLU-MaxPool-Flatten-Linear(144,16)-ReLU-Linear(16,3); module names "0".."6"."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, NUM_CLASSES))
+
+
+@pytest.fixture(scope="session")
+def synth():
+    x_train, y_train = make_images(200, seed=1)
+    x_val, y_val = make_images(40, seed=2)
+    x_test, y_test = make_images(100, seed=3)
+    return {"x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val,
+            "x_test": x_test, "y_test": y_test}
+
+
+@pytest.fixture(scope="session")
+def _trained_net(synth):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: one thread is much faster than two contended ones
+    try:
+        with torch.random.fork_rng():
+            model = make_net(seed=0)
+            training.train_classifier(model, synth["x_train"], synth["y_train"], epochs=3,
+                                      batch_size=32, lr=1e-2, seed=0, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+@pytest.fixture
+def net(_trained_net):
+    """A private copy of the trained model (tests may move or modify it)."""
+    return copy.deepcopy(_trained_net)
+
+
+@pytest.fixture(scope="session")
+def shared_net(_trained_net):
+    """The session's trained model itself; read-only by convention (used by the session guards)."""
+    return _trained_net
+
+
+@pytest.fixture(scope="session")
+def guard_auto(shared_net, synth):
+    """A guard with the automatic layer choice (early = the ReLU after the first conv)."""
+    return LinkBreaker.fit(shared_net, synth["x_val"], synth["y_val"], NUM_CLASSES,
+                           progress=False, **FAST)
+
+
+@pytest.fixture(scope="session")
+def guard_input(shared_net, synth):
+    """A guard whose early layer is the input pixels."""
+    return LinkBreaker.fit(shared_net, synth["x_val"], synth["y_val"], NUM_CLASSES,
+                           layers=("input", None), progress=False, **FAST)

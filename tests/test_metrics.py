@@ -1,0 +1,69 @@
+"""metrics.defended / metrics.undefended on hand-built GuardResults."""
+import math
+
+import pytest
+import torch
+
+from linkbreaker_ext import metrics
+from linkbreaker_ext.guard import ACCEPT, ALARM, OOD, GuardResult
+
+T = torch.tensor
+TARGET = 0
+
+
+def result(labels, verdict):
+    labels, verdict = T(labels), T(verdict)
+    n = len(labels)
+    return GuardResult(labels, verdict, torch.full((n, 3), 0.5), torch.full((3,), 0.6))
+
+
+@pytest.fixture
+def example():
+    # clean:      accept 0 (right) | accept 1 (wrong, truth 2) | alarm (truth 1) | OOD -> 2 (right)
+    clean = result([0, 1, -1, 2], [ACCEPT, ACCEPT, ALARM, OOD])
+    y_clean = T([0, 2, 1, 2])
+    # triggered:  accept target (attack wins) | alarm | accept true class | OOD labelled target
+    trig = result([0, -1, 1, 0], [ACCEPT, ALARM, ACCEPT, OOD])
+    y_trig = T([1, 2, 1, 2])
+    return clean, y_clean, trig, y_trig
+
+
+def test_defended_rates(example):
+    m = metrics.defended(*example, target=TARGET)
+    assert m["cda"] == pytest.approx(2 / 4)                    # samples 0 and 3 correct
+    assert m["accept_accuracy_clean"] == pytest.approx(1 / 2)  # 2 accepted, 1 of them right
+    assert m["alarm_rate_clean"] == pytest.approx(1 / 4)
+    assert m["ood_rate_clean"] == pytest.approx(1 / 4)
+    assert m["asr"] == pytest.approx(2 / 4)                    # samples 0 and 3 labelled target
+    assert m["r_acc"] == pytest.approx(1 / 4)                  # sample 2 keeps its true label
+    assert m["alarm_rate_trigger"] == pytest.approx(1 / 4)
+    assert m["ood_rate_trigger"] == pytest.approx(1 / 4)
+    assert all(0.0 <= v <= 1.0 for v in m.values())
+
+
+def test_alarms_are_not_attack_successes():
+    trig = result([-1, -1, -1], [ALARM, ALARM, ALARM])
+    clean = result([1, 2], [ACCEPT, ACCEPT])
+    m = metrics.defended(clean, T([1, 2]), trig, T([1, 2, 1]), target=TARGET)
+    assert m["asr"] == 0.0 and m["r_acc"] == 0.0 and m["alarm_rate_trigger"] == 1.0
+    assert m["cda"] == 1.0 and m["alarm_rate_clean"] == 0.0 and m["ood_rate_clean"] == 0.0
+    # the same labels with another target: only the target label counts as a success
+    trig = result([2, 2, 1], [ACCEPT, ACCEPT, ACCEPT])
+    assert metrics.defended(clean, T([1, 2]), trig, T([1, 2, 1]), target=2)["asr"] == pytest.approx(2 / 3)
+    assert metrics.defended(clean, T([1, 2]), trig, T([1, 2, 1]), target=1)["asr"] == pytest.approx(1 / 3)
+
+
+def test_no_accepted_clean_sample_gives_nan_accept_accuracy():
+    clean = result([-1, -1], [ALARM, ALARM])
+    trig = result([0], [ACCEPT])
+    m = metrics.defended(clean, T([0, 1]), trig, T([1]), target=TARGET)
+    assert math.isnan(m["accept_accuracy_clean"])
+    assert m["cda"] == 0.0 and m["alarm_rate_clean"] == 1.0 and m["asr"] == 1.0
+
+
+def test_undefended():
+    pred_clean, y_clean = T([0, 1, 2, 2, 1]), T([0, 1, 1, 2, 0])
+    pred_trig = T([0, 0, 3, 0])
+    m = metrics.undefended(pred_clean, y_clean, pred_trig, target=0)
+    assert m == {"cda": pytest.approx(3 / 5), "asr": pytest.approx(3 / 4)}
+    assert math.isnan(metrics.undefended(T([0]), T([0]), T([], dtype=torch.int64), target=0)["asr"])
