@@ -181,9 +181,12 @@ class LinkBreaker:
         if not x.is_floating_point() or not torch.isfinite(x).all():
             raise ValueError("x_val must be a floating tensor without NaN or Inf")
         num_classes = int(num_classes if num_classes is not None else y.max().item() + 1)
-        counts = torch.bincount(y, minlength=num_classes)
-        if len(counts) > num_classes or y.min() < 0:
+        if y.is_floating_point() or y.dtype == torch.bool or y.dim() != 1:
+            raise ValueError(f"y_val must be a 1-D integer tensor of class labels, got {y.dtype} "
+                             f"{tuple(y.shape)}")
+        if len(y) and (y.min() < 0 or y.max() >= num_classes):
             raise ValueError(f"labels must lie in [0, {num_classes})")
+        counts = torch.bincount(y, minlength=num_classes)
         if counts.min() < cfg.min_per_class:
             raise ValueError(f"too few validation samples: class {int(counts.argmin())} has "
                              f"{int(counts.min())}, need at least {cfg.min_per_class} per class")
@@ -211,8 +214,14 @@ class LinkBreaker:
             score = salient.importance(mu, sd, mean)
             # Dormancy is judged on the real clean samples only: the neighbours' noise touches every
             # pixel, including the ones a trigger uses.
-            score = score * ~salient.dormant(acts[: len(x_fit)], blank_acts[0], cfg.min_active)
+            clean = acts[: len(x_fit)]
+            typical = clean.median(0).values
+            dormant = salient.dormant(clean, typical, cfg.min_active)
+            score = score * ~dormant
             fill = mean if cfg.fill == "mean" else blank_acts[0]
+            # A dormant neuron is filled with the value clean data gives it, so masking it changes
+            # nothing for clean inputs and erases whatever a trigger does to it.
+            fill = torch.where(dormant, typical, fill)
             noise = torch.randn(fill.shape, generator=g).to(device) * sd.mean(0)
             layer_stats.append((score, fill + cfg.noise_amplitude * noise))
         (score_e, fill_e), (score_l, fill_l) = layer_stats

@@ -35,11 +35,12 @@ def importance(mu: torch.Tensor, sd: torch.Tensor, ref: torch.Tensor, rel_eps: f
     return score.masked_fill(tiny, 0.0)
 
 
-def dormant(acts: torch.Tensor, blank: torch.Tensor, min_active: float = 0.01) -> torch.Tensor:
-    """``[D]`` bool: neurons that leave their blank-input value on fewer than ``min_active`` of the
-    clean samples ``acts`` ``[M, D]``. Fine-Pruning's observation, made per neuron: what clean data
-    (almost) never uses is where a trigger or a backdoor unit lives, so it is never salient."""
-    dev = (acts - blank).abs()
+def dormant(acts: torch.Tensor, typical: torch.Tensor, min_active: float = 0.01) -> torch.Tensor:
+    """``[D]`` bool: neurons that leave their typical clean value (the median) on fewer than
+    ``min_active`` of the clean samples ``acts`` ``[M, D]``, constant ones included. Fine-Pruning's
+    observation, made per neuron: what clean data (almost) never uses is where a trigger or a backdoor
+    unit lives, so it is never salient."""
+    dev = (acts - typical).abs()
     tol = 1e-3 * dev.max().clamp_min(1e-12)
     return (dev > tol).float().mean(0) < min_active
 

@@ -180,11 +180,6 @@ def test_constant_pixel_is_not_salient_without_neighbours(shared_net, synth):
     assert (g.early_masks.sum(1) > 0).all()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "salient.py/guard.py fit(): dormancy is judged against the blank input's activation and "
-    "importance on the neighbour-augmented set, so a neuron that is constant on every clean sample "
-    "but differs from its blank value is not 'dormant', and the neighbours' noise gives it a "
-    "non-zero importance: it is selected (salient.py's docstring says such neurons score zero)"))
 def test_constant_pixel_is_not_salient_with_neighbours(shared_net, synth):
     g = fit(shared_net, _with_constant_pixel(synth["x_val"]), synth["y_val"], layers=("input", None),
             neighbours=1, fractions=(1.0,))
@@ -272,9 +267,6 @@ def test_fit_rejects_labels_out_of_range(shared_net, synth):
         fit(shared_net, x, y)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "guard.py fit(): torch.bincount(y) runs before the y.min() < 0 check, so a negative label "
-    "raises a RuntimeError from bincount instead of the ValueError 'labels must lie in [0, N)'"))
 def test_fit_rejects_negative_labels(shared_net, synth):
     x, y = synth["x_val"], synth["y_val"].clone()
     y[0] = -1
