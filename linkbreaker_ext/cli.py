@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import attacks, experiment, plots
-from .guard import GuardConfig, LinkBreaker
+from .guard import LinkBreaker
 
 
 def _table(report: dict) -> str:
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(s)
     s.add_argument("--attack", default="badnets", choices=["none", *attacks.ATTACKS])
     s.add_argument("--target", type=int, default=0)
-    s.add_argument("--epochs", type=int, default=4)
+    s.add_argument("--epochs", type=int, default=6)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--val-fraction", type=float, default=0.02)
     s.add_argument("--n-clean", type=int, default=2000)

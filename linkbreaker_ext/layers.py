@@ -30,20 +30,13 @@ def final_linear(model: nn.Module, name: str | None = None) -> tuple[str, nn.Lin
 
 
 def early_layer(model: nn.Module, name: str | None = None) -> str:
-    """The module name of the input-close layer. Default: the activation after the first conv
-    (the first module after the first ``Conv2d`` that is an activation), else ``"input"``."""
-    modules = dict(model.named_modules())
-    if name is not None:
-        if name != INPUT and name not in modules:
-            raise ValueError(f"unknown layer {name!r}; use 'input' or one of: {_names(model)}")
-        return name
-    seen_conv = False
-    for n, m in modules.items():
-        if isinstance(m, nn.Conv2d):
-            seen_conv = True
-        elif seen_conv and isinstance(m, (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU)):
-            return n
-    return INPUT
+    """The module name of the input-close layer, or ``"input"`` (the pixels themselves, the default:
+    the most input-close neurons there are, and the ones a patch trigger lands on directly)."""
+    if name is None or name == INPUT:
+        return INPUT
+    if name not in dict(model.named_modules()):
+        raise ValueError(f"unknown layer {name!r}; use 'input' or one of: {_names(model)}")
+    return name
 
 
 def _names(model: nn.Module) -> list[str]:

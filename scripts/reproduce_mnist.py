@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ ABLATIONS = {
     "no early-layer masks": {"use_early": False},
     "no late-layer masks": {"use_late": False},
     "early layer = relu1 (first conv block)": {"layers": ["relu1", None]},
+    "dormant threshold 1 % (not 3 %)": {"min_active": 0.01},
     "non-salient fill = clean mean (not blank input)": {"fill": "mean"},
     "noise amplitude 0.5 in the fill": {"noise_amplitude": 0.5},
     "no dormant-neuron rule": {"min_active": 0.0},
@@ -103,8 +105,9 @@ def main():
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for attack_name in args.attacks:
             for name, overrides in ABLATIONS.items():
-                a = run(attack_name, args.seeds[0], overrides, args,
-                        "abl-" + "-".join(f"{k}={v}" for k, v in overrides.items()) or "abl")["after"]
+                tag = re.sub(r"[^A-Za-z0-9_.=-]+", "_",
+                             "-".join(f"{k}={v}" for k, v in overrides.items())) or "default"
+                a = run(attack_name, args.seeds[0], overrides, args, tag)["after"]
                 lines.append(f"| {name} | {attack_name} | {100 * a['cda']:.2f} | {100 * a['asr']:.2f} "
                              f"| {100 * a['r_acc']:.2f} | {100 * a['alarm_rate_clean']:.2f} "
                              f"| {100 * a['ood_rate_clean']:.2f} |")

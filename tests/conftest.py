@@ -96,10 +96,11 @@ def shared_net(_trained_net):
 
 
 @pytest.fixture(scope="session")
-def guard_auto(shared_net, synth):
-    """A guard with the automatic layer choice (early = the ReLU after the first conv)."""
+def guard_hidden(shared_net, synth):
+    """A guard whose early layer is a hidden module (the ReLU after the first conv), so the hooked
+    forward path is exercised."""
     return LinkBreaker.fit(shared_net, synth["x_val"], synth["y_val"], NUM_CLASSES,
-                           progress=False, **FAST)
+                           layers=("1", None), progress=False, **FAST)
 
 
 @pytest.fixture(scope="session")

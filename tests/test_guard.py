@@ -33,7 +33,7 @@ def assert_same_result(a: GuardResult, b: GuardResult):
 
 # ------------------------------------------------------------------------------ online contract
 
-@pytest.mark.parametrize("which", ["guard_auto", "guard_input"])
+@pytest.mark.parametrize("which", ["guard_hidden", "guard_input"])
 def test_result_types_shapes_and_vote(which, request, synth):
     guard = request.getfixturevalue(which)
     x = synth["x_test"]
@@ -62,7 +62,7 @@ def test_result_types_shapes_and_vote(which, request, synth):
     assert torch.equal(r.labels[ood], r.confidences[ood].argmax(1))
 
 
-@pytest.mark.parametrize("which", ["guard_auto", "guard_input"])
+@pytest.mark.parametrize("which", ["guard_hidden", "guard_input"])
 def test_guard_keeps_clean_accuracy(which, request, synth):
     guard = request.getfixturevalue(which)
     r = guard(synth["x_test"])
@@ -72,7 +72,7 @@ def test_guard_keeps_clean_accuracy(which, request, synth):
     assert (r.thresholds >= guard.config.threshold_floor).all() and (r.thresholds <= 1).all()
 
 
-@pytest.mark.parametrize("which", ["guard_auto", "guard_input"])
+@pytest.mark.parametrize("which", ["guard_hidden", "guard_input"])
 def test_confidences_match_reference_head(which, request, synth):
     guard = request.getfixturevalue(which)
     x = synth["x_test"][:64]
@@ -89,43 +89,41 @@ def test_confidences_match_reference_head(which, request, synth):
     assert torch.equal(r.labels[clear], labels[clear])
 
 
-def test_empty_batch(guard_auto):
-    r = guard_auto(torch.empty(0, *SHAPE))
+def test_empty_batch(guard_hidden):
+    r = guard_hidden(torch.empty(0, *SHAPE))
     assert r.labels.shape == (0,) and r.verdict.shape == (0,)
     assert r.confidences.shape == (0, NUM_CLASSES)
 
 
-def test_batch_rows_chunking_does_not_change_results(guard_auto, synth):
+def test_batch_rows_chunking_does_not_change_results(guard_hidden, synth):
     x = synth["x_test"][:50]
-    small = copy.copy(guard_auto)
-    small.config = dataclasses.replace(guard_auto.config, batch_rows=NUM_CLASSES * 7)  # 7 inputs a chunk
-    a, b = guard_auto(x), small(x)
+    small = copy.copy(guard_hidden)
+    small.config = dataclasses.replace(guard_hidden.config, batch_rows=NUM_CLASSES * 7)  # 7 inputs a chunk
+    a, b = guard_hidden(x), small(x)
     torch.testing.assert_close(a.confidences, b.confidences, atol=1e-6, rtol=0)
     assert torch.equal(a.verdict, b.verdict) and torch.equal(a.labels, b.labels)
 
 
 # ------------------------------------------------------------------------------ fitting
 
-def test_fit_accepts_dataset_and_dataloader(shared_net, synth, guard_auto):
+def test_fit_accepts_dataset_and_dataloader(shared_net, synth, guard_input):
     x, y = synth["x_val"], synth["y_val"]
     from_ds = fit(shared_net, TensorDataset(x, y))
     from_dl = fit(shared_net, DataLoader(TensorDataset(x, y), batch_size=32, shuffle=False))
     for g in (from_ds, from_dl):
-        assert torch.equal(g.early_masks, guard_auto.early_masks)
-        assert torch.equal(g.late_masks, guard_auto.late_masks)
-        assert torch.equal(g.thresholds, guard_auto.thresholds)
+        assert torch.equal(g.early_masks, guard_input.early_masks)
+        assert torch.equal(g.late_masks, guard_input.late_masks)
+        assert torch.equal(g.thresholds, guard_input.thresholds)
 
 
-def test_automatic_layers_are_deterministic(shared_net, synth, guard_auto):
-    # documented rule: the first activation after the first Conv2d; late = the last nn.Linear
-    assert guard_auto.early_layer == "1"
-    assert guard_auto.late_layer == "6"
+def test_automatic_layers_are_deterministic(shared_net, synth, guard_input):
+    # documented rule: early = the input pixels; late = the input of the last nn.Linear
+    auto = fit(shared_net, synth["x_val"], synth["y_val"])
     again = fit(shared_net, synth["x_val"], synth["y_val"])
-    assert (again.early_layer, again.late_layer) == ("1", "6")
-    assert torch.equal(again.early_masks, guard_auto.early_masks)
-    assert torch.equal(again.late_masks, guard_auto.late_masks)
-    assert torch.equal(again.early_fill, guard_auto.early_fill)
-    assert torch.equal(again.thresholds, guard_auto.thresholds)
+    assert (auto.early_layer, auto.late_layer) == (again.early_layer, again.late_layer) == ("input", "6")
+    for name in ("early_masks", "late_masks", "early_fill", "thresholds"):
+        assert torch.equal(getattr(again, name), getattr(auto, name)), name
+        assert torch.equal(getattr(auto, name), getattr(guard_input, name)), name
 
 
 def test_named_and_input_layers(shared_net, synth, guard_input):
@@ -143,7 +141,7 @@ def _blank_activations(guard, x):
     return [a[0] for a in guard.hooked.activations(LinkBreaker._blank_input(x))]
 
 
-@pytest.mark.parametrize("which", ["guard_auto", "guard_input"])
+@pytest.mark.parametrize("which", ["guard_hidden", "guard_input"])
 def test_masks_are_binary_and_skip_dormant_neurons(which, request, synth):
     """A neuron that sits at its blank-input value on every clean sample (a dormant neuron) is never
     salient in either layer."""
@@ -217,22 +215,22 @@ def test_use_early_false_keeps_every_early_neuron(shared_net, synth):
 
 # ------------------------------------------------------------------------------ bad inputs
 
-def test_call_rejects_bad_inputs(guard_auto):
+def test_call_rejects_bad_inputs(guard_hidden):
     with pytest.raises(ValueError, match="shape"):
-        guard_auto(torch.zeros(2, 1, 10, 10))
+        guard_hidden(torch.zeros(2, 1, 10, 10))
     with pytest.raises(ValueError, match="shape"):
-        guard_auto(torch.zeros(1, 12, 12))
+        guard_hidden(torch.zeros(1, 12, 12))
     x = torch.zeros(2, *SHAPE)
     x[1, 0, 3, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        guard_auto(x)
+        guard_hidden(x)
     x[1, 0, 3, 3] = float("inf")
     with pytest.raises(ValueError, match="Inf"):
-        guard_auto(x)
+        guard_hidden(x)
     with pytest.raises(TypeError, match="floating"):
-        guard_auto(torch.zeros(2, *SHAPE, dtype=torch.int64))
+        guard_hidden(torch.zeros(2, *SHAPE, dtype=torch.int64))
     with pytest.raises(TypeError, match="torch.Tensor"):
-        guard_auto(torch.zeros(2, *SHAPE).numpy())
+        guard_hidden(torch.zeros(2, *SHAPE).numpy())
 
 
 def test_fit_rejects_unknown_layers(shared_net, synth):
@@ -298,20 +296,20 @@ def test_fit_rejects_model_without_linear(synth):
 
 # ------------------------------------------------------------------------------ save / load
 
-def test_save_load_round_trip(guard_auto, net, synth, tmp_path):
+def test_save_load_round_trip(guard_hidden, net, synth, tmp_path):
     path = tmp_path / "guard.safetensors"
-    guard_auto.save(path)
+    guard_hidden.save(path)
     fresh = make_net(seed=123)
     fresh.load_state_dict(net.state_dict())  # an independent copy of the same weights
     loaded = LinkBreaker.load(path, fresh)
     assert loaded.model is fresh
     for name in ("early_masks", "late_masks", "early_fill", "late_fill", "thresholds"):
-        assert torch.equal(getattr(loaded, name), getattr(guard_auto, name)), name
-    assert (loaded.early_layer, loaded.late_layer) == (guard_auto.early_layer, guard_auto.late_layer)
-    assert loaded.input_shape == guard_auto.input_shape == SHAPE
-    assert loaded.config == guard_auto.config
+        assert torch.equal(getattr(loaded, name), getattr(guard_hidden, name)), name
+    assert (loaded.early_layer, loaded.late_layer) == (guard_hidden.early_layer, guard_hidden.late_layer)
+    assert loaded.input_shape == guard_hidden.input_shape == SHAPE
+    assert loaded.config == guard_hidden.config
     x = torch.cat([synth["x_test"][:40], add_trigger(synth["x_test"][:40])])
-    assert_same_result(loaded(x), guard_auto(x))
+    assert_same_result(loaded(x), guard_hidden(x))
 
 
 def test_config_survives_round_trip(shared_net, synth, tmp_path):
@@ -328,11 +326,11 @@ def test_config_survives_round_trip(shared_net, synth, tmp_path):
     assert_same_result(loaded(synth["x_test"]), g(synth["x_test"]))
 
 
-def test_saved_file_is_plain_safetensors(guard_auto, tmp_path):
+def test_saved_file_is_plain_safetensors(guard_hidden, tmp_path):
     from safetensors import safe_open
 
     path = tmp_path / "guard.safetensors"
-    guard_auto.save(path)
+    guard_hidden.save(path)
     raw = path.read_bytes()
     assert not zipfile.is_zipfile(path) and raw[:1] != b"\x80"  # neither torch.save zip nor a raw pickle
     (n,) = struct.unpack("<Q", raw[:8])  # safetensors: u64 header length, JSON header, raw tensor bytes
@@ -342,15 +340,15 @@ def test_saved_file_is_plain_safetensors(guard_auto, tmp_path):
     with safe_open(str(path), framework="pt") as f:
         assert set(f.keys()) == names
         meta = json.loads(f.metadata()[FORMAT])
-        assert torch.equal(f.get_tensor("thresholds"), guard_auto.thresholds)
+        assert torch.equal(f.get_tensor("thresholds"), guard_hidden.thresholds)
     assert meta["format"] == FORMAT
-    assert meta["early_layer"] == guard_auto.early_layer and meta["input_shape"] == list(SHAPE)
+    assert meta["early_layer"] == guard_hidden.early_layer and meta["input_shape"] == list(SHAPE)
     assert len(meta["model_sha256"]) == 64
 
 
-def test_load_refuses_a_different_model(guard_auto, net, synth, tmp_path):
+def test_load_refuses_a_different_model(guard_hidden, net, synth, tmp_path):
     path = tmp_path / "guard.safetensors"
-    guard_auto.save(path)
+    guard_hidden.save(path)
     other = copy.deepcopy(net)
     with torch.no_grad():
         other[6].bias[0] += 1e-3
@@ -360,7 +358,7 @@ def test_load_refuses_a_different_model(guard_auto, net, synth, tmp_path):
         LinkBreaker.load(path, make_net(seed=5))
     # explicitly opting out of the check loads it anyway
     loaded = LinkBreaker.load(path, other, check_model=False)
-    assert torch.equal(loaded.early_masks, guard_auto.early_masks)
+    assert torch.equal(loaded.early_masks, guard_hidden.early_masks)
 
 
 def test_load_rejects_files_that_are_not_guards(net, tmp_path):
@@ -398,12 +396,12 @@ def test_load_rejects_files_that_are_not_guards(net, tmp_path):
         LinkBreaker.load(tmp_path, net)  # a directory is not a guard file
 
 
-def test_load_rejects_unknown_format_version(guard_auto, net, tmp_path):
+def test_load_rejects_unknown_format_version(guard_hidden, net, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     path = tmp_path / "guard.safetensors"
-    guard_auto.save(path)
+    guard_hidden.save(path)
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = json.loads(f.metadata()[FORMAT])
@@ -416,7 +414,7 @@ def test_load_rejects_unknown_format_version(guard_auto, net, tmp_path):
 # ------------------------------------------------------------------------------ CUDA
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA is not available")
-def test_guard_on_cuda(net, synth, guard_auto, tmp_path):
+def test_guard_on_cuda(net, synth, guard_hidden, tmp_path):
     model = net.to("cuda")
     g = fit(model, synth["x_val"], synth["y_val"])  # CPU validation data, CUDA model
     for t in (g.early_masks, g.late_masks, g.early_fill, g.late_fill, g.thresholds):
@@ -428,10 +426,10 @@ def test_guard_on_cuda(net, synth, guard_auto, tmp_path):
     with pytest.raises(ValueError, match="is on cpu"):
         g(x)
     # the CPU guard's masks loaded onto the CUDA model give the CPU guard's confidences
-    guard_auto.save(tmp_path / "g.safetensors")
+    guard_hidden.save(tmp_path / "g.safetensors")
     on_cuda = LinkBreaker.load(tmp_path / "g.safetensors", model)
     assert on_cuda.thresholds.device.type == "cuda"
-    rc, rr = on_cuda(x.cuda()), guard_auto(x)
+    rc, rr = on_cuda(x.cuda()), guard_hidden(x)
     torch.testing.assert_close(rc.confidences.cpu(), rr.confidences, atol=1e-4, rtol=0)
     clear = ((rr.confidences - rr.thresholds).abs() > 1e-4).all(1)
     assert torch.equal(rc.verdict.cpu()[clear], rr.verdict[clear])
