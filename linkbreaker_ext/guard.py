@@ -321,10 +321,14 @@ class LinkBreaker:
             med = s.median()
             mad = (s - med).abs().median()
             th[k] = torch.sigmoid(med - cfg.mad_k * 1.4826 * mad)
-            if cfg.out_quantile is not None:  # no lower than what other classes' inputs reach
+            if cfg.out_quantile is not None:  # no lower than what other classes' inputs reach ...
                 other = logit[y_cal != k, k]
                 if len(other):
-                    th[k] = torch.maximum(th[k], torch.sigmoid(torch.quantile(other, cfg.out_quantile)))
+                    raised = torch.quantile(other, cfg.out_quantile)
+                    # ... unless that would refuse more than (1 - out_quantile) of the head's own
+                    # class: with a handful of calibration samples one outlier must not close a head
+                    cap = torch.quantile(s, 1 - cfg.out_quantile)
+                    th[k] = torch.maximum(th[k], torch.sigmoid(torch.minimum(raised, cap)))
         self.diagnostics["calibration_conf"] = conf.cpu()
         self.diagnostics["calibration_labels"] = y_cal.cpu()
         return th.clamp_min(cfg.threshold_floor).float().to(x_cal.device)
