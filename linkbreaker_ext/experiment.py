@@ -4,16 +4,15 @@ model, fit the guard, and measure the model before and the guard after on clean 
 """
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import torch
 
-from . import attacks, data, metrics, models, training
+from . import attacks, data, metrics, models, safefiles, training
 from .guard import LinkBreaker
 
 NO_ATTACK = "none"
+MODEL_KEY = "linkbreaker-model"
 
 
 def split_data(dataset: str, source, val_fraction: float = 0.02, seed: int = 0):
@@ -78,27 +77,13 @@ def evaluate(model, guard: LinkBreaker, attack, x_test, y_test, n_clean=2000, n_
 
 
 def save_model(path, model, meta: dict):
-    from safetensors.torch import save_file
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"linkbreaker-model": json.dumps(meta)})
+    """The model's weights and ``meta`` (data set, classes, seed, attack) in one safetensors file."""
+    safefiles.write(path, model.state_dict(), MODEL_KEY, meta)
 
 
 def load_model(path):
-    """``(model, meta)`` from :func:`save_model`'s safetensors file (no pickle involved)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no model file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = (f.metadata() or {}).get("linkbreaker-model")
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a linkbreaker model file: {e}") from None
-    if meta is None:
-        raise ValueError(f"{path} is a safetensors file but not a linkbreaker model file")
-    meta = json.loads(meta)
+    """``(model, meta)`` from :func:`save_model`'s file (no pickle involved)."""
+    state, meta = safefiles.read(path, MODEL_KEY, "linkbreaker model", "model")
     model = models.build_model(meta["dataset"], meta["num_classes"])
     model.load_state_dict(state)
     return model.eval(), meta

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import ops, salient
+from . import ops, safefiles, salient
 from .data import stratified_split
 from .layers import HookedModel, early_layer, final_linear
 from .neighbours import generate_neighbours
@@ -337,8 +335,6 @@ class LinkBreaker:
     def save(self, path):
         """Write a safetensors file: masks, fills, thresholds and, as metadata, the settings, layer
         names, input shape and a SHA-256 fingerprint of the model's weights."""
-        from safetensors.torch import save_file
-
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "early_layer": self.early_layer,
                 "late_layer": self.late_layer, "input_shape": list(self.input_shape),
                 "model_sha256": _fingerprint(self.model),
@@ -347,28 +343,12 @@ class LinkBreaker:
         tensors = {"early_masks": self.early_masks, "late_masks": self.late_masks,
                    "early_fill": self.early_fill, "late_fill": self.late_fill,
                    "thresholds": self.thresholds}
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path),
-                  metadata={FORMAT: json.dumps(meta)})
+        safefiles.write(path, tensors, FORMAT, meta)
 
     @classmethod
     def load(cls, path, model: nn.Module, check_model: bool = True) -> "LinkBreaker":
         """Load a guard saved by :meth:`save` for ``model``; refuses a different model."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file, safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no guard file at {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = (f.metadata() or {}).get(FORMAT)
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{path} is not a LinkBreaker guard file (not safetensors: {e})") from None
-        if meta is None:
-            raise ValueError(f"{path} is a safetensors file but not a LinkBreaker guard")
-        meta = json.loads(meta)
+        tensors, meta = safefiles.read(path, FORMAT, "LinkBreaker guard", "guard")
         if meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path}: guard format version {meta.get('version')} is not supported "
                              f"(this build reads version {FORMAT_VERSION})")

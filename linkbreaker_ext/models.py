@@ -2,7 +2,6 @@
 paper's architectures so its numbers can be compared."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 
 def confidence_distributions(conf_clean, y_clean, conf_trig, y_trig, thresholds, cls: int, path,
