@@ -35,7 +35,8 @@ def generate_neighbours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, per_
         p.requires_grad_(False)
     try:
         chunks = range(0, len(xs), batch_size)
-        for start in tqdm(chunks, desc="neighbours", disable=not progress, leave=False):
+        bar = tqdm(total=len(chunks) * iters, desc="neighbours", disable=not progress, leave=False)
+        for start in chunks:
             xb = xs[start:start + batch_size].to(device)
             yb = ys[start:start + batch_size].to(device)
             noise = (torch.randn(xb.shape, generator=g) * noise_std).to(device).clamp(lo, hi)
@@ -49,7 +50,9 @@ def generate_neighbours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, per_
                 grad, = torch.autograd.grad((conf - ref).abs().sum(), c)
                 with torch.no_grad():
                     c = ((c - step * grad) / (1 + lam * step)).clamp_(0, 1)
+                bar.update(1)
             out.append((c * xb + (1 - c) * noise).detach().cpu())
+        bar.close()
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
