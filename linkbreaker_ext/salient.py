@@ -1,12 +1,12 @@
-"""Algorithm 2: per-class neuron importance and salient-set masks.
+"""Algorithm 2: per-class neuron importance, dormant neurons and salient-set masks.
 
-Importance of neuron i for class k is ``|mu_ki - ref_i| / (sigma_ki + sigma_pooled_i)``: the
-paper's mean over deviation, with the mean measured from the class-balanced clean mean ``ref``. The paper's raw ``mu/sigma`` ranks neurons that are
-constant on clean data (a background pixel, a ReLU stuck at its bias, a dormant backdoor unit) as
-infinitely important; measured from the reference they score zero, because replacing them with the
-reference changes nothing for clean inputs while it erases whatever a trigger puts there. Taking the
-absolute value keeps neurons that are consistently *lower* for class k than elsewhere, which is what
-makes a head refuse other classes' inputs.
+Importance of neuron i for class k is ``|mu_ki - ref_i| / (sigma_ki + sigma_pooled_i)``: the paper's
+mean over deviation, with the mean measured from the class-balanced clean mean ``ref``. The paper's
+raw ``mu/sigma`` ranks neurons that are constant on clean data (a background pixel, a ReLU stuck at
+its bias, a dormant backdoor unit) as infinitely important; measured from the reference they score
+zero. Taking the absolute value keeps neurons that are consistently *lower* for class k than
+elsewhere, which is what makes a head refuse other classes' inputs. Neurons that clean data (almost)
+never moves are excluded outright (:func:`dormant`).
 """
 from __future__ import annotations
 
