@@ -344,6 +344,7 @@ class LinkBreaker:
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "early_layer": self.early_layer,
                 "late_layer": self.late_layer, "input_shape": list(self.input_shape),
                 "model_sha256": _fingerprint(self.model),
+                "fit_s": self.diagnostics.get("fit_s"),
                 "config": {k: list(v) if isinstance(v, tuple) else v
                            for k, v in dataclasses.asdict(self.config).items()}}
         tensors = {"early_masks": self.early_masks, "late_masks": self.late_masks,
@@ -365,4 +366,5 @@ class LinkBreaker:
         raw = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items() if k in fields}
         return cls(model, meta["early_layer"], meta["late_layer"], tensors["early_masks"],
                    tensors["late_masks"], tensors["early_fill"], tensors["late_fill"],
-                   tensors["thresholds"], GuardConfig(**raw), meta["input_shape"])
+                   tensors["thresholds"], GuardConfig(**raw), meta["input_shape"],
+                   diagnostics={"fit_s": meta.get("fit_s") or float("nan")})
