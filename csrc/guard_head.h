@@ -30,6 +30,31 @@ constexpr int64_t kVerdictAccept = 0;
 constexpr int64_t kVerdictAlarm = 1;
 constexpr int64_t kVerdictOOD = 2;
 
+#if defined(__CUDACC__)
+#define LINKBREAKER_HOST_DEVICE __host__ __device__
+#else
+#define LINKBREAKER_HOST_DEVICE
+#endif
+
+// The one-label rule, shared by the CPU and CUDA kernels: `count` credible heads, the smallest
+// credible head `first`, the most confident head `best_k`, `bad` when the row's logits are not finite.
+LINKBREAKER_HOST_DEVICE inline void write_vote(
+    bool bad, int64_t count, int64_t first, int64_t best_k, int64_t* label, int64_t* verdict) {
+  if (bad) {
+    *label = -1;
+    *verdict = kVerdictOOD;
+  } else if (count == 1) {
+    *label = first;
+    *verdict = kVerdictAccept;
+  } else if (count >= 2) {
+    *label = -1;
+    *verdict = kVerdictAlarm;
+  } else {
+    *label = best_k;
+    *verdict = kVerdictOOD;
+  }
+}
+
 // Shape / dtype / device validation shared by every backend (no host sync).
 void check_guard_head_inputs(
     const at::Tensor& features,

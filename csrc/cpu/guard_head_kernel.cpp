@@ -69,18 +69,8 @@ void guard_epilogue_cpu(
       }
       if (bad) {
         std::fill(cb, cb + N, std::numeric_limits<float>::quiet_NaN());
-        labels[b] = -1;
-        verdict[b] = kVerdictOOD;
-      } else if (count == 1) {
-        labels[b] = first;
-        verdict[b] = kVerdictAccept;
-      } else if (count >= 2) {
-        labels[b] = -1;
-        verdict[b] = kVerdictAlarm;
-      } else {
-        labels[b] = best_k;
-        verdict[b] = kVerdictOOD;
       }
+      write_vote(bad, count, first, best_k, labels + b, verdict + b);
     }
   });
 }

@@ -132,19 +132,7 @@ __global__ void guard_epilogue_kernel(
       }
     }
     s_row_bad = any_bad;
-    if (any_bad) {
-      labels[b] = -1;
-      verdict[b] = kVerdictOOD;
-    } else if (total == 1) {
-      labels[b] = first_all;
-      verdict[b] = kVerdictAccept;
-    } else if (total >= 2) {
-      labels[b] = -1;
-      verdict[b] = kVerdictAlarm;
-    } else {
-      labels[b] = best_k_all;
-      verdict[b] = kVerdictOOD;
-    }
+    write_vote(any_bad != 0, total, first_all, best_k_all, labels + b, verdict + b);
   }
   __syncthreads();
   if (s_row_bad) {
