@@ -5,6 +5,7 @@ model, fit the guard, and measure the model before and the guard after on clean 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,12 +30,23 @@ def make_attack(name: str, target: int = 0, seed: int = 0):
     return None if name == NO_ATTACK else attacks.make_attack(name, target=target, seed=seed)
 
 
-def train_model(dataset: str, attack, x, y, epochs: int = 8, seed: int = 0, progress: bool = True):
-    """A clean model, a data-poisoned one (BadNets, source-specific) or a Trojaned one (clean
-    training, then Liu et al.'s neuron selection, trigger generation and retraining)."""
+# Training recipe per data set: natural images get crop/flip augmentation and more epochs.
+EPOCHS = {"mnist": 8, "cifar10": 15, "gtsrb": 10}
+AUGMENT = {"mnist": False, "cifar10": True, "gtsrb": True}
+
+
+def train_model(dataset: str, attack, x, y, epochs: int | None = None, seed: int = 0,
+                progress: bool = True, checkpoint=None):
+    """A clean model, a data-poisoned one (BadNets, Blended, source-specific) or a Trojaned one (clean
+    training, then Liu et al.'s neuron selection, trigger generation and retraining). ``checkpoint``
+    (a path) makes the training resumable epoch by epoch."""
     torch.manual_seed(seed)
     model = models.build_model(dataset, data.spec(dataset).num_classes)
-    kw = dict(epochs=epochs, seed=seed, progress=progress)
+    if dataset != "mnist":  # measured 2.6x faster for the conv nets on CPU
+        model = model.to(memory_format=torch.channels_last)
+    epochs = EPOCHS.get(dataset, 10) if epochs is None else epochs
+    kw = dict(epochs=epochs, seed=seed, progress=progress, augment=AUGMENT.get(dataset, False),
+              checkpoint=checkpoint)
     if attack is None:
         return training.train_classifier(model, x, y, desc="train clean", **kw)
     if isinstance(attack, attacks.TrojanAttack):
@@ -74,6 +86,26 @@ def evaluate(model, guard: LinkBreaker, attack, x_test, y_test, n_clean=2000, n_
               "attack": attack.to_dict() if attack is not None else None,
               "counts": {"clean": len(xc), "triggered": len(xt)}}
     return report, (rc, yc, rt, yt)
+
+
+def model_for(dataset: str, attack_name: str, seed: int, split: dict, work, epochs: int | None = None,
+              progress: bool = True):
+    """The cached model ``<work>/models/<attack>-<seed>.safetensors``, trained (resumably) if absent.
+    Returns ``(model, attack)``."""
+    path = Path(work) / "models" / f"{attack_name}-{seed}.safetensors"
+    if path.is_file():
+        model, meta = load_model(path)
+        return model, (attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None)
+    attack = make_attack(attack_name, target=0, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = path.with_suffix(".ckpt")
+    model = train_model(dataset, attack, split["x_train"], split["y_train"], epochs, seed, progress,
+                        checkpoint=None if dataset == "mnist" else ckpt)
+    save_model(path, model, {"dataset": dataset, "num_classes": data.spec(dataset).num_classes,
+                             "seed": seed, "val_fraction": 0.02,
+                             "attack": attack.to_dict() if attack else None})
+    ckpt.unlink(missing_ok=True)
+    return model, attack
 
 
 def save_model(path, model, meta: dict):

@@ -1,39 +1,82 @@
 """Plain supervised training and batched prediction, shared by the attacks, the CLI and the tests."""
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 
+def crop_flip(xb: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """The standard CIFAR augmentation, batched: a random ``pad``-pixel shift (zero padding) and a
+    random horizontal flip per image."""
+    b, _, h, w = xb.shape
+    padded = nn.functional.pad(xb, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(b, xb.shape[1], h, w + 2 * pad)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(b, xb.shape[1], h, w)
+    out = out.gather(3, cols)
+    flip = torch.rand(b, generator=generator) < 0.5
+    out[flip] = out[flip].flip(3)
+    return out
+
+
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 5,
                      batch_size: int = 128, lr: float = 3e-3, seed: int = 0,
-                     batch_transform=None, progress: bool = True, desc: str = "train") -> nn.Module:
+                     batch_transform=None, augment: bool = False, progress: bool = True,
+                     desc: str = "train", checkpoint=None) -> nn.Module:
     """Train ``model`` with Adam, a one-cycle learning-rate schedule and cross-entropy. ``batch_transform(xb, yb, generator) -> (xb, yb)``
-    lets an attack poison each batch on the fly (how BadNets mixes trigger samples in)."""
+    lets an attack poison each batch on the fly (how BadNets mixes trigger samples in); ``augment``
+    adds :func:`crop_flip` after poisoning (natural images), as a poisoned data set would be trained.
+    ``checkpoint`` (a path) saves model, optimiser and schedule after every epoch and resumes from it,
+    so a long run that is cut off continues where it stopped."""
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
     device = next(model.parameters()).device
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    layout = (torch.channels_last if convs and convs[0].is_contiguous(memory_format=torch.channels_last)
+              and not convs[0].is_contiguous() else torch.contiguous_format)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
     steps = epochs * ((len(x) + batch_size - 1) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
-    with tqdm(total=steps, desc=desc, disable=not progress, leave=False) as bar:
-        for _ in range(epochs):
+    first = 0
+    if checkpoint is not None and os.path.isfile(checkpoint):
+        state = torch.load(checkpoint, weights_only=True)  # tensors and plain containers only
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        schedule.load_state_dict(state["schedule"])
+        g.set_state(state["generator"])
+        first = int(state["epoch"])
+    model.train()
+    with tqdm(total=steps, initial=first * (steps // max(epochs, 1)), desc=desc,
+              disable=not progress, leave=False) as bar:
+        for epoch in range(first, epochs):
             order = torch.randperm(len(x), generator=g)
             for start in range(0, len(x), batch_size):
                 idx = order[start:start + batch_size]
                 xb, yb = x[idx], y[idx]
                 if batch_transform is not None:
                     xb, yb = batch_transform(xb, yb, g)
-                loss = nn.functional.cross_entropy(model(xb.to(device)), yb.to(device))
+                if augment:
+                    xb = crop_flip(xb, g)
+                xb = xb.to(device).contiguous(memory_format=layout) if xb.dim() == 4 else xb.to(device)
+                loss = nn.functional.cross_entropy(model(xb), yb.to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 schedule.step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if checkpoint is not None:
+                tmp = f"{checkpoint}.tmp"
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                            "schedule": schedule.state_dict(), "generator": g.get_state(),
+                            "epoch": epoch + 1}, tmp)
+                os.replace(tmp, checkpoint)
     model.eval()
     return model
 
