@@ -1,16 +1,28 @@
-"""Finding the two LinkBreaker layers in an arbitrary ``nn.Module`` and running the N class-restricted
-passes through them with forward hooks, so the guarded model's code is never edited.
+"""Where LinkBreaker looks inside an arbitrary ``nn.Module`` classifier, and the batched forward that
+runs the N class-restricted predictions there.
 
-* the *early* (input-close) layer is a module whose output is masked, or ``"input"`` for the pixels;
-* the *late* (output-close) layer is always the input of the final ``nn.Linear``: its masking, the
-  class heads and the vote run in the fused ``guard_head`` op, which needs that Linear's weights.
+* **masked layers**: any number of modules whose outputs are masked per head, or ``"input"`` for
+  the pixels. A *neuron* (the unit a salient set keeps or drops) is a pixel at the input, a channel
+  at a hidden conv layer (its whole feature map: a backdoor channel fires wherever the trigger is,
+  and per-position masks of a 32x32 map leave the heads no stable evidence), and an element of a
+  flat hidden layer;
+* **the late layer**: always the input of the final ``nn.Linear``, one neuron per element. Its
+  masking, the class heads and the vote run in the fused ``guard_head`` op, which needs that
+  Linear's weights.
+
+The guard works on its own frozen copy of the model (:class:`TappedModel`), so hooks never touch the
+user's model: it stays callable from other threads while the guard runs.
 """
 from __future__ import annotations
+
+import copy
+import threading
 
 import torch
 from torch import nn
 
 INPUT = "input"
+LATE = "late"
 
 
 def final_linear(model: nn.Module, name: str | None = None) -> tuple[str, nn.Linear]:
@@ -29,71 +41,140 @@ def final_linear(model: nn.Module, name: str | None = None) -> tuple[str, nn.Lin
     return linears[-1]
 
 
-def early_layer(model: nn.Module, name: str | None = None) -> str:
-    """The module name of the input-close layer, or ``"input"`` (the pixels themselves, the default:
-    the most input-close neurons there are, and the ones a patch trigger lands on directly)."""
-    if name is None or name == INPUT:
-        return INPUT
-    if name not in dict(model.named_modules()):
-        raise ValueError(f"unknown layer {name!r}; use 'input' or one of: {_names(model)}")
-    return name
+def check_layers(model: nn.Module, names) -> list[str]:
+    """Validate a list of masked-layer names (module names or ``"input"``); keeps their order."""
+    if isinstance(names, str):
+        names = [names]
+    names = list(names)
+    if not names:
+        raise ValueError("layers must name at least one masked layer (a module name or 'input')")
+    modules = dict(model.named_modules())
+    for n in names:
+        if n != INPUT and n not in modules:
+            raise ValueError(f"unknown layer {n!r}; use 'input' or one of: {_names(model)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"layers must be distinct, got {names}")
+    return names
+
+
+def auto_layers(model: nn.Module, example: torch.Tensor, count: int = 4) -> list[str]:
+    """The paper's choice for deeper networks (Sec. VI-D): ``count`` hidden layers spread uniformly
+    over the network, here the outputs of its activation modules (ReLU & co.) that produce feature
+    maps, found by one forward of ``example``. Models without such modules fall back to ``"input"``."""
+    acts = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.PReLU)
+    seen = []
+    handles = [m.register_forward_hook(lambda mod, i, out, name=n: seen.append((name, out.dim())))
+               for n, m in model.named_modules() if isinstance(m, acts)]
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    maps = []
+    for name, dim in seen:  # a module reused in forward counts once, at its first call
+        if dim == 4 and name not in maps:
+            maps.append(name)
+    if not maps:
+        return [INPUT]
+    if len(maps) <= count:
+        return maps
+    # evenly spaced, the last feature map included (closest to the late layer)
+    picks = [round(i * (len(maps) - 1) / (count - 1)) for i in range(count)] if count > 1 else [len(maps) - 1]
+    return [maps[i] for i in picks]
 
 
 def _names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_modules() if n]
 
 
-class HookedModel:
-    """Runs ``model`` with the early layer's output replaced per head and the late features captured.
+def units(a: torch.Tensor, layer: str) -> torch.Tensor:
+    """``[B, D]`` neuron values of a layer output: pixels at the input, channel means (over the
+    feature map) at hidden conv layers, elements otherwise."""
+    if layer != INPUT and a.dim() == 4:
+        return a.float().mean((2, 3))
+    return a.flatten(1).float()
 
-    ``features(x, masks, fill)`` returns ``[B, N, D]``: for every input and head k the input of the
-    final Linear when the early layer's activation ``a`` is replaced by ``masks[k]*a + (1-masks[k])*fill``.
-    The N heads run as one batched forward of ``B*N`` rows, not a Python loop.
+
+def expand_mask(m: torch.Tensor, a_shape, layer: str) -> torch.Tensor:
+    """A unit-level mask ``[N, D_unit]`` broadcast to the element layout of one head's output."""
+    if layer != INPUT and len(a_shape) == 4:
+        return m.reshape(m.shape[0], a_shape[1], 1, 1)
+    return m.reshape(m.shape[0], *a_shape[1:])
+
+
+class TappedModel:
+    """A frozen private copy of the user's model that exposes the masked layers and the late features.
+
+    ``activations(x)`` -> ``{layer: [B, D_elem]}`` element activations of an unmasked forward (and
+    ``"late"``); ``features(x, masks, fills)`` -> ``[B, N, D_late]``: the late features when every masked
+    layer's output ``a`` is replaced, per head k, by ``m_k * a + (1 - m_k) * fill``. The N heads run as
+    one batched forward of ``B*N`` rows. A lock serialises calls on the copy (its hooks are per call).
     """
 
-    def __init__(self, model: nn.Module, early: str, late: str):
-        self.model = model
-        self.early = early
-        self.late_name, self.late = final_linear(model, late)
-        self._early_module = None if early == INPUT else dict(model.named_modules())[early]
+    def __init__(self, model: nn.Module, layers, late: str | None = None):
+        self.net = copy.deepcopy(model).eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.layers = check_layers(self.net, layers)
+        self.late_name, self.late = final_linear(self.net, late)
+        modules = dict(self.net.named_modules())
+        self._modules = {n: modules[n] for n in self.layers if n != INPUT}
+        self._lock = threading.Lock()
 
-    @torch.no_grad()
-    def activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(early activations [B, De], late features [B, Dl]) of an unmasked forward."""
+    def to(self, device):
+        self.net.to(device)
+        return self
+
+    def _run(self, x, on_layer):
+        """Forward ``x`` with ``on_layer(name, a) -> a'`` applied at every masked layer; returns the
+        late features (the final Linear's input)."""
         store = {}
-        handles = [self.late.register_forward_pre_hook(lambda m, inp: store.__setitem__("late", inp[0]))]
-        if self._early_module is not None:
-            handles.append(self._early_module.register_forward_hook(
-                lambda m, inp, out: store.__setitem__("early", out)))
+        handles = [self.late.register_forward_pre_hook(lambda mod, inp: store.__setitem__(LATE, inp[0]))]
+        for name, module in self._modules.items():
+            handles.append(module.register_forward_hook(
+                lambda mod, inp, out, name=name: on_layer(name, out)))
         try:
-            self.model(x)
+            with self._lock:
+                if INPUT in self.layers:
+                    x = on_layer(INPUT, x)
+                self.net(x)
         finally:
             for h in handles:
                 h.remove()
-        early = x if self._early_module is None else store.get("early")
-        if early is None or "late" not in store:
-            raise RuntimeError("the hooked layers were not reached by the model's forward")
-        return early.flatten(1).float(), store["late"].flatten(1).float()
+        if LATE not in store:
+            raise RuntimeError("the model's forward never reached its final nn.Linear")
+        return store[LATE]
 
     @torch.no_grad()
-    def features(self, x: torch.Tensor, masks: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-        b, n = x.shape[0], masks.shape[0]
-        store = {}
+    def activations(self, x: torch.Tensor) -> dict:
+        acts = {}
 
-        def mask(a: torch.Tensor) -> torch.Tensor:
-            flat = a.reshape(b, n, -1)
-            m = masks.to(flat.dtype)
-            return (m * flat + (1 - m) * fill.to(flat.dtype)).reshape(a.shape)
+        def grab(name, a):
+            if name in acts:
+                raise RuntimeError(f"layer {name!r} runs more than once per forward; mask a module "
+                                   f"that is called once (e.g. a block's own activation)")
+            acts[name] = a.float()
+            return None if name != INPUT else a  # forward hooks returning None keep the output
 
-        handles = [self.late.register_forward_pre_hook(lambda mod, inp: store.__setitem__("late", inp[0]))]
-        xr = x.repeat_interleave(n, dim=0)
-        if self._early_module is None:
-            xr = mask(xr)
-        else:
-            handles.append(self._early_module.register_forward_hook(lambda mod, inp, out: mask(out)))
-        try:
-            self.model(xr)
-        finally:
-            for h in handles:
-                h.remove()
-        return store["late"].reshape(b, n, -1)
+        late = self._run(x, grab)
+        missing = [n for n in self.layers if n not in acts]
+        if missing:
+            raise RuntimeError(f"the model's forward never reached the layers {missing}")
+        acts[LATE] = late.flatten(1).float()
+        return acts
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor, masks: dict, fills: dict) -> torch.Tensor:
+        b = x.shape[0]
+        n = next(iter(masks.values())).shape[0]
+
+        def mask(name, a):
+            m, fill = masks[name], fills[name]
+            heads = a.reshape(b, n, *a.shape[1:])
+            m = expand_mask(m.to(a.dtype), a.shape, name)
+            out = m * heads + (1 - m) * fill.to(a.dtype).reshape(a.shape[1:])
+            return out.reshape(a.shape)
+
+        late = self._run(x.repeat_interleave(n, dim=0), mask)
+        return late.reshape(b, n, -1)

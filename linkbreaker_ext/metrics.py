@@ -2,6 +2,14 @@
 
 ASR counts triggered inputs whose true class is not the target and that end up labelled as the
 target; a trigger alarm (label -1) or a correct label is not a success for the attacker.
+
+An out-of-distribution verdict carries the most confident head's label as a hint (the paper's
+Fig. 9). Two readings follow, and reports carry both:
+
+* ``cda`` / ``asr`` count the hint as the guard's answer (a refused clean input can still be right,
+  a refused triggered input still counts for the attacker);
+* ``cda_strict`` / ``asr_strict`` count only accepted answers, Alg. 3's literal reading ("if the
+  number of labels is 1 return it, else return the trigger signal").
 """
 from __future__ import annotations
 
@@ -24,6 +32,8 @@ def defended(clean, y_clean, trig, y_trig_true, target: int) -> dict:
     return {
         "cda": _mean(lc == y_clean.cpu()),
         "asr": _mean(lt == target),
+        "cda_strict": _mean((lc == y_clean.cpu()) & (vc == 0)),
+        "asr_strict": _mean((lt == target) & (vt == 0)),
         "r_acc": _mean(lt == y_trig_true.cpu()),
         "alarm_rate_clean": _mean(vc == 1),
         "alarm_rate_trigger": _mean(vt == 1),

@@ -31,6 +31,7 @@ def generate_neighbours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, per_
     out = []
     was_training = model.training
     model.eval()
+    flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     try:
@@ -54,7 +55,7 @@ def generate_neighbours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, per_
             out.append((c * xb + (1 - c) * noise).detach().cpu())
         bar.close()
     finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
         model.train(was_training)
     return torch.cat(out), ys.cpu()

@@ -17,13 +17,18 @@ returns ``(conf, labels, verdict)``:
   ``verdict = 2``.
 
 Everything is computed in float32 (features may be fp32/fp16/bf16; the other tensors
-any floating dtype). The op is not differentiable (outputs carry no grad_fn).
+any floating dtype; the checked entry point accepts fp16/bf16/fp32/fp64 only). The op is not differentiable (outputs carry no grad_fn).
 
-Value checks: the CPU kernel checks eagerly that features are finite, thresholds are
-finite and masks lie in ``[0, 1]``. The CUDA kernel does not (that would need a host
-sync); :func:`guard_head` -- the *checked entry point* -- performs those checks for
-CUDA tensors (one device->host sync) before calling the op. Shape, dtype and
-device checks are always done in C++ without a sync.
+Checks: the op itself checks shapes, dtypes and devices in C++; its CPU kernel also
+checks eagerly that features are finite, thresholds are finite and masks lie in
+``[0, 1]``, its CUDA kernel does not (that would need a host sync).
+:func:`guard_head` -- the *checked entry point* -- validates types, ranks, shapes,
+dtypes and devices in Python before dispatch (``TypeError`` for a non-tensor,
+``ValueError`` naming the argument and the shapes otherwise), so no error a caller
+sees depends on how the C++ side formats its exceptions (on some torch builds a
+``TORCH_CHECK`` message that formats an integer crashes the process). With
+``check_values=True`` it also checks the values, on every device (one host sync on
+CUDA), raising ``ValueError``.
 """
 from __future__ import annotations
 
@@ -59,8 +64,73 @@ def _guard_head_fake(features, weight, bias, masks, noise, thresholds):
     return conf, labels, verdict
 
 
+_ARGS = ("features", "weight", "bias", "masks", "noise", "thresholds")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(int(s)) for s in t.shape) + "]"
+
+
+def _check_inputs(features, weight, bias, masks, noise, thresholds) -> None:
+    """The op's contract, checked in Python: the same rules (and wording) as the C++ checks,
+    but raised as TypeError/ValueError here, so no error path goes through C++ formatting."""
+    args = (features, weight, bias, masks, noise, thresholds)
+    for name, t in zip(_ARGS, args):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"guard_head: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in zip(_ARGS, args):
+        if t.layout != torch.strided:
+            raise ValueError(f"guard_head: {name} must be a dense (strided) tensor, got layout "
+                             f"{t.layout}")
+        if t.dtype not in _DTYPES:  # float8 too: the value checks cannot even compare it
+            raise ValueError(f"guard_head: {name} must be a floating-point tensor "
+                             f"(float32/float16/bfloat16/float64), got {t.dtype}")
+    for name, t in zip(_ARGS, args):
+        if t.device != features.device:
+            raise ValueError(f"guard_head: all tensors must be on the same device, but features "
+                             f"is on {features.device} and {name} is on {t.device}")
+    if weight.dim() != 2:
+        raise ValueError(f"guard_head: weight must be 2-D [C, D], got shape {_shape(weight)}")
+    C, D = weight.shape
+    if C < 1:
+        raise ValueError(f"guard_head: weight must have at least one class (C >= 1), got shape "
+                         f"{_shape(weight)}")
+    if bias.dim() != 1 or bias.shape[0] != C:
+        raise ValueError(f"guard_head: bias must be 1-D [C] with C = weight.size(0) = {C}, got "
+                         f"shape {_shape(bias)}")
+    if masks.dim() != 2:
+        raise ValueError(f"guard_head: masks must be 2-D [N, D], got shape {_shape(masks)}")
+    N = masks.shape[0]
+    if N < 1:
+        raise ValueError("guard_head: masks must hold at least one head (N == 0 is not allowed), "
+                         f"got shape {_shape(masks)}")
+    if N > C:
+        raise ValueError(f"guard_head: masks has N = {N} heads but weight has only C = {C} "
+                         f"classes (head k is class k, so N <= C is required)")
+    if masks.shape[1] != D:
+        raise ValueError(f"guard_head: masks must be [N, D] with D = weight.size(1) = {D}, got "
+                         f"shape {_shape(masks)}")
+    if noise.dim() != 1 or noise.shape[0] != D:
+        raise ValueError(f"guard_head: noise must be 1-D [D] with D = weight.size(1) = {D}, got "
+                         f"shape {_shape(noise)}")
+    if thresholds.dim() != 1 or thresholds.shape[0] != N:
+        raise ValueError(f"guard_head: thresholds must be 1-D [N] with N = masks.size(0) = {N}, "
+                         f"got shape {_shape(thresholds)}")
+    if features.dim() not in (2, 3):
+        raise ValueError(f"guard_head: features must be 2-D [B, D] or 3-D [B, N, D], got shape "
+                         f"{_shape(features)}")
+    if features.shape[-1] != D:
+        raise ValueError(f"guard_head: features last dim ({features.shape[-1]}) must equal "
+                         f"weight.size(1) = D = {D} (features shape {_shape(features)}, weight "
+                         f"shape {_shape(weight)})")
+    if features.dim() == 3 and features.shape[1] != N:
+        raise ValueError(f"guard_head: 3-D features must be [B, N, D] with N = masks.size(0) = "
+                         f"{N}, got shape {_shape(features)}")
+
+
 def _check_values(features, masks, thresholds) -> None:
-    """NaN/Inf and mask-range checks for devices whose kernel does not check eagerly."""
+    """NaN/Inf and mask-range checks, one host sync (the CUDA kernel does not check values)."""
     ok = torch.stack(
         [
             torch.isfinite(features).all(),
@@ -69,11 +139,11 @@ def _check_values(features, masks, thresholds) -> None:
         ]
     ).cpu()  # the single host sync
     if not bool(ok[0]):
-        raise RuntimeError("guard_head: features contain NaN or Inf")
+        raise ValueError("guard_head: features contain NaN or Inf")
     if not bool(ok[1]):
-        raise RuntimeError("guard_head: thresholds contain NaN or Inf (must be finite)")
+        raise ValueError("guard_head: thresholds contain NaN or Inf (must be finite)")
     if not bool(ok[2]):
-        raise RuntimeError("guard_head: masks must have all values in [0, 1] (and no NaN)")
+        raise ValueError("guard_head: masks must have all values in [0, 1] (and no NaN)")
 
 
 def guard_head(
@@ -88,21 +158,16 @@ def guard_head(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Checked entry point for ``torch.ops.linkbreaker.guard_head`` (see module doc).
 
-    On CUDA, ``check_values=True`` (default) validates the tensor *values*
-    (features finite, thresholds finite, masks in [0, 1]) at the cost of one host
-    sync; pass ``check_values=False`` to skip it (non-finite rows then come back as
-    ``conf=NaN, label=-1, verdict=2``). Skipped automatically under torch.compile.
+    Always validates types, ranks, shapes, dtypes and devices in Python (no sync):
+    ``TypeError`` for a non-tensor argument, ``ValueError`` naming the argument and
+    the shapes for anything else. ``check_values=True`` (default) also validates the
+    *values* (features finite, thresholds finite, masks in [0, 1]; ``ValueError``) at
+    the cost of one host sync on CUDA; with ``check_values=False`` the CPU kernel still
+    refuses such values (``RuntimeError``) and the CUDA kernel returns non-finite rows
+    as ``conf=NaN, label=-1, verdict=2``. Value checks are skipped under torch.compile.
     """
-    if (
-        check_values
-        and features.device.type == "cuda"
-        and not torch.compiler.is_compiling()
-        and all(
-            isinstance(t, torch.Tensor) and t.device == features.device
-            for t in (masks, thresholds)
-        )
-        and all(t.is_floating_point() for t in (features, masks, thresholds))
-    ):
+    _check_inputs(features, weight, bias, masks, noise, thresholds)
+    if check_values and not torch.compiler.is_compiling() and features.device.type != "meta":
         _check_values(features, masks, thresholds)
     return torch.ops.linkbreaker.guard_head(features, weight, bias, masks, noise, thresholds)
 

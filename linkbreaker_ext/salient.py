@@ -54,3 +54,27 @@ def top_fraction_masks(scores: torch.Tensor, fractions: torch.Tensor, min_score:
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(d, device=scores.device).expand(k, d).contiguous())
     return ((rank < counts[:, None]) & (scores > 0) & (scores >= min_score)).float()
+
+
+def robust_class_profile(acts: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                         floor: float = 0.1):
+    """Per-class median ``[K, D]`` and robust scale ``1.4826 * MAD`` ``[K, D]`` of clean activations,
+    the class-conditional statistics the consistency check scores against (Beatrix's robust
+    statistics, per neuron). The scale is floored at ``floor`` times the layer's median scale, so a
+    neuron that is constant within a class (a MAD of 0) does not turn a tiny wobble into an outlier."""
+    center = torch.stack([acts[labels == k].median(0).values for k in range(num_classes)])
+    mad = torch.stack([(acts[labels == k] - center[k]).abs().median(0).values
+                       for k in range(num_classes)])
+    scale = 1.4826 * mad
+    positive = scale[scale > 0]
+    ref = positive.median() if positive.numel() else scale.new_tensor(1.0)
+    return center, scale.clamp_min(floor * ref + 1e-12)
+
+
+def deviation(u: torch.Tensor, center: torch.Tensor, scale: torch.Tensor, weights: torch.Tensor):
+    """``[B, K]`` mean robust z-score ``|u - center_k| / scale_k`` of each input over class k's
+    neurons (``weights`` ``[K, D]``, the salient set): how far an input's evidence for class k is from
+    what class k's clean inputs show in this layer."""
+    w = weights / weights.sum(1, keepdim=True).clamp_min(1e-12)
+    z = (u[:, None, :] - center[None]).abs() / scale[None]  # [B, K, D]
+    return (z * w[None]).sum(-1)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from linkbreaker_ext import attacks, training
-from linkbreaker_ext.attacks import BadNets, SourceSpecific, TrojanAttack
+from linkbreaker_ext.attacks import SIG, BadNets, Blended, SourceSpecific, TrojanAttack, WaNet
 
 MNIST = (1, 28, 28)
 CIFAR = (3, 32, 32)
@@ -155,8 +155,12 @@ def test_triggered_eval_set_excludes_target_class():
 # ------------------------------------------------------------------------------ registry / dicts
 
 def test_registry_and_unknown_name():
-    assert set(attacks.ATTACKS) == {"badnets", "trojan-square", "trojan-watermark", "source-specific"}
+    assert set(attacks.ATTACKS) == {"badnets", "blended", "trojan-square", "trojan-watermark",
+                                    "source-specific", "sig", "wanet"}
     assert isinstance(attacks.make_attack("badnets", target=3), BadNets)
+    for name, cls in [("blended", Blended), ("sig", SIG), ("wanet", WaNet)]:
+        a = attacks.make_attack(name, target=3, seed=5)  # what experiment.make_attack passes
+        assert type(a) is cls and a.name == name and a.target == 3 and a.seed == 5
     tw = attacks.make_attack("trojan-watermark", target=2)
     assert isinstance(tw, TrojanAttack) and tw.shape == "watermark" and tw.name == "trojan-watermark"
     with pytest.raises(ValueError, match="unknown attack 'nope'.*badnets"):
@@ -164,15 +168,218 @@ def test_registry_and_unknown_name():
 
 
 @pytest.mark.parametrize("attack", [BadNets(target=2, poison_rate=0.05, seed=4),
-                                    SourceSpecific(target=3, source_classes=[5, 1], seed=9)])
+                                    SourceSpecific(target=3, source_classes=[5, 1], seed=9),
+                                    Blended(target=1, alpha=0.15, seed=3),
+                                    Blended(target=1, pattern=torch.rand(1, 32, 32)),
+                                    SIG(target=4, delta=30, f=4, poison_rate=0.2, seed=7),
+                                    WaNet(target=5, k=3, s=0.7, cross_ratio=1.5, seed=8)])
 def test_to_dict_from_dict_round_trip(attack):
     x = _images(3, CIFAR)
     out = attack.apply(x)
     d = json.loads(json.dumps(attack.to_dict()))
-    assert isinstance(d["pattern"], list)
+    assert d["seed"] == attack.seed and d["target"] == attack.target
+    if isinstance(attack, (BadNets, SourceSpecific)):
+        assert isinstance(d["pattern"], list)  # the stamped square itself is recorded
     again = attacks.Attack.from_dict(d)
     assert type(again) is type(attack) and again.to_dict() == d
     assert torch.equal(again.apply(x), out)
+
+
+def test_saved_metadata_of_existing_models_still_loads():
+    """Literal ``to_dict()`` records as models trained before the attacks package saved them."""
+    badnets = {"name": "badnets", "target": 0, "size_fraction": 0.01, "margin": 1, "seed": 1,
+               "pattern": [[0.0, 1.0, 1.0], [0.0, 1.0, 1.0], [1.0, 0.0, 0.0]], "poison_rate": 0.1}
+    a = attacks.Attack.from_dict(badnets)
+    assert type(a) is BadNets and a.to_dict() == badnets
+    x = _images(2, MNIST)
+    assert torch.equal(a.apply(x)[0, 0, 24:27, 24:27], torch.tensor(badnets["pattern"]))
+    assert torch.equal(a.apply(x), BadNets(seed=1).apply(x))  # the seed alone gives the same square
+    unapplied = {**badnets, "seed": 0, "pattern": None}
+    assert attacks.Attack.from_dict(unapplied).to_dict() == unapplied
+    blended = {"name": "blended", "target": 0, "alpha": 0.2, "poison_rate": 0.1, "seed": 0,
+               "pattern": "noise"}
+    b = attacks.Attack.from_dict(blended)
+    assert type(b) is Blended and b.to_dict() == blended
+    assert torch.equal(b.apply(x), Blended(seed=0).apply(x))
+
+
+def test_from_dict_errors_name_the_problem():
+    with pytest.raises(ValueError, match="unknown attack 'nope'"):
+        attacks.Attack.from_dict({"name": "nope", "target": 0})
+    with pytest.raises(ValueError, match="'name'"):
+        attacks.Attack.from_dict({"target": 0})
+
+
+# ------------------------------------------------------------------------------ Blended
+
+def test_blended_is_the_convex_mix_with_a_seeded_noise_pattern():
+    x = _images(4, CIFAR)
+    attack = Blended(alpha=0.2, seed=3)
+    _, pattern = attack.trigger(CIFAR)
+    assert pattern.shape == CIFAR and pattern.min() >= 0 and pattern.max() <= 1
+    out = attack.apply(x)
+    assert torch.allclose(out, 0.8 * x + 0.2 * pattern)
+    assert out.min() >= 0 and out.max() <= 1
+    assert torch.equal(out, Blended(alpha=0.2, seed=3).apply(x))  # reproducible from the seed
+    assert not torch.equal(out, Blended(alpha=0.2, seed=4).apply(x))
+
+
+def test_blended_image_pattern_and_bad_settings():
+    img = torch.rand(1, 32, 32)
+    x = _images(2, CIFAR)
+    out = Blended(alpha=0.1, pattern=img).apply(x)
+    assert torch.allclose(out, 0.9 * x + 0.1 * img)  # a grey pattern blends into every channel
+    with pytest.raises(ValueError, match="does not match"):
+        Blended(pattern=img).apply(_images(2, MNIST))
+    with pytest.raises(ValueError, match="alpha"):
+        Blended(alpha=0.0)
+    with pytest.raises(ValueError, match="pattern"):
+        Blended(pattern="kitty")
+
+
+def test_blended_batch_transform_poisons_the_rate_and_relabels():
+    attack = Blended(target=2, poison_rate=0.25, seed=1)
+    x, y = _images(40, MNIST), torch.zeros(40, dtype=torch.long)
+    xp, yp = attack.batch_transform(x, y, torch.Generator().manual_seed(0))
+    poisoned = yp == 2
+    assert int(poisoned.sum()) == 10
+    assert torch.equal((xp != x).flatten(1).any(1), poisoned)
+    assert torch.allclose(xp[poisoned], attack.apply(x[poisoned]))
+
+
+# ------------------------------------------------------------------------------ SIG
+
+def test_sig_adds_a_horizontal_sinusoid_of_delta_40():
+    attack = SIG()  # BackdoorBench defaults: delta 40 (0-255 scale), f 6
+    x = torch.full((2, 3, 32, 32), 0.5)
+    out = attack.apply(x)
+    diff = out - x
+    # the same signal on every row and channel: it varies along the columns only
+    assert torch.allclose(diff, diff[:1, :1, :1, :].expand_as(diff))
+    row = diff[0, 0, 0]
+    j = torch.arange(32, dtype=torch.float64)
+    expected = (40 / 255 * torch.sin(2 * torch.pi * j * 6 / 32)).float()
+    assert torch.allclose(row, expected, atol=1e-6)
+    assert abs(row.abs().max().item() - 40 / 255) < 0.01
+    assert int((row[1:].sign() != row[:-1].sign()).sum()) >= 2 * 6 - 1  # f = 6 periods
+    # clamped to [0, 1] on saturated images
+    for value in (0.0, 1.0):
+        sat = attack.apply(torch.full((1, 1, 28, 28), value))
+        assert sat.min() >= 0 and sat.max() <= 1 and (sat != value).any()
+
+
+def test_sig_is_clean_label_only_target_samples_keep_their_labels():
+    attack = SIG(target=1, poison_rate=0.2)
+    x, y = _images(50, CIFAR), torch.arange(50) % 5  # 10 samples of the target class 1
+    x0, y0 = x.clone(), y.clone()
+    xp, yp = attack.batch_transform(x, y, torch.Generator().manual_seed(0))
+    assert torch.equal(x, x0) and torch.equal(y, y0)  # inputs untouched
+    assert torch.equal(yp, y)  # no label is changed
+    changed = (xp != x).flatten(1).any(1)
+    assert int(changed.sum()) == 10 and (y[changed] == 1).all()  # round(0.2 * 50), all target
+    assert torch.equal(xp[changed], attack.apply(x[changed]))
+    # capped at the number of target-class samples in the batch
+    xp, _ = SIG(target=1, poison_rate=1.0).batch_transform(x, y, torch.Generator().manual_seed(0))
+    assert torch.equal((xp != x).flatten(1).any(1), y == 1)
+    # reproducible from the training generator
+    a = attack.batch_transform(x, y, torch.Generator().manual_seed(3))[0]
+    b = attack.batch_transform(x, y, torch.Generator().manual_seed(3))[0]
+    assert torch.equal(a, b)
+
+
+def test_sig_test_trigger_goes_on_non_target_inputs():
+    x, y = _images(30, MNIST), torch.arange(30) % 3
+    xt, yt = SIG(target=0).triggered_eval_set(x, y)
+    assert len(xt) == 20 and (yt != 0).all()
+    assert torch.equal(xt, SIG(target=0).apply(x[y != 0]))
+
+
+def test_sig_rejects_bad_settings():
+    with pytest.raises(ValueError, match="delta"):
+        SIG(delta=0)
+    with pytest.raises(ValueError, match="poison_rate"):
+        SIG(poison_rate=1.5)
+    with pytest.raises(ValueError, match="N, C, H, W"):
+        SIG().apply(torch.rand(3, 32, 32))
+
+
+# ------------------------------------------------------------------------------ WaNet
+
+def test_wanet_grid_is_seeded_bounded_and_small():
+    a = WaNet(seed=1)  # BackdoorBench defaults: k 4, s 0.5, grid_rescale 1
+    g = a.grid(32, 32)
+    assert g.shape == (1, 32, 32, 2) and g.abs().max() <= 1
+    assert torch.equal(g, WaNet(seed=1).grid(32, 32))
+    assert not torch.equal(g, WaNet(seed=2).grid(32, 32))
+    assert a.noise.shape == (2, 4, 4) and abs(a.noise.abs().mean().item() - 1) < 1e-5
+    lin = torch.linspace(-1, 1, 32)
+    identity = torch.stack(torch.meshgrid(lin, lin, indexing="ij")[::-1], -1)
+    shift_px = (g[0] - identity).abs() * 31 / 2  # in pixels
+    assert 0 < shift_px.max() < 2  # s = 0.5: a warp of about a pixel, not a visible distortion
+    assert WaNet(seed=1, s=0.0).grid(32, 32).sub(identity).abs().max() < 1e-6
+
+
+def test_wanet_warps_with_grid_sample_in_the_right_orientation():
+    """Bilinear resampling reproduces a linear ramp exactly, so warping the ramp along the columns
+    returns the grid's x coordinate and the ramp along the rows its y coordinate."""
+    attack = WaNet(seed=0)
+    lin = torch.linspace(0, 1, 32)
+    x = torch.stack([lin.expand(32, 32), lin[:, None].expand(32, 32)])[None]  # [1, 2, H, W]
+    out = attack.apply(x)
+    g = attack.grid(32, 32)[0]
+    assert torch.allclose(out[0, 0], (g[..., 0] + 1) / 2, atol=1e-5)
+    assert torch.allclose(out[0, 1], (g[..., 1] + 1) / 2, atol=1e-5)
+    assert not torch.allclose(out, x, atol=1e-3)
+
+
+def test_wanet_apply_is_batched_range_safe_and_layout_independent():
+    attack = WaNet(seed=3)
+    x = _images(6, CIFAR)
+    out = attack.apply(x)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    one_by_one = torch.cat([attack.apply(x[i:i + 1]) for i in range(6)])
+    assert torch.allclose(out, one_by_one, atol=1e-6)
+    cl = attack.apply(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(cl, out, atol=1e-6)
+    assert torch.allclose(WaNet(seed=3, s=0.0).apply(x), x, atol=1e-5)  # no warp, no change
+    mnist = attack.apply(_images(2, MNIST))
+    assert mnist.shape == (2, 1, 28, 28)
+
+
+def test_wanet_batch_transform_poisons_and_cross_samples_keep_labels():
+    attack = WaNet(target=4, poison_rate=0.1, cross_ratio=2, seed=0)
+    x, y = _images(40, CIFAR), torch.arange(40) % 4  # no sample of class 4
+    x0, y0 = x.clone(), y.clone()
+    xp, yp = attack.batch_transform(x, y, torch.Generator().manual_seed(0))
+    assert torch.equal(x, x0) and torch.equal(y, y0)
+    backdoor = yp != y
+    changed = (xp != x).flatten(1).any(1)
+    cross = changed & ~backdoor
+    assert int(backdoor.sum()) == 4 and (yp[backdoor] == 4).all()  # round(0.1 * 40)
+    assert int(cross.sum()) == 8  # cross_ratio 2
+    assert int(changed.sum()) == 12  # the other 28 are untouched
+    assert torch.equal(yp[cross], y[cross])  # cross samples keep their labels
+    assert torch.allclose(xp[backdoor], attack.apply(x[backdoor]), atol=1e-6)
+    # cross samples: the trigger warp plus a random jitter, so close to but not the trigger
+    warped = attack.apply(x[cross])
+    assert not torch.allclose(xp[cross], warped, atol=1e-3)
+    assert (xp[cross] - warped).abs().mean() < (x[cross] - warped).abs().mean()
+    again = attack.batch_transform(x, y, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], xp) and torch.equal(again[1], yp)
+
+
+def test_wanet_from_dict_keeps_the_field_and_rejects_bad_settings():
+    a = WaNet(seed=11)
+    d = json.loads(json.dumps(a.to_dict()))
+    assert len(d["noise"]) == 2 and len(d["noise"][0]) == 4
+    d["seed"] = 99  # the recorded field wins over the seed
+    assert torch.equal(attacks.Attack.from_dict(d).grid(32, 32), a.grid(32, 32))
+    with pytest.raises(ValueError, match=r"noise must have shape \(2, k, k\)"):
+        WaNet(k=4, noise=[[0.0]])
+    with pytest.raises(ValueError, match="k"):
+        WaNet(k=0)
+    with pytest.raises(ValueError, match="poison_rate"):
+        WaNet(poison_rate=-0.1)
 
 
 # ------------------------------------------------------------------------------ Trojan
@@ -258,6 +465,18 @@ def test_trojan_freeze_before_layer_keeps_early_layers():
     assert all(p.requires_grad for p in model.parameters())  # restored afterwards
 
 
+def test_trojan_train_backdoored_trains_clean_then_plants_the_trigger():
+    torch.manual_seed(0)
+    x, y = _blobs(300, seed=0)
+    attack = TrojanAttack(target=0, trigger_steps=5, num_samples=16)
+    with pytest.raises(RuntimeError, match="poison_model"):
+        attack.apply(x)
+    model = attack.train_backdoored(TinyNet(), x, y, epochs=5, batch_size=32, lr=1e-2, progress=False)
+    assert attack.pattern is not None and len(attack.selected_neurons) == 2
+    assert training.accuracy(model, x, y) > 0.9  # the clean phase ran before the trigger search
+    assert attack.apply(x).shape == x.shape
+
+
 def test_trojan_unknown_layer_and_shape():
     with pytest.raises(ValueError, match="shape"):
         TrojanAttack(shape="circle")
@@ -306,3 +525,42 @@ def test_deepfool_changes_predictions(trained_tiny):
     before = training.predict_logits(model, x[:20]).argmax(1)
     after = training.predict_logits(model, adv).argmax(1)
     assert (after != before).float().mean() > 0.5
+
+
+# ------------------------------------------------------------------------------ tiny backdoors
+
+def _faint_blobs(n, seed):
+    """Like ``_blobs`` but faint and noisy (class 2 fainter still), so a trigger is an easy cue."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = 0.5 * torch.rand(n, 1, 16, 16, generator=g)
+    for c, (r, col, amp) in enumerate([(2, 2, 0.4), (2, 10, 0.4), (6, 6, 0.1)]):
+        x[y == c, :, r:r + 4, col:col + 4] += amp
+    return x.clamp(0, 1), y
+
+
+@pytest.mark.parametrize("attack,data,epochs", [
+    (Blended(target=2, alpha=0.2, seed=0), _blobs, 6),
+    # WaNet's defaults (s 0.5, cross samples) need far more epochs than a unit test has; a stronger
+    # warp without cross samples shows the warp-and-relabel pipeline plants a backdoor (ASR 0.85-1.0
+    # over seeds 0-5 when this was written)
+    (WaNet(target=2, s=2.0, poison_rate=0.2, cross_ratio=0.0, seed=0), _faint_blobs, 12),
+])
+def test_tiny_backdoor_is_learned(attack, data, epochs):
+    x, y = data(600, seed=0)
+    x_eval, y_eval = data(150, seed=1)
+    xt, _ = attack.triggered_eval_set(x_eval, y_eval)
+
+    def train(poisoned):
+        torch.manual_seed(0)
+        kw = dict(epochs=epochs, batch_size=32, lr=1e-2, seed=0, progress=False)
+        if poisoned:
+            return attack.train_backdoored(TinyNet(), x, y, **kw)
+        return training.train_classifier(TinyNet(), x, y, **kw)
+
+    def asr(m):
+        return (training.predict_logits(m, xt).argmax(1) == 2).float().mean().item()
+
+    backdoored = train(True)
+    assert training.accuracy(backdoored, x_eval, y_eval) > 0.9
+    assert asr(train(False)) < 0.1 < 0.6 < asr(backdoored)

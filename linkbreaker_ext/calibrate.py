@@ -1,0 +1,51 @@
+"""The credibility criteria of Alg. 3, one per class, from the MAD of clean calibration samples that
+the salient-set search never saw (sets chosen on the same samples would look optimistic).
+
+* a **confidence threshold** (the paper's): a lower bound on head k's confidence in class k;
+* a **consistency bound** (ours, after Beatrix's robust deviations and TED's layer-wise view): an
+  upper bound on how far an input's salient neurons sit from class k's clean profile.
+"""
+from __future__ import annotations
+
+import torch
+
+MAD_SCALE = 1.4826  # MAD -> standard deviation for a normal distribution
+
+
+def confidence_thresholds(conf: torch.Tensor, y: torch.Tensor, mad_k: float, out_quantile,
+                          floor: float) -> torch.Tensor:
+    """``[K]``: ``median - mad_k * 1.4826 * MAD`` of class k's own-head confidences **in log-odds**
+    (near 1 the probability-scale MAD is ~0), raised to the ``out_quantile`` of other classes'
+    confidences in head k unless that refuses more than ``1 - out_quantile`` of class k; at least
+    ``floor``."""
+    n = conf.shape[1]
+    logit = torch.logit(conf.clamp(1e-7, 1 - 1e-7).double())
+    th = torch.full((n,), float(floor), dtype=torch.float64)
+    for k in range(n):
+        s = logit[y == k, k]
+        if not len(s):
+            continue
+        med = s.median()
+        bound = torch.sigmoid(med - mad_k * MAD_SCALE * (s - med).abs().median())
+        if out_quantile is not None:
+            other = logit[y != k, k]
+            if len(other):
+                raised = torch.quantile(other, out_quantile)
+                cap = torch.quantile(s, 1 - out_quantile)
+                bound = torch.maximum(bound, torch.sigmoid(torch.minimum(raised, cap)))
+        th[k] = bound
+    return th.clamp_min(floor).float()
+
+
+def consistency_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float) -> torch.Tensor:
+    """``[K]``: ``median + mad_k * 1.4826 * MAD`` of class k's own deviations, in log space (the
+    deviations are ratios, skewed to the right). Inputs of class k above it are inconsistent."""
+    n = dev.shape[1]
+    logd = dev.clamp_min(1e-12).double().log()
+    bounds = torch.full((n,), float("inf"), dtype=torch.float64)
+    for k in range(n):
+        s = logd[y == k, k]
+        if len(s):
+            med = s.median()
+            bounds[k] = (med + mad_k * MAD_SCALE * (s - med).abs().median()).exp()
+    return bounds.float()

@@ -1,0 +1,217 @@
+"""The offline phase, run once: validation set -> neighbours (Alg. 1) -> neuron statistics and
+salient sets (Alg. 2) -> credibility criteria (MAD) -> a fitted :class:`LinkBreaker`.
+
+Data flows one way through the stages, each in its own module: :mod:`neighbours`, :mod:`salient`
+(statistics, importance, dormant neurons, consistency profile), :mod:`search` (set sizes) and
+:mod:`calibrate` (thresholds and bounds). Everything runs on the model's device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+from torch import nn
+
+from . import calibrate, salient, search
+from .data import stratified_split
+from .layers import INPUT, LATE, TappedModel, auto_layers, check_layers, units
+from .neighbours import generate_neighbours
+
+
+def as_tensors(x, y):
+    """Accept tensors, a Dataset or a DataLoader of (x, y) pairs."""
+    if isinstance(x, torch.Tensor):
+        if y is None:
+            raise ValueError("y_val is required when x_val is a tensor")
+        return x, torch.as_tensor(y)
+    if y is not None:
+        raise ValueError("give y_val only with a tensor x_val; a Dataset/DataLoader carries labels")
+    if isinstance(x, torch.utils.data.Dataset):
+        x = torch.utils.data.DataLoader(x, batch_size=512)
+    xs, ys = zip(*[(xb, torch.as_tensor(yb)) for xb, yb in x])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _validate(x, y, num_classes, cfg):
+    if x.dim() < 2 or len(x) != len(y):
+        raise ValueError(f"x_val {tuple(x.shape)} and y_val {tuple(y.shape)} do not match")
+    if not x.is_floating_point() or not torch.isfinite(x).all():
+        raise ValueError("x_val must be a floating tensor without NaN or Inf")
+    if y.is_floating_point() or y.dtype == torch.bool or y.dim() != 1:
+        raise ValueError(f"y_val must be a 1-D integer tensor of class labels, got {y.dtype} "
+                         f"{tuple(y.shape)}")
+    num_classes = int(num_classes if num_classes is not None else y.max().item() + 1)
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes})")
+    counts = torch.bincount(y, minlength=num_classes)
+    if counts.min() < cfg.min_per_class:
+        raise ValueError(f"too few validation samples: class {int(counts.argmin())} has "
+                         f"{int(counts.min())}, need at least {cfg.min_per_class} per class")
+    return num_classes
+
+
+def blank_input(x):
+    """A content-free input: every pixel at its channel's median value over the validation set
+    (black for MNIST). Its activations are the reference that non-salient neurons fall back to."""
+    med = x.transpose(0, 1).flatten(1).median(dim=1).values if x.dim() > 2 else x.median(0).values
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    return med.reshape(shape).expand(1, *x.shape[1:]).contiguous().float()
+
+
+def _per_class_subset(y, per_class, seed):
+    if per_class is None:
+        return torch.arange(len(y))
+    g = torch.Generator().manual_seed(seed)
+    keep = [idx[torch.randperm(len(idx), generator=g)[:per_class]]
+            for idx in (torch.nonzero(y == c).flatten() for c in torch.unique(y))]
+    return torch.cat(keep).sort().values
+
+
+def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, progress, **overrides):
+    from .guard import GuardConfig
+
+    t0 = time.perf_counter()
+    cfg = dataclasses.replace(config or GuardConfig(), **overrides)
+    x, y = as_tensors(x_val, y_val)
+    x, y = x.detach().cpu(), y.detach().cpu()  # the rule: data lives on the CPU, chunks go to the model
+    num_classes = _validate(x, y, num_classes, cfg)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        if layers is None:
+            layers = [INPUT] + [n for n in auto_layers(model, x[:1].to(device), cfg.hidden_layers)
+                                if n != INPUT]
+        layers = check_layers(model, layers)
+        tapped = TappedModel(model, layers)
+        calib_idx, fit_idx = stratified_split(y, cfg.calibration_fraction, seed=cfg.seed)
+        x_fit, y_fit = x[fit_idx], y[fit_idx]
+        x_nb, y_nb = generate_neighbours(
+            tapped.net, x_fit, y_fit, cfg.neighbours, cfg.neighbour_noise, cfg.neighbour_lambda,
+            cfg.neighbour_step, cfg.neighbour_iters, seed=cfg.seed, progress=progress)
+        x_aug, y_aug = torch.cat([x_fit, x_nb]), torch.cat([y_fit, y_nb])
+        stats = _layer_statistics(tapped, x_aug, y_aug, len(x_fit), blank_input(x), num_classes, cfg,
+                                  device)
+    finally:
+        model.train(was_training)
+
+    scores = {k: s["score"] for k, s in stats.items()}
+    fills = {k: s["fill"] for k, s in stats.items()}
+    ones = {k: torch.ones_like(v) for k, v in scores.items()}
+    guard = cls(model, layers, tapped.late_name, ones, fills, torch.full((num_classes,), 0.5), {},
+                cfg, x.shape[1:])
+    guard.tapped = tapped  # reuse the copy the statistics came from
+
+    # Set sizes (Alg. 2 line 6), judged on the fit split (originals only unless configured).
+    x_s, y_s = (x_aug, y_aug) if cfg.search_on_neighbours else (x_fit, y_fit)
+    sub = _per_class_subset(y_s, cfg.search_per_class, cfg.seed)
+    x_s, y_s = x_s[sub], y_s[sub].to(device)
+    half = torch.full((num_classes,), 0.5, device=device)
+
+    def masks_for(fractions):
+        return {k: salient.top_fraction_masks(scores[k], fractions.get(k, torch.ones(num_classes)),
+                                              cfg.min_importance) for k in scores}
+
+    def evaluate(fractions):
+        conf = guard.head_confidences(x_s, masks_for(fractions), half)[0]
+        return search.head_rates(conf, y_s, cfg.reliability_measure)
+
+    stages = []
+    if cfg.use_early:
+        stages.append(("masked layers", list(layers)))
+    if cfg.use_late:
+        stages.append(("late", [LATE]))
+    chosen, table = search.search_sets(evaluate, stages, cfg.fractions, cfg.tolerance_in,
+                                       cfg.tolerance_out, num_classes, progress)
+    guard.masks = masks_for(chosen)
+
+    # Credibility criteria on the calibration split, which the search never saw.
+    x_cal, y_cal = x[calib_idx], y[calib_idx]
+    conf = guard.head_confidences(x_cal, thresholds=half)[0].cpu()
+    guard.thresholds = calibrate.confidence_thresholds(
+        conf, y_cal, cfg.mad_k, cfg.out_quantile, cfg.threshold_floor).to(device)
+    if cfg.consistency:
+        guard.profile = _consistency_profile(guard, stats, x_fit, y_fit, num_classes)
+        dev = guard.deviations(x_cal).cpu()
+        guard.profile["bounds"] = calibrate.consistency_bounds(dev, y_cal, cfg.consistency_mad_k).to(device)
+    guard.diagnostics = {
+        "fit_s": time.perf_counter() - t0, "layers": list(layers), "mask_search": table,
+        "chosen_fractions": {k: v.tolist() for k, v in chosen.items()},
+        "kept": {k: m.mean(1).tolist() for k, m in guard.masks.items()},
+        "n_fit": len(x_fit), "n_neighbours": len(x_nb), "n_calibration": len(calib_idx),
+        "calibration_conf": conf, "calibration_labels": y_cal,
+    }
+    return guard
+
+
+def _layer_statistics(tapped, x_aug, y_aug, n_clean, blank, num_classes, cfg, device):
+    """Per layer (masked layers and the late layer): importance ``[K, D_unit]`` with dormant neurons
+    at 0, the element-level fill, and the clean unit activations (for the consistency profile)."""
+    rows = cfg.batch_rows or (256 if device.type == "cpu" else 8192)
+    unit_parts, clean_elems = {}, {}
+    for start in range(0, len(x_aug), rows):
+        acts = tapped.activations(x_aug[start:start + rows].to(device))
+        for k, a in acts.items():
+            unit_parts.setdefault(k, []).append(units(a, k))
+            n_here = max(0, min(len(a), n_clean - start))
+            if n_here:  # element activations are kept for the real clean samples only (the fill)
+                clean_elems.setdefault(k, []).append(a[:n_here].flatten(1))
+    blank_acts = tapped.activations(blank.to(device))
+    y_aug = y_aug.to(device)
+    g = torch.Generator().manual_seed(cfg.seed)
+    out = {}
+    for k, parts in unit_parts.items():
+        u = torch.cat(parts)
+        mu, sd, mean = salient.class_statistics(u, y_aug, num_classes)
+        score = salient.importance(mu, sd, mean)
+        # Dormancy is judged on the real clean samples only: the neighbours' noise touches every
+        # pixel, including the ones a trigger uses.
+        clean_u = u[:n_clean]
+        dormant = salient.dormant(clean_u, clean_u.median(0).values, cfg.min_active)
+        score = score * ~dormant
+        elems = torch.cat(clean_elems[k])
+        typical = elems.median(0).values
+        fill = mean.new_zeros(0)
+        if cfg.fill == "mean":
+            fill = elems.mean(0)
+        else:
+            fill = blank_acts[k].flatten().float()
+        # A dormant neuron is filled with the value clean data gives it, so masking it changes
+        # nothing for clean inputs and erases whatever a trigger does to it.
+        dormant_elems = _unit_to_elements(dormant, blank_acts[k].shape, k)
+        fill = torch.where(dormant_elems, typical, fill)
+        noise = torch.randn(fill.shape, generator=g).to(device) * elems.std(0).mean()
+        out[k] = {"score": score, "fill": fill + cfg.noise_amplitude * noise, "units": clean_u,
+                  "dormant": dormant}
+    return out
+
+
+def _unit_to_elements(unit_flags, shape, layer):
+    """A per-unit flag ``[D_unit]`` spread to the layer's elements (a channel covers its map)."""
+    if layer not in (INPUT, LATE) and len(shape) == 4:
+        return unit_flags[:, None].expand(-1, shape[2] * shape[3]).reshape(-1)
+    return unit_flags
+
+
+def _consistency_profile(guard, stats, x_fit, y_fit, num_classes):
+    """Per layer, class k's robust profile of its clean samples on its own salient neurons, and the
+    typical deviation of class k's clean samples from it (so layers are comparable)."""
+    profile = {}
+    y = y_fit.to(guard.device)
+    for layer, s in stats.items():
+        center, scale = salient.robust_class_profile(s["units"], y, num_classes)
+        weight = guard.masks[layer] * (~s["dormant"]).float()
+        empty = weight.sum(1) == 0  # a class with no salient neuron here is judged on all live ones
+        weight[empty] = (~s["dormant"]).float()
+        profile.update({f"center.{layer}": center, f"scale.{layer}": scale, f"weight.{layer}": weight})
+    guard.profile = dict(profile, norms=torch.ones(num_classes, len(stats), device=guard.device))
+    # the profile was built from x_fit, so each layer's norm is class k's median own deviation there
+    u = {k: s["units"] for k, s in stats.items()}
+    norms = []
+    for layer in guard._profile_layers():
+        d = salient.deviation(u[layer], profile[f"center.{layer}"], profile[f"scale.{layer}"],
+                              profile[f"weight.{layer}"])
+        norms.append(torch.stack([d[y == k, k].median() for k in range(num_classes)]).clamp_min(1e-6))
+    profile["norms"] = torch.stack(norms, 1)
+    return profile

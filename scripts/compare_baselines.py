@@ -1,0 +1,340 @@
+"""LinkBreaker beside the baseline defenses (issue #7) on MNIST, on the same models, data and triggers.
+
+    python scripts/compare_baselines.py --data ../shared/data                 # seed 0, all attacks
+    python scripts/compare_baselines.py --data ../shared/data --seeds 0 1 2
+
+Models come from ``experiment.model_for`` (cached under --work, shared with reproduce_mnist.py).
+Every defense fits on the same clean validation set (2 % of the training split, never trained on);
+input-level detectors hold out half of it to set their threshold at 1 % false rejection. Evaluation
+uses 2,000 clean and 2,000 triggered inputs from the held-out test half (indices 5000-9999), as
+reproduce_mnist.py does. One JSON per (attack, seed, defense) goes to <out>/runs/ (skipped when it
+exists, so an interrupted run resumes); the markdown tables are rebuilt from those JSONs.
+Scoring rules: an input flagged by a detector is an error on clean data and not an attack success
+(the same rule as LinkBreaker's alarms); a repaired model is scored by its labels.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from linkbreaker_ext import LinkBreaker, attacks, experiment, metrics, training  # noqa: E402
+from linkbreaker_ext.baselines import make_defense, roc_auc  # noqa: E402
+
+DATASET = "mnist"
+DEFENSES = ["linkbreaker", "strip", "scale-up", "ibd-psc", "neural-cleanse", "abs", "fine-pruning"]
+DETECTORS = ["linkbreaker", "strip", "scale-up", "ibd-psc"]
+POISONING = {"badnets": "data", "blended": "data", "trojan-square": "model", "none": "clean"}
+
+
+def _rate(mask):
+    return mask.float().mean().item() if mask.numel() else float("nan")
+
+
+def lb_score(guard, x, r):
+    """LinkBreaker's continuous score: ``guard.score`` when the guard has one, else the fallback
+    (number of credible heads minus the best confidence-to-threshold ratio)."""
+    if hasattr(guard, "score"):
+        return guard.score(x).float().cpu(), False
+    conf, th = r.confidences.float(), r.thresholds.float()
+    return ((conf >= th).sum(1).float() - (conf / th).max(1).values).cpu(), True
+
+
+def run_linkbreaker(model, val, sets, seed):
+    xc, yc, xt, yt, target = sets
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    guard = LinkBreaker.fit(model, val[0], val[1], num_classes=10, progress=False,
+                            seed=seed)
+    fit_s = time.perf_counter() - start
+    start = time.perf_counter()
+    rc = guard(xc.to(device))
+    online = time.perf_counter() - start
+    rt = guard(xt.to(device))
+    sc, fallback = lb_score(guard, xc.to(device), rc)
+    st, _ = lb_score(guard, xt.to(device), rt)
+    fc, ft = rc.verdict.cpu() != 0, rt.verdict.cpu() != 0
+    return guard, {"after": metrics.defended(rc, yc, rt, yt, target), "auroc": roc_auc(sc, st),
+                   "tpr": _rate(ft), "fpr": _rate(fc), "flag_rule": "verdict != 0 (alarm or OOD)",
+                   "score_fallback": fallback,
+                   "timing": {"offline_s": fit_s, "online_ms_per_sample": 1000 * online / len(xc)}}
+
+
+def detector_after(model, flag_c, flag_t, sets):
+    xc, yc, xt, yt, target = sets
+    pc = training.predict_logits(model, xc).argmax(1)
+    pt = training.predict_logits(model, xt).argmax(1)
+    return {"cda": _rate(~flag_c & (pc == yc)), "asr": _rate(~flag_t & (pt == target)),
+            "r_acc": _rate(~flag_t & (pt == yt)), "alarm_rate_clean": _rate(flag_c),
+            "alarm_rate_trigger": _rate(flag_t)}
+
+
+def run_baseline(name, model, val, sets, seed):
+    xc, yc, xt, yt, target = sets
+    d = make_defense(name, seed=seed)
+    d.fit(model, val[0], val[1], 10)
+    rep = {"settings": d.settings()}
+    if d.kind == "input":
+        start = time.perf_counter()
+        sc = d.score(xc).cpu()
+        online = time.perf_counter() - start
+        st = d.score(xt).cpu()
+        fc, ft = sc > d.threshold, st > d.threshold
+        rep.update(after=detector_after(model, fc, ft, sets), auroc=roc_auc(sc, st), tpr=_rate(ft),
+                   fpr=_rate(fc), threshold=d.threshold)
+        if hasattr(d, "depths"):
+            rep["ibd_psc"] = {"depths": d.depths, "clean_error_by_depth": d.clean_error_by_depth}
+    else:
+        start = time.perf_counter()
+        pc = d.predict(xc, model)
+        online = time.perf_counter() - start
+        pt = d.predict(xt, model)
+        rep["after"] = {"cda": _rate(pc == yc), "asr": _rate(pt == target), "r_acc": _rate(pt == yt)}
+        rep["flagged"] = d.flagged
+        rep["repaired"] = d.repaired is not None
+        rep["report"] = {k: v for k, v in d.report.items()
+                         if k not in ("stimulation_scores", "mean_activation")}
+        if getattr(d, "pruned", None) is not None:  # Fine-Pruning's first step on its own
+            p1c = training.predict_logits(d.pruned, xc).argmax(1)
+            p1t = training.predict_logits(d.pruned, xt).argmax(1)
+            rep["after_prune"] = {"cda": _rate(p1c == yc), "asr": _rate(p1t == target),
+                                  "r_acc": _rate(p1t == yt)}
+    rep["timing"] = {"offline_s": d.fit_s, "online_ms_per_sample": 1000 * online / len(xc)}
+    return d, rep
+
+
+def adversarial(model, guard, strip, x, y, seed):
+    """Table VI: FGSM/BIM/DeepFool examples that fool the bare model; the share each defense answers
+    with the true label ("correct") and the share it flags."""
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    out = {}
+    advs = {"fgsm": attacks.fgsm(model, x, y, eps=0.2),
+            "bim": attacks.bim(model, x, y, eps=0.2, alpha=0.02, steps=20),
+            "deepfool": attacks.deepfool(model, x, y)}
+    for name, xa in advs.items():
+        fooled = training.predict_logits(model, xa).argmax(1) != y
+        xa, ya = xa[fooled], y[fooled]
+        r = guard(xa.to(device))
+        flag_s = strip.detect(xa).cpu()
+        pred = training.predict_logits(model, xa).argmax(1)
+        out[name] = {"n": int(fooled.sum()), "fooled_rate": _rate(fooled),
+                     "linkbreaker": {"correct": _rate(r.labels.cpu() == ya),
+                                     "flagged": _rate(r.verdict.cpu() != 0)},
+                     "strip": {"correct": _rate(~flag_s & (pred == ya)), "flagged": _rate(flag_s)}}
+    out["settings"] = {"fgsm": {"eps": 0.2}, "bim": {"eps": 0.2, "alpha": 0.02, "steps": 20},
+                       "deepfool": {"steps": 50, "overshoot": 0.02}}
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", default="../shared/data")
+    p.add_argument("--work", default="runs/mnist")
+    p.add_argument("--out", default="results/baselines")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--attacks", nargs="+", default=["badnets", "trojan-square", "blended", "none"])
+    p.add_argument("--defenses", nargs="+", default=DEFENSES, choices=DEFENSES)
+    p.add_argument("--adversarial-attacks", nargs="*", default=["none", "badnets"])
+    p.add_argument("--adversarial-n", type=int, default=500)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    runs = Path(args.out) / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    pool = slice(5000, 10000)
+
+    for seed in args.seeds:
+        split = experiment.split_data(DATASET, args.data, 0.02, seed)
+        val = (split["x_val"], split["y_val"])
+        for attack_name in args.attacks:
+            model, attack = experiment.model_for(DATASET, attack_name, seed, split, args.work,
+                                                 progress=False)
+            sets = experiment.eval_sets(attack, split["x_test"], split["y_test"], 2000, 2000, seed, pool)
+            xc, yc, xt, yt, target = sets
+            before = metrics.undefended(training.predict_logits(model, xc).argmax(1), yc,
+                                        training.predict_logits(model, xt).argmax(1), target)
+            fitted = {}
+            for name in args.defenses:
+                path = runs / f"{DATASET}-{attack_name}-{seed}-{name}.json"
+                if path.is_file():
+                    continue
+                t0 = time.perf_counter()
+                if name == "linkbreaker":
+                    obj, rep = run_linkbreaker(model, val, sets, seed)
+                else:
+                    obj, rep = run_baseline(name, model, val, sets, seed)
+                fitted[name] = obj
+                rep.update(defense=name, dataset=DATASET, attack=attack_name, seed=seed,
+                           poisoning=POISONING.get(attack_name, "data"), before=before,
+                           split="heldout", counts={"clean": len(xc), "triggered": len(xt)},
+                           attack_settings=attack.to_dict() if attack is not None else None,
+                           wall_s=time.perf_counter() - t0, threads=args.threads)
+                path.write_text(json.dumps(rep, indent=2))
+                a = rep["after"]
+                print(f"{attack_name} seed {seed} {name}: CDA {a['cda']:.4f} ASR {a['asr']:.4f} "
+                      f"auroc {rep.get('auroc', float('nan')):.4f} fit {rep['timing']['offline_s']:.1f}s "
+                      f"online {rep['timing']['online_ms_per_sample']:.3f} ms", flush=True)
+            adv_path = runs / f"{DATASET}-{attack_name}-{seed}-adversarial.json"
+            if attack_name in args.adversarial_attacks and not adv_path.is_file():
+                guard = fitted.get("linkbreaker") or run_linkbreaker(model, val, sets, seed)[0]
+                strip = fitted.get("strip") or run_baseline("strip", model, val, sets, seed)[0]
+                g = torch.Generator().manual_seed(20_000 + seed)
+                xs, ys = split["x_test"][pool], split["y_test"][pool]
+                idx = torch.randperm(len(xs), generator=g)[:args.adversarial_n]
+                rep = adversarial(model, guard, strip, xs[idx], ys[idx], seed)
+                rep.update(dataset=DATASET, attack=attack_name, seed=seed, model=attack_name)
+                adv_path.write_text(json.dumps(rep, indent=2))
+                print(f"{attack_name} seed {seed} adversarial: "
+                      f"{ {k: v for k, v in rep.items() if k in ('fgsm', 'bim', 'deepfool')} }", flush=True)
+    write_tables(Path(args.out), args)
+
+
+# ----------------------------------------------------------------------------------------- tables
+
+def _load(out: Path, seeds, attacks_, suffix):
+    reps = {}
+    for a in attacks_:
+        for s in seeds:
+            f = out / "runs" / f"{DATASET}-{a}-{s}-{suffix}.json"
+            if f.is_file():
+                reps.setdefault(a, []).append(json.loads(f.read_text()))
+    return reps
+
+
+def _pct(values):
+    values = [100 * v for v in values if v == v]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def _num(values, fmt):
+    values = [v for v in values if v == v]
+    return fmt.format(statistics.mean(values)) if values else "n/a"
+
+
+CAPABILITIES = [
+    # defense, output, model access, clean data used, forwards per input online, source of the row
+    ("linkbreaker", "label per input, or alarm / OOD", "white-box (two layers + final Linear)",
+     "validation set (fit + MAD thresholds)", "N heads (one batched pass over N x masked copies)"),
+    ("strip", "flag per input", "black-box softmax", "validation half: overlay pool; other half: threshold",
+     "100 (superimposed copies)"),
+    ("scale-up", "flag per input", "black-box labels", "validation half: per-class SPC stats; other half: threshold",
+     "6 (original + 5 amplified copies)"),
+    ("ibd-psc", "flag per input", "white-box parameters", "validation half: layer selection; other half: threshold",
+     "1 + number of amplified models (<= 6)"),
+    ("neural-cleanse", "model verdict + unlearned model", "white-box gradients", "validation set (trigger search, unlearning)",
+     "1 (the repaired model)"),
+    ("abs", "model verdict + unlearned model (our addition)", "white-box gradients + hooks",
+     "5 images per class (stimulation), validation set (REASR, unlearning)", "1 (the repaired model)"),
+    ("fine-pruning", "pruned + fine-tuned model (no verdict)", "white-box (last conv layer)",
+     "validation set (activations, accuracy rule, fine-tuning)", "1 (the repaired model)"),
+]
+
+
+def write_tables(out: Path, args):
+    seeds, attacks_ = args.seeds, args.attacks
+    runs = {d: _load(out, seeds, attacks_, d) for d in DEFENSES}
+    lines = [f"# Baselines beside LinkBreaker on {DATASET.upper()}", "",
+             f"Generated by `python scripts/compare_baselines.py --data {args.data} --seeds "
+             f"{' '.join(map(str, seeds))}` ({args.threads} thread(s)); per-run JSON in `runs/`. "
+             "Held-out test half (indices 5000-9999): 2,000 clean and 2,000 triggered inputs (true class "
+             "!= target 0). A detector's flag counts as an error on clean inputs and as no attack success "
+             "on triggered ones; a repaired model is scored by its labels. Percentages; mean ± sd over seeds "
+             "when there are several.", ""]
+    for title, kind in (("Table II (data poisoning)", "data"), ("Table III (model poisoning)", "model"),
+                        ("Clean model (the attack's trigger as a probe)", "clean")):
+        attacks_k = [a for a in attacks_ if POISONING.get(a, "data") == kind]
+        if not attacks_k:
+            continue
+        lines += [f"## {title}", "", "| attack | defense | CDA before | ASR before | CDA after | ASR after "
+                  "| R-Acc | clean flagged | model flagged |", "| --- " * 9 + "|"]
+        for a in attacks_k:
+            for d in DEFENSES:
+                reps = runs[d].get(a)
+                if not reps:
+                    continue
+                rows = [(d, [r["after"] for r in reps])]
+                if d == "fine-pruning":
+                    rows = [("fine-pruning: prune only", [r["after_prune"] for r in reps]),
+                            ("fine-pruning: prune + fine-tune", [r["after"] for r in reps])]
+                for label, afters in rows:
+                    flagged = ", ".join("-" if r.get("flagged") is None else ("yes" if r["flagged"] else "no")
+                                        for r in reps)
+                    clean_flag = _pct([x.get("alarm_rate_clean", float("nan")) for x in afters]) \
+                        if d != "linkbreaker" else _pct([r["fpr"] for r in reps])
+                    lines.append(f"| {a} | {label} | {_pct([r['before']['cda'] for r in reps])} "
+                                 f"| {_pct([r['before']['asr'] for r in reps])} "
+                                 f"| {_pct([x['cda'] for x in afters])} | {_pct([x['asr'] for x in afters])} "
+                                 f"| {_pct([x['r_acc'] for x in afters])} | {clean_flag} | {flagged} |")
+        lines.append("")
+
+    lines += ["## AUROC of the continuous scores (triggered vs clean inputs)", "",
+              "| attack | " + " | ".join(DETECTORS) + " |", "| --- " * (len(DETECTORS) + 1) + "|"]
+    for a in attacks_:
+        cells = [_num([r["auroc"] for r in runs[d].get(a, [])], "{:.4f}") for d in DETECTORS]
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    fallback = any(r.get("score_fallback") for rs in runs["linkbreaker"].values() for r in rs)
+    lines += ["", "LinkBreaker's score: " + ("the fallback `(conf >= thr).sum(1) - (conf / thr).max(1)` "
+              "(the guard has no `score` method yet)." if fallback else "`guard.score(x)`."), "",
+              "TPR / FPR at each detector's operating point (threshold at 1 % false rejection on held-out "
+              "validation data; LinkBreaker: verdict != accept):", "",
+              "| attack | " + " | ".join(f"{d} TPR / FPR" for d in DETECTORS) + " |",
+              "| --- " * (len(DETECTORS) + 1) + "|"]
+    for a in attacks_:
+        cells = [f"{_pct([r['tpr'] for r in runs[d].get(a, [])])} / {_pct([r['fpr'] for r in runs[d].get(a, [])])}"
+                 for d in DETECTORS]
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+
+    lines += ["", "## Table IV (capabilities, from what the code does)", "",
+              "No method needs triggered samples; every method uses only the clean validation set.", "",
+              "| defense | output | model access | clean data used for | forwards per input online |",
+              "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {' | '.join(row)} |" for row in CAPABILITIES]
+
+    t_attack = attacks_[0]
+    lines += ["", f"## Table V (time, {t_attack} model, one run, same machine, {args.threads} thread(s))", "",
+              "| defense | offline s | online ms / input |", "| --- | --- | --- |"]
+    tv = {}
+    for d in DEFENSES:
+        reps = runs[d].get(t_attack, [])
+        if reps:
+            tv[d] = (statistics.mean(r["timing"]["offline_s"] for r in reps),
+                     statistics.mean(r["timing"]["online_ms_per_sample"] for r in reps))
+            lines.append(f"| {d} | {tv[d][0]:.1f} | {tv[d][1]:.3f} |")
+    if "linkbreaker" in tv and "neural-cleanse" in tv and "strip" in tv:
+        lines += ["", f"Neural Cleanse offline / LinkBreaker offline = "
+                  f"{tv['neural-cleanse'][0] / tv['linkbreaker'][0]:.2f}x (paper: 18x); STRIP online / "
+                  f"LinkBreaker online = {tv['strip'][1] / tv['linkbreaker'][1]:.2f}x (paper: 3.7x). "
+                  "Online time of a repairing defense is the repaired model's plain forward."]
+
+    adv = _load(out, seeds, args.adversarial_attacks, "adversarial")
+    if adv:
+        lines += ["", "## Table VI (adversarial examples that fool the bare model)", "",
+                  "correct = answered with the true label; flagged = alarm/OOD (LinkBreaker) or above "
+                  "threshold (STRIP). FGSM eps 0.2; BIM eps 0.2, step 0.02, 20 steps; DeepFool 50 steps.", "",
+                  "| model | defense | FGSM correct / flagged | BIM correct / flagged | DeepFool correct / flagged |",
+                  "| --- | --- | --- | --- | --- |"]
+        for a, reps in adv.items():
+            for d in ("strip", "linkbreaker"):
+                cells = [f"{_pct([r[k][d]['correct'] for r in reps])} / {_pct([r[k][d]['flagged'] for r in reps])}"
+                         for k in ("fgsm", "bim", "deepfool")]
+                lines.append(f"| {a} | {d} | " + " | ".join(cells) + " |")
+        lines += ["", "Adversarial examples per model (fooled / 500): " + "; ".join(
+            f"{a}: " + ", ".join(f"{k} {_num([r[k]['n'] for r in reps], '{:.0f}')}"
+                                 for k in ("fgsm", "bim", "deepfool")) for a, reps in adv.items())]
+    (out / f"{DATASET}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

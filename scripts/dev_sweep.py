@@ -1,0 +1,88 @@
+"""Design sweeps on the **dev** half of a test split (indices 0-4999): fit the guard with settings
+overridden, measure it, write one JSON per setting. Design decisions for natural images were made
+with this script; the reported tables come from ``linkbreaker reproduce`` on the held-out half.
+
+    python scripts/dev_sweep.py --dataset cifar10 --attack badnets --seed 0 \
+        --set consistency=False --set tolerance_in=0.05 --n 1000
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from linkbreaker_ext import data, experiment, models  # noqa: E402
+from linkbreaker_ext.guard import LinkBreaker  # noqa: E402
+
+
+def load(dataset, attack_name, seed, work):
+    """The cached model, or the latest per-epoch checkpoint of one still training."""
+    path = Path(work) / "models" / f"{attack_name}-{seed}.safetensors"
+    if path.is_file():
+        model, meta = experiment.load_model(path)
+        return model, experiment.attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None, "final"
+    state = torch.load(path.with_suffix(".ckpt"), weights_only=True)
+    model = models.build_model(dataset, data.spec(dataset).num_classes)
+    model.load_state_dict(state["model"])
+    return model.eval(), experiment.make_attack(attack_name, 0, seed), f"epoch {state['epoch']}"
+
+
+def head_diagnostics(rc, yc, rt, yt, target):
+    """Which test passes where: the true head on clean inputs, the target and the source head on
+    triggered inputs (confidence test, consistency test)."""
+    def rates(r, k):
+        idx = torch.arange(len(k))
+        conf_ok = (r.confidences[idx, k] >= r.thresholds[k]).float().mean().item()
+        cons_ok = (r.consistency[idx, k] <= 1).float().mean().item() if r.consistency is not None else 1.0
+        return round(conf_ok, 3), round(cons_ok, 3)
+    t = torch.full_like(yt, target)
+    return {"clean_true(conf,cons)": rates(rc, yc), "trig_target": rates(rt, t), "trig_source": rates(rt, yt)}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--attack", default="badnets")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default="../shared/data")
+    p.add_argument("--work", default=None)
+    p.add_argument("--n", type=int, default=1000, help="clean and triggered dev inputs each")
+    p.add_argument("--set", action="append", default=[], help="GuardConfig field=value (repeatable)")
+    p.add_argument("--layers", nargs="*", default=None)
+    p.add_argument("--tag", default=None)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    work = args.work or f"runs/{args.dataset}"
+    overrides = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.set)}
+    split = experiment.split_data(args.dataset, args.data, 0.02, args.seed)
+    model, attack, stage = load(args.dataset, args.attack, args.seed, work)
+    t = time.perf_counter()
+    guard = LinkBreaker.fit(model, split["x_val"], split["y_val"], data.spec(args.dataset).num_classes,
+                            layers=args.layers, progress=False, seed=args.seed, **overrides)
+    fit_s = time.perf_counter() - t
+    report, (rc, yc, rt, yt) = experiment.evaluate(model, guard, attack, split["x_test"], split["y_test"], args.n,
+                                    args.n, args.seed, slice(0, 5000))
+    report.update(settings=overrides, layers=guard.layers, model_stage=stage, fit_s=fit_s,
+                  kept={k: sum(v) / len(v) for k, v in guard.diagnostics["kept"].items()})
+    report["heads"] = head_diagnostics(rc, yc, rt, yt, attack.target if attack else 0)
+    tag = args.tag or "-".join(f"{k}={v}" for k, v in overrides.items()) or "default"
+    out = Path(work) / "dev" / f"{args.attack}-{args.seed}-{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    a, b = report["after"], report["before"]
+    print(f"[{tag}] {stage} fit {fit_s:.0f}s kept {report['kept']}\n  before cda {b['cda']:.3f} asr "
+          f"{b['asr']:.3f} | after cda {a['cda']:.3f} asr {a['asr']:.3f} strict {a['cda_strict']:.3f}/{a['asr_strict']:.3f} r_acc {a['r_acc']:.3f} "
+          f"alarm c/t {a['alarm_rate_clean']:.3f}/{a['alarm_rate_trigger']:.3f} "
+          f"ood c/t {a['ood_rate_clean']:.3f}/{a['ood_rate_trigger']:.3f}\n  heads {report['heads']}",
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()

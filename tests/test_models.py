@@ -1,0 +1,143 @@
+"""The built-in classifiers: the paper's parameter counts, forward shapes, channels_last, and the
+structure the guard relies on (classifier = last nn.Linear, hookable single-use ReLUs)."""
+import pytest
+import torch
+from torch import nn
+
+from linkbreaker_ext import models
+from linkbreaker_ext.models import MODELS, CifarNet, MnistNet, build_model
+
+
+def trainable(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def keras_count(model):
+    """What Keras' ``model.summary()`` reports as "Total params": BatchNorm's running mean and
+    variance count too (the convention of the STRIP code the paper's models come from)."""
+    stats = sum(b.numel() for name, b in model.named_buffers()
+                if name.endswith(("running_mean", "running_var")))
+    return trainable(model) + stats
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------ parameter counts
+
+def test_paper_models_have_the_papers_parameter_counts():
+    assert trainable(MnistNet(10)) == 80_758  # Table I, 2 Conv + 2 Dense
+    assert trainable(CifarNet(10)) == 308_394  # STRIP / Neural Cleanse CIFAR-10 net
+    gtsrb = build_model("gtsrb", 43)
+    assert type(gtsrb) is models.ResNet20
+    assert keras_count(gtsrb) == 276_587  # the paper's GTSRB ResNet20, counted as Keras does
+    assert trainable(gtsrb) == 275_211
+    # the same net for CIFAR-10 is the Keras ResNet20 v1 example (274,442 total, 273,066 trainable)
+    cifar = build_model("cifar10", 10, arch="resnet20")
+    assert (keras_count(cifar), trainable(cifar)) == (274_442, 273_066)
+
+
+@pytest.mark.parametrize("arch,count", [("resnet18", 11_190_891), ("resnet50", 23_588_459),
+                                        ("resnet101", 42_580_587)])
+def test_table_vii_resnets_on_gtsrb(arch, count):
+    # the CIFAR adaptation (3x3 stem, no max-pool) of torchvision's ResNets: 11,173,962 / 23,520,842 /
+    # 42,512,970 with 10 classes, plus 33 more rows of the final Linear for GTSRB's 43
+    model = build_model("gtsrb", 43, arch=arch)
+    assert trainable(model) == count
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
+
+
+def test_cifarnet_and_mnistnet_state_dict_keys_are_unchanged():
+    """Trained weights exist for these: their state_dict keys and shapes must never move."""
+    expected = {}
+    widths = [3, 32, 32, 64, 64, 128, 128]
+    for i in range(1, 7):
+        cin, cout = widths[i - 1], widths[i]
+        expected.update({f"conv{i}.weight": (cout, cin, 3, 3), f"conv{i}.bias": (cout,),
+                         f"bn{i}.weight": (cout,), f"bn{i}.bias": (cout,),
+                         f"bn{i}.running_mean": (cout,), f"bn{i}.running_var": (cout,),
+                         f"bn{i}.num_batches_tracked": ()})
+    expected.update({"fc.weight": (10, 2048), "fc.bias": (10,)})
+    state = CifarNet(10).state_dict()
+    assert list(state) == list(expected)
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+    mnist = {k: tuple(v.shape) for k, v in MnistNet(10).state_dict().items()}
+    assert mnist == {"conv1.weight": (8, 1, 3, 3), "conv1.bias": (8,), "conv2.weight": (16, 8, 3, 3),
+                     "conv2.bias": (16,), "fc1.weight": (100, 784), "fc1.bias": (100,),
+                     "fc2.weight": (10, 100), "fc2.bias": (10,)}
+
+
+# ------------------------------------------------------------------------------ build_model
+
+def test_build_model_defaults_and_arch_choice():
+    assert type(build_model("mnist", 10)) is MnistNet
+    assert type(build_model("cifar10", 10)) is CifarNet
+    assert type(build_model("gtsrb", 43)) is models.ResNet20
+    assert type(build_model("gtsrb", 43, arch="resnet18")) is models.ResNet18
+    assert type(build_model("gtsrb", 43, arch="cifarnet")) is CifarNet
+    assert set(MODELS) == {"mnistnet", "cifarnet", "resnet20", "resnet18", "resnet50", "resnet101"}
+    assert build_model("gtsrb", 43).fc.out_features == 43
+    grey = build_model("mnist", 10, arch="resnet20")  # 1 input channel, 28x28 works too
+    assert grey.conv1.in_channels == 1
+    assert grey(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_build_model_errors_name_what_is_known():
+    with pytest.raises(ValueError, match="unknown architecture 'vgg'.*resnet20"):
+        build_model("cifar10", 10, arch="vgg")
+    with pytest.raises(ValueError, match="no built-in model for 'imagenet'.*gtsrb"):
+        build_model("imagenet", 1000)
+    with pytest.raises(ValueError, match="mnistnet"):
+        build_model("cifar10", 10, arch="mnistnet")
+
+
+# ------------------------------------------------------------------------------ forward / layout
+
+CASES = [("mnist", 10, None, (1, 28, 28)), ("cifar10", 10, None, (3, 32, 32)),
+         ("gtsrb", 43, None, (3, 32, 32)), ("gtsrb", 43, "resnet18", (3, 32, 32)),
+         ("gtsrb", 43, "resnet50", (3, 32, 32))]
+
+
+@pytest.mark.parametrize("dataset,classes,arch,shape", CASES)
+def test_forward_shape_channels_last_and_classifier_is_last_linear(dataset, classes, arch, shape):
+    torch.manual_seed(0)
+    model = build_model(dataset, classes, arch).eval()
+    x = torch.rand(2, *shape)
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (2, classes) and torch.isfinite(out).all()
+        # the guard's late layer: the input of the last registered nn.Linear produces the logits
+        name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+        seen = {}
+        handle = last.register_forward_pre_hook(lambda m, inp: seen.__setitem__("f", inp[0]))
+        model(x)
+        handle.remove()
+        assert torch.allclose(last(seen["f"]), out, atol=1e-5)
+        # channels_last weights and inputs give the same answer
+        cl = model.to(memory_format=torch.channels_last)
+        out_cl = cl(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(out_cl, out, atol=1e-4, rtol=1e-4)
+
+
+def test_resnet20_trains_in_channels_last_and_every_relu_runs_once():
+    """Each ReLU is its own module, used once per forward, so a hook on it sees one activation."""
+    torch.manual_seed(0)
+    model = build_model("gtsrb", 43).to(memory_format=torch.channels_last)
+    calls = {}
+    relus = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
+    assert len(relus) == 1 + 9 * 2  # stem + two per basic block
+    handles = [m.register_forward_hook(lambda m, i, o, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
+               for n, m in relus]
+    x = torch.rand(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    loss = nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 42]))
+    for h in handles:
+        h.remove()
+    assert calls == {n: 1 for n, _ in relus}
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
