@@ -1,10 +1,10 @@
-"""Online latency of the whole guard (N class-restricted forwards + the fused op) on the MNIST net,
-against the bare model, for a few batch sizes.
+"""Online latency of the whole guard (N class-restricted forwards through every masked layer, the
+fused op and the consistency check) on the MNIST net, against the bare model, for a few batch sizes.
 
     python -m pytest bench/bench_guard.py --benchmark-only --benchmark-columns=median,iqr,ops
 
-The guard is fitted once on the embedded MNIST subset with cheap settings; its weights are untrained
-because latency does not depend on them. CUDA cases run only where a GPU is present.
+The guard is fitted once on the embedded MNIST subset with cheap settings and the automatic layers;
+its weights are untrained because latency does not depend on them. CUDA cases run only where a GPU is present.
 """
 import pytest
 import torch
@@ -31,8 +31,8 @@ def fitted():
 def test_online_latency(benchmark, fitted, device, batch, what):
     model, guard, x = fitted
     model.to(device)
-    g = LinkBreaker(model, guard.early_layer, guard.late_layer, guard.early_masks, guard.late_masks,
-                    guard.early_fill, guard.late_fill, guard.thresholds, guard.config, guard.input_shape)
+    g = LinkBreaker(model, guard.layers, guard.late_layer, guard.masks, guard.fills, guard.thresholds,
+                    guard.profile, guard.config, guard.input_shape)
     xb = x[:batch].to(device)
     fn = g if what == "guard" else model
 

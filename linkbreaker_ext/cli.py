@@ -1,4 +1,4 @@
-"""``linkbreaker`` command line: ``demo``, ``train``, ``fit``, ``evaluate``."""
+"""``linkbreaker`` command line: ``demo``, ``train``, ``fit``, ``evaluate``, ``reproduce``."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import attacks, experiment, plots, training
+from . import attacks, data, experiment, plots, reproduce, training
 from .guard import LinkBreaker
 
 
@@ -91,10 +91,10 @@ def cmd_fit(args):
     model, meta, d = _load(args)
     overrides = json.loads(args.config) if args.config else {}
     guard = LinkBreaker.fit(model, d["x_val"], d["y_val"], meta["num_classes"],
-                            layers=(args.early_layer, None), progress=not args.quiet, **overrides)
+                            layers=args.layers, progress=not args.quiet, **overrides)
     guard.save(args.out)
-    print(f"wrote {args.out}: thresholds {[round(t, 3) for t in guard.thresholds.tolist()]}, "
-          f"fit {guard.diagnostics['fit_s']:.1f} s")
+    print(f"wrote {args.out}: layers {guard.layers} + late {guard.late_layer!r}, thresholds "
+          f"{[round(t, 3) for t in guard.thresholds.tolist()]}, fit {guard.diagnostics['fit_s']:.1f} s")
 
 
 def cmd_evaluate(args):
@@ -107,6 +107,18 @@ def cmd_evaluate(args):
     print(_table(report))
 
 
+def cmd_reproduce(args):
+    settings = reproduce.parse_settings(args.set)
+    reports, table = reproduce.reproduce(
+        args.dataset, args.attacks, args.seeds, data_source=args.data,
+        work=args.work or f"runs/{args.dataset}", split=args.split, device=_device(args.device),
+        settings=settings, n_clean=args.n_clean, n_trigger=args.n_trigger, epochs=args.epochs,
+        results=args.results, progress=not args.quiet)
+    print(table.read_text())
+    print(f"wrote {table} and {sum(map(len, reports.values()))} run reports in "
+          f"{args.results}/runs/{args.dataset}/")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="linkbreaker", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -114,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(s, data_default=None):
         s.add_argument("--data", default=data_default,
                        help="parquet folder (e.g. ../shared/data), 'torchvision' or 'embedded' "
-                            "(default: the MNIST subset shipped in the package)")
+                            "(default: " + (data_default or "the MNIST subset shipped in the package")
+                            + ")")
         s.add_argument("--device", default="auto", help="auto, cpu or cuda")
         s.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -146,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("fit", help="fit a guard on the model's clean validation split")
     common(s)
     s.add_argument("--model", required=True)
-    s.add_argument("--early-layer", default=None, help="module name or 'input' (default: automatic)")
+    s.add_argument("--layers", nargs="+", default=None, metavar="NAME",
+                   help="masked layers: module names and/or 'input' (default: automatic, the input "
+                        "pixels plus GuardConfig.hidden_layers hidden layers spread over the network)")
     s.add_argument("--config", help="JSON object of GuardConfig overrides, e.g. '{\"neighbours\": 0}'")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_fit)
@@ -160,6 +175,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="eval-out")
     s.add_argument("--json", help="also write the report to this path")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("reproduce", help="a results table: train/load models, fit and evaluate the "
+                                         "guard for every attack and seed, write JSON reports and "
+                                         "results/<dataset>-<split>.md")
+    common(s, data_default="../shared/data")
+    s.add_argument("--dataset", required=True, choices=sorted(data.DATASETS))
+    s.add_argument("--attacks", nargs="+", required=True, choices=["none", *attacks.ATTACKS],
+                   metavar="ATTACK", help=f"from: none {' '.join(attacks.ATTACKS)}")
+    s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    s.add_argument("--split", choices=sorted(reproduce.SPLITS), default="heldout",
+                   help="test half to report on: heldout (indices 5000-end) or dev (0-4999)")
+    s.add_argument("--work", default=None, help="models and reports cache (default: runs/<dataset>)")
+    s.add_argument("--results", default="results", help="where the table and run copies go")
+    s.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="GuardConfig override, repeatable (e.g. --set neighbours=0)")
+    s.add_argument("--epochs", type=int, default=None, help="training epochs for missing models "
+                                                             "(default: the data set's recipe)")
+    s.add_argument("--n-clean", type=int, default=2000)
+    s.add_argument("--n-trigger", type=int, default=2000)
+    s.set_defaults(func=cmd_reproduce)
     return p
 
 

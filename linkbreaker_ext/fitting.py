@@ -7,6 +7,7 @@ Data flows one way through the stages, each in its own module: :mod:`neighbours`
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 
@@ -77,31 +78,28 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
     x, y = x.detach().cpu(), y.detach().cpu()  # the rule: data lives on the CPU, chunks go to the model
     num_classes = _validate(x, y, num_classes, cfg)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        if layers is None:
-            layers = [INPUT] + [n for n in auto_layers(model, x[:1].to(device), cfg.hidden_layers)
-                                if n != INPUT]
-        layers = check_layers(model, layers)
-        tapped = TappedModel(model, layers)
-        calib_idx, fit_idx = stratified_split(y, cfg.calibration_fraction, seed=cfg.seed)
-        x_fit, y_fit = x[fit_idx], y[fit_idx]
-        x_nb, y_nb = generate_neighbours(
-            tapped.net, x_fit, y_fit, cfg.neighbours, cfg.neighbour_noise, cfg.neighbour_lambda,
-            cfg.neighbour_step, cfg.neighbour_iters, seed=cfg.seed, progress=progress)
-        x_aug, y_aug = torch.cat([x_fit, x_nb]), torch.cat([y_fit, y_nb])
-        stats = _layer_statistics(tapped, x_aug, y_aug, len(x_fit), blank_input(x), num_classes, cfg,
-                                  device)
-    finally:
-        model.train(was_training)
+    # Everything below runs on the guard's own frozen copy: the user's model is never switched to
+    # eval mode, hooked or given gradients by the fit.
+    net = copy.deepcopy(model).eval()
+    if layers is None:
+        layers = [INPUT] + [n for n in auto_layers(net, x[:1].to(device), cfg.hidden_layers)
+                            if n != INPUT]
+    layers = check_layers(net, layers)
+    tapped = TappedModel(net, layers, private=True)
+    calib_idx, fit_idx = stratified_split(y, cfg.calibration_fraction, seed=cfg.seed)
+    x_fit, y_fit = x[fit_idx], y[fit_idx]
+    x_nb, y_nb = generate_neighbours(
+        net, x_fit, y_fit, cfg.neighbours, cfg.neighbour_noise, cfg.neighbour_lambda,
+        cfg.neighbour_step, cfg.neighbour_iters, seed=cfg.seed, progress=progress)
+    x_aug, y_aug = torch.cat([x_fit, x_nb]), torch.cat([y_fit, y_nb])
+    stats = _layer_statistics(tapped, x_aug, y_aug, len(x_fit), blank_input(x), num_classes, cfg,
+                              device)
 
     scores = {k: s["score"] for k, s in stats.items()}
     fills = {k: s["fill"] for k, s in stats.items()}
     ones = {k: torch.ones_like(v) for k, v in scores.items()}
     guard = cls(model, layers, tapped.late_name, ones, fills, torch.full((num_classes,), 0.5), {},
-                cfg, x.shape[1:])
-    guard.tapped = tapped  # reuse the copy the statistics came from
+                cfg, x.shape[1:], tapped=tapped)
 
     # Set sizes (Alg. 2 line 6), judged on the fit split (originals only unless configured).
     x_s, y_s = (x_aug, y_aug) if cfg.search_on_neighbours else (x_fit, y_fit)
@@ -110,8 +108,11 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
     half = torch.full((num_classes,), 0.5, device=device)
 
     def masks_for(fractions):
+        # a layer switched off (use_early / use_late False) keeps every neuron, dormant ones included
+        used = {k: cfg.use_late if k == LATE else cfg.use_early for k in scores}
         return {k: salient.top_fraction_masks(scores[k], fractions.get(k, torch.ones(num_classes)),
-                                              cfg.min_importance) for k in scores}
+                                              cfg.min_importance) if used[k] else torch.ones_like(scores[k])
+                for k in scores}
 
     def evaluate(fractions):
         conf = guard.head_confidences(x_s, masks_for(fractions), half)[0]

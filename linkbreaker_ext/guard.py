@@ -115,10 +115,10 @@ class LinkBreaker:
     """
 
     def __init__(self, model, layers, late, masks, fills, thresholds, profile, config: GuardConfig,
-                 input_shape, diagnostics=None):
+                 input_shape, diagnostics=None, tapped: TappedModel | None = None):
         device = next(model.parameters()).device
         self.model = model
-        self.tapped = TappedModel(model, layers, late)
+        self.tapped = tapped or TappedModel(model, layers, late)
         self.layers, self.late_layer = self.tapped.layers, self.tapped.late_name
         self.config = config
         self.input_shape = tuple(input_shape)
@@ -148,8 +148,6 @@ class LinkBreaker:
         if b is None:
             b = torch.zeros(w.shape[0], device=w.device, dtype=w.dtype)
         hidden = {n: masks[n] for n in self.layers}
-        if not self.config.use_early:
-            hidden = {n: torch.ones_like(m) for n, m in hidden.items()}
         n = th.shape[0]
         chunk = max(1, self._batch_rows() // n)
         outs = []

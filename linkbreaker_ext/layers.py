@@ -112,8 +112,9 @@ class TappedModel:
     one batched forward of ``B*N`` rows. A lock serialises calls on the copy (its hooks are per call).
     """
 
-    def __init__(self, model: nn.Module, layers, late: str | None = None):
-        self.net = copy.deepcopy(model).eval()
+    def __init__(self, model: nn.Module, layers, late: str | None = None, private: bool = False):
+        """``private=True``: ``model`` is already the guard's own copy (no second copy is made)."""
+        self.net = (model if private else copy.deepcopy(model)).eval()
         for p in self.net.parameters():
             p.requires_grad_(False)
         self.layers = check_layers(self.net, layers)
@@ -130,18 +131,19 @@ class TappedModel:
         """Forward ``x`` with ``on_layer(name, a) -> a'`` applied at every masked layer; returns the
         late features (the final Linear's input)."""
         store = {}
-        handles = [self.late.register_forward_pre_hook(lambda mod, inp: store.__setitem__(LATE, inp[0]))]
-        for name, module in self._modules.items():
-            handles.append(module.register_forward_hook(
-                lambda mod, inp, out, name=name: on_layer(name, out)))
-        try:
-            with self._lock:
+        with self._lock:  # hooks live only inside one call: concurrent calls take turns
+            handles = [self.late.register_forward_pre_hook(
+                lambda mod, inp: store.__setitem__(LATE, inp[0]))]
+            for name, module in self._modules.items():
+                handles.append(module.register_forward_hook(
+                    lambda mod, inp, out, name=name: on_layer(name, out)))
+            try:
                 if INPUT in self.layers:
                     x = on_layer(INPUT, x)
                 self.net(x)
-        finally:
-            for h in handles:
-                h.remove()
+            finally:
+                for h in handles:
+                    h.remove()
         if LATE not in store:
             raise RuntimeError("the model's forward never reached its final nn.Linear")
         return store[LATE]

@@ -71,6 +71,12 @@ def main():
                                     args.n, args.seed, slice(0, 5000))
     report.update(settings=overrides, layers=guard.layers, model_stage=stage, fit_s=fit_s,
                   kept={k: sum(v) / len(v) for k, v in guard.diagnostics["kept"].items()})
+    if rc.consistency is not None:  # the same heads without the consistency veto (the paper's test)
+        from linkbreaker_ext import metrics
+        from linkbreaker_ext.guard import GuardResult, vote
+        plain = [GuardResult(*vote(r.confidences, r.confidences >= r.thresholds), r.confidences,
+                             r.thresholds) for r in (rc, rt)]
+        report["after_without_consistency"] = metrics.defended(plain[0], yc, plain[1], yt, attack.target)
     report["heads"] = head_diagnostics(rc, yc, rt, yt, attack.target if attack else 0)
     tag = args.tag or "-".join(f"{k}={v}" for k, v in overrides.items()) or "default"
     out = Path(work) / "dev" / f"{args.attack}-{args.seed}-{tag}.json"
@@ -82,6 +88,11 @@ def main():
           f"alarm c/t {a['alarm_rate_clean']:.3f}/{a['alarm_rate_trigger']:.3f} "
           f"ood c/t {a['ood_rate_clean']:.3f}/{a['ood_rate_trigger']:.3f}\n  heads {report['heads']}",
           flush=True)
+    if "after_without_consistency" in report:
+        a = report["after_without_consistency"]
+        print(f"  no veto: cda {a['cda']:.3f} asr {a['asr']:.3f} strict {a['cda_strict']:.3f}/"
+              f"{a['asr_strict']:.3f} ood c/t {a['ood_rate_clean']:.3f}/{a['ood_rate_trigger']:.3f}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,15 @@ def add_trigger(x: torch.Tensor) -> torch.Tensor:
     return xt
 
 
+def make_deep_net(seed: int = 0) -> nn.Sequential:
+    """Two conv blocks: Conv(1,4)-ReLU-Conv(4,6)-ReLU-MaxPool-Flatten-Linear(216,16)-ReLU-Linear(16,3);
+    module names "0".."8" (hidden conv feature maps at "1" with 4 channels and "3" with 6)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, NUM_CLASSES))
+
+
 def make_net(seed: int = 0) -> nn.Sequential:
     """Conv(1,4,3)-ReLU-MaxPool-Flatten-Linear(144,16)-ReLU-Linear(16,3); module names "0".."6"."""
     torch.manual_seed(seed)
@@ -69,18 +78,23 @@ def synth():
             "x_test": x_test, "y_test": y_test}
 
 
-@pytest.fixture(scope="session")
-def _trained_net(synth):
+def _train(make, x, y):
+    """``make()`` trained for 3 epochs on ``(x, y)``, without touching the global RNG state."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny batches: one thread is much faster than two contended ones
     try:
         with torch.random.fork_rng():
-            model = make_net(seed=0)
-            training.train_classifier(model, synth["x_train"], synth["y_train"], epochs=3,
-                                      batch_size=32, lr=1e-2, seed=0, progress=False)
+            model = make()
+            training.train_classifier(model, x, y, epochs=3, batch_size=32, lr=1e-2, seed=0,
+                                      progress=False)
     finally:
         torch.set_num_threads(threads)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def _trained_net(synth):
+    return _train(make_net, synth["x_train"], synth["y_train"])
 
 
 @pytest.fixture
@@ -96,15 +110,39 @@ def shared_net(_trained_net):
 
 
 @pytest.fixture(scope="session")
+def deep_net(synth):
+    """:func:`make_deep_net` trained on the clean data; read-only by convention."""
+    return _train(make_deep_net, synth["x_train"], synth["y_train"])
+
+
+@pytest.fixture(scope="session")
+def backdoored_net(synth):
+    """:func:`make_net` trained with 10% extra BadNets samples (:func:`add_trigger`, label 0): the
+    trigger flips (nearly) every input of classes 1 and 2 to class 0. Read-only by convention."""
+    x, y = synth["x_train"], synth["y_train"]
+    n = len(x) // 10
+    x_p = torch.cat([x, add_trigger(x[:n])])
+    y_p = torch.cat([y, torch.zeros(n, dtype=torch.int64)])
+    return _train(make_net, x_p, y_p)
+
+
+@pytest.fixture(scope="session")
 def guard_hidden(shared_net, synth):
-    """A guard whose early layer is a hidden module (the ReLU after the first conv), so the hooked
-    forward path is exercised."""
+    """A guard whose only masked layer is a hidden module (the ReLU after the first conv, masked per
+    channel), so the hooked forward path is exercised."""
     return LinkBreaker.fit(shared_net, synth["x_val"], synth["y_val"], NUM_CLASSES,
-                           layers=("1", None), progress=False, **FAST)
+                           layers=["1"], progress=False, **FAST)
 
 
 @pytest.fixture(scope="session")
 def guard_input(shared_net, synth):
-    """A guard whose early layer is the input pixels."""
+    """A guard whose only masked layer is the input pixels."""
     return LinkBreaker.fit(shared_net, synth["x_val"], synth["y_val"], NUM_CLASSES,
-                           layers=("input", None), progress=False, **FAST)
+                           layers=["input"], progress=False, **FAST)
+
+
+@pytest.fixture(scope="session")
+def guard_deep(deep_net, synth):
+    """Three masked layers on the two-conv net: the pixels and both hidden conv feature maps."""
+    return LinkBreaker.fit(deep_net, synth["x_val"], synth["y_val"], NUM_CLASSES,
+                           layers=["input", "1", "3"], progress=False, **FAST)

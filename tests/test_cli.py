@@ -1,10 +1,13 @@
-"""The ``linkbreaker`` command line, model files (experiment.save_model/load_model) and plots."""
+"""The ``linkbreaker`` command line, model files (experiment.save_model/load_model), plots and
+``linkbreaker reproduce`` (on a tiny synthetic setup)."""
+import copy
 import json
 
 import pytest
 import torch
 
-from linkbreaker_ext import cli, experiment, plots
+from conftest import NUM_CLASSES, SHAPE, add_trigger
+from linkbreaker_ext import cli, data, experiment, plots, reproduce, training
 from linkbreaker_ext.guard import LinkBreaker
 from linkbreaker_ext.models import MnistNet
 
@@ -20,16 +23,37 @@ def test_parser_subcommands():
     a = p.parse_args(["train", "--out", "m.safetensors", "--attack", "badnets", "--target", "3"])
     assert a.func is cli.cmd_train and (a.out, a.attack, a.target, a.dataset) == (
         "m.safetensors", "badnets", 3, "mnist")
-    a = p.parse_args(["fit", "--model", "m", "--out", "g", "--early-layer", "input",
+    a = p.parse_args(["fit", "--model", "m", "--out", "g", "--layers", "input", "relu1", "conv2",
                       "--config", '{"neighbours": 0}', "--device", "cpu"])
-    assert a.func is cli.cmd_fit and (a.model, a.out, a.early_layer, a.device) == ("m", "g", "input", "cpu")
+    assert a.func is cli.cmd_fit and (a.model, a.out, a.layers, a.device) == (
+        "m", "g", ["input", "relu1", "conv2"], "cpu")
     assert json.loads(a.config) == {"neighbours": 0}
+    assert p.parse_args(["fit", "--model", "m", "--out", "g"]).layers is None  # automatic
     a = p.parse_args(["evaluate", "--model", "m", "--guard", "g", "--n-clean", "10", "--json", "r.json"])
     assert a.func is cli.cmd_evaluate and (a.n_clean, a.n_trigger, a.json) == (10, 2000, "r.json")
+    a = p.parse_args(["reproduce", "--dataset", "cifar10", "--attacks", "badnets", "sig"])
+    assert a.func is cli.cmd_reproduce
+    assert (a.dataset, a.attacks, a.seeds, a.split, a.work, a.data, a.results) == (
+        "cifar10", ["badnets", "sig"], [0, 1, 2], "heldout", None, "../shared/data", "results")
+    assert (a.n_clean, a.n_trigger, a.set, a.device) == (2000, 2000, [], "auto")
+    a = p.parse_args(["reproduce", "--dataset", "gtsrb", "--attacks", "none", "--seeds", "4", "5",
+                      "--split", "dev", "--device", "cpu", "--data", "d", "--work", "w",
+                      "--set", "neighbours=0", "--set", "fractions=(0.5, 1.0)", "--n-clean", "7"])
+    assert (a.seeds, a.split, a.device, a.data, a.work, a.n_clean) == ([4, 5], "dev", "cpu", "d", "w", 7)
+    assert reproduce.parse_settings(a.set) == {"neighbours": 0, "fractions": (0.5, 1.0)}
+    assert reproduce.parse_settings(["fill=mean", "out_quantile=None", "fractions=[0.5]"]) == {
+        "fill": "mean", "out_quantile": None, "fractions": (0.5,)}
 
 
 @pytest.mark.parametrize("argv", [[], ["bogus"], ["train"], ["fit", "--model", "m"],
-                                  ["evaluate", "--model", "m"], ["demo", "--attack", "nonsense"]])
+                                  ["evaluate", "--model", "m"], ["demo", "--attack", "nonsense"],
+                                  ["fit", "--model", "m", "--out", "g", "--early-layer", "input"],
+                                  ["fit", "--model", "m", "--out", "g", "--layers"],
+                                  ["reproduce", "--attacks", "badnets"],
+                                  ["reproduce", "--dataset", "imagenet", "--attacks", "badnets"],
+                                  ["reproduce", "--dataset", "mnist", "--attacks", "nonsense"],
+                                  ["reproduce", "--dataset", "mnist", "--attacks", "badnets",
+                                   "--split", "test"]])
 def test_parser_rejects_bad_arguments(argv, capsys):
     with pytest.raises(SystemExit) as e:
         cli.build_parser().parse_args(argv)
@@ -103,11 +127,12 @@ def test_cli_fit_then_evaluate(tmp_path, capsys):
                                                      "val_fraction": 0.01, "attack": None})
     config = json.dumps({"neighbours": 0, "fractions": [0.5, 1.0]})
     assert cli.main(["fit", "--model", str(model_path), "--out", str(guard_path), "--quiet",
-                     "--device", "cpu", "--config", config]) == 0
+                     "--device", "cpu", "--config", config, "--layers", "input", "relu1"]) == 0
     assert f"wrote {guard_path}" in capsys.readouterr().out
     model, _ = experiment.load_model(model_path)
     guard = LinkBreaker.load(guard_path, model)
     assert guard.config.neighbours == 0 and guard.config.fractions == (0.5, 1.0)
+    assert guard.layers == ["input", "relu1"]
 
     assert cli.main(["evaluate", "--model", str(model_path), "--guard", str(guard_path), "--quiet",
                      "--device", "cpu", "--n-clean", "40", "--n-trigger", "30", "--out", str(out)]) == 0
@@ -137,3 +162,172 @@ def test_confidence_distributions_writes_png(tmp_path):
     empty = plots.confidence_distributions(conf_c, y_c, conf_t, y_t, torch.full((4,), 0.7), 9,
                                            tmp_path / "empty.png")
     assert empty.stat().st_size > 0
+
+
+def test_cli_fit_rejects_an_unknown_layer(tmp_path, capsys):
+    model_path = tmp_path / "m.safetensors"
+    experiment.save_model(model_path, MnistNet(10), {"dataset": "mnist", "num_classes": 10, "seed": 0,
+                                                     "val_fraction": 0.01, "attack": None})
+    code = cli.main(["fit", "--model", str(model_path), "--out", str(tmp_path / "g.safetensors"),
+                     "--quiet", "--device", "cpu", "--layers", "input", "nope"])
+    assert code == 2
+    assert "unknown layer 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "g.safetensors").exists()
+
+
+def test_cli_fit_default_layers_are_automatic(tmp_path, capsys):
+    torch.manual_seed(0)
+    model_path, guard_path = tmp_path / "m.safetensors", tmp_path / "g.safetensors"
+    experiment.save_model(model_path, MnistNet(10), {"dataset": "mnist", "num_classes": 10, "seed": 0,
+                                                     "val_fraction": 0.01, "attack": None})
+    config = json.dumps({"neighbours": 0, "fractions": [1.0], "search_per_class": 5})
+    assert cli.main(["fit", "--model", str(model_path), "--out", str(guard_path), "--quiet",
+                     "--device", "cpu", "--config", config]) == 0
+    model, _ = experiment.load_model(model_path)
+    from linkbreaker_ext.layers import auto_layers
+    want = ["input"] + auto_layers(model, torch.zeros(1, 1, 28, 28), 4)
+    assert LinkBreaker.load(guard_path, model).layers == want
+    assert f"layers {want}" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ reproduce
+
+class _PatchAttack:
+    """A stand-in attack with the synthetic data's trigger (conftest.add_trigger), target 0."""
+    name, target = "badnets", 0
+
+    def triggered_eval_set(self, x, y):
+        keep = y != self.target
+        return add_trigger(x[keep]), y[keep]
+
+    def to_dict(self):
+        return {"name": "badnets", "target": 0, "synthetic": True}
+
+
+@pytest.fixture
+def tiny_reproduce(monkeypatch, synth, shared_net, backdoored_net):
+    """``reproduce`` on the synthetic 3-class data: split_data returns the session's data, model_for
+    the session's trained nets (counting the calls), and the held-out/dev halves are cut at 150."""
+    calls = []
+
+    def split_data(dataset, source, val_fraction=0.02, seed=0):
+        assert (dataset, source, val_fraction) == ("mnist", "nowhere", 0.02)
+        return {k: v.clone() for k, v in synth.items()}
+
+    def model_for(dataset, attack_name, seed, split, work, epochs=None, progress=True):
+        calls.append((attack_name, seed))
+        if attack_name == "none":
+            return copy.deepcopy(shared_net), None
+        return copy.deepcopy(backdoored_net), _PatchAttack()
+
+    monkeypatch.setattr(experiment, "split_data", split_data)
+    monkeypatch.setattr(experiment, "model_for", model_for)
+    monkeypatch.setitem(data.DATASETS, "mnist", data.DatasetSpec("mnist", NUM_CLASSES, SHAPE, "MNIST"))
+    monkeypatch.setitem(reproduce.SPLITS, "heldout", slice(150, None))
+    monkeypatch.setitem(reproduce.SPLITS, "dev", slice(0, 150))
+    return calls
+
+
+REPORT_KEYS = {"before", "after", "timing", "counts", "dataset", "attack", "model", "defense", "seed",
+               "split", "clean_model_cda", "layers", "kept", "thresholds", "settings"}
+
+
+def test_reproduce_writes_reports_and_table(tiny_reproduce, synth, shared_net, backdoored_net, tmp_path,
+                                            capsys):
+    work, results = tmp_path / "work", tmp_path / "results"
+    argv = ["reproduce", "--dataset", "mnist", "--attacks", "badnets", "none", "--seeds", "0", "1",
+            "--data", "nowhere", "--work", str(work), "--results", str(results), "--device", "cpu",
+            "--quiet", "--n-clean", "60", "--n-trigger", "50", "--set", "neighbours=0",
+            "--set", "fractions=(0.3, 1.0)"]
+    assert cli.main(argv) == 0
+    assert sorted(tiny_reproduce) == [("badnets", 0), ("badnets", 1), ("none", 0), ("none", 1)]
+    out = capsys.readouterr().out
+    for attack in ("badnets", "none"):
+        for seed in (0, 1):
+            name = f"heldout-{attack}-{seed}.json"
+            rep = json.loads((work / "reports" / name).read_text())
+            assert REPORT_KEYS <= set(rep)
+            assert (rep["dataset"], rep["attack"], rep["seed"], rep["split"]) == (
+                "mnist", attack, seed, "heldout")
+            assert rep["model"] == "Sequential" and rep["defense"] == "linkbreaker"
+            assert rep["settings"] == {"neighbours": 0, "fractions": [0.3, 1.0]}
+            assert rep["counts"] == {"clean": 60, "triggered": 50}
+            assert rep["layers"] == ["input", "1"] and set(rep["kept"]) == {"input", "1", "late"}
+            assert len(rep["thresholds"]) == NUM_CLASSES
+            # the undefended CDA is measured on the whole held-out clean pool (test indices 150-)
+            pool_x, pool_y = synth["x_test"][150:], synth["y_test"][150:]
+            net = backdoored_net if attack == "badnets" else shared_net
+            assert rep["clean_model_cda"] == pytest.approx(training.accuracy(net, pool_x, pool_y))
+            assert 0.9 <= rep["clean_model_cda"] <= 1.0
+            # the committed copy is the same report
+            assert (results / "runs" / "mnist" / name).read_text() == (work / "reports" / name).read_text()
+    bad = json.loads((work / "reports" / "heldout-badnets-0.json").read_text())
+    assert bad["before"]["asr"] >= 0.9 and bad["after"]["asr"] <= 0.1
+
+    table = (results / "mnist-heldout.md").read_text()
+    assert table in out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    header = rows.pop("attack")
+    assert set(rows) == {"badnets", "none"}
+    col = {h: i for i, h in enumerate(header)}
+    assert rows["badnets"][col["paper CDA / ASR"]] == "98.06 / 2"  # the paper's MNIST BadNets cell
+    assert rows["badnets"][col["target"]] == "-"  # issue #6 sets no MNIST BadNets target
+    assert rows["none"][col["paper CDA / ASR"]] == "-"
+    assert rows["none"][col["target"]] == "drop <= 1"
+    assert rows["none"][col["verdict"]].startswith(("met", "missed"))
+    assert rows["badnets"][col["seeds"]] == "0 1"
+    reps = [json.loads((work / "reports" / f"heldout-badnets-{s}.json").read_text()) for s in (0, 1)]
+    mean = sum(100 * r["after"]["asr"] for r in reps) / 2
+    assert rows["badnets"][col["ASR after"]].startswith(f"{mean:.2f} ± ")
+    assert "--set neighbours=0" in table
+
+    # resumable: a second run reuses every report and trains/loads no model
+    tiny_reproduce.clear()
+    (results / "mnist-heldout.md").unlink()
+    assert cli.main(argv) == 0
+    assert tiny_reproduce == [] and (results / "mnist-heldout.md").read_text() == table
+    # ... but refuses to mix reports made with other guard settings
+    assert cli.main(argv[:-2]) == 2
+    assert "was made with the guard settings" in capsys.readouterr().err
+
+
+def test_reproduce_dev_split_and_targets(tiny_reproduce, tmp_path):
+    reports, path = reproduce.reproduce("mnist", ["badnets"], [3], data_source="nowhere",
+                                        work=tmp_path / "w", split="dev", device="cpu",
+                                        settings={"neighbours": 0}, n_clean=30, n_trigger=20,
+                                        results=tmp_path / "r", progress=False)
+    assert path == tmp_path / "r" / "mnist-dev.md" and path.is_file()
+    (rep,) = reports["badnets"]
+    assert rep["split"] == "dev" and rep["seed"] == 3
+    assert (tmp_path / "w" / "reports" / "dev-badnets-3.json").is_file()
+    assert (tmp_path / "r" / "runs" / "mnist" / "dev-badnets-3.json").is_file()
+
+
+def test_reproduce_target_verdicts():
+    def rep(cda_before, cda_after, asr_after, seed=0):
+        return {"before": {"cda": cda_before, "asr": 1.0}, "seed": seed, "model": "Net",
+                "clean_model_cda": cda_before, "settings": {},
+                "after": {"cda": cda_after, "asr": asr_after, "r_acc": 0.5, "alarm_rate_clean": 0.0,
+                          "ood_rate_clean": 0.0}}
+    # CIFAR-10 BadNets: drop <= 1 point, ASR <= 0.5%
+    ok = [rep(0.90, 0.895, 0.004, 0), rep(0.90, 0.893, 0.002, 1)]
+    target, verdict = reproduce._target_cells("cifar10", "badnets", ok)
+    assert target == "drop <= 1, ASR <= 0.5%" and verdict.startswith("met")
+    bad = [rep(0.90, 0.87, 0.02, 0), rep(0.90, 0.87, 0.04, 1)]  # drop 3 pts, ASR 3%
+    target, verdict = reproduce._target_cells("cifar10", "badnets", bad)
+    assert verdict == "missed: drop 2.00 pts over, ASR 2.50 pts over"
+    assert reproduce._target_cells("cifar10", "sig", bad)[1] == "missed: drop 1.00 pts over"
+    assert reproduce._target_cells("mnist", "trojan-square", bad) == ("-", "-")
+    table = reproduce.table("cifar10", "heldout", {"badnets": bad, "wanet": []})
+    row = next(line for line in table.splitlines() if line.startswith("| badnets"))
+    assert "| 89.36 / 0.4 |" in row and "| 3.00 ± 0.00 |" in row and "| 3.00 ± 1.41 |" in row
+    assert "wanet" not in table.split("Guard settings")[0]
+
+
+def test_reproduce_rejects_bad_settings(capsys):
+    assert cli.main(["reproduce", "--dataset", "mnist", "--attacks", "badnets", "--set", "bogus=1",
+                     "--quiet"]) == 2
+    assert "unknown GuardConfig field 'bogus'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="field=value"):
+        reproduce.parse_settings(["neighbours"])

@@ -1,8 +1,11 @@
-"""LinkBreaker.fit / __call__ / save / load on a tiny synthetic model (see conftest.py)."""
+"""LinkBreaker.fit / __call__ / score / save / load, and the offline stages (layer choice, set search,
+calibration) on tiny synthetic models (see conftest.py)."""
 import copy
 import dataclasses
 import json
 import struct
+import threading
+import time
 import zipfile
 
 import pytest
@@ -10,11 +13,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import ACTIVE, FAST, NUM_CLASSES, SHAPE, add_trigger, make_net
-from linkbreaker_ext import ACCEPT, ALARM, OOD, GuardConfig, GuardResult, LinkBreaker, guard_head_reference
-from linkbreaker_ext.guard import FORMAT
+from conftest import (ACTIVE, FAST, NUM_CLASSES, SHAPE, add_trigger, make_deep_net, make_images,
+                      make_net)
+from linkbreaker_ext import (ACCEPT, ALARM, OOD, GuardConfig, GuardResult, LinkBreaker, calibrate,
+                             guard_head, guard_head_reference, safefiles, search)
+from linkbreaker_ext.fitting import blank_input
+from linkbreaker_ext.guard import FORMAT, FORMAT_VERSION, vote
+from linkbreaker_ext.layers import INPUT, LATE, auto_layers
 
 HAS_CUDA = torch.cuda.is_available()
+GUARDS = ["guard_hidden", "guard_input", "guard_deep"]
 
 
 def fit(model, x, y=None, **kw):
@@ -24,45 +32,81 @@ def fit(model, x, y=None, **kw):
     return LinkBreaker.fit(model, x, y, num_classes, **opts)
 
 
+def with_config(guard, **changes):
+    """A shallow copy of ``guard`` whose config differs (e.g. the consistency veto off)."""
+    g = copy.copy(guard)
+    g.config = dataclasses.replace(guard.config, **changes)
+    return g
+
+
 def assert_same_result(a: GuardResult, b: GuardResult):
     assert torch.equal(a.confidences, b.confidences)
     assert torch.equal(a.labels, b.labels)
     assert torch.equal(a.verdict, b.verdict)
     assert torch.equal(a.thresholds, b.thresholds)
+    assert (a.consistency is None) == (b.consistency is None)
+    if a.consistency is not None:
+        assert torch.equal(a.consistency, b.consistency)
+
+
+def assert_same_state(a: LinkBreaker, b: LinkBreaker):
+    assert (a.layers, a.late_layer) == (b.layers, b.late_layer)
+    for name in ("masks", "fills", "profile"):
+        da, db = getattr(a, name), getattr(b, name)
+        assert da.keys() == db.keys(), name
+        for k in da:
+            assert torch.equal(da[k], db[k]), f"{name}[{k}]"
+    assert torch.equal(a.thresholds, b.thresholds)
+
+
+def hidden_masks(guard):
+    return {n: guard.masks[n] for n in guard.layers}
+
+
+def auc(neg, pos):
+    """P(score of a positive > score of a negative), ties counted half."""
+    wins = (pos[:, None] > neg[None]).float().mean()
+    return (wins + 0.5 * (pos[:, None] == neg[None]).float().mean()).item()
 
 
 # ------------------------------------------------------------------------------ online contract
 
-@pytest.mark.parametrize("which", ["guard_hidden", "guard_input"])
+@pytest.mark.parametrize("which", GUARDS)
 def test_result_types_shapes_and_vote(which, request, synth):
     guard = request.getfixturevalue(which)
-    x = synth["x_test"]
+    x = torch.cat([synth["x_test"], add_trigger(synth["x_test"][:60])])
     r = guard(x)
     assert isinstance(r, GuardResult)
     b = len(x)
     assert r.labels.dtype == torch.int64 and r.labels.shape == (b,)
     assert r.verdict.dtype == torch.int64 and r.verdict.shape == (b,)
     assert r.confidences.dtype == torch.float32 and r.confidences.shape == (b, NUM_CLASSES)
+    assert r.consistency.dtype == torch.float32 and r.consistency.shape == (b, NUM_CLASSES)
     assert r.thresholds.shape == (NUM_CLASSES,)
     assert guard.num_heads == NUM_CLASSES
     assert set(r.verdict.unique().tolist()) <= {ACCEPT, ALARM, OOD}
-    assert ((r.confidences >= 0) & (r.confidences <= 1)).all()
+    assert ((r.confidences >= 0) & (r.confidences <= 1)).all() and (r.consistency >= 0).all()
     # -1 exactly on trigger alarms
     assert torch.equal(r.labels == -1, r.verdict == ALARM)
-    # the verdict follows the number of credible heads; an accepted label is the unique credible head
-    credible = r.confidences >= r.thresholds
+    # the verdict follows the number of credible heads (confident AND consistent); an accepted label
+    # is the unique credible head
+    credible = (r.confidences >= r.thresholds) & (r.consistency <= 1)
     count = credible.sum(1)
-    assert torch.equal(r.verdict[count == 1], torch.full_like(r.verdict[count == 1], ACCEPT))
+    assert (r.verdict[count == 1] == ACCEPT).all()
     assert (r.verdict[count >= 2] == ALARM).all()
     assert (r.verdict[count == 0] == OOD).all()
     acc = r.verdict == ACCEPT
     assert torch.equal(r.labels[acc], credible[acc].int().argmax(1))
-    # an OOD input is labelled with its most confident head (paper Fig. 9)
+    # an OOD input is labelled with its most confident head (paper Fig. 9), among the heads
+    # consistent with their class where there is one
     ood = r.verdict == OOD
-    assert torch.equal(r.labels[ood], r.confidences[ood].argmax(1))
+    consistent = r.consistency <= 1
+    ranked = torch.where(consistent.any(1, keepdim=True) & ~consistent, -1.0, r.confidences)
+    assert torch.equal(r.labels[ood], ranked[ood].argmax(1))
+    assert (ood & consistent.any(1)).any()  # the hint rule is exercised
 
 
-@pytest.mark.parametrize("which", ["guard_hidden", "guard_input"])
+@pytest.mark.parametrize("which", GUARDS)
 def test_guard_keeps_clean_accuracy(which, request, synth):
     guard = request.getfixturevalue(which)
     r = guard(synth["x_test"])
@@ -70,93 +114,185 @@ def test_guard_keeps_clean_accuracy(which, request, synth):
     assert (r.verdict == ACCEPT).float().mean().item() >= 0.8
     # thresholds are calibrated probabilities, never below the configured floor
     assert (r.thresholds >= guard.config.threshold_floor).all() and (r.thresholds <= 1).all()
+    # clean inputs are mostly consistent with their own class's profile
+    own = r.consistency.gather(1, synth["y_test"][:, None]).squeeze(1)
+    assert (own <= 1).float().mean().item() >= 0.8
 
 
-@pytest.mark.parametrize("which", ["guard_hidden", "guard_input"])
+@pytest.mark.parametrize("which", GUARDS)
 def test_confidences_match_reference_head(which, request, synth):
-    guard = request.getfixturevalue(which)
-    x = synth["x_test"][:64]
+    """With the consistency veto off, the guard is exactly the fused op on the features of the
+    masked forward: ``guard_head_reference`` on ``tapped.features`` gives the same answers."""
+    guard = with_config(request.getfixturevalue(which), consistency=False)
+    x = torch.cat([synth["x_test"][:48], add_trigger(synth["x_test"][:16])])
     r = guard(x)
-    feats = guard.hooked.features(x, guard.early_masks, guard.early_fill)
-    assert feats.shape == (len(x), NUM_CLASSES, guard.hooked.late.in_features)
-    lin = guard.hooked.late
-    conf, labels, verdict = guard_head_reference(feats, lin.weight, lin.bias, guard.late_masks,
-                                                 guard.late_fill, guard.thresholds)
+    assert r.consistency is None
+    feats = guard.tapped.features(x, hidden_masks(guard), guard.fills)
+    lin = guard.tapped.late
+    assert feats.shape == (len(x), NUM_CLASSES, lin.in_features)
+    conf, labels, verdict = guard_head_reference(feats, lin.weight, lin.bias, guard.masks[LATE],
+                                                 guard.fills[LATE], guard.thresholds)
     torch.testing.assert_close(r.confidences, conf, atol=1e-5, rtol=0)
     clear = ((conf - guard.thresholds).abs() > 1e-5).all(1)  # rows no rounding can flip
     assert clear.float().mean() > 0.9
     assert torch.equal(r.verdict[clear], verdict[clear])
     assert torch.equal(r.labels[clear], labels[clear])
+    # head_confidences is that same op call, veto or not
+    hc = request.getfixturevalue(which).head_confidences(x)
+    assert torch.equal(hc[0], r.confidences) and torch.equal(hc[2], r.verdict)
 
 
-def test_empty_batch(guard_hidden):
-    r = guard_hidden(torch.empty(0, *SHAPE))
+@pytest.mark.parametrize("which", GUARDS)
+def test_consistency_is_deviation_over_bound_and_vetoes(which, request, synth):
+    guard = request.getfixturevalue(which)
+    x = torch.cat([synth["x_test"][:60], add_trigger(synth["x_test"][:60])])
+    r = guard(x)
+    ratio = guard.deviations(x) / guard.profile["bounds"]
+    torch.testing.assert_close(r.consistency, ratio, atol=0, rtol=0)
+    labels, verdict = vote(r.confidences, (r.confidences >= r.thresholds) & (ratio <= 1), ratio <= 1)
+    assert torch.equal(r.labels, labels) and torch.equal(r.verdict, verdict)
+    # the veto only ever removes heads: with it, at most as many credible heads as without
+    conf_only = (r.confidences >= r.thresholds).sum(1)
+    both = ((r.confidences >= r.thresholds) & (ratio <= 1)).sum(1)
+    assert (both <= conf_only).all()
+
+
+def test_vote_matches_the_op_reference_on_random_inputs():
+    g = torch.Generator().manual_seed(0)
+    b, n, c, d = 400, 5, 7, 12
+    feats = torch.randn(b, n, d, generator=g) * 3
+    w, bias = torch.randn(c, d, generator=g), torch.randn(c, generator=g)
+    masks = (torch.rand(n, d, generator=g) < 0.5).float()
+    fill = torch.randn(d, generator=g)
+    thr = torch.rand(n, generator=g) * 0.6
+    conf, labels, verdict = guard_head_reference(feats, w, bias, masks, fill, thr)
+    counts = (conf >= thr).sum(1)
+    assert {0, 1, 2} <= set(counts.clamp(max=2).tolist())  # every verdict occurs
+    mine = vote(conf, conf >= thr)
+    assert torch.equal(mine[0], labels) and torch.equal(mine[1], verdict)
+    op = guard_head(feats, w, bias, masks, fill, thr)
+    clear = ((op[0] - thr).abs() > 1e-6).all(1)
+    mine = vote(op[0], op[0] >= thr)
+    assert torch.equal(mine[0][clear], op[1][clear]) and torch.equal(mine[1][clear], op[2][clear])
+    # a non-finite row is OOD with label -1, like the op's
+    feats[3, 1, 0] = float("inf")
+    conf, labels, verdict = guard_head_reference(feats, w, bias, masks, fill, thr)
+    mine = vote(conf, conf >= thr)
+    assert torch.equal(mine[0], labels) and torch.equal(mine[1], verdict)
+    assert (mine[0][3], mine[1][3]) == (-1, OOD)
+
+
+@pytest.mark.parametrize("which", ["guard_hidden", "guard_deep"])
+def test_consistency_veto_refuses_an_input_far_from_every_class(which, request):
+    guard = request.getfixturevalue(which)
+    far = torch.full((4, *SHAPE), 3.0)  # a saturated image, unlike any clean class
+    no_veto = with_config(guard, consistency=False)(far)
+    assert (no_veto.verdict == ACCEPT).all(), "precondition: the confidence test alone accepts it"
+    r = guard(far)
+    assert (r.consistency > 1).all()
+    assert (r.verdict == OOD).all()
+
+
+def test_score_is_higher_on_trigger_inputs(backdoored_net, synth):
+    x, y = synth["x_test"], synth["y_test"]
+    xt = add_trigger(x[y != 0])
+    assert (backdoored_net(xt).argmax(1) == 0).float().mean() >= 0.9, "precondition: a working backdoor"
+    guard = fit(backdoored_net, synth["x_val"], synth["y_val"])  # automatic layers
+    sc, st = guard.score(x), guard.score(xt)
+    assert sc.shape == (len(x),) and st.shape == (len(xt),)
+    assert torch.isfinite(sc).all() and torch.isfinite(st).all()
+    assert auc(sc, st) >= 0.75
+    assert st.median() > sc.median()
+    # and the guard breaks the link: the trigger on dormant pixels no longer wins
+    assert (guard(xt).labels == 0).float().mean() <= 0.1
+
+
+def test_empty_batch(guard_deep):
+    r = guard_deep(torch.empty(0, *SHAPE))
     assert r.labels.shape == (0,) and r.verdict.shape == (0,)
-    assert r.confidences.shape == (0, NUM_CLASSES)
+    assert r.confidences.shape == (0, NUM_CLASSES) and r.consistency.shape == (0, NUM_CLASSES)
+    assert guard_deep.score(torch.empty(0, *SHAPE)).shape == (0,)
 
 
-def test_batch_rows_chunking_does_not_change_results(guard_hidden, synth):
+@pytest.mark.parametrize("which", ["guard_hidden", "guard_deep"])
+def test_batch_rows_chunking_does_not_change_results(which, request, synth):
+    guard = request.getfixturevalue(which)
     x = synth["x_test"][:50]
-    small = copy.copy(guard_hidden)
-    small.config = dataclasses.replace(guard_hidden.config, batch_rows=NUM_CLASSES * 7)  # 7 inputs a chunk
-    a, b = guard_hidden(x), small(x)
+    small = with_config(guard, batch_rows=NUM_CLASSES * 7)  # 7 inputs a chunk
+    a, b = guard(x), small(x)
     torch.testing.assert_close(a.confidences, b.confidences, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a.consistency, b.consistency, atol=1e-5, rtol=1e-5)
     assert torch.equal(a.verdict, b.verdict) and torch.equal(a.labels, b.labels)
 
 
-# ------------------------------------------------------------------------------ fitting
+# ------------------------------------------------------------------------------ masked layers
 
-def test_fit_accepts_dataset_and_dataloader(shared_net, synth, guard_input):
-    x, y = synth["x_val"], synth["y_val"]
-    from_ds = fit(shared_net, TensorDataset(x, y))
-    from_dl = fit(shared_net, DataLoader(TensorDataset(x, y), batch_size=32, shuffle=False))
-    for g in (from_ds, from_dl):
-        assert torch.equal(g.early_masks, guard_input.early_masks)
-        assert torch.equal(g.late_masks, guard_input.late_masks)
-        assert torch.equal(g.thresholds, guard_input.thresholds)
-
-
-def test_automatic_layers_are_deterministic(shared_net, synth, guard_input):
-    # documented rule: early = the input pixels; late = the input of the last nn.Linear
-    auto = fit(shared_net, synth["x_val"], synth["y_val"])
-    again = fit(shared_net, synth["x_val"], synth["y_val"])
-    assert (auto.early_layer, auto.late_layer) == (again.early_layer, again.late_layer) == ("input", "6")
-    for name in ("early_masks", "late_masks", "early_fill", "thresholds"):
-        assert torch.equal(getattr(again, name), getattr(auto, name)), name
-        assert torch.equal(getattr(auto, name), getattr(guard_input, name)), name
-
-
-def test_named_and_input_layers(shared_net, synth, guard_input):
-    assert guard_input.early_layer == "input"
-    assert guard_input.early_masks.shape == (NUM_CLASSES, SHAPE[0] * SHAPE[1] * SHAPE[2])
-    named = fit(shared_net, synth["x_val"], synth["y_val"], layers=("0", "6"))  # conv output, explicit head
-    assert (named.early_layer, named.late_layer) == ("0", "6")
-    assert named.early_masks.shape == (NUM_CLASSES, 4 * 12 * 12)
-    assert named.late_masks.shape == (NUM_CLASSES, 16)
-    r = named(synth["x_test"])
-    assert (r.labels == synth["y_test"]).float().mean().item() >= 0.9
+def test_several_masked_layers_shapes(guard_deep):
+    """A neuron is a pixel at the input, a channel at a hidden conv layer, an element at the late
+    layer; masks are per unit, fills per element, the profile per unit."""
+    g = guard_deep
+    assert g.layers == ["input", "1", "3"] and g.late_layer == "8"
+    units_per = {"input": 144, "1": 4, "3": 6, LATE: 16}
+    elems_per = {"input": 144, "1": 4 * 144, "3": 6 * 144, LATE: 16}
+    assert g.masks.keys() == g.fills.keys() == units_per.keys()
+    for k, d in units_per.items():
+        assert g.masks[k].shape == (NUM_CLASSES, d), k
+        assert g.fills[k].shape == (elems_per[k],), k
+        for stat in ("center", "scale", "weight"):
+            assert g.profile[f"{stat}.{k}"].shape == (NUM_CLASSES, d), (stat, k)
+        assert (g.profile[f"scale.{k}"] > 0).all()
+    assert g.profile.keys() == {f"{s}.{k}" for s in ("center", "scale", "weight") for k in units_per} | {
+        "norms", "bounds"}
+    assert g.profile["norms"].shape == (NUM_CLASSES, 4) and (g.profile["norms"] > 0).all()
+    assert g.profile["bounds"].shape == (NUM_CLASSES,) and torch.isfinite(g.profile["bounds"]).all()
+    assert g.deviations(torch.zeros(2, *SHAPE)).shape == (2, NUM_CLASSES)
+    # the profile weighs class k's salient neurons (a class with none is judged on every live one)
+    for k in units_per:
+        m, w = g.masks[k], g.profile[f"weight.{k}"]
+        rows = m.sum(1) > 0
+        assert torch.equal(w[rows], m[rows]), k
 
 
-def _blank_activations(guard, x):
-    return [a[0] for a in guard.hooked.activations(LinkBreaker._blank_input(x))]
+def test_hidden_conv_mask_is_per_channel(guard_deep, deep_net, synth):
+    """Dropping channel c at conv layer "3" for head k replaces that channel's whole feature map by
+    the fill; every other channel and every other head is untouched."""
+    g = guard_deep
+    x = synth["x_test"][:8]
+    masks = {n: torch.ones_like(m) for n, m in hidden_masks(g).items()}
+    masks["3"] = torch.ones(NUM_CLASSES, 6)
+    masks["3"][1, [2, 4]] = 0.0  # head 1 drops channels 2 and 4
+    got = g.tapped.features(x, masks, g.fills)
+    with torch.no_grad():
+        a = deep_net[:4](x)  # output of module "3"
+        fill = g.fills["3"].reshape(6, 12, 12)
+        heads = []
+        for k in range(NUM_CLASSES):
+            ak = a.clone()
+            if k == 1:
+                ak[:, [2, 4]] = fill[[2, 4]]
+            heads.append(deep_net[4:8](ak))
+        want = torch.stack(heads, 1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got[:, 1], got[:, 0])
 
 
-@pytest.mark.parametrize("which", ["guard_hidden", "guard_input"])
+@pytest.mark.parametrize("which", GUARDS)
 def test_masks_are_binary_and_skip_dormant_neurons(which, request, synth):
-    """A neuron that sits at its blank-input value on every clean sample (a dormant neuron) is never
-    salient in either layer."""
+    """A neuron that no clean sample moves (a dormant neuron) is never salient, in any layer."""
     guard = request.getfixturevalue(which)
-    acts = guard.hooked.activations(synth["x_val"])
-    blank = _blank_activations(guard, synth["x_val"])
+    u = guard.unit_activations(synth["x_val"])
+    assert u.keys() == {*guard.layers, LATE}
     n_dormant = 0
-    for masks, a, b in zip((guard.early_masks, guard.late_masks), acts, blank):
-        assert masks.shape == (NUM_CLASSES, a.shape[1])
-        assert set(masks.unique().tolist()) <= {0.0, 1.0}
-        assert (masks.sum(1) >= 1).all()  # every head keeps something
-        dormant = (a == b).all(0)
-        n_dormant += int(dormant.sum())
-        assert (masks[:, dormant] == 0).all(), "a dormant neuron was selected"
-    assert n_dormant > 0  # the synthetic data does have dormant neurons to check
+    for k, a in u.items():
+        m = guard.masks[k]
+        assert m.shape == (NUM_CLASSES, a.shape[1])
+        assert set(m.unique().tolist()) <= {0.0, 1.0}
+        assert (m.sum(1) >= 1).all(), f"a head keeps nothing in {k}"
+        constant = (a == a[:1]).all(0)
+        n_dormant += int(constant.sum())
+        assert (m[:, constant] == 0).all(), f"a dormant neuron was selected in {k}"
+    if INPUT in guard.layers:
+        assert n_dormant > 0  # the synthetic data does have dormant neurons to check
 
 
 def _with_constant_pixel(x):
@@ -170,81 +306,285 @@ def _with_constant_pixel(x):
 CONSTANT_PIXEL = 11 * 12 + 0
 
 
-def test_constant_pixel_is_not_salient_without_neighbours(shared_net, synth):
+@pytest.mark.parametrize("neighbours", [0, 1])
+def test_constant_pixel_is_not_salient(shared_net, synth, neighbours):
     # fractions=(1.0,): every neuron with a positive importance is selected
-    g = fit(shared_net, _with_constant_pixel(synth["x_val"]), synth["y_val"], layers=("input", None),
-            neighbours=0, fractions=(1.0,))
-    assert (g.early_masks[:, CONSTANT_PIXEL] == 0).all()
-    assert (g.early_masks.sum(1) > 0).all()
+    g = fit(shared_net, _with_constant_pixel(synth["x_val"]), synth["y_val"], layers=["input"],
+            neighbours=neighbours, fractions=(1.0,))
+    assert (g.masks["input"][:, CONSTANT_PIXEL] == 0).all(), "a pixel constant on clean data was selected"
+    assert (g.masks["input"].sum(1) > 0).all()
+    # a dormant pixel is filled with its clean value, so masking it changes nothing for clean inputs
+    assert g.fills["input"][CONSTANT_PIXEL] == 1.0
 
 
-def test_constant_pixel_is_not_salient_with_neighbours(shared_net, synth):
-    g = fit(shared_net, _with_constant_pixel(synth["x_val"]), synth["y_val"], layers=("input", None),
-            neighbours=1, fractions=(1.0,))
-    assert (g.early_masks[:, CONSTANT_PIXEL] == 0).all(), "a pixel constant on the clean data was selected"
-
-
-def test_always_zero_pixels_are_never_salient(guard_input, synth):
+def test_always_zero_pixels_are_never_salient(guard_input, guard_deep, synth):
     assert (synth["x_val"][:, :, ACTIVE:, :] == 0).all() and (synth["x_val"][:, :, :, ACTIVE:] == 0).all()
-    masks = guard_input.early_masks.reshape(NUM_CLASSES, *SHAPE)
-    assert (masks[:, :, ACTIVE:, :] == 0).all()
-    assert (masks[:, :, :, ACTIVE:] == 0).all()
-    # ... while the pixels the classes use are kept by some head
-    assert masks[:, :, :ACTIVE, :ACTIVE].sum() > 0
+    for g in (guard_input, guard_deep):
+        masks = g.masks["input"].reshape(NUM_CLASSES, *SHAPE)
+        assert (masks[:, :, ACTIVE:, :] == 0).all()
+        assert (masks[:, :, :, ACTIVE:] == 0).all()
+        # ... while the pixels the classes use are kept by some head
+        assert masks[:, :, :ACTIVE, :ACTIVE].sum() > 0
 
 
-def test_trigger_on_dormant_pixels_is_erased_for_every_head(guard_input, synth):
+@pytest.mark.parametrize("which", ["guard_input", "guard_deep"])
+def test_trigger_on_dormant_pixels_is_erased_for_every_head(which, request, synth):
+    guard = request.getfixturevalue(which)
     x = synth["x_test"][:60]
     xt = add_trigger(x)
     assert not torch.equal(x, xt)
-    em, fill = guard_input.early_masks, guard_input.early_fill
-    assert torch.equal(guard_input.hooked.features(x, em, fill), guard_input.hooked.features(xt, em, fill))
-    assert_same_result(guard_input(x), guard_input(xt))
+    masks = hidden_masks(guard)
+    assert torch.equal(guard.tapped.features(x, masks, guard.fills),
+                       guard.tapped.features(xt, masks, guard.fills))
+    for a, b in zip(guard.head_confidences(x), guard.head_confidences(xt)):
+        assert torch.equal(a, b)
+    no_veto = with_config(guard, consistency=False)
+    assert_same_result(no_veto(x), no_veto(xt))
 
 
-def test_fill_is_the_blank_input(guard_input):
+def test_fill_is_the_blank_input(guard_input, guard_deep, synth):
     # the reference for non-salient pixels is the per-channel median: black on this data
-    assert torch.equal(guard_input.early_fill, torch.zeros_like(guard_input.early_fill))
+    assert torch.equal(guard_input.fills["input"], torch.zeros_like(guard_input.fills["input"]))
+    # at a hidden layer, a live channel (salient for some head) is filled with the blank input's map
+    blank = guard_deep.tapped.activations(blank_input(synth["x_val"]))
+    for layer in ("1", "3"):
+        live = guard_deep.masks[layer].bool().any(0)
+        assert live.any()
+        fill = guard_deep.fills[layer].reshape(len(live), -1)
+        want = blank[layer][0].reshape(len(live), -1)
+        assert torch.equal(fill[live], want[live]), layer
+    torch.testing.assert_close(guard_deep.fills[LATE][guard_deep.masks[LATE].bool().any(0)],
+                               blank[LATE][0][guard_deep.masks[LATE].bool().any(0)])
 
 
-def test_use_early_false_keeps_every_early_neuron(shared_net, synth):
-    g = fit(shared_net, synth["x_val"], synth["y_val"], use_early=False)
-    assert (g.early_masks == 1).all()
+def test_fill_mean(shared_net, synth):
+    g = fit(shared_net, synth["x_val"], synth["y_val"], layers=["input"], fill="mean", neighbours=0)
+    live = g.masks["input"].bool().any(0)
+    # the clean mean of a pixel the classes use is not black
+    assert (g.fills["input"][live] > 0).all()
+
+
+def test_use_early_false_runs_the_heads_on_whole_masked_layers(deep_net, synth):
+    g = fit(deep_net, synth["x_val"], synth["y_val"], layers=["input", "1", "3"], neighbours=0,
+            use_early=False)
     assert g.config.use_early is False
+    x = synth["x_test"][:30]
+    ones = {n: torch.ones_like(m) for n, m in hidden_masks(g).items()}
+    masked_whole = with_config(g, use_early=True).head_confidences(x, masks=ones)
+    for a, b in zip(g.head_confidences(x), masked_whole):
+        assert torch.equal(a, b)
+    # the late layer is still restricted per class
+    assert (g.masks[LATE] == 0).any()
+    assert "late" in g.diagnostics["chosen_fractions"]
 
 
-# ------------------------------------------------------------------------------ bad inputs
-
-def test_call_rejects_bad_inputs(guard_hidden):
-    with pytest.raises(ValueError, match="shape"):
-        guard_hidden(torch.zeros(2, 1, 10, 10))
-    with pytest.raises(ValueError, match="shape"):
-        guard_hidden(torch.zeros(1, 12, 12))
-    x = torch.zeros(2, *SHAPE)
-    x[1, 0, 3, 3] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        guard_hidden(x)
-    x[1, 0, 3, 3] = float("inf")
-    with pytest.raises(ValueError, match="Inf"):
-        guard_hidden(x)
-    with pytest.raises(TypeError, match="floating"):
-        guard_hidden(torch.zeros(2, *SHAPE, dtype=torch.int64))
-    with pytest.raises(TypeError, match="torch.Tensor"):
-        guard_hidden(torch.zeros(2, *SHAPE).numpy())
+def test_use_late_false_skips_the_late_search(deep_net, synth):
+    kw = dict(layers=["input", "1"], neighbours=0)
+    g = fit(deep_net, synth["x_val"], synth["y_val"], use_late=False, **kw)
+    full = fit(deep_net, synth["x_val"], synth["y_val"], **kw)
+    assert LATE not in g.diagnostics["chosen_fractions"]
+    assert "late" in full.diagnostics["chosen_fractions"]
+    assert (g.masks[LATE].sum(1) >= full.masks[LATE].sum(1)).all()
 
 
-def test_fit_rejects_unknown_layers(shared_net, synth):
+# ------------------------------------------------------------------------------ layer choice
+
+class _Deep(nn.Module):
+    """Five conv ReLUs (feature maps), a flat ReLU, and a ReLU module reused twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(1 if i == 0 else 2, 2, 3, padding=1) for i in range(5)])
+        self.acts = nn.ModuleList([nn.ReLU() for _ in range(5)])
+        self.shared = nn.ReLU()
+        self.fc1, self.flat_act, self.fc2 = nn.Linear(2 * 144, 4), nn.ReLU(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        for conv, act in zip(self.convs, self.acts):
+            x = self.shared(act(conv(x)))
+        return self.fc2(self.flat_act(self.fc1(x.flatten(1))))
+
+
+def test_auto_layers_rule():
+    torch.manual_seed(0)
+    model, x = _Deep().eval(), torch.rand(2, *SHAPE)
+    maps = ["acts.0", "shared", "acts.1", "acts.2", "acts.3", "acts.4"]  # first-call order, once each
+    assert auto_layers(model, x, 6) == maps
+    assert auto_layers(model, x, 10) == maps
+    # evenly spaced over the feature maps (indices round(i * 5 / (count - 1))), the last included
+    assert auto_layers(model, x, 3) == [maps[0], maps[2], maps[5]]
+    assert auto_layers(model, x, 4) == [maps[0], maps[2], maps[3], maps[5]]
+    assert auto_layers(model, x, 2) == [maps[0], maps[5]]
+    assert auto_layers(model, x, 1) == ["acts.4"]
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(144, 8), nn.ReLU(), nn.Linear(8, 3))
+    assert auto_layers(mlp, x, 4) == [INPUT]  # no feature maps: the pixels
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_fit_default_layers(deep_net, shared_net, synth, guard_deep):
+    x, y = synth["x_val"], synth["y_val"]
+    auto = fit(deep_net, x, y)
+    assert auto.layers == ["input", "1", "3"] and auto.late_layer == "8"
+    assert_same_state(auto, guard_deep)  # automatic = the same layers given explicitly
+    assert fit(deep_net, x, y, hidden_layers=1, neighbours=0).layers == ["input", "3"]
+    small = fit(shared_net, x, y, neighbours=0)
+    assert (small.layers, small.late_layer) == (["input", "1"], "6")
+    assert_same_state(fit(deep_net, x, y), auto)  # deterministic
+
+
+def test_named_layers(shared_net, synth):
+    g = fit(shared_net, synth["x_val"], synth["y_val"], layers=["0", "5"])  # conv output, flat hidden
+    assert (g.layers, g.late_layer) == (["0", "5"], "6")
+    assert g.masks["0"].shape == (NUM_CLASSES, 4) and g.masks["5"].shape == (NUM_CLASSES, 16)
+    assert g.fills["0"].shape == (4 * 144,) and g.fills["5"].shape == (16,)
+    r = g(synth["x_test"])
+    assert (r.labels == synth["y_test"]).float().mean().item() >= 0.9
+    assert fit(shared_net, synth["x_val"], synth["y_val"], layers="1", neighbours=0).layers == ["1"]
+
+
+def test_fit_rejects_bad_layers(shared_net, synth):
     x, y = synth["x_val"], synth["y_val"]
     with pytest.raises(ValueError, match="unknown layer 'nope'"):
-        fit(shared_net, x, y, layers=("nope", None))
-    with pytest.raises(ValueError, match="unknown layer 'nope'"):
-        fit(shared_net, x, y, layers=(None, "nope"))
-    with pytest.raises(ValueError, match="must be an nn.Linear"):
-        fit(shared_net, x, y, layers=(None, "1"))
-    with pytest.raises(ValueError, match=r"layers must be \(early, late\)"):
-        fit(shared_net, x, y, layers=("input",))
-    with pytest.raises(ValueError, match=r"layers must be \(early, late\)"):
-        fit(shared_net, x, y, layers=("input", None, "6"))
+        fit(shared_net, x, y, layers=["input", "nope"])
+    with pytest.raises(ValueError, match="distinct"):
+        fit(shared_net, x, y, layers=["1", "1"])
+    with pytest.raises(ValueError, match="at least one"):
+        fit(shared_net, x, y, layers=[])
+
+
+def test_layer_that_runs_twice_is_refused(synth):
+    torch.manual_seed(0)
+    model = _Deep().eval()
+    with pytest.raises(RuntimeError, match="more than once"):
+        fit(model, synth["x_val"], synth["y_val"], layers=["shared"], neighbours=0)
+
+
+# ------------------------------------------------------------------------------ the user's model
+
+def _hooks(model):
+    return [(n, dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
+            for n, m in model.named_modules()]
+
+
+def test_user_model_is_never_modified_or_hooked(net, synth, tmp_path):
+    net.train()  # a model in training mode stays in training mode
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    hooks = _hooks(net)
+    g = fit(net, synth["x_val"], synth["y_val"])
+    x = synth["x_test"][:20]
+    g(x), g.score(x), g.deviations(x), g.unit_activations(x)
+    g.save(tmp_path / "g.safetensors")
+    LinkBreaker.load(tmp_path / "g.safetensors", net)(x)
+    assert net.training and all(m.training for m in net.modules())
+    assert _hooks(net) == hooks
+    after = net.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    assert all(p.requires_grad for p in net.parameters())
+    # the guard runs a private frozen copy
+    assert g.tapped.net is not net
+    mine = {p.data_ptr() for p in net.parameters()}
+    assert not mine & {p.data_ptr() for p in g.tapped.net.parameters()}
+
+
+class _Spy(nn.Module):
+    """Records, at every forward of the user's model, its mode and whether any module is hooked."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append((self.training, any(m._forward_hooks or m._forward_pre_hooks
+                                             for m in self.modules())))
+        return self.inner(x)
+
+
+def test_fit_never_hooks_or_switches_the_user_model(net, synth):
+    spy = _Spy(net).train()
+    fit(spy, synth["x_val"], synth["y_val"], neighbours=0)  # automatic layers
+    assert all(seen == (True, False) for seen in spy.seen), spy.seen
+
+
+def test_model_can_be_called_from_another_thread_while_the_guard_runs(guard_deep, deep_net, synth):
+    x = synth["x_test"][:30]
+    with torch.no_grad():
+        want = deep_net(x[:5]).clone()
+    stop, errors, calls = threading.Event(), [], [0]
+
+    def guard_loop():
+        try:
+            while not stop.is_set():
+                guard_deep(x)
+                calls[0] += 1
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=guard_loop)
+    t.start()
+    try:
+        for _ in range(200):
+            with torch.no_grad():
+                got = deep_net(x[:5])
+            assert got.shape == want.shape and torch.equal(got, want)
+            if calls[0] >= 3:
+                break
+    finally:
+        stop.set()
+        t.join()
+    assert not errors and calls[0] >= 1
+
+
+def test_guard_calls_from_two_threads_agree(deep_net, synth):
+    """Two threads share one guard, with different batch sizes. Every forward of the guard's copy
+    is slowed down (2 ms) so that the calls really interleave."""
+    g = fit(deep_net, synth["x_val"], synth["y_val"], layers=["input", "1", "3"], neighbours=0)
+    inputs = [synth["x_test"][:10], synth["x_test"][20:27]]
+    want = [g(x) for x in inputs]
+    g.tapped.net[0].register_forward_pre_hook(lambda mod, inp: time.sleep(0.002))
+    out, errors = [None, None], []
+
+    def run(i):
+        try:
+            out[i] = [g(inputs[i]) for _ in range(10)]
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for results, w in zip(out, want):
+        for r in results:
+            assert_same_result(r, w)
+
+
+# ------------------------------------------------------------------------------ fitting inputs
+
+def test_fit_accepts_dataset_and_dataloader(shared_net, synth, guard_input):
+    x, y = synth["x_val"], synth["y_val"]
+    from_ds = fit(shared_net, TensorDataset(x, y), layers=["input"])
+    from_dl = fit(shared_net, DataLoader(TensorDataset(x, y), batch_size=32, shuffle=False),
+                  layers=["input"])
+    for g in (from_ds, from_dl):
+        assert_same_state(g, guard_input)
+
+
+def test_fit_state_lives_on_the_model_device(shared_net, synth):
+    """The device rule: the whole fit runs on the model's device and the validation data is moved
+    there (here CPU data for a CPU model; the CUDA combinations are tested below). Data that
+    requires grad or is a strided view is accepted as well."""
+    x = synth["x_val"].clone().requires_grad_(True)
+    y = synth["y_val"]
+    g = fit(shared_net, x[:, :, :, :], y, layers=["input", "1"], neighbours=0)
+    device = next(shared_net.parameters()).device
+    assert g.device == device
+    tensors = [g.thresholds, *g.masks.values(), *g.fills.values(), *g.profile.values()]
+    assert all(t.device == device and t.dtype == torch.float32 for t in tensors)
+    view = synth["x_val"].transpose(2, 3).transpose(2, 3)  # same values, non-contiguous
+    assert_same_state(fit(shared_net, view, y, layers=["input", "1"], neighbours=0), g)
 
 
 def test_fit_rejects_too_few_samples(shared_net, synth):
@@ -258,18 +598,21 @@ def test_fit_rejects_too_few_samples(shared_net, synth):
         fit(shared_net, x[keep], y[keep])
 
 
-def test_fit_rejects_labels_out_of_range(shared_net, synth):
-    x, y = synth["x_val"], synth["y_val"].clone()
-    y[0] = 5
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
-        fit(shared_net, x, y)
-
-
-def test_fit_rejects_negative_labels(shared_net, synth):
-    x, y = synth["x_val"], synth["y_val"].clone()
-    y[0] = -1
-    with pytest.raises(ValueError, match="labels must lie"):
-        fit(shared_net, x, y)
+def test_fit_rejects_bad_labels(shared_net, synth):
+    x, y = synth["x_val"], synth["y_val"]
+    for bad in (5, -1):
+        yb = y.clone()
+        yb[0] = bad
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+            fit(shared_net, x, yb)
+    with pytest.raises(ValueError, match="integer tensor of class labels"):
+        fit(shared_net, x, y.float())
+    with pytest.raises(ValueError, match="integer tensor of class labels"):
+        fit(shared_net, x, y.bool())
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        fit(shared_net, x, y[:, None].expand(-1, 2))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        fit(shared_net, x, y, num_classes=2)
 
 
 def test_fit_rejects_mismatched_or_bad_data(shared_net, synth):
@@ -294,59 +637,199 @@ def test_fit_rejects_model_without_linear(synth):
         fit(model, synth["x_val"], synth["y_val"])
 
 
+def test_call_rejects_bad_inputs(guard_hidden):
+    with pytest.raises(ValueError, match="shape"):
+        guard_hidden(torch.zeros(2, 1, 10, 10))
+    with pytest.raises(ValueError, match="shape"):
+        guard_hidden(torch.zeros(1, 12, 12))
+    x = torch.zeros(2, *SHAPE)
+    x[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        guard_hidden(x)
+    x[1, 0, 3, 3] = float("inf")
+    with pytest.raises(ValueError, match="Inf"):
+        guard_hidden(x)
+    with pytest.raises(ValueError, match="NaN"):
+        guard_hidden.score(x)
+    with pytest.raises(TypeError, match="floating"):
+        guard_hidden(torch.zeros(2, *SHAPE, dtype=torch.int64))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        guard_hidden(torch.zeros(2, *SHAPE).numpy())
+
+
+# ------------------------------------------------------------------------------ set search
+
+def test_choose_fractions_picks_the_smallest_within_budgets():
+    t = torch.tensor
+    rows = [  # (fraction, in [K], out [K]); the last row is the whole layer
+        (0.1, t([0.50, 0.95, 0.90, 0.70]), t([0.10, 0.00, 0.30, 0.01])),
+        (0.3, t([0.89, 0.94, 0.95, 0.89]), t([0.02, 0.00, 0.30, 0.01])),
+        (0.6, t([0.90, 0.90, 0.95, 0.70]), t([0.01, 0.00, 0.30, 0.01])),
+        (1.0, t([0.90, 0.95, 0.95, 0.90]), t([0.01, 0.00, 0.00, 0.01])),
+    ]
+    # class 0: 0.1 loses too much; 0.3 is within budget_in (0.01) but gains 0.01 of out > 0.005
+    # class 1: already within both budgets at 0.1
+    # class 2: its out rate only falls back at the whole layer
+    # class 3: 0.3 fits; 0.6 (larger) would not, the smallest acceptable wins
+    got = search.choose_fractions(rows, budget_in=0.01, budget_out=0.005)
+    assert got.tolist() == pytest.approx([0.6, 0.1, 1.0, 0.3])
+    # a looser out budget admits class 0 at 0.3; a zero budget keeps what equals the whole layer only
+    assert search.choose_fractions(rows, 0.01, 0.02).tolist() == pytest.approx([0.3, 0.1, 1.0, 0.3])
+    assert search.choose_fractions(rows, 0.0, 0.0).tolist() == pytest.approx([0.6, 0.1, 1.0, 1.0])
+
+
+def test_search_sets_goes_stage_by_stage():
+    calls = []
+    good = {"a": 0.3, "b": 0.3, LATE: 0.6}  # per layer: from this fraction on, the head is as good
+
+    def evaluate(fractions):
+        calls.append({k: v.tolist() for k, v in fractions.items()})
+        ok = all(v[0] >= good[k] for k, v in fractions.items())
+        return torch.tensor([0.9 if ok else 0.5, 0.9]), torch.tensor([0.0, 0.0])
+
+    chosen, table = search.search_sets(evaluate, [("masked layers", ["a", "b"]), ("late", [LATE])],
+                                       (0.1, 0.3, 0.6, 1.0), 0.01, 0.01, 2, progress=False)
+    assert chosen.keys() == {"a", "b", LATE}
+    assert chosen["a"].tolist() == chosen["b"].tolist() == pytest.approx([0.3, 0.1])
+    assert chosen[LATE].tolist() == pytest.approx([0.6, 0.1])
+    assert list(table) == ["masked layers", "late"] and len(table["late"]) == 4
+    # the first stage sees the late layer whole (absent); the late stage sees the chosen masked sets
+    assert all(LATE not in c for c in calls[:4])
+    assert all(c["a"] == pytest.approx([0.3, 0.1]) for c in calls[4:])
+
+
+def test_head_rates():
+    conf = torch.tensor([[0.9, 0.2], [0.7, 0.4], [0.1, 0.6]])
+    y = torch.tensor([0, 0, 1])
+    i, o = search.head_rates(conf, y)
+    assert i.tolist() == pytest.approx([0.8, 0.6]) and o.tolist() == pytest.approx([0.1, 0.3])
+    i, o = search.head_rates(conf, y, "rate")
+    assert i.tolist() == pytest.approx([1.0, 1.0]) and o.tolist() == pytest.approx([0.0, 0.0])
+
+
+# ------------------------------------------------------------------------------ calibration
+
+def _conf_from_logits(logits):
+    return torch.sigmoid(torch.tensor(logits, dtype=torch.float64)).float()
+
+
+def test_confidence_thresholds_mad_in_log_odds():
+    own = [1.0, 2.0, 3.0, 4.0, 5.0]  # log-odds: median 3, MAD 1
+    conf = torch.zeros(10, 2)
+    conf[:5, 0] = _conf_from_logits(own)
+    conf[5:, 1] = _conf_from_logits([4.0] * 5)  # MAD 0: the bound is the median itself
+    conf[5:, 0] = _conf_from_logits([-3.0] * 5)
+    conf[:5, 1] = _conf_from_logits([-3.0] * 5)
+    y = torch.tensor([0] * 5 + [1] * 5)
+    th = calibrate.confidence_thresholds(conf, y, mad_k=1.0, out_quantile=None, floor=0.0)
+    assert th[0].item() == pytest.approx(torch.sigmoid(torch.tensor(3.0 - 1.4826)).item(), abs=1e-5)
+    assert th[1].item() == pytest.approx(torch.sigmoid(torch.tensor(4.0)).item(), abs=1e-5)
+    # the floor wins when it is higher
+    assert calibrate.confidence_thresholds(conf, y, 1.0, None, 0.9)[0].item() == pytest.approx(0.9)
+    # other classes' confidences raise the threshold to their quantile ...
+    conf[5:, 0] = _conf_from_logits([2.5] * 5)
+    th = calibrate.confidence_thresholds(conf, y, 1.0, 0.5, 0.0)
+    assert th[0].item() == pytest.approx(torch.sigmoid(torch.tensor(2.5)).item(), abs=1e-5)
+    # ... but never above the (1 - q) quantile of the class's own confidences
+    conf[5:, 0] = _conf_from_logits([4.5] * 5)
+    th = calibrate.confidence_thresholds(conf, y, 1.0, 0.5, 0.0)
+    assert th[0].item() == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item(), abs=1e-5)
+    # a class without calibration samples gets the floor
+    th = calibrate.confidence_thresholds(conf[:5], y[:5], 1.0, None, 0.6)
+    assert th[1].item() == pytest.approx(0.6)
+
+
+def test_consistency_bounds_mad_in_log_space():
+    dev = torch.ones(8, 3)
+    dev[:5, 0] = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]).exp()  # log: median 2, MAD 1
+    dev[5:, 1] = 0.5  # MAD 0: the bound is the median
+    y = torch.tensor([0] * 5 + [1] * 3)
+    b = calibrate.consistency_bounds(dev, y, mad_k=2.0)
+    assert b[0].item() == pytest.approx(torch.tensor(2.0 + 2 * 1.4826).exp().item(), rel=1e-5)
+    assert b[1].item() == pytest.approx(0.5, rel=1e-6)
+    assert b[2].item() == float("inf")  # no samples of class 2: never vetoed
+    # zero deviations do not produce -inf
+    zeros = calibrate.consistency_bounds(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long), 3.0)
+    assert torch.isfinite(zeros).all()
+
+
+def test_calibrated_guard_bounds_hold_on_calibration_like_data(guard_deep, synth):
+    """Most clean inputs are inside their class's bound, a bound is above the class's median."""
+    x, y = make_images(30, seed=11)
+    ratio = guard_deep.deviations(x) / guard_deep.profile["bounds"]
+    own = ratio.gather(1, y[:, None]).squeeze(1)
+    assert (own <= 1).float().mean() >= 0.8
+    for k in range(NUM_CLASSES):
+        assert own[y == k].median() < 1
+
+
 # ------------------------------------------------------------------------------ save / load
 
-def test_save_load_round_trip(guard_hidden, net, synth, tmp_path):
+def test_save_load_round_trip(guard_deep, deep_net, synth, tmp_path):
     path = tmp_path / "guard.safetensors"
-    guard_hidden.save(path)
-    fresh = make_net(seed=123)
-    fresh.load_state_dict(net.state_dict())  # an independent copy of the same weights
+    guard_deep.save(path)
+    fresh = make_deep_net(seed=123)
+    fresh.load_state_dict(deep_net.state_dict())  # an independent copy of the same weights
     loaded = LinkBreaker.load(path, fresh)
     assert loaded.model is fresh
-    for name in ("early_masks", "late_masks", "early_fill", "late_fill", "thresholds"):
-        assert torch.equal(getattr(loaded, name), getattr(guard_hidden, name)), name
-    assert (loaded.early_layer, loaded.late_layer) == (guard_hidden.early_layer, guard_hidden.late_layer)
-    assert loaded.input_shape == guard_hidden.input_shape == SHAPE
-    assert loaded.config == guard_hidden.config
-    x = torch.cat([synth["x_test"][:40], add_trigger(synth["x_test"][:40])])
-    assert_same_result(loaded(x), guard_hidden(x))
+    assert_same_state(loaded, guard_deep)
+    assert loaded.input_shape == guard_deep.input_shape == SHAPE
+    assert loaded.config == guard_deep.config
+    x = torch.cat([synth["x_test"][:40], add_trigger(synth["x_test"][:40]), torch.full((2, *SHAPE), 3.0)])
+    assert_same_result(loaded(x), guard_deep(x))
+    assert torch.equal(loaded.score(x), guard_deep.score(x))
 
 
 def test_config_survives_round_trip(shared_net, synth, tmp_path):
     cfg = GuardConfig(mad_k=2.5, out_quantile=None, fill="mean", noise_amplitude=0.1, seed=7,
-                      threshold_floor=0.6, min_per_class=4)
+                      threshold_floor=0.6, min_per_class=4, consistency_reduce="mean",
+                      consistency_mad_k=2.0, hidden_layers=2)
     g = LinkBreaker.fit(shared_net, synth["x_val"], synth["y_val"], NUM_CLASSES,
-                        layers=("input", None), config=cfg, progress=False, **FAST)
+                        layers=["input", "1"], config=cfg, progress=False, **FAST)
     assert g.config == dataclasses.replace(cfg, **FAST)
     g.save(tmp_path / "g.safetensors")
     loaded = LinkBreaker.load(tmp_path / "g.safetensors", shared_net)
     assert loaded.config == g.config
     assert isinstance(loaded.config.fractions, tuple) and loaded.config.out_quantile is None
-    assert torch.equal(loaded.early_fill, g.early_fill) and torch.equal(loaded.late_fill, g.late_fill)
+    assert_same_state(loaded, g)
     assert_same_result(loaded(synth["x_test"]), g(synth["x_test"]))
 
 
-def test_saved_file_is_plain_safetensors(guard_hidden, tmp_path):
+def test_guard_without_consistency_round_trips(shared_net, synth, tmp_path):
+    g = fit(shared_net, synth["x_val"], synth["y_val"], layers=["input"], consistency=False,
+            neighbours=0)
+    assert g.profile == {} and g(synth["x_test"][:5]).consistency is None
+    g.save(tmp_path / "g.safetensors")
+    loaded = LinkBreaker.load(tmp_path / "g.safetensors", shared_net)
+    assert loaded.profile == {}
+    assert_same_result(loaded(synth["x_test"]), g(synth["x_test"]))
+
+
+def test_saved_file_is_plain_safetensors(guard_deep, tmp_path):
     from safetensors import safe_open
 
     path = tmp_path / "guard.safetensors"
-    guard_hidden.save(path)
+    guard_deep.save(path)
     raw = path.read_bytes()
     assert not zipfile.is_zipfile(path) and raw[:1] != b"\x80"  # neither torch.save zip nor a raw pickle
     (n,) = struct.unpack("<Q", raw[:8])  # safetensors: u64 header length, JSON header, raw tensor bytes
     header = json.loads(raw[8:8 + n])
-    names = {"early_masks", "late_masks", "early_fill", "late_fill", "thresholds"}
+    names = ({"thresholds"} | {f"masks.{k}" for k in guard_deep.masks}
+             | {f"fill.{k}" for k in guard_deep.fills} | {f"profile.{k}" for k in guard_deep.profile})
+    assert "masks.3" in names and "profile.bounds" in names
     assert set(header) == names | {"__metadata__"}
     with safe_open(str(path), framework="pt") as f:
         assert set(f.keys()) == names
         meta = json.loads(f.metadata()[FORMAT])
-        assert torch.equal(f.get_tensor("thresholds"), guard_hidden.thresholds)
-    assert meta["format"] == FORMAT
-    assert meta["early_layer"] == guard_hidden.early_layer and meta["input_shape"] == list(SHAPE)
+        assert torch.equal(f.get_tensor("thresholds"), guard_deep.thresholds)
+        assert torch.equal(f.get_tensor("masks.1"), guard_deep.masks["1"])
+    assert meta["format"] == FORMAT and meta["version"] == FORMAT_VERSION == 2
+    assert meta["layers"] == ["input", "1", "3"] and meta["late_layer"] == "8"
+    assert meta["input_shape"] == list(SHAPE)
     assert len(meta["model_sha256"]) == 64
 
 
-def test_load_refuses_a_different_model(guard_hidden, net, synth, tmp_path):
+def test_load_refuses_a_different_model(guard_hidden, net, tmp_path):
     path = tmp_path / "guard.safetensors"
     guard_hidden.save(path)
     other = copy.deepcopy(net)
@@ -358,7 +841,7 @@ def test_load_refuses_a_different_model(guard_hidden, net, synth, tmp_path):
         LinkBreaker.load(path, make_net(seed=5))
     # explicitly opting out of the check loads it anyway
     loaded = LinkBreaker.load(path, other, check_model=False)
-    assert torch.equal(loaded.early_masks, guard_hidden.early_masks)
+    assert torch.equal(loaded.masks["1"], guard_hidden.masks["1"])
 
 
 def test_load_rejects_files_that_are_not_guards(net, tmp_path):
@@ -371,7 +854,7 @@ def test_load_rejects_files_that_are_not_guards(net, tmp_path):
         LinkBreaker.load(rnd, net)
 
     pickled = tmp_path / "pickled.pt"
-    torch.save({"early_masks": torch.ones(3, 4)}, pickled)
+    torch.save({"masks.input": torch.ones(3, 4)}, pickled)
     with pytest.raises(ValueError, match="not a LinkBreaker guard"):
         LinkBreaker.load(pickled, net)
 
@@ -396,40 +879,54 @@ def test_load_rejects_files_that_are_not_guards(net, tmp_path):
         LinkBreaker.load(tmp_path, net)  # a directory is not a guard file
 
 
-def test_load_rejects_unknown_format_version(guard_hidden, net, tmp_path):
+@pytest.mark.parametrize("version", [1, 99])
+def test_load_rejects_other_format_versions(guard_hidden, net, tmp_path, version):
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     path = tmp_path / "guard.safetensors"
     guard_hidden.save(path)
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = json.loads(f.metadata()[FORMAT])
-    meta["version"] = 99
-    save_file(tensors, str(path), metadata={FORMAT: json.dumps(meta)})
-    with pytest.raises(ValueError, match="version 99 is not supported"):
+    meta["version"] = version
+    safefiles.write(path, tensors, FORMAT, meta)  # a well-formed file of another version
+    with pytest.raises(ValueError, match=f"version {version} is not supported"):
         LinkBreaker.load(path, net)
 
 
 # ------------------------------------------------------------------------------ CUDA
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA is not available")
-def test_guard_on_cuda(net, synth, guard_hidden, tmp_path):
+@pytest.mark.parametrize("data_on", ["cpu", "cuda"])
+def test_guard_on_cuda(net, synth, guard_hidden, tmp_path, data_on):
+    """CUDA model, validation data on either device: the fit runs on the model's device and gives
+    the CPU guard's state; the CPU guard loaded onto the CUDA model gives its confidences."""
     model = net.to("cuda")
-    g = fit(model, synth["x_val"], synth["y_val"])  # CPU validation data, CUDA model
-    for t in (g.early_masks, g.late_masks, g.early_fill, g.late_fill, g.thresholds):
-        assert t.device.type == "cuda"
+    g = fit(model, synth["x_val"].to(data_on), synth["y_val"].to(data_on), layers=["1"])
+    tensors = [g.thresholds, *g.masks.values(), *g.fills.values(), *g.profile.values()]
+    assert all(t.device.type == "cuda" for t in tensors)
+    assert g.layers == guard_hidden.layers
+    for k in g.masks:
+        assert (g.masks[k].cpu() != guard_hidden.masks[k]).float().mean() <= 0.05, k
     x = synth["x_test"]
     r = g(x.cuda())
     assert r.labels.device.type == "cuda" and r.confidences.dtype == torch.float32
     assert (r.labels.cpu() == synth["y_test"]).float().mean().item() >= 0.9
     with pytest.raises(ValueError, match="is on cpu"):
         g(x)
-    # the CPU guard's masks loaded onto the CUDA model give the CPU guard's confidences
     guard_hidden.save(tmp_path / "g.safetensors")
     on_cuda = LinkBreaker.load(tmp_path / "g.safetensors", model)
-    assert on_cuda.thresholds.device.type == "cuda"
+    assert on_cuda.thresholds.device.type == "cuda" and on_cuda.profile["bounds"].device.type == "cuda"
     rc, rr = on_cuda(x.cuda()), guard_hidden(x)
     torch.testing.assert_close(rc.confidences.cpu(), rr.confidences, atol=1e-4, rtol=0)
-    clear = ((rr.confidences - rr.thresholds).abs() > 1e-4).all(1)
+    torch.testing.assert_close(rc.consistency.cpu(), rr.consistency, atol=1e-3, rtol=1e-3)
+    clear = (((rr.confidences - rr.thresholds).abs() > 1e-4).all(1)
+             & ((rr.consistency - 1).abs() > 1e-2).all(1))
     assert torch.equal(rc.verdict.cpu()[clear], rr.verdict[clear])
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA is not available")
+def test_cuda_validation_data_with_a_cpu_model(shared_net, synth, guard_hidden):
+    g = fit(shared_net, synth["x_val"].cuda(), synth["y_val"].cuda(), layers=["1"])
+    assert g.device.type == "cpu"
+    assert_same_state(g, guard_hidden)

@@ -1,0 +1,213 @@
+"""``linkbreaker reproduce``: one command per results table.
+
+For every (attack, seed): the data split of :func:`experiment.split_data` (a stratified 2% of the
+training split as the clean validation set), the cached model of :func:`experiment.model_for`
+(trained, resumably, if absent), the guard fitted on the validation set with ``seed=seed``, and
+:func:`experiment.evaluate` on one half of the test split: ``heldout`` = indices 5000-end (the
+reported numbers), ``dev`` = indices 0-4999 (where the method was designed). Each run writes
+``<work>/reports/<split>-<attack>-<seed>.json`` (an existing report is reused, so an interrupted
+run resumes) and a copy under ``<results>/runs/<dataset>/``; the table, mean ± std over seeds beside
+the paper's numbers and issue #6's targets, goes to ``<results>/<dataset>-<split>.md``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from . import data, experiment, training
+from .guard import GuardConfig, LinkBreaker
+
+SPLITS = {"heldout": slice(5000, None), "dev": slice(0, 5000)}
+
+# The paper's numbers after the defense (CDA %, ASR %): Tables II (data poisoning) and III (Trojan).
+PAPER = {
+    ("mnist", "badnets"): (98.06, 2.0), ("mnist", "trojan-square"): (99.1, 0.6),
+    ("cifar10", "badnets"): (89.36, 0.4), ("cifar10", "trojan-square"): (88.73, 1.3),
+    ("cifar10", "source-specific"): (82.62, 13.2),
+    ("gtsrb", "badnets"): (98.28, 0.3), ("gtsrb", "trojan-watermark"): (98.2, 0.8),
+}
+
+# Issue #6's targets after the defense: (largest CDA drop in points against the undefended model,
+# largest ASR in %; None = no ASR bound).
+TARGETS = {
+    ("cifar10", "badnets"): (1.0, 0.5), ("cifar10", "trojan-square"): (1.0, 1.0),
+    ("cifar10", "source-specific"): (2.0, 10.0),
+    ("cifar10", "blended"): (2.0, 5.0), ("cifar10", "sig"): (2.0, 5.0), ("cifar10", "wanet"): (2.0, 5.0),
+    ("gtsrb", "badnets"): (1.0, 0.5), ("gtsrb", "trojan-watermark"): (1.0, 1.0),
+    ("mnist", "blended"): (1.0, 5.0),
+    ("mnist", experiment.NO_ATTACK): (1.0, None), ("cifar10", experiment.NO_ATTACK): (1.0, None),
+    ("gtsrb", experiment.NO_ATTACK): (1.0, None),
+}
+
+
+def parse_settings(items) -> dict:
+    """``["field=value", ...]`` -> GuardConfig overrides (values as Python literals)."""
+    import ast
+
+    fields = {f.name for f in dataclasses.fields(GuardConfig)}
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ValueError(f"--set expects field=value, got {item!r}")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if key not in fields:
+            raise ValueError(f"unknown GuardConfig field {key!r}; known: {sorted(fields)}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value  # a bare string such as fill=mean
+        if isinstance(out[key], list):
+            out[key] = tuple(out[key])
+    return out
+
+
+def _jsonable(settings: dict) -> dict:
+    return json.loads(json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}))
+
+
+def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, split: str = "heldout",
+            device="cpu", settings: dict | None = None, n_clean: int = 2000, n_trigger: int = 2000,
+            epochs: int | None = None, progress: bool = False) -> dict:
+    """One run's report (cached in ``<work>/reports``)."""
+    settings = dict(settings or {})
+    path = Path(work) / "reports" / f"{split}-{attack_name}-{seed}.json"
+    if path.is_file():
+        report = json.loads(path.read_text())
+        if report.get("settings", {}) != _jsonable(settings):
+            raise ValueError(f"{path} was made with the guard settings {report.get('settings')}, not "
+                             f"{_jsonable(settings)}: remove it or use another --work folder")
+        return report
+    pool = SPLITS[split]
+    d = experiment.split_data(dataset, data_source, 0.02, seed)
+    model, attack = experiment.model_for(dataset, attack_name, seed, d, work, epochs, progress)
+    model = model.to(device).eval()
+    guard = LinkBreaker.fit(model, d["x_val"], d["y_val"], data.spec(dataset).num_classes,
+                            progress=False, seed=seed, **settings)
+    report, _ = experiment.evaluate(model, guard, attack, d["x_test"], d["y_test"], n_clean, n_trigger,
+                                    seed, pool)
+    x_pool, y_pool = d["x_test"][pool], d["y_test"][pool]
+    report.update({
+        "dataset": dataset, "attack": attack_name, "attack_config": report.get("attack"),
+        "model": type(model).__name__, "defense": "linkbreaker", "seed": seed, "split": split,
+        "clean_model_cda": training.accuracy(model, x_pool, y_pool),
+        "clean_pool": len(y_pool),
+        "layers": list(guard.layers), "late_layer": guard.late_layer,
+        "kept": guard.diagnostics.get("kept", {}),
+        "thresholds": guard.thresholds.tolist(),
+        "settings": _jsonable(settings),
+        "device": str(device),
+    })
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)  # a report is either complete or absent
+    return report
+
+
+def _mean_sd(values):
+    mean = statistics.mean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _pct(values) -> str:
+    mean, sd = _mean_sd([100 * v for v in values])
+    return f"{mean:.2f} ± {sd:.2f}"
+
+
+def _target_cells(dataset, attack_name, reps):
+    """(target text, verdict text) for one row; the CDA drop is paired: the same clean inputs
+    before and after the guard."""
+    target = TARGETS.get((dataset, attack_name))
+    if target is None:
+        return "-", "-"
+    max_drop, max_asr = target
+    drop = statistics.mean(100 * (r["before"]["cda"] - r["after"]["cda"]) for r in reps)
+    asr = statistics.mean(100 * r["after"]["asr"] for r in reps)
+    text = f"drop <= {max_drop:g}" + (f", ASR <= {max_asr:g}%" if max_asr is not None else "")
+    misses = []
+    if drop > max_drop:
+        misses.append(f"drop {drop - max_drop:.2f} pts over")
+    if max_asr is not None and asr > max_asr:
+        misses.append(f"ASR {asr - max_asr:.2f} pts over")
+    if misses:
+        return text, "missed: " + ", ".join(misses)
+    slack = [f"drop {max_drop - drop:.2f} pts under"]
+    if max_asr is not None:
+        slack.append(f"ASR {max_asr - asr:.2f} pts under")
+    return text, "met (" + ", ".join(slack) + ")"
+
+
+def table(dataset: str, split: str, reports: dict) -> str:
+    """The markdown table for ``{attack: [report per seed]}``."""
+    lines = [
+        f"# LinkBreaker on {dataset} ({split} half of the test split)",
+        "",
+        "Mean ± std over seeds, in %. *undefended*: the model without the guard (CDA on the whole "
+        f"{split} clean pool, ASR on the triggered inputs); *after*: with the guard. *CDA drop*: "
+        "undefended minus guarded CDA on the same clean inputs, in points. *paper*: LinkBreaker after "
+        "the defense (Tables II and III). *target*: issue #6.",
+        "",
+        "| attack | model | seeds | CDA undefended | ASR undefended | CDA after | ASR after | CDA drop "
+        "| R-Acc | clean alarms | clean OOD | paper CDA / ASR | target | verdict |",
+        "| --- " * 14 + "|",
+    ]
+    for attack_name, reps in reports.items():
+        if not reps:
+            continue
+        b = lambda k: _pct([r["before"][k] for r in reps])  # noqa: E731
+        a = lambda k: _pct([r["after"][k] for r in reps])  # noqa: E731
+        drop = _pct([r["before"]["cda"] - r["after"]["cda"] for r in reps])
+        paper = PAPER.get((dataset, attack_name))
+        paper_text = f"{paper[0]:g} / {paper[1]:g}" if paper else "-"
+        target, verdict = _target_cells(dataset, attack_name, reps)
+        models = ", ".join(sorted({r.get("model", "?") for r in reps}))
+        seeds = " ".join(str(r["seed"]) for r in reps)
+        lines.append(f"| {attack_name} | {models} | {seeds} | {_pct([r['clean_model_cda'] for r in reps])} "
+                     f"| {b('asr')} | {a('cda')} | {a('asr')} | {drop} | {a('r_acc')} "
+                     f"| {a('alarm_rate_clean')} | {a('ood_rate_clean')} | {paper_text} | {target} "
+                     f"| {verdict} |")
+    all_reps = [r for rs in reports.values() for r in rs]
+    settings = {json.dumps(r.get("settings", {}), sort_keys=True) for r in all_reps}
+    seeds = " ".join(str(s) for s in sorted({r["seed"] for r in all_reps}))
+    sets = "".join(f" --set {k}={v!r}".replace("'", "") if isinstance(v, str) else f" --set {k}={v}"
+                   for k, v in (all_reps[0].get("settings") or {}).items()) if all_reps else ""
+    lines += ["", f"Guard settings (GuardConfig overrides): {', '.join(sorted(settings))}.",
+              f"Per-run reports: `runs/{dataset}/{split}-<attack>-<seed>.json`. Regenerate: "
+              f"`linkbreaker reproduce --dataset {dataset} --split {split} "
+              f"--attacks {' '.join(reports)} --seeds {seeds}{sets}`."]
+    return "\n".join(lines) + "\n"
+
+
+def reproduce(dataset: str, attacks, seeds, *, data_source="../shared/data", work=None,
+              split: str = "heldout", device="cpu", settings: dict | None = None,
+              n_clean: int = 2000, n_trigger: int = 2000, epochs: int | None = None,
+              results="results", progress: bool = True):
+    """Run every (attack, seed), write the per-run reports and the table; returns
+    ``(reports {attack: [report]}, table path)``."""
+    data.spec(dataset)  # unknown data set: a clear error before any work
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    work = Path(work or Path("runs") / dataset)
+    runs_dir = Path(results) / "runs" / dataset
+    reports = {a: [] for a in attacks}
+    jobs = [(a, s) for a in attacks for s in seeds]
+    bar = tqdm(jobs, desc=f"reproduce {dataset}", unit="run", disable=not progress)
+    for attack_name, seed in bar:
+        bar.set_postfix_str(f"{attack_name} seed {seed}")
+        rep = run_one(dataset, attack_name, seed, data_source=data_source, work=work, split=split,
+                      device=device, settings=settings, n_clean=n_clean, n_trigger=n_trigger,
+                      epochs=epochs, progress=progress)
+        reports[attack_name].append(rep)
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(work / "reports" / f"{split}-{attack_name}-{seed}.json",
+                        runs_dir / f"{split}-{attack_name}-{seed}.json")
+    out = Path(results) / f"{dataset}-{split}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table(dataset, split, reports))
+    return reports, out

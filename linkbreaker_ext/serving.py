@@ -1,0 +1,337 @@
+"""Serving-grade guarded inference: a fitted :class:`~linkbreaker_ext.guard.LinkBreaker` as one
+self-contained, stateless ``nn.Module``.
+
+    m = GuardedModule(guard)                 # (guard.as_module() once the guard exposes it)
+    labels, verdict, confidences = m(x)      # the same tensors as guard(x)
+    ep = torch.export.export(m, (x,))        # deployable; torch.export.save / load round-trips
+    torch.compile(m)                         # works too
+
+What it holds
+    Its own frozen copy of the guarded model, rewritten once with ``torch.fx`` into a pure function
+    ``rows -> (late features, masked layers' outputs)``: a masking stage (``m * a + (1 - m) * fill``)
+    sits right after every masked layer (or on the input pixels), the graph stops at the input of the
+    final ``nn.Linear``, and the masked layers' raw outputs are graph outputs. Masks, fills,
+    thresholds, the final Linear's weights and the consistency profile are buffers. Nothing is
+    hooked, nothing is written during ``forward``: calls from several threads are independent, and
+    the user's model is never touched (it is not even referenced).
+
+The call
+    Each chunk of inputs runs as one batch of ``R`` rows per input: the N class-restricted heads and,
+    when the consistency veto is on, one unmasked row (all-ones mask) whose activations are the
+    ones the veto scores -- one forward instead of the guard's two. A guard fitted with
+    ``use_early=False`` masks nothing before the late layer, so it runs a single unmasked row per
+    input and the fused op shares those features between the heads (``[B, D]`` features): one model
+    forward plus the op. The late masking, heads, softmax and confidence test run in the fused
+    ``torch.ops.linkbreaker.guard_head``; the consistency veto and the OOD hint are
+    :func:`linkbreaker_ext.guard.vote`, as in ``guard(x)``.
+
+Memory
+    Rows are processed in chunks of ``batch_rows`` (the guard's setting; 256 on CPU, 8192 on GPU),
+    i.e. ``max(1, batch_rows // R)`` inputs per forward, so the peak is the model's activations for
+    ``batch_rows`` rows plus the ``[B, N]`` outputs, for any batch size.
+
+Export
+    ``torch.export`` specialises the chunk loop to the example's batch size (an exported program
+    takes that batch size; export one per serving batch size, or pad). Input value checks (NaN/Inf)
+    need a host sync and run in eager mode only (``check_inputs=True``, the default); under
+    ``torch.compile``/``torch.export`` only the static shape checks remain. The exported graph calls
+    ``linkbreaker::guard_head``: a process that runs it must ``import linkbreaker_ext`` first.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from . import ops  # noqa: F401  (registers torch.ops.linkbreaker.guard_head and its fake kernel)
+from .guard import vote
+from .layers import INPUT, LATE
+
+__all__ = ["GuardedModule"]
+
+_TEMP = 1 << 16  # elements per temporary of the consistency deviation (256 KiB in float32)
+
+
+class _Mask(nn.Module):
+    """``m * a + (1 - m) * fill`` per head, on ``R`` rows per input: ``mask`` ``[R, *shape]`` (a
+    channel mask broadcasts as ``[R, C, 1, 1]``), ``offset = (1 - m) * fill`` precomputed."""
+
+    def __init__(self, mask: torch.Tensor, offset: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask)
+        self.register_buffer("offset", offset)
+
+    def forward(self, a):
+        heads = a.reshape(-1, self.mask.shape[0], *a.shape[1:])
+        # one fused pass; for the guard's binary masks bit-identical to m * a + (1 - m) * fill
+        out = torch.addcmul(self.offset.to(a.dtype), heads, self.mask.to(a.dtype))
+        return out.reshape(a.shape)
+
+
+class _Units(nn.Module):
+    """The unmasked row's neuron values ``[B, D_unit]`` of a layer output on ``rows`` rows per input
+    (the last row of each input): :func:`linkbreaker_ext.layers.units`. Computed inside the graph,
+    so the layer's full output is freed as soon as the forward moves on."""
+
+    def __init__(self, rows: int, channels: bool):
+        super().__init__()
+        self.rows, self.channels = rows, channels
+
+    def forward(self, a):
+        if self.rows > 1:
+            a = a.reshape(-1, self.rows, *a.shape[1:])[:, self.rows - 1]
+        return a.float().mean((2, 3)) if self.channels else a.flatten(1).float()
+
+
+class _LeafTracer(fx.Tracer):
+    """Keeps the masked layers and the final Linear as single call_module nodes."""
+
+    def __init__(self, leaves):
+        super().__init__()
+        self.leaves = set(leaves)
+
+    def is_leaf_module(self, m, qualname):
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+
+def _unhooked_copy(net: nn.Module) -> nn.Module:
+    net = copy.deepcopy(net).eval()
+    for m in net.modules():  # a guard call in flight could have left its per-call hooks in the copy
+        for d in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                  "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+                  "_forward_hooks_always_called"):
+            if isinstance(getattr(m, d, None), dict):
+                getattr(m, d).clear()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def _body(net: nn.Module, layers, late_name: str, stages: dict | None,
+          unit_stages: dict | None) -> fx.GraphModule:
+    """``net`` as a graph module ``x -> (late_features, *unit values)``, with ``stages[name]`` (a
+    :class:`_Mask`) applied right after each masked layer when ``stages`` is given, and
+    ``unit_stages[name]`` (a :class:`_Units`) reading each masked layer's unmasked output when
+    ``unit_stages`` is given (otherwise only the late features come out)."""
+    hidden = [n for n in layers if n != INPUT]
+    tracer = _LeafTracer([*hidden, late_name])
+    try:
+        graph = tracer.trace(net)
+    except Exception as e:  # data-dependent control flow, ...
+        raise ValueError(f"GuardedModule needs a model that torch.fx can trace ({type(e).__name__}: "
+                         f"{e}); call the LinkBreaker guard itself for this model") from e
+    nodes = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in (*hidden, late_name):
+            if node.target in nodes:
+                raise ValueError(f"layer {node.target!r} runs more than once per forward; mask a "
+                                 f"module that is called once (e.g. a block's own activation)")
+            nodes[node.target] = node
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    missing = [n for n in (*hidden, late_name) if n not in nodes]
+    if missing or len(placeholders) != 1:
+        raise ValueError(f"the model's traced forward must take one input and call the layers "
+                         f"{missing or hidden} once each")
+    nodes[INPUT] = placeholders[0]
+    if stages:
+        for i, name in enumerate(layers):
+            net.add_module(f"lb_mask{i}", stages[name])
+            src = nodes[name]
+            with graph.inserting_after(src):
+                masked = graph.call_module(f"lb_mask{i}", (src,))
+            src.replace_all_uses_with(masked, delete_user_cb=lambda user, m=masked: user is not m)
+    late_in = nodes[late_name].args[0]
+    out = next(n for n in graph.nodes if n.op == "output")
+    unit_nodes = []
+    for i, name in enumerate(layers if unit_stages else []):
+        net.add_module(f"lb_units{i}", unit_stages[name])
+        with graph.inserting_after(nodes[name]):
+            unit_nodes.append(graph.call_module(f"lb_units{i}", (nodes[name],)))
+    with graph.inserting_before(out):
+        graph.output((late_in, *unit_nodes))
+    graph.erase_node(out)
+    gm = fx.GraphModule(net, graph, class_name="GuardBody")
+    gm.graph.eliminate_dead_code()  # everything after the final Linear's input
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm
+
+
+def _unit_mask(m: torch.Tensor, shape, layer: str) -> torch.Tensor:
+    """:func:`linkbreaker_ext.layers.expand_mask` for ``R`` heads."""
+    if layer != INPUT and len(shape) == 4:
+        return m.reshape(m.shape[0], shape[1], 1, 1)
+    return m.reshape(m.shape[0], *shape[1:])
+
+
+def _profile_terms(center, scale, weight):
+    """:func:`linkbreaker_ext.salient.deviation` as ``sum_j coef[k, j] * |u[index[k, j]] - center[k, j]|``
+    over class k's salient neurons only (``index`` None: all neurons, dense), ``coef = w / sum(w) /
+    scale``. Same terms as the guard's (zero weights dropped); the sum order differs (float ulps)."""
+    center, scale, weight = center.float(), scale.float(), weight.float()
+    coef = weight / weight.sum(1, keepdim=True).clamp_min(1e-12) / scale
+    live = weight > 0
+    width = int(live.sum(1).max()) if live.numel() else 0
+    if width == 0 or width > 0.75 * weight.shape[1]:  # dense: a gather would not save work
+        return None, center.contiguous(), coef.contiguous()
+    order = torch.sort((~live).to(torch.int8), dim=1, stable=True).indices[:, :width]  # live first
+    keep = live.gather(1, order)
+    return (order.contiguous(), (center.gather(1, order) * keep).contiguous(),
+            (coef.gather(1, order) * keep).contiguous())
+
+
+class GuardedModule(nn.Module):
+    """A fitted guard as a stateless module: ``forward(x) -> (labels, verdict, confidences)``, equal
+    to ``guard(x)``'s ``labels``, ``verdict`` and ``confidences`` (see the module docstring).
+
+    ``batch_rows``: rows (inputs x heads) per batched forward; default the guard's setting (256 on
+    CPU, 8192 on GPU, chosen by the input's device at call time). ``check_inputs``: eager-mode input
+    validation as ``guard(x)`` does it (shape, dtype, device, NaN/Inf; the last one syncs on CUDA).
+    """
+
+    def __init__(self, guard, batch_rows: int | None = None, check_inputs: bool = True):
+        super().__init__()
+        cfg = guard.config
+        device = guard.device
+        self.layers = list(guard.layers)
+        self.input_shape = tuple(guard.input_shape)
+        self.num_heads = int(guard.num_heads)
+        self.use_early = bool(cfg.use_early)
+        self.consistency = bool(cfg.consistency and guard.profile)
+        self.reduce = cfg.consistency_reduce
+        self.batch_rows = batch_rows or cfg.batch_rows
+        self.check_inputs = check_inputs
+        n = self.num_heads
+        # rows per input: the N heads (+ one unmasked row for the veto), or one shared unmasked row
+        self.rows = (n + int(self.consistency)) if self.use_early else 1
+
+        net = _unhooked_copy(guard.tapped.net)
+        shapes = self._probe_shapes(net, guard, device)
+        stages = None
+        if self.use_early:
+            stages = {}
+            for name in self.layers:
+                m = guard.masks[name].float().to(device)
+                if self.consistency:
+                    m = torch.cat([m, torch.ones_like(m[:1])])
+                m = _unit_mask(m, shapes[name], name)
+                fill = guard.fills[name].float().to(device).reshape(shapes[name][1:])
+                stages[name] = _Mask(m.contiguous(), ((1 - m) * fill).contiguous())
+        unit_stages = None
+        if self.consistency:
+            unit_stages = {n: _Units(self.rows, n != INPUT and len(shapes[n]) == 4) for n in self.layers}
+        self.body = _body(net, self.layers, guard.late_layer, stages, unit_stages)
+
+        late = guard.tapped.late
+        w = late.weight.detach().float().clone()
+        b = late.bias.detach().float().clone() if late.bias is not None else torch.zeros(w.shape[0])
+        self.register_buffer("late_weight", w.to(device))
+        self.register_buffer("late_bias", b.to(device))
+        self.register_buffer("late_mask", guard.masks[LATE].float().to(device).contiguous())
+        self.register_buffer("late_fill", guard.fills[LATE].float().to(device).contiguous())
+        self.register_buffer("thresholds", guard.thresholds.float().to(device).contiguous())
+        if self.consistency:
+            p = guard.profile
+            self.sparse = []
+            for i, name in enumerate([*self.layers, LATE]):
+                index, center, coef = _profile_terms(p[f"center.{name}"], p[f"scale.{name}"],
+                                                     p[f"weight.{name}"])
+                self.sparse.append(index is not None)
+                if index is not None:
+                    self.register_buffer(f"index{i}", index.to(device))
+                self.register_buffer(f"center{i}", center.to(device))
+                self.register_buffer(f"coef{i}", coef.to(device))
+            self.register_buffer("norms", p["norms"].float().to(device))
+            self.register_buffer("bounds", p["bounds"].float().to(device))
+
+    @staticmethod
+    @torch.no_grad()
+    def _probe_shapes(net, guard, device):
+        """Output shapes of the masked layers for one input (to lay the masks out)."""
+        x = torch.zeros(1, *guard.input_shape, device=device)
+        shapes = {INPUT: tuple(x.shape)}
+        modules = dict(net.named_modules())
+
+        def grab(name, out):
+            shapes.setdefault(name, tuple(out.shape))  # returns None: the output is kept
+
+        handles = [modules[n].register_forward_hook(lambda mod, i, out, n=n: grab(n, out))
+                   for n in guard.layers if n != INPUT]
+        try:
+            net(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return shapes
+
+    # ------------------------------------------------------------------ call
+    def _check(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"input shape {tuple(x.shape)} does not match the fitted input shape "
+                             f"[B, {', '.join(map(str, self.input_shape))}]")
+        if not x.is_floating_point():
+            raise TypeError(f"input must be a floating tensor, got {x.dtype}")
+        if x.device != self.thresholds.device:
+            raise ValueError(f"input is on {x.device} but the guarded module is on "
+                             f"{self.thresholds.device}")
+        if not torch.compiler.is_compiling() and not torch.isfinite(x).all():
+            raise ValueError("input contains NaN or Inf")
+
+    def chunk_inputs(self, device: torch.device | None = None) -> int:
+        """Inputs per batched forward: ``max(1, batch_rows // rows_per_input)``."""
+        device = device or self.thresholds.device
+        rows = self.batch_rows or (256 if device.type == "cpu" else 8192)
+        return max(1, rows // self.rows)
+
+    def forward(self, x: torch.Tensor):
+        if self.check_inputs:
+            self._check(x)
+        n = self.num_heads
+        if x.shape[0] == 0:
+            return (torch.empty(0, dtype=torch.int64, device=x.device),
+                    torch.empty(0, dtype=torch.int64, device=x.device),
+                    torch.empty(0, n, dtype=torch.float32, device=x.device))
+        chunk = self.chunk_inputs(x.device)
+        parts = [self._chunk(x[s:s + chunk]) for s in range(0, x.shape[0], chunk)]
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(torch.cat(p) for p in zip(*parts))
+
+    def _chunk(self, x):
+        b, n, r = x.shape[0], self.num_heads, self.rows
+        rows = x.repeat_interleave(r, dim=0) if r > 1 else x
+        late, *acts = self.body(rows)
+        late = late.reshape(b, r, -1)
+        feats = late[:, :n] if self.use_early else late[:, 0]
+        conf, labels, verdict = torch.ops.linkbreaker.guard_head(
+            feats.contiguous(), self.late_weight, self.late_bias, self.late_mask, self.late_fill, self.thresholds)
+        if not self.consistency:
+            return labels, verdict, conf
+        ratio = self._deviations([*acts, late[:, r - 1].float()]) / self.bounds
+        consistent = ratio <= 1
+        labels, verdict = vote(conf, (conf >= self.thresholds) & consistent, consistent)
+        return labels, verdict, conf
+
+    def _deviations(self, units):
+        """``LinkBreaker.deviations`` from the unmasked row's unit values ``[B, D_unit]`` per layer
+        (the masked layers, then the late layer)."""
+        per_layer = []
+        for i, u in enumerate(units):
+            center, coef = getattr(self, f"center{i}"), getattr(self, f"coef{i}")
+            # [rows, K, D] temporaries of at most _TEMP elements: they stay in cache and in the
+            # allocator's free lists (fresh multi-MB buffers cost more in page faults than the math)
+            step = max(1, _TEMP // center.numel())
+            parts = []
+            for s in range(0, u.shape[0], step):
+                v = u[s:s + step]
+                # class k's salient neurons only ([rows, K, D_k max]) or all of them
+                v = v[:, getattr(self, f"index{i}")] if self.sparse[i] else v[:, None, :]
+                parts.append((v - center).abs_().mul_(coef).sum(-1))
+            d = parts[0] if len(parts) == 1 else torch.cat(parts)
+            per_layer.append(d / self.norms[:, i])
+        stacked = torch.stack(per_layer, -1)
+        return stacked.amax(-1) if self.reduce == "max" else stacked.mean(-1)
