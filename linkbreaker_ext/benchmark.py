@@ -56,6 +56,20 @@ def _time(fn, x, device, reps: int, warmup: int, budget_s: float) -> tuple[float
     return statistics.median(times) * 1e3, len(times)
 
 
+def peak_bytes(fn, x) -> int:
+    """Peak of live CPU memory allocated during ``fn(x)`` (no grad), from the profiler's allocation
+    trace (each op's own allocations minus frees, in time order); the input itself not counted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
+        fn(x)
+    live = peak = 0
+    for _, delta in sorted((e.time_range.start, e.self_cpu_memory_usage) for e in p.events()):
+        live += delta
+        peak = max(peak, live)
+    return int(peak)
+
+
 def _random_data(shape, n_per_class: int, num_classes: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n_per_class * num_classes, *shape, generator=g)
@@ -80,15 +94,16 @@ def _fit_guard(model, x, y, **overrides):
 def _settings(args):
     if args.smoke:  # the test suite's setting: every row kind once, tiny batches, no timing value
         return {"models": ["mnist"], "batches": {"mnist": (1, 256)}, "reps": 1, "warmup": 0,
-                "budget_s": 0.0, "strip_overlays": 10, "strip_batches": (256,), "op_batch": 256}
+                "budget_s": 0.0, "strip_overlays": 10, "strip_batches": (256,), "op_batch": 256,
+                "memory_batches": (64,)}
     if args.quick:
         return {"models": ["mnist", "cifar10"], "batches": {"mnist": (1, 256), "cifar10": (1, 16)},
                 "reps": 5, "warmup": 1, "budget_s": 1.0, "strip_overlays": 100,
-                "strip_batches": (256,), "op_batch": 256}
+                "strip_batches": (256,), "op_batch": 256, "memory_batches": (1, 256, 2048)}
     return {"models": ["mnist", "cifar10"], "batches": {"mnist": (1, 64, 256, 1024),
                                                         "cifar10": (1, 64, 256)},
             "reps": 20, "warmup": 2, "budget_s": 5.0, "strip_overlays": 100,
-            "strip_batches": (256,), "op_batch": 256}
+            "strip_batches": (256,), "op_batch": 256, "memory_batches": (1, 256, 2048, 8192)}
 
 
 def run(args) -> dict:
@@ -145,9 +160,28 @@ def run(args) -> dict:
                 add(f"strip-n{s['strip_overlays']}", key, batch, strip.score, x,
                     reps=min(s["reps"], 3), warmup=0)
 
-    return {"device": _device_name(device), "rows": rows, "ratios": _ratios(rows),
+    memory = []
+    if device.type == "cpu" and "mnist" in s["models"]:
+        # peak live memory of one call against the batch: the guarded module is bounded by its row
+        # chunks (batch_rows rows per forward), the guard object's path and the bare model are not
+        torch.manual_seed(SEED)
+        model = zoo.build_model("mnist", 10).eval()
+        x_val, y_val = _random_data((1, 28, 28), 30, 10, SEED)
+        guard = _fit_guard(model, x_val, y_val)
+        module = GuardedModule(guard)
+        for batch in s["memory_batches"]:
+            x = _random_data((1, 28, 28), batch, 1, SEED + 1)[0]
+            for name, fn in (("plain", model), ("guarded", module), ("guard-call", guard)):
+                memory.append({"name": name, "model": "mnist", "batch": batch,
+                               "peak_mib": round(peak_bytes(fn, x) / 2 ** 20, 3)})
+                if not args.silent:
+                    print(f"{'mnist':>10} {name:<18} batch {batch:>5}: {memory[-1]['peak_mib']:10.3f} "
+                          f"MiB peak", file=sys.stderr)
+
+    return {"device": _device_name(device), "rows": rows, "ratios": _ratios(rows), "memory": memory,
             "settings": {"quick": bool(args.quick), "smoke": bool(args.smoke),
                          "strip_overlays": s["strip_overlays"],
+                         "loadavg_1m_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
                          "threads": torch.get_num_threads(), "torch": torch.__version__,
                          "heads": 10, "op": {"B": B, "N": N, "C": N, "D": D},
                          "ratio_definition": "A_vs_B = ms(A) / ms(B), same machine, same run",

@@ -195,10 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-clean", type=int, default=2000)
     s.add_argument("--n-trigger", type=int, default=2000)
     s.set_defaults(func=cmd_reproduce)
+
+    s = sub.add_parser("bench", add_help=False,
+                       help="latency of the op, the guard and STRIP against the bare model "
+                            "([--quick] [--device cpu|cuda] --json PATH; --help for more)")
+    s.add_argument("bench_args", nargs=argparse.REMAINDER)
+    s.set_defaults(func=None)
     return p
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser: linkbreaker_ext.benchmark
+        from . import benchmark
+        return benchmark.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -114,8 +114,16 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
                                               cfg.min_importance) if used[k] else torch.ones_like(scores[k])
                 for k in scores}
 
+    cache = {}
+
     def evaluate(fractions):
-        conf = guard.head_confidences(x_s, masks_for(fractions), half)[0]
+        # the late stage only changes late masks, applied after the forward: reuse its features
+        masks = masks_for(fractions)
+        key = tuple(tuple(fractions.get(k, torch.ones(1)).tolist()) for k in layers)
+        if key not in cache:
+            cache.clear()
+            cache[key] = guard.head_features(x_s, masks)
+        conf = guard.head_confidences(None, masks, half, features=cache[key])[0]
         return search.head_rates(conf, y_s, cfg.reliability_measure)
 
     stages = []

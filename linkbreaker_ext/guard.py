@@ -138,9 +138,18 @@ class LinkBreaker:
         return self.thresholds.device
 
     # ------------------------------------------------------------------ online
-    def head_confidences(self, x, masks=None, thresholds=None):
+    def head_features(self, x, masks=None):
+        """``[B, N, D_late]`` late features of the N heads (masked layers masked, late layer not)."""
+        masks = dict(self.masks, **(masks or {}))
+        hidden = {n: masks[n] for n in self.layers}
+        chunk = max(1, self._batch_rows() // self.num_heads)
+        return torch.cat([self.tapped.features(x[i:i + chunk].to(self.device), hidden, self.fills)
+                          for i in range(0, len(x), chunk)])
+
+    def head_confidences(self, x, masks=None, thresholds=None, features=None):
         """Run the N class-restricted heads; returns the op's ``(conf, labels, verdict)`` (the
-        confidence test only, no consistency veto). ``masks`` overrides some layers' masks."""
+        confidence test only, no consistency veto). ``masks`` overrides some layers' masks;
+        ``features`` (from :meth:`head_features`) skips the forward through the masked layers."""
         masks = dict(self.masks, **(masks or {}))
         th = self.thresholds if thresholds is None else thresholds
         late = self.tapped.late
@@ -151,8 +160,9 @@ class LinkBreaker:
         n = th.shape[0]
         chunk = max(1, self._batch_rows() // n)
         outs = []
-        for start in range(0, len(x), chunk):
-            feats = self.tapped.features(x[start:start + chunk].to(self.device), hidden, self.fills)
+        for start in range(0, len(x) if features is None else len(features), chunk):
+            feats = (features[start:start + chunk] if features is not None else
+                     self.tapped.features(x[start:start + chunk].to(self.device), hidden, self.fills))
             # Inputs are validated once in __call__ and masks/thresholds at fit time, so skip the
             # op wrapper's value checks (a host sync on CUDA); a NaN the model itself produces still
             # comes back as conf NaN / label -1 / verdict 2, never as a silent label.
@@ -230,6 +240,13 @@ class LinkBreaker:
         top = (ratio.gather(1, k) / margin.gather(1, k)).squeeze(1)
         credible = ((margin >= 1) & (ratio <= 1)).sum(1)
         return top.log() + (credible - 1).clamp_min(0)
+
+    def as_module(self, batch_rows=None, check_inputs=True):
+        """This guard as a self-contained, stateless ``nn.Module`` whose ``forward(x)`` returns
+        ``(labels, verdict, confidences)``: exportable (``torch.export``), compilable and safe to call
+        from several threads. It holds its own copy of the model and the fitted state as buffers."""
+        from .serving import GuardedModule
+        return GuardedModule(self, batch_rows=batch_rows, check_inputs=check_inputs)
 
     # ------------------------------------------------------------------ offline
     @classmethod

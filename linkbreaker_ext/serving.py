@@ -136,6 +136,8 @@ def _body(net: nn.Module, layers, late_name: str, stages: dict | None,
     nodes[INPUT] = placeholders[0]
     if stages:
         for i, name in enumerate(layers):
+            if name not in stages:  # a layer every head keeps whole: nothing to mask
+                continue
             net.add_module(f"lb_mask{i}", stages[name])
             src = nodes[name]
             with graph.inserting_after(src):
@@ -214,6 +216,8 @@ class GuardedModule(nn.Module):
             stages = {}
             for name in self.layers:
                 m = guard.masks[name].float().to(device)
+                if bool((m == 1).all()):  # kept whole by every head (m * a + 0 * fill == a)
+                    continue
                 if self.consistency:
                     m = torch.cat([m, torch.ones_like(m[:1])])
                 m = _unit_mask(m, shapes[name], name)

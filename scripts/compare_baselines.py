@@ -176,7 +176,7 @@ def main():
                            split="heldout", counts={"clean": len(xc), "triggered": len(xt)},
                            attack_settings=attack.to_dict() if attack is not None else None,
                            wall_s=time.perf_counter() - t0, threads=args.threads)
-                path.write_text(json.dumps(rep, indent=2))
+                path.write_text(json.dumps(rep, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
                 a = rep["after"]
                 print(f"{attack_name} seed {seed} {name}: CDA {a['cda']:.4f} ASR {a['asr']:.4f} "
                       f"auroc {rep.get('auroc', float('nan')):.4f} fit {rep['timing']['offline_s']:.1f}s "
@@ -190,7 +190,7 @@ def main():
                 idx = torch.randperm(len(xs), generator=g)[:args.adversarial_n]
                 rep = adversarial(model, guard, strip, xs[idx], ys[idx], seed)
                 rep.update(dataset=DATASET, attack=attack_name, seed=seed, model=attack_name)
-                adv_path.write_text(json.dumps(rep, indent=2))
+                adv_path.write_text(json.dumps(rep, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
                 print(f"{attack_name} seed {seed} adversarial: "
                       f"{ {k: v for k, v in rep.items() if k in ('fgsm', 'bim', 'deepfool')} }", flush=True)
     write_tables(Path(args.out), args)
