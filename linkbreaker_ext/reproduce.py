@@ -121,14 +121,21 @@ def _pct(values) -> str:
 
 
 def _target_cells(dataset, attack_name, reps):
-    """(target text, verdict text) for one row; the CDA drop is paired: the same clean inputs
+    """(target text, verdict text) for one row, under both readings of an OOD verdict (its label
+    hint counts / only accepted answers count); the CDA drop is paired: the same clean inputs
     before and after the guard."""
     target = TARGETS.get((dataset, attack_name))
     if target is None:
         return "-", "-"
+    text, hint = _verdict(target, reps, "")
+    _, strict = _verdict(target, reps, "_strict")
+    return text, f"hint reading {hint}; Alg. 3 reading {strict}"
+
+
+def _verdict(target, reps, suffix):
     max_drop, max_asr = target
-    drop = statistics.mean(100 * (r["before"]["cda"] - r["after"]["cda"]) for r in reps)
-    asr = statistics.mean(100 * r["after"]["asr"] for r in reps)
+    drop = statistics.mean(100 * (r["before"]["cda"] - r["after"]["cda" + suffix]) for r in reps)
+    asr = statistics.mean(100 * r["after"]["asr" + suffix] for r in reps)
     text = f"drop <= {max_drop:g}" + (f", ASR <= {max_asr:g}%" if max_asr is not None else "")
     misses = []
     if drop > max_drop:
@@ -149,13 +156,16 @@ def table(dataset: str, split: str, reports: dict) -> str:
         f"# LinkBreaker on {dataset} ({split} half of the test split)",
         "",
         "Mean ± std over seeds, in %. *undefended*: the model without the guard (CDA on the whole "
-        f"{split} clean pool, ASR on the triggered inputs); *after*: with the guard. *CDA drop*: "
-        "undefended minus guarded CDA on the same clean inputs, in points. *paper*: LinkBreaker after "
-        "the defense (Tables II and III). *target*: issue #6.",
+        f"{split} clean pool, ASR on the triggered inputs); *after*: with the guard, counting the "
+        "label hint of an out-of-distribution verdict as the guard's answer; *accepted only*: "
+        "counting only accepted answers (Alg. 3: anything but exactly one credible head is refused). "
+        "*CDA drop*: undefended minus guarded CDA on the same clean inputs, in points (hint "
+        "reading). *paper*: LinkBreaker after the defense (Tables II and III). *target*: issue #6.",
         "",
-        "| attack | model | seeds | CDA undefended | ASR undefended | CDA after | ASR after | CDA drop "
-        "| R-Acc | clean alarms | clean OOD | paper CDA / ASR | target | verdict |",
-        "| --- " * 14 + "|",
+        "| attack | model | seeds | CDA undefended | ASR undefended | CDA after | ASR after "
+        "| CDA after, accepted only | ASR after, accepted only | CDA drop "
+        "| R-Acc | clean alarms | clean OOD | trigger alarms | trigger OOD | paper CDA / ASR | target | verdict |",
+        "| --- " * 18 + "|",
     ]
     for attack_name, reps in reports.items():
         if not reps:
@@ -169,8 +179,10 @@ def table(dataset: str, split: str, reports: dict) -> str:
         models = ", ".join(sorted({r.get("model", "?") for r in reps}))
         seeds = " ".join(str(r["seed"]) for r in reps)
         lines.append(f"| {attack_name} | {models} | {seeds} | {_pct([r['clean_model_cda'] for r in reps])} "
-                     f"| {b('asr')} | {a('cda')} | {a('asr')} | {drop} | {a('r_acc')} "
-                     f"| {a('alarm_rate_clean')} | {a('ood_rate_clean')} | {paper_text} | {target} "
+                     f"| {b('asr')} | {a('cda')} | {a('asr')} | {a('cda_strict')} | {a('asr_strict')} "
+                     f"| {drop} | {a('r_acc')} "
+                     f"| {a('alarm_rate_clean')} | {a('ood_rate_clean')} | {a('alarm_rate_trigger')} "
+                     f"| {a('ood_rate_trigger')} | {paper_text} | {target} "
                      f"| {verdict} |")
     all_reps = [r for rs in reports.values() for r in rs]
     settings = {json.dumps(r.get("settings", {}), sort_keys=True) for r in all_reps}

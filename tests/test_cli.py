@@ -275,7 +275,7 @@ def test_reproduce_writes_reports_and_table(tiny_reproduce, synth, shared_net, b
     assert rows["badnets"][col["target"]] == "-"  # issue #6 sets no MNIST BadNets target
     assert rows["none"][col["paper CDA / ASR"]] == "-"
     assert rows["none"][col["target"]] == "drop <= 1"
-    assert rows["none"][col["verdict"]].startswith(("met", "missed"))
+    assert rows["none"][col["verdict"]].startswith(("hint reading met", "hint reading missed"))
     assert rows["badnets"][col["seeds"]] == "0 1"
     reps = [json.loads((work / "reports" / f"heldout-badnets-{s}.json").read_text()) for s in (0, 1)]
     mean = sum(100 * r["after"]["asr"] for r in reps) / 2
@@ -305,19 +305,23 @@ def test_reproduce_dev_split_and_targets(tiny_reproduce, tmp_path):
 
 
 def test_reproduce_target_verdicts():
-    def rep(cda_before, cda_after, asr_after, seed=0):
+    def rep(cda_before, cda_after, asr_after, seed=0, strict=(0.0, 0.0)):
         return {"before": {"cda": cda_before, "asr": 1.0}, "seed": seed, "model": "Net",
                 "clean_model_cda": cda_before, "settings": {},
                 "after": {"cda": cda_after, "asr": asr_after, "r_acc": 0.5, "alarm_rate_clean": 0.0,
-                          "ood_rate_clean": 0.0}}
+                          "ood_rate_clean": 0.0, "alarm_rate_trigger": 0.0, "ood_rate_trigger": 0.0,
+                          "cda_strict": strict[0], "asr_strict": strict[1]}}
     # CIFAR-10 BadNets: drop <= 1 point, ASR <= 0.5%
     ok = [rep(0.90, 0.895, 0.004, 0), rep(0.90, 0.893, 0.002, 1)]
     target, verdict = reproduce._target_cells("cifar10", "badnets", ok)
-    assert target == "drop <= 1, ASR <= 0.5%" and verdict.startswith("met")
-    bad = [rep(0.90, 0.87, 0.02, 0), rep(0.90, 0.87, 0.04, 1)]  # drop 3 pts, ASR 3%
+    assert target == "drop <= 1, ASR <= 0.5%" and verdict.startswith("hint reading met")
+    # drop 3 pts, ASR 3% with the hints; accepted only: CDA 89.5 %, ASR 0.
+    bad = [rep(0.90, 0.87, 0.02, 0, (0.895, 0.0)), rep(0.90, 0.87, 0.04, 1, (0.895, 0.0))]
     target, verdict = reproduce._target_cells("cifar10", "badnets", bad)
-    assert verdict == "missed: drop 2.00 pts over, ASR 2.50 pts over"
-    assert reproduce._target_cells("cifar10", "sig", bad)[1] == "missed: drop 1.00 pts over"
+    assert verdict == ("hint reading missed: drop 2.00 pts over, ASR 2.50 pts over; "
+                       "Alg. 3 reading met (drop 0.50 pts under, ASR 0.50 pts under)")
+    assert reproduce._target_cells("cifar10", "sig", bad)[1].startswith(
+        "hint reading missed: drop 1.00 pts over;")
     assert reproduce._target_cells("mnist", "trojan-square", bad) == ("-", "-")
     table = reproduce.table("cifar10", "heldout", {"badnets": bad, "wanet": []})
     row = next(line for line in table.splitlines() if line.startswith("| badnets"))
