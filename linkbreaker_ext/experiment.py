@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import attacks, data, metrics, models, safefiles, training
-from .guard import LinkBreaker
+from .guard import GuardResult, LinkBreaker, score_from_result as guard_score, vote
 
 NO_ATTACK = "none"
 MODEL_KEY = "linkbreaker-model"
@@ -85,6 +85,13 @@ def evaluate(model, guard: LinkBreaker, attack, x_test, y_test, n_clean=2000, n_
                          "online_ms_per_sample": 1000 * online_s / max(len(xc), 1)},
               "attack": attack.to_dict() if attack is not None else None,
               "counts": {"clean": len(xc), "triggered": len(xt)}}
+    if rc.consistency is not None:
+        # The same heads and thresholds without the consistency veto (the paper's credibility test
+        # alone), from the same forward passes: the ablation of the check comes for free.
+        plain = [GuardResult(*vote(r.confidences, r.confidences >= r.thresholds), r.confidences,
+                             r.thresholds) for r in (rc, rt)]
+        report["after_without_consistency"] = metrics.defended(plain[0], yc, plain[1], yt, target)
+        report["auroc"] = metrics.auroc(guard_score(rc), guard_score(rt))
     return report, (rc, yc, rt, yt)
 
 

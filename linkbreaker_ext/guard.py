@@ -108,6 +108,19 @@ def vote(conf: torch.Tensor, credible: torch.Tensor, consistent: torch.Tensor | 
     return labels.masked_fill(bad, -1), verdict.masked_fill(bad, OOD)
 
 
+def score_from_result(r: GuardResult) -> torch.Tensor:
+    """``[B]`` continuous trigger score of a guard's result: how far the input is from being credible
+    for its most confident head, in the guard's own units (that head's consistency ratio over its
+    confidence margin, in log), plus one for every extra credible head (several credible heads is
+    the paper's trigger signature). ``docs/method.md`` defines it."""
+    margin = (r.confidences / r.thresholds).clamp_min(1e-6)
+    ratio = r.consistency if r.consistency is not None else torch.ones_like(margin)
+    k = margin.argmax(1, keepdim=True)
+    top = (ratio.gather(1, k).clamp_min(1e-6) / margin.gather(1, k)).squeeze(1)
+    credible = ((margin >= 1) & (ratio <= 1)).sum(1)
+    return top.log() + (credible - 1).clamp_min(0)
+
+
 class LinkBreaker:
     """A fitted guard around ``model``. Build with :meth:`fit` or :meth:`load`; call like the model.
 
@@ -229,17 +242,9 @@ class LinkBreaker:
 
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B]`` continuous trigger score, higher = more suspicious (for ROC curves): how far the
-        input is from being credible for the most confident head, in the guard's own units: the
-        head's consistency ratio divided by its confidence margin, plus one for every extra head that
-        is credible (several credible heads is the paper's trigger signature)."""
-        r = self(x)
-        margin = (r.confidences / r.thresholds).clamp_min(1e-6)
-        ratio = r.consistency if r.consistency is not None else torch.ones_like(margin)
-        k = margin.argmax(1, keepdim=True)
-        top = (ratio.gather(1, k) / margin.gather(1, k)).squeeze(1)
-        credible = ((margin >= 1) & (ratio <= 1)).sum(1)
-        return top.log() + (credible - 1).clamp_min(0)
+        """``[B]`` continuous trigger score, higher = more suspicious (for ROC curves); see
+        :func:`score_from_result`."""
+        return score_from_result(self(x))
 
     def as_module(self, batch_rows=None, check_inputs=True):
         """This guard as a self-contained, stateless ``nn.Module`` whose ``forward(x)`` returns

@@ -41,3 +41,18 @@ def defended(clean, y_clean, trig, y_trig_true, target: int) -> dict:
         "ood_rate_trigger": _mean(vt == 2),
         "accept_accuracy_clean": _mean((lc == y_clean.cpu())[vc == 0]),
     }
+
+
+def auroc(clean_scores: torch.Tensor, trigger_scores: torch.Tensor) -> float:
+    """Area under the ROC curve of a detector score (higher = triggered): the probability that a
+    triggered input outscores a clean one, ties counted half (Mann-Whitney U)."""
+    c, t = clean_scores.double().flatten().cpu(), trigger_scores.double().flatten().cpu()
+    if not len(c) or not len(t):
+        return float("nan")
+    both = torch.cat([c, t])
+    ordered = both.sort().values
+    lo = torch.searchsorted(ordered, both, right=False)
+    hi = torch.searchsorted(ordered, both, right=True)
+    ranks = (lo + hi + 1).double() / 2  # 1-based ranks, ties averaged
+    u = ranks[len(c):].sum() - len(t) * (len(t) + 1) / 2
+    return (u / (len(c) * len(t))).item()

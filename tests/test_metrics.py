@@ -67,3 +67,24 @@ def test_undefended():
     m = metrics.undefended(pred_clean, y_clean, pred_trig, target=0)
     assert m == {"cda": pytest.approx(3 / 5), "asr": pytest.approx(3 / 4)}
     assert math.isnan(metrics.undefended(T([0]), T([0]), T([], dtype=torch.int64), target=0)["asr"])
+
+
+def test_auroc_counts_pairs_and_ties():
+    from linkbreaker_ext import metrics
+    assert metrics.auroc(torch.tensor([0.0, 1, 2]), torch.tensor([3.0, 4])) == 1.0
+    assert metrics.auroc(torch.tensor([5.0, 6]), torch.tensor([1.0, 2])) == 0.0
+    assert metrics.auroc(torch.tensor([1.0, 1]), torch.tensor([1.0, 1])) == 0.5
+    # pairs (c, t): (0,1) (0,4) (1,4) (2,4) win, (1,1) ties, (2,1) loses -> 4.5 / 6
+    assert abs(metrics.auroc(torch.tensor([0.0, 1, 2]), torch.tensor([1.0, 4])) - 4.5 / 6) < 1e-12
+
+
+def test_strict_metrics_count_only_accepted_answers():
+    from linkbreaker_ext import metrics
+    from linkbreaker_ext.guard import GuardResult
+    conf = torch.zeros(4, 3)
+    th = torch.full((3,), 0.5)
+    clean = GuardResult(torch.tensor([0, 1, 2, -1]), torch.tensor([0, 2, 0, 1]), conf, th)
+    trig = GuardResult(torch.tensor([0, 0, 1, -1]), torch.tensor([0, 2, 0, 1]), conf, th)
+    m = metrics.defended(clean, torch.tensor([0, 1, 2, 2]), trig, torch.tensor([1, 2, 1, 2]), 0)
+    assert m["cda"] == 0.75 and m["cda_strict"] == 0.5   # the OOD hint of input 1 is right
+    assert m["asr"] == 0.5 and m["asr_strict"] == 0.25   # ... and of triggered input 1 the target
