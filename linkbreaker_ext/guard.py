@@ -199,6 +199,9 @@ class LinkBreaker:
         class k's salient neurons, relative to class k's typical deviation, reduced over layers."""
         if not self.profile or len(x) == 0:
             return torch.zeros(len(x), self.num_heads, device=self.device)
+        rows = self._batch_rows()
+        if len(x) > rows:  # chunk by chunk: peak memory stays bounded for any batch size
+            return torch.cat([self.deviations(x[i:i + rows]) for i in range(0, len(x), rows)])
         u = self.unit_activations(x)
         per_layer = []
         for i, layer in enumerate(self._profile_layers()):
