@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import attacks, data, experiment, plots, reproduce, training
+from . import attacks, data, experiment, metrics, plots, reproduce, training
 from .guard import LinkBreaker
 
 
@@ -99,8 +99,27 @@ def cmd_fit(args):
 
 def cmd_evaluate(args):
     model, meta, d = _load(args)
-    guard = LinkBreaker.load(args.guard, model)
     attack = attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None
+    if args.defense != "linkbreaker":
+        from .baselines.evaluate import evaluate_defense
+        sets = experiment.eval_sets(attack, d["x_test"], d["y_test"], args.n_clean, args.n_trigger,
+                                    meta["seed"])
+        _, report = evaluate_defense(args.defense, model, d["x_val"], d["y_val"], meta["num_classes"],
+                                     sets, meta["seed"])
+        report["before"] = metrics.undefended(
+            training.predict_logits(model, sets[0]).argmax(1), sets[1],
+            training.predict_logits(model, sets[2]).argmax(1), sets[4])
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        a = report["after"]
+        print(f"{args.defense}: CDA {100 * report['before']['cda']:.2f}% -> {100 * a['cda']:.2f}%, "
+              f"ASR {100 * report['before']['asr']:.2f}% -> {100 * a['asr']:.2f}%"
+              + (f", AUROC {report['auroc']:.4f}" if "auroc" in report else ""))
+        return
+    if not args.guard:
+        raise ValueError("--guard is required with --defense linkbreaker")
+    guard = LinkBreaker.load(args.guard, model)
     report, results = experiment.evaluate(model, guard, attack, d["x_test"], d["y_test"],
                                           args.n_clean, args.n_trigger, meta["seed"])
     _write_outputs(report, results, guard, Path(args.out), args.json, f"{meta['dataset']}")
@@ -169,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="CDA/ASR before and after the guard on the test split")
     common(s)
     s.add_argument("--model", required=True)
-    s.add_argument("--guard", required=True)
+    s.add_argument("--guard", help="the fitted guard (for --defense linkbreaker)")
+    s.add_argument("--defense", default="linkbreaker",
+                   choices=["linkbreaker", "strip", "neural-cleanse", "abs", "fine-pruning", "scale-up",
+                            "ibd-psc"], help="baselines are fitted on the model's validation split")
     s.add_argument("--n-clean", type=int, default=2000)
     s.add_argument("--n-trigger", type=int, default=2000)
     s.add_argument("--out", default="eval-out")

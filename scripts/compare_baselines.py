@@ -26,15 +26,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from linkbreaker_ext import LinkBreaker, attacks, experiment, metrics, training  # noqa: E402
 from linkbreaker_ext.baselines import make_defense, roc_auc  # noqa: E402
+from linkbreaker_ext.baselines.evaluate import _rate, evaluate_defense  # noqa: E402
 
 DATASET = "mnist"
 DEFENSES = ["linkbreaker", "strip", "scale-up", "ibd-psc", "neural-cleanse", "abs", "fine-pruning"]
 DETECTORS = ["linkbreaker", "strip", "scale-up", "ibd-psc"]
 POISONING = {"badnets": "data", "blended": "data", "trojan-square": "model", "none": "clean"}
-
-
-def _rate(mask):
-    return mask.float().mean().item() if mask.numel() else float("nan")
 
 
 def lb_score(guard, x, r):
@@ -66,47 +63,8 @@ def run_linkbreaker(model, val, sets, seed):
                    "timing": {"offline_s": fit_s, "online_ms_per_sample": 1000 * online / len(xc)}}
 
 
-def detector_after(model, flag_c, flag_t, sets):
-    xc, yc, xt, yt, target = sets
-    pc = training.predict_logits(model, xc).argmax(1)
-    pt = training.predict_logits(model, xt).argmax(1)
-    return {"cda": _rate(~flag_c & (pc == yc)), "asr": _rate(~flag_t & (pt == target)),
-            "r_acc": _rate(~flag_t & (pt == yt)), "alarm_rate_clean": _rate(flag_c),
-            "alarm_rate_trigger": _rate(flag_t)}
-
-
 def run_baseline(name, model, val, sets, seed):
-    xc, yc, xt, yt, target = sets
-    d = make_defense(name, seed=seed)
-    d.fit(model, val[0], val[1], 10)
-    rep = {"settings": d.settings()}
-    if d.kind == "input":
-        start = time.perf_counter()
-        sc = d.score(xc).cpu()
-        online = time.perf_counter() - start
-        st = d.score(xt).cpu()
-        fc, ft = sc > d.threshold, st > d.threshold
-        rep.update(after=detector_after(model, fc, ft, sets), auroc=roc_auc(sc, st), tpr=_rate(ft),
-                   fpr=_rate(fc), threshold=d.threshold)
-        if hasattr(d, "depths"):
-            rep["ibd_psc"] = {"depths": d.depths, "clean_error_by_depth": d.clean_error_by_depth}
-    else:
-        start = time.perf_counter()
-        pc = d.predict(xc, model)
-        online = time.perf_counter() - start
-        pt = d.predict(xt, model)
-        rep["after"] = {"cda": _rate(pc == yc), "asr": _rate(pt == target), "r_acc": _rate(pt == yt)}
-        rep["flagged"] = d.flagged
-        rep["repaired"] = d.repaired is not None
-        rep["report"] = {k: v for k, v in d.report.items()
-                         if k not in ("stimulation_scores", "mean_activation")}
-        if getattr(d, "pruned", None) is not None:  # Fine-Pruning's first step on its own
-            p1c = training.predict_logits(d.pruned, xc).argmax(1)
-            p1t = training.predict_logits(d.pruned, xt).argmax(1)
-            rep["after_prune"] = {"cda": _rate(p1c == yc), "asr": _rate(p1t == target),
-                                  "r_acc": _rate(p1t == yt)}
-    rep["timing"] = {"offline_s": d.fit_s, "online_ms_per_sample": 1000 * online / len(xc)}
-    return d, rep
+    return evaluate_defense(name, model, val[0], val[1], 10, sets, seed)
 
 
 def adversarial(model, guard, strip, x, y, seed):
@@ -264,6 +222,12 @@ def write_tables(out: Path, args):
                 if not reps:
                     continue
                 rows = [(d, [r["after"] for r in reps])]
+                if d == "linkbreaker":  # the detectors' rule: a refused input (alarm or OOD) is
+                    # an error on clean data and no success for the attacker; the hint reading too
+                    strict = [dict(r["after"], cda=r["after"]["cda_strict"], asr=r["after"]["asr_strict"])
+                              for r in reps if "cda_strict" in r["after"]]
+                    rows = ([("linkbreaker (refusals as detections)", strict)] if len(strict) == len(reps)
+                            else []) + [("linkbreaker (OOD label hints as answers)", [r["after"] for r in reps])]
                 if d == "fine-pruning":
                     rows = [("fine-pruning: prune only", [r["after_prune"] for r in reps]),
                             ("fine-pruning: prune + fine-tune", [r["after"] for r in reps])]

@@ -145,6 +145,17 @@ def test_cli_fit_then_evaluate(tmp_path, capsys):
     pngs = list(out.glob("confidences_class*.png"))
     assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
+    # the same evaluation with a baseline instead of the guard (no guard file needed)
+    strip_json = tmp_path / "strip.json"
+    assert cli.main(["evaluate", "--model", str(model_path), "--defense", "strip", "--quiet",
+                     "--device", "cpu", "--n-clean", "40", "--n-trigger", "30",
+                     "--json", str(strip_json)]) == 0
+    assert capsys.readouterr().out.startswith("strip: CDA")
+    rep = json.loads(strip_json.read_text())
+    assert rep["defense"] == "strip" and 0.0 <= rep["auroc"] <= 1.0 and 0.0 <= rep["fpr"] <= 1.0
+    assert set(rep["before"]) == {"cda", "asr"}
+    assert cli.main(["evaluate", "--model", str(model_path), "--quiet", "--device", "cpu"]) == 2
+
 
 # ------------------------------------------------------------------------------ plots
 
