@@ -99,7 +99,7 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
     fills = {k: s["fill"] for k, s in stats.items()}
     ones = {k: torch.ones_like(v) for k, v in scores.items()}
     guard = cls(model, layers, tapped.late_name, ones, fills, torch.full((num_classes,), 0.5), {},
-                cfg, x.shape[1:], tapped=tapped)
+                cfg, x.shape[1:], tapped=tapped, input_range=(x.min().item(), x.max().item()))
 
     # Set sizes (Alg. 2 line 6), judged on the fit split (originals only unless configured).
     x_s, y_s = (x_aug, y_aug) if cfg.search_on_neighbours else (x_fit, y_fit)

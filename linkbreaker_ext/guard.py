@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +90,31 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def check_input(x, input_shape, device, value_range=None, finite: bool = True) -> None:
+    """The guard's input contract: a floating ``[B, *input_shape]`` tensor on ``device``, without
+    NaN/Inf (``finite``; a host sync on CUDA). Values far outside the validation set's ``value_range``
+    (0-255 images given to a model fitted on 0-1 images) are almost surely a preprocessing mistake:
+    warned about, since a guard cannot vouch for inputs unlike anything it was fitted on."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if tuple(x.shape[1:]) != tuple(input_shape):
+        raise ValueError(f"input shape {tuple(x.shape)} does not match the fitted input shape "
+                         f"[B, {', '.join(map(str, input_shape))}]")
+    if not x.is_floating_point():
+        raise TypeError(f"input must be a floating tensor, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"input is on {x.device} but the guard and model are on {device}")
+    if finite and not torch.isfinite(x).all():
+        raise ValueError("input contains NaN or Inf")
+    if finite and value_range is not None and x.numel():
+        lo, hi = value_range
+        span = max(hi - lo, 1e-6)
+        if x.min().item() < lo - span or x.max().item() > hi + span:
+            warnings.warn(f"input values span [{x.min().item():.3g}, {x.max().item():.3g}] but the guard "
+                          f"was fitted on values in [{lo:.3g}, {hi:.3g}]: check the preprocessing "
+                          f"(e.g. 0-255 images given to a model of 0-1 images)", stacklevel=3)
+
+
 def vote(conf: torch.Tensor, credible: torch.Tensor, consistent: torch.Tensor | None = None):
     """Alg. 3's one-label rule on a credible set ``[B, N]``: (labels, verdict), the op's semantics
     (accept the one credible head, -1 for an alarm, the most confident head as the hint of an OOD
@@ -121,6 +148,16 @@ def score_from_result(r: GuardResult) -> torch.Tensor:
     return top.log() + (credible - 1).clamp_min(0)
 
 
+def _range(value):
+    """A saved ``input_range``: two finite numbers, low <= high, or None."""
+    if value is None:
+        return None
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in value) or value[0] > value[1]):
+        raise ValueError(f"input_range must be [low, high], got {value!r}")
+    return value
+
+
 class LinkBreaker:
     """A fitted guard around ``model``. Build with :meth:`fit` or :meth:`load`; call like the model.
 
@@ -128,13 +165,14 @@ class LinkBreaker:
     """
 
     def __init__(self, model, layers, late, masks, fills, thresholds, profile, config: GuardConfig,
-                 input_shape, diagnostics=None, tapped: TappedModel | None = None):
+                 input_shape, diagnostics=None, tapped: TappedModel | None = None, input_range=None):
         device = next(model.parameters()).device
         self.model = model
         self.tapped = tapped or TappedModel(model, layers, late)
         self.layers, self.late_layer = self.tapped.layers, self.tapped.late_name
         self.config = config
         self.input_shape = tuple(input_shape)
+        self.input_range = None if input_range is None else tuple(float(v) for v in input_range)
         self.masks = {k: v.float().to(device) for k, v in masks.items()}
         self.fills = {k: v.float().to(device) for k, v in fills.items()}
         self.thresholds = thresholds.float().to(device)
@@ -220,17 +258,7 @@ class LinkBreaker:
         return 256 if self.device.type == "cpu" else 8192
 
     def _check_input(self, x):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"input shape {tuple(x.shape)} does not match the fitted input shape "
-                             f"[B, {', '.join(map(str, self.input_shape))}]")
-        if not x.is_floating_point():
-            raise TypeError(f"input must be a floating tensor, got {x.dtype}")
-        if x.device != self.device:
-            raise ValueError(f"input is on {x.device} but the guard and model are on {self.device}")
-        if not torch.isfinite(x).all():
-            raise ValueError("input contains NaN or Inf")
+        check_input(x, self.input_shape, self.device, self.input_range)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> GuardResult:
@@ -279,7 +307,7 @@ class LinkBreaker:
         with the same key refuses a file that anyone without the key has changed."""
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "layers": self.layers,
                 "late_layer": self.late_layer, "input_shape": list(self.input_shape),
-                "model_sha256": fingerprint(self.model),
+                "model_sha256": fingerprint(self.model), "input_range": self.input_range,
                 "fit_s": self.diagnostics.get("fit_s"),
                 "config": {k: list(v) if isinstance(v, tuple) else v
                            for k, v in dataclasses.asdict(self.config).items()}}
@@ -325,6 +353,7 @@ class LinkBreaker:
             config = GuardConfig(**raw)
             return cls(model, layers, late, pick("masks."), pick("fill."), tensors["thresholds"],
                        pick("profile."), config, shape,
-                       diagnostics={"fit_s": meta.get("fit_s") or float("nan")})
+                       diagnostics={"fit_s": meta.get("fit_s") or float("nan")},
+                       input_range=_range(meta.get("input_range")))
         except (TypeError, ValueError, RuntimeError) as e:  # layer names the model lacks, ...
             raise Err(f"{path}: guard does not fit this model: {e}") from None

@@ -45,7 +45,7 @@ import torch
 from torch import fx, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.linkbreaker.guard_head and its fake kernel)
-from .guard import vote
+from .guard import check_input, vote
 from .layers import INPUT, LATE
 
 __all__ = ["GuardedModule"]
@@ -199,6 +199,7 @@ class GuardedModule(nn.Module):
         device = guard.device
         self.layers = list(guard.layers)
         self.input_shape = tuple(guard.input_shape)
+        self.input_range = guard.input_range
         self.num_heads = int(guard.num_heads)
         self.use_early = bool(cfg.use_early)
         self.consistency = bool(cfg.consistency and guard.profile)
@@ -272,18 +273,8 @@ class GuardedModule(nn.Module):
 
     # ------------------------------------------------------------------ call
     def _check(self, x):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"input shape {tuple(x.shape)} does not match the fitted input shape "
-                             f"[B, {', '.join(map(str, self.input_shape))}]")
-        if not x.is_floating_point():
-            raise TypeError(f"input must be a floating tensor, got {x.dtype}")
-        if x.device != self.thresholds.device:
-            raise ValueError(f"input is on {x.device} but the guarded module is on "
-                             f"{self.thresholds.device}")
-        if not torch.compiler.is_compiling() and not torch.isfinite(x).all():
-            raise ValueError("input contains NaN or Inf")
+        check_input(x, self.input_shape, self.thresholds.device, self.input_range,
+                    finite=not torch.compiler.is_compiling())
 
     def chunk_inputs(self, device: torch.device | None = None) -> int:
         """Inputs per batched forward: ``max(1, batch_rows // rows_per_input)``."""

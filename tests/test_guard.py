@@ -930,3 +930,16 @@ def test_cuda_validation_data_with_a_cpu_model(shared_net, synth, guard_hidden):
     g = fit(shared_net, synth["x_val"].cuda(), synth["y_val"].cuda(), layers=["1"])
     assert g.device.type == "cpu"
     assert_same_state(g, guard_hidden)
+
+
+def test_inputs_far_outside_the_fitted_range_warn(guard_hidden):
+    """0-255 images given to a guard fitted on 0-1 images: a warning that names the ranges; values
+    inside the range stay silent; the saved guard keeps the range."""
+    import warnings
+    x = torch.rand(3, *guard_hidden.input_shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guard_hidden(x)
+    with pytest.warns(UserWarning, match="fitted on values in"):
+        guard_hidden(x * 255)
+    assert guard_hidden.input_range is not None and guard_hidden.input_range[0] <= guard_hidden.input_range[1]
