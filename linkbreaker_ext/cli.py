@@ -45,8 +45,26 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda requested but CUDA is not available")
-    return torch.device(name)
+        raise ValueError("--device cuda requested but CUDA is not available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu or cuda[:N], got {name!r}") from None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _writable(path) -> Path:
+    """Refuse an output path that is a directory before any work is done."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a directory; give a file path")
+    return path
 
 
 def cmd_demo(args):
@@ -89,7 +107,13 @@ def _load(args):
 
 def cmd_fit(args):
     model, meta, d = _load(args)
-    overrides = json.loads(args.config) if args.config else {}
+    _writable(args.out)
+    try:
+        overrides = json.loads(args.config) if args.config else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--config is not valid JSON: {e}") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--config must be a JSON object of GuardConfig fields, got {args.config!r}")
     guard = LinkBreaker.fit(model, d["x_val"], d["y_val"], meta["num_classes"],
                             layers=args.layers, progress=not args.quiet, **overrides)
     guard.save(args.out)
@@ -158,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     # 10 % of the 12,000-image subset = 1,200 clean samples, the size of the paper's 2 % of full MNIST
     s.add_argument("--val-fraction", type=float, default=0.1)
-    s.add_argument("--n-clean", type=int, default=2000)
-    s.add_argument("--n-trigger", type=int, default=2000)
+    s.add_argument("--n-clean", type=_positive, default=2000)
+    s.add_argument("--n-trigger", type=_positive, default=2000)
     s.add_argument("--out", default="demo-out")
     s.add_argument("--json", help="also write the report to this path")
     s.set_defaults(func=cmd_demo)
@@ -192,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--defense", default="linkbreaker",
                    choices=["linkbreaker", "strip", "neural-cleanse", "abs", "fine-pruning", "scale-up",
                             "ibd-psc"], help="baselines are fitted on the model's validation split")
-    s.add_argument("--n-clean", type=int, default=2000)
-    s.add_argument("--n-trigger", type=int, default=2000)
+    s.add_argument("--n-clean", type=_positive, default=2000)
+    s.add_argument("--n-trigger", type=_positive, default=2000)
     s.add_argument("--out", default="eval-out")
     s.add_argument("--json", help="also write the report to this path")
     s.set_defaults(func=cmd_evaluate)
@@ -214,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GuardConfig override, repeatable (e.g. --set neighbours=0)")
     s.add_argument("--epochs", type=int, default=None, help="training epochs for missing models "
                                                              "(default: the data set's recipe)")
-    s.add_argument("--n-clean", type=int, default=2000)
-    s.add_argument("--n-trigger", type=int, default=2000)
+    s.add_argument("--n-clean", type=_positive, default=2000)
+    s.add_argument("--n-trigger", type=_positive, default=2000)
     s.set_defaults(func=cmd_reproduce)
 
     s = sub.add_parser("bench", add_help=False,
@@ -234,7 +258,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # FileNotFoundError, FileExistsError, ... are OSErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -7,7 +7,6 @@ Data flows one way through the stages, each in its own module: :mod:`neighbours`
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 
@@ -16,7 +15,7 @@ from torch import nn
 
 from . import calibrate, salient, search
 from .data import stratified_split
-from .layers import INPUT, LATE, TappedModel, auto_layers, check_layers, units
+from .layers import INPUT, LATE, TappedModel, auto_layers, check_layers, final_linear, frozen_copy, units
 from .neighbours import generate_neighbours
 
 
@@ -34,21 +33,29 @@ def as_tensors(x, y):
     return torch.cat(xs), torch.cat(ys)
 
 
-def _validate(x, y, num_classes, cfg):
+def _validate(x, y, num_classes, cfg, outputs: int):
+    if len(y) == 0:
+        raise ValueError("the validation set is empty")
     if x.dim() < 2 or len(x) != len(y):
         raise ValueError(f"x_val {tuple(x.shape)} and y_val {tuple(y.shape)} do not match")
     if not x.is_floating_point() or not torch.isfinite(x).all():
         raise ValueError("x_val must be a floating tensor without NaN or Inf")
-    if y.is_floating_point() or y.dtype == torch.bool or y.dim() != 1:
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 1:
         raise ValueError(f"y_val must be a 1-D integer tensor of class labels, got {y.dtype} "
                          f"{tuple(y.shape)}")
-    num_classes = int(num_classes if num_classes is not None else y.max().item() + 1)
-    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+    # default: the classifier's width, so a class absent from the labels is not silently dropped
+    num_classes = int(num_classes if num_classes is not None else outputs)
+    if y.min() < 0 or y.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes})")
+    if num_classes != outputs:
+        raise ValueError(f"num_classes={num_classes} but the classifier (the last nn.Linear) has "
+                         f"{outputs} outputs: pass the model's number of classes, or name the "
+                         f"classifier if another Linear comes after it in registration order")
     counts = torch.bincount(y, minlength=num_classes)
-    if counts.min() < cfg.min_per_class:
+    need = max(cfg.min_per_class, 2)  # one for the fit split, one for calibration, at the least
+    if counts.min() < need:
         raise ValueError(f"too few validation samples: class {int(counts.argmin())} has "
-                         f"{int(counts.min())}, need at least {cfg.min_per_class} per class")
+                         f"{int(counts.min())}, need at least {need} per class")
     return num_classes
 
 
@@ -73,14 +80,19 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
     from .guard import GuardConfig
 
     t0 = time.perf_counter()
+    known = {f.name for f in dataclasses.fields(GuardConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown GuardConfig field(s) {unknown}; known: {sorted(known)}")
     cfg = dataclasses.replace(config or GuardConfig(), **overrides)
     x, y = as_tensors(x_val, y_val)
     x, y = x.detach().cpu(), y.detach().cpu()  # the rule: data lives on the CPU, chunks go to the model
-    num_classes = _validate(x, y, num_classes, cfg)
+    num_classes = _validate(x, y, num_classes, cfg, final_linear(model)[1].out_features)
+    x, y = x.float(), y.long()
     device = next(model.parameters()).device
-    # Everything below runs on the guard's own frozen copy: the user's model is never switched to
-    # eval mode, hooked or given gradients by the fit.
-    net = copy.deepcopy(model).eval()
+    # Everything below runs on the guard's own frozen float32 copy: the user's model is never
+    # switched to eval mode, hooked or given gradients by the fit.
+    net = frozen_copy(model)
     if layers is None:
         layers = [INPUT] + [n for n in auto_layers(net, x[:1].to(device), cfg.hidden_layers)
                             if n != INPUT]

@@ -69,6 +69,40 @@ class GuardConfig:
     batch_rows: int | None = None   # rows (inputs x heads) per batched forward; None: 256 on CPU
                                     # (large conv batches fall out of cache: measured 2x slower), 8192 on GPU
 
+    def __post_init__(self):
+        """Refuse settings that would fit silently wrong, naming the field."""
+        def bad(name, why):
+            raise ValueError(f"GuardConfig.{name}={getattr(self, name)!r}: {why}")
+        for name in ("neighbours", "neighbour_iters", "hidden_layers", "min_per_class", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                bad(name, "must be a non-negative integer")
+        fr = self.fractions
+        if (not isinstance(fr, (tuple, list)) or not fr
+                or not all(isinstance(q, (int, float)) and 0 < q <= 1 for q in fr)
+                or list(fr) != sorted(fr) or fr[-1] != 1):
+            bad("fractions", "must be an ascending sequence in (0, 1] ending with 1.0")
+        for name in ("neighbour_noise", "neighbour_step", "tolerance_in", "tolerance_out",
+                     "min_active", "noise_amplitude", "mad_k", "consistency_mad_k"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                bad(name, "must be a finite number >= 0")
+        if not 0 < self.calibration_fraction < 1:
+            bad("calibration_fraction", "must lie in (0, 1)")
+        if not 0 <= self.threshold_floor < 1:
+            bad("threshold_floor", "must lie in [0, 1)")
+        if self.out_quantile is not None and not 0 < self.out_quantile < 1:
+            bad("out_quantile", "must lie in (0, 1) or be None")
+        choices = {"fill": ("blank", "mean"), "reliability_measure": ("confidence", "rate"),
+                   "consistency_reduce": ("max", "mean")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                bad(name, f"must be one of {allowed}")
+        if self.search_per_class is not None and (not isinstance(self.search_per_class, int)
+                                                  or self.search_per_class < 1):
+            bad("search_per_class", "must be a positive integer or None")
+        if self.batch_rows is not None and (not isinstance(self.batch_rows, int) or self.batch_rows < 1):
+            bad("batch_rows", "must be a positive integer or None")
+
 
 @dataclass
 class GuardResult:
@@ -179,6 +213,8 @@ class LinkBreaker:
         # consistency profile: per layer center/scale [K, D_unit], norms [K, L], bounds [K]
         self.profile = {k: v.float().to(device) for k, v in (profile or {}).items()}
         self.diagnostics = diagnostics or {}
+        # the weights this guard was fitted for, fixed now: a model changed later does not match
+        self.model_sha256 = fingerprint(model)
 
     @property
     def num_heads(self) -> int:
@@ -263,6 +299,7 @@ class LinkBreaker:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> GuardResult:
         self._check_input(x)
+        x = x.float()  # the guard's copy of the model is float32
         conf, labels, verdict = self.head_confidences(x)
         if not (self.config.consistency and self.profile):
             return GuardResult(labels, verdict, conf, self.thresholds)
@@ -307,7 +344,7 @@ class LinkBreaker:
         with the same key refuses a file that anyone without the key has changed."""
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "layers": self.layers,
                 "late_layer": self.late_layer, "input_shape": list(self.input_shape),
-                "model_sha256": fingerprint(self.model), "input_range": self.input_range,
+                "model_sha256": self.model_sha256, "input_range": self.input_range,
                 "fit_s": self.diagnostics.get("fit_s"),
                 "config": {k: list(v) if isinstance(v, tuple) else v
                            for k, v in dataclasses.asdict(self.config).items()}}

@@ -84,6 +84,35 @@ def auto_layers(model: nn.Module, example: torch.Tensor, count: int = 4) -> list
     return [maps[i] for i in picks]
 
 
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """The guard's own copy of a model: float32 (an fp16/bf16 model is measured in float32), eval
+    mode, no gradients, and none of the user's hooks (they would run on every guarded forward)."""
+    net = copy.deepcopy(model).float().eval()
+    for m in net.modules():
+        for d in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                  "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+                  "_forward_hooks_always_called"):
+            if isinstance(getattr(m, d, None), dict):
+                getattr(m, d).clear()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def logits_of(out) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, the first element of a tuple/list, or the
+    ``"logits"`` entry of a dict; anything else is refused by name."""
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if isinstance(out, dict) and isinstance(out.get("logits"), torch.Tensor):
+        return out["logits"]
+    if isinstance(out, torch.Tensor):
+        return out
+    raise ValueError(f"cannot find the logits in the model's output of type {type(out).__name__}: "
+                     f"return a tensor, a tuple whose first element is the logits, or a dict with "
+                     f"'logits'")
+
+
 def _names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_modules() if n]
 
@@ -114,9 +143,7 @@ class TappedModel:
 
     def __init__(self, model: nn.Module, layers, late: str | None = None, private: bool = False):
         """``private=True``: ``model`` is already the guard's own copy (no second copy is made)."""
-        self.net = (model if private else copy.deepcopy(model)).eval()
-        for p in self.net.parameters():
-            p.requires_grad_(False)
+        self.net = model.eval() if private else frozen_copy(model)
         self.layers = check_layers(self.net, layers)
         self.late_name, self.late = final_linear(self.net, late)
         modules = dict(self.net.named_modules())

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .layers import logits_of
+
 
 def generate_neighbours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, per_sample: int = 4,
                         noise_std: float = 0.2, lam: float = 0.05, step: float = 0.5, iters: int = 60,
@@ -42,12 +44,12 @@ def generate_neighbours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, per_
             yb = ys[start:start + batch_size].to(device)
             noise = (torch.randn(xb.shape, generator=g) * noise_std).to(device).clamp(lo, hi)
             with torch.no_grad():
-                ref = model(xb).softmax(1).gather(1, yb[:, None])
+                ref = logits_of(model(xb)).softmax(1).gather(1, yb[:, None])
             c = torch.ones_like(xb)
             for _ in range(iters):
                 c.requires_grad_(True)
                 mixed = c * xb + (1 - c) * noise
-                conf = model(mixed).softmax(1).gather(1, yb[:, None])
+                conf = logits_of(model(mixed)).softmax(1).gather(1, yb[:, None])
                 grad, = torch.autograd.grad((conf - ref).abs().sum(), c)
                 with torch.no_grad():
                     c = ((c - step * grad) / (1 + lam * step)).clamp_(0, 1)

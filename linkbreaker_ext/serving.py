@@ -285,6 +285,7 @@ class GuardedModule(nn.Module):
     def forward(self, x: torch.Tensor):
         if self.check_inputs:
             self._check(x)
+        x = x.float()  # the private copy is float32, as the guard's
         n = self.num_heads
         if x.shape[0] == 0:
             return (torch.empty(0, dtype=torch.int64, device=x.device),

@@ -46,7 +46,7 @@ def test_parser_subcommands():
 
 
 @pytest.mark.parametrize("argv", [[], ["bogus"], ["train"], ["fit", "--model", "m"],
-                                  ["evaluate", "--model", "m"], ["demo", "--attack", "nonsense"],
+                                  ["demo", "--attack", "nonsense"],
                                   ["fit", "--model", "m", "--out", "g", "--early-layer", "input"],
                                   ["fit", "--model", "m", "--out", "g", "--layers"],
                                   ["reproduce", "--attacks", "badnets"],
