@@ -91,6 +91,15 @@ def evaluate(model, guard: LinkBreaker, attack, x_test, y_test, n_clean=2000, n_
         plain = [GuardResult(*vote(r.confidences, r.confidences >= r.thresholds), r.confidences,
                              r.thresholds) for r in (rc, rt)]
         report["after_without_consistency"] = metrics.defended(plain[0], yc, plain[1], yt, target)
+        # ... and with the other verdict for a confident but inconsistent top head
+        other = "ood" if guard.config.inconsistent_verdict == "alarm" else "alarm"
+        alt = []
+        for r in (rc, rt):
+            consistent, confident = r.consistency <= 1, r.confidences >= r.thresholds
+            alt.append(GuardResult(*vote(r.confidences, confident & consistent, consistent,
+                                         confident if other == "alarm" else None),
+                                   r.confidences, r.thresholds))
+        report[f"after_inconsistent_{other}"] = metrics.defended(alt[0], yc, alt[1], yt, target)
         report["auroc"] = metrics.auroc(guard_score(rc), guard_score(rt))
     return report, (rc, yc, rt, yt)
 

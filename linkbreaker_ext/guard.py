@@ -63,6 +63,7 @@ class GuardConfig:
     consistency: bool = True        # the neurons consistency check (veto on inconsistent heads)
     consistency_mad_k: float = 3.0  # bound = median + k * 1.4826 * MAD of log deviation, class k's own
     consistency_reduce: str = "max"  # across layers: "max" (consistent everywhere) or "mean"
+    inconsistent_verdict: str = "ood"  # no credible head but a confident, inconsistent one: "ood" or "alarm"
     calibration_fraction: float = 0.3  # share of the validation set kept apart for thresholds
     min_per_class: int = 5
     seed: int = 0
@@ -93,7 +94,7 @@ class GuardConfig:
         if self.out_quantile is not None and not 0 < self.out_quantile < 1:
             bad("out_quantile", "must lie in (0, 1) or be None")
         choices = {"fill": ("blank", "mean"), "reliability_measure": ("confidence", "rate"),
-                   "consistency_reduce": ("max", "mean")}
+                   "consistency_reduce": ("max", "mean"), "inconsistent_verdict": ("ood", "alarm")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 bad(name, f"must be one of {allowed}")
@@ -149,16 +150,21 @@ def check_input(x, input_shape, device, value_range=None, finite: bool = True) -
                           f"(e.g. 0-255 images given to a model of 0-1 images)", stacklevel=3)
 
 
-def vote(conf: torch.Tensor, credible: torch.Tensor, consistent: torch.Tensor | None = None):
+def vote(conf: torch.Tensor, credible: torch.Tensor, consistent: torch.Tensor | None = None,
+         confident: torch.Tensor | None = None):
     """Alg. 3's one-label rule on a credible set ``[B, N]``: (labels, verdict), the op's semantics
     (accept the one credible head, -1 for an alarm, the most confident head as the hint of an OOD
     verdict; NaN rows OOD). With ``consistent`` ``[B, N]`` the OOD hint is the most confident head
     among those consistent with their class, where there is one: a head whose confidence comes
-    from evidence its class never shows is the last one to trust."""
+    from evidence its class never shows is the last one to trust. With ``confident`` ``[B, N]`` (the
+    confidence test alone), an input without a credible head but with a confident one is an alarm:
+    confidence that its class's neurons do not support is the trigger's signature."""
     count = credible.sum(1)
     verdict = torch.full_like(count, OOD)
     verdict[count == 1] = ACCEPT
     verdict[count >= 2] = ALARM
+    if confident is not None:
+        verdict[(count == 0) & confident.any(1)] = ALARM
     ranked = torch.nan_to_num(conf, nan=-1.0)
     if consistent is not None:
         ranked = ranked + 2.0 * consistent.any(1, keepdim=True) * consistent  # conf lies in [0, 1]
@@ -304,8 +310,9 @@ class LinkBreaker:
         if not (self.config.consistency and self.profile):
             return GuardResult(labels, verdict, conf, self.thresholds)
         ratio = self.deviations(x) / self.profile["bounds"]
-        consistent = ratio <= 1
-        labels, verdict = vote(conf, (conf >= self.thresholds) & consistent, consistent)
+        consistent, confident = ratio <= 1, conf >= self.thresholds
+        alarm = confident if self.config.inconsistent_verdict == "alarm" else None
+        labels, verdict = vote(conf, confident & consistent, consistent, alarm)
         return GuardResult(labels, verdict, conf, self.thresholds, ratio)
 
     @torch.no_grad()

@@ -89,6 +89,8 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
     model = model.to(device).eval()
     guard = LinkBreaker.fit(model, d["x_val"], d["y_val"], data.spec(dataset).num_classes,
                             progress=False, seed=seed, **settings)
+    # the fitted guard is kept beside the report, so verdict variants can be re-measured without a refit
+    guard.save(Path(work) / "guards" / f"{attack_name}-{seed}.safetensors")
     report, _ = experiment.evaluate(model, guard, attack, d["x_test"], d["y_test"], n_clean, n_trigger,
                                     seed, pool)
     x_pool, y_pool = d["x_test"][pool], d["y_test"][pool]

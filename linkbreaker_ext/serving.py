@@ -204,6 +204,7 @@ class GuardedModule(nn.Module):
         self.use_early = bool(cfg.use_early)
         self.consistency = bool(cfg.consistency and guard.profile)
         self.reduce = cfg.consistency_reduce
+        self.alarm_if_inconsistent = cfg.inconsistent_verdict == "alarm"
         self.batch_rows = batch_rows or cfg.batch_rows
         self.check_inputs = check_inputs
         n = self.num_heads
@@ -308,8 +309,9 @@ class GuardedModule(nn.Module):
         if not self.consistency:
             return labels, verdict, conf
         ratio = self._deviations([*acts, late[:, r - 1].float()]) / self.bounds
-        consistent = ratio <= 1
-        labels, verdict = vote(conf, (conf >= self.thresholds) & consistent, consistent)
+        consistent, confident = ratio <= 1, conf >= self.thresholds
+        labels, verdict = vote(conf, confident & consistent, consistent,
+                               confident if self.alarm_if_inconsistent else None)
         return labels, verdict, conf
 
     def _deviations(self, units):

@@ -943,3 +943,17 @@ def test_inputs_far_outside_the_fitted_range_warn(guard_hidden):
     with pytest.warns(UserWarning, match="fitted on values in"):
         guard_hidden(x * 255)
     assert guard_hidden.input_range is not None and guard_hidden.input_range[0] <= guard_hidden.input_range[1]
+
+
+def test_confident_but_inconsistent_head_is_an_alarm_when_configured():
+    """vote: no credible head but a confident one -> OOD by default, a trigger alarm with
+    ``confident`` given; a credible head still wins; nothing confident stays OOD."""
+    from linkbreaker_ext.guard import ALARM, OOD, vote
+    conf = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.2, 0.3]])
+    confident = conf >= 0.5
+    consistent = torch.tensor([[False, True], [True, True], [True, True]])
+    credible = confident & consistent
+    _, v = vote(conf, credible, consistent)
+    assert v.tolist() == [OOD, ACCEPT, OOD]
+    labels, v = vote(conf, credible, consistent, confident)
+    assert v.tolist() == [ALARM, ACCEPT, OOD] and labels.tolist() == [-1, 0, 1]
