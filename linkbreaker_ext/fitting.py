@@ -216,22 +216,23 @@ def _unit_to_elements(unit_flags, shape, layer):
 
 
 def _consistency_profile(guard, stats, x_fit, y_fit, num_classes):
-    """Per layer, class k's robust profile of its clean samples on its own salient neurons, and the
-    typical deviation of class k's clean samples from it (so layers are comparable)."""
-    profile = {}
+    """Per layer, class k's robust profile of the neuron values head k sees on class k's clean fit
+    samples, and the typical deviation of those samples from it (so layers are comparable)."""
     y = y_fit.to(guard.device)
-    for layer, s in stats.items():
-        center, scale = salient.robust_class_profile(s["units"], y, num_classes)
+    _, _, _, heads = guard.head_confidences(x_fit, with_units=True)
+    rows = torch.arange(len(y), device=guard.device)
+    own = {layer: u[rows, y] for layer, u in heads.items()}  # each sample as its own class's head sees it
+    profile = {}
+    for layer in guard._profile_layers():
+        s = stats[layer]
+        center, scale = salient.robust_class_profile(own[layer], y, num_classes)
         weight = guard.masks[layer] * (~s["dormant"]).float()
         empty = weight.sum(1) == 0  # a class with no salient neuron here is judged on all live ones
         weight[empty] = (~s["dormant"]).float()
         profile.update({f"center.{layer}": center, f"scale.{layer}": scale, f"weight.{layer}": weight})
-    guard.profile = dict(profile, norms=torch.ones(num_classes, len(stats), device=guard.device))
-    # the profile was built from x_fit, so each layer's norm is class k's median own deviation there
-    u = {k: s["units"] for k, s in stats.items()}
     norms = []
     for layer in guard._profile_layers():
-        d = salient.deviation(u[layer], profile[f"center.{layer}"], profile[f"scale.{layer}"],
+        d = salient.deviation(own[layer], profile[f"center.{layer}"], profile[f"scale.{layer}"],
                               profile[f"weight.{layer}"])
         norms.append(torch.stack([d[y == k, k].median() for k in range(num_classes)]).clamp_min(1e-6))
     profile["norms"] = torch.stack(norms, 1)

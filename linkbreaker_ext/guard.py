@@ -239,10 +239,12 @@ class LinkBreaker:
         return torch.cat([self.tapped.features(x[i:i + chunk].to(self.device), hidden, self.fills)
                           for i in range(0, len(x), chunk)])
 
-    def head_confidences(self, x, masks=None, thresholds=None, features=None):
+    def head_confidences(self, x, masks=None, thresholds=None, features=None, with_units=False):
         """Run the N class-restricted heads; returns the op's ``(conf, labels, verdict)`` (the
-        confidence test only, no consistency veto). ``masks`` overrides some layers' masks;
-        ``features`` (from :meth:`head_features`) skips the forward through the masked layers."""
+        confidence test only, no consistency veto), plus with ``with_units`` the heads' neuron values
+        ``{layer: [B, N, D_unit]}`` (masked layers and the late layer) for the consistency check.
+        ``masks`` overrides some layers' masks; ``features`` (from :meth:`head_features`) skips the
+        forward through the masked layers."""
         masks = dict(self.masks, **(masks or {}))
         th = self.thresholds if thresholds is None else thresholds
         late = self.tapped.late
@@ -252,21 +254,33 @@ class LinkBreaker:
         hidden = {n: masks[n] for n in self.layers}
         n = th.shape[0]
         chunk = max(1, self._batch_rows() // n)
-        outs = []
+        outs, seen = [], []
         for start in range(0, len(x) if features is None else len(features), chunk):
-            feats = (features[start:start + chunk] if features is not None else
-                     self.tapped.features(x[start:start + chunk].to(self.device), hidden, self.fills))
+            if features is not None:
+                feats = features[start:start + chunk]
+            elif with_units:
+                feats, u = self.tapped.features(x[start:start + chunk].to(self.device), hidden,
+                                                self.fills, with_units=True)
+                seen.append(dict(u, **{LATE: feats.float()}))
+            else:
+                feats = self.tapped.features(x[start:start + chunk].to(self.device), hidden, self.fills)
             # Inputs are validated once in __call__ and masks/thresholds at fit time, so skip the
             # op wrapper's value checks (a host sync on CUDA); a NaN the model itself produces still
             # comes back as conf NaN / label -1 / verdict 2, never as a silent label.
             outs.append(ops.guard_head(feats, w, b, masks[LATE], self.fills[LATE], th, check_values=False))
         if not outs:
-            return ops.guard_head(torch.empty(0, n, w.shape[1], device=w.device), w, b, masks[LATE],
-                                  self.fills[LATE], th)
-        return tuple(torch.cat(parts) for parts in zip(*outs))
+            out = ops.guard_head(torch.empty(0, n, w.shape[1], device=w.device), w, b, masks[LATE],
+                                 self.fills[LATE], th)
+        else:
+            out = tuple(torch.cat(parts) for parts in zip(*outs))
+        if not with_units:
+            return out
+        units_ = {k: torch.cat([u[k] for u in seen]) for k in seen[0]} if seen else {}
+        return (*out, units_)
 
     def unit_activations(self, x) -> dict:
-        """``{layer: [B, D_unit]}`` of an unmasked forward, for every masked layer and the late layer."""
+        """``{layer: [B, D_unit]}`` neuron values of an unmasked forward, for every masked layer and
+        the late layer (what the statistics of the fit are computed on)."""
         parts = []
         rows = self._batch_rows()
         for start in range(0, len(x), rows):
@@ -274,22 +288,24 @@ class LinkBreaker:
             parts.append({k: units(v, k) for k, v in acts.items()})
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
-    def deviations(self, x) -> torch.Tensor:
-        """``[B, N]``: for each head k, the input's robust deviation from class k's clean profile on
-        class k's salient neurons, relative to class k's typical deviation, reduced over layers."""
-        if not self.profile or len(x) == 0:
-            return torch.zeros(len(x), self.num_heads, device=self.device)
-        rows = self._batch_rows()
-        if len(x) > rows:  # chunk by chunk: peak memory stays bounded for any batch size
-            return torch.cat([self.deviations(x[i:i + rows]) for i in range(0, len(x), rows)])
-        u = self.unit_activations(x)
+    def deviations_from_units(self, units_: dict) -> torch.Tensor:
+        """``[B, N]``: for each head k, the robust deviation of the neuron values head k's prediction
+        rests on (``units_`` ``{layer: [B, N, D_unit]}``, after its masking) from class k's clean
+        profile on class k's salient neurons, relative to class k's typical deviation, reduced over
+        layers (max: consistent in every layer)."""
         per_layer = []
         for i, layer in enumerate(self._profile_layers()):
-            d = salient.deviation(u[layer], self.profile[f"center.{layer}"],
+            d = salient.deviation(units_[layer], self.profile[f"center.{layer}"],
                                   self.profile[f"scale.{layer}"], self.profile[f"weight.{layer}"])
             per_layer.append(d / self.profile["norms"][:, i])
         stacked = torch.stack(per_layer, -1)
         return stacked.amax(-1) if self.config.consistency_reduce == "max" else stacked.mean(-1)
+
+    def deviations(self, x) -> torch.Tensor:
+        """``[B, N]`` :meth:`deviations_from_units` of inputs ``x`` (one batched forward of the heads)."""
+        if not self.profile or len(x) == 0:
+            return torch.zeros(len(x), self.num_heads, device=self.device)
+        return self.deviations_from_units(self.head_confidences(x, with_units=True)[3])
 
     def _profile_layers(self):
         return [*self.layers, LATE]
@@ -306,10 +322,16 @@ class LinkBreaker:
     def __call__(self, x: torch.Tensor) -> GuardResult:
         self._check_input(x)
         x = x.float()  # the guard's copy of the model is float32
-        conf, labels, verdict = self.head_confidences(x)
         if not (self.config.consistency and self.profile):
+            conf, labels, verdict = self.head_confidences(x)
             return GuardResult(labels, verdict, conf, self.thresholds)
-        ratio = self.deviations(x) / self.profile["bounds"]
+        rows = self._batch_rows()  # chunk by chunk: the heads' neuron values stay bounded in memory
+        parts = []
+        for i in range(0, max(len(x), 1), max(1, rows // self.num_heads)):
+            conf, _, _, u = self.head_confidences(x[i:i + max(1, rows // self.num_heads)], with_units=True)
+            parts.append((conf, self.deviations_from_units(u) if len(conf) else conf))
+        conf = torch.cat([p[0] for p in parts])
+        ratio = torch.cat([p[1] for p in parts]) / self.profile["bounds"]
         consistent, confident = ratio <= 1, conf >= self.thresholds
         alarm = confident if self.config.inconsistent_verdict == "alarm" else None
         labels, verdict = vote(conf, confident & consistent, consistent, alarm)

@@ -194,16 +194,22 @@ class TappedModel:
         return acts
 
     @torch.no_grad()
-    def features(self, x: torch.Tensor, masks: dict, fills: dict) -> torch.Tensor:
+    def features(self, x: torch.Tensor, masks: dict, fills: dict, with_units: bool = False):
+        """Late features ``[B, N, D_late]`` of the N heads; with ``with_units`` also
+        ``{layer: [B, N, D_unit]}``: every masked layer's neuron values *as head k sees them* (after
+        its masking), the evidence the consistency check judges."""
         b = x.shape[0]
         n = next(iter(masks.values())).shape[0]
+        seen = {}
 
         def mask(name, a):
             m, fill = masks[name], fills[name]
             heads = a.reshape(b, n, *a.shape[1:])
             m = expand_mask(m.to(a.dtype), a.shape, name)
-            out = m * heads + (1 - m) * fill.to(a.dtype).reshape(a.shape[1:])
-            return out.reshape(a.shape)
+            out = (m * heads + (1 - m) * fill.to(a.dtype).reshape(a.shape[1:])).reshape(a.shape)
+            if with_units:
+                seen[name] = units(out, name).reshape(b, n, -1)
+            return out
 
-        late = self._run(x.repeat_interleave(n, dim=0), mask)
-        return late.reshape(b, n, -1)
+        late = self._run(x.repeat_interleave(n, dim=0), mask).reshape(b, n, -1)
+        return (late, seen) if with_units else late

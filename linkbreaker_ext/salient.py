@@ -74,7 +74,8 @@ def robust_class_profile(acts: torch.Tensor, labels: torch.Tensor, num_classes: 
 def deviation(u: torch.Tensor, center: torch.Tensor, scale: torch.Tensor, weights: torch.Tensor):
     """``[B, K]`` mean robust z-score ``|u - center_k| / scale_k`` of each input over class k's
     neurons (``weights`` ``[K, D]``, the salient set): how far an input's evidence for class k is from
-    what class k's clean inputs show in this layer."""
+    what class k's clean inputs show in this layer. ``u`` is ``[B, D]`` (one view for every class) or
+    ``[B, K, D]`` (head k's own view of the input for class k)."""
     w = weights / weights.sum(1, keepdim=True).clamp_min(1e-12)
-    z = (u[:, None, :] - center[None]).abs() / scale[None]  # [B, K, D]
+    z = ((u[:, None, :] if u.dim() == 2 else u) - center[None]).abs() / scale[None]  # [B, K, D]
     return (z * w[None]).sum(-1)
