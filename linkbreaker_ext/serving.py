@@ -70,18 +70,17 @@ class _Mask(nn.Module):
 
 
 class _Units(nn.Module):
-    """The unmasked row's neuron values ``[B, D_unit]`` of a layer output on ``rows`` rows per input
-    (the last row of each input): :func:`linkbreaker_ext.layers.units`. Computed inside the graph,
-    so the layer's full output is freed as soon as the forward moves on."""
+    """Each head's neuron values ``[B, rows, D_unit]`` of a (masked) layer output on ``rows`` rows per
+    input (``[B, D_unit]`` for one shared row): :func:`linkbreaker_ext.layers.units`. Computed inside
+    the graph, so the layer's full output is freed as soon as the forward moves on."""
 
     def __init__(self, rows: int, channels: bool):
         super().__init__()
         self.rows, self.channels = rows, channels
 
     def forward(self, a):
-        if self.rows > 1:
-            a = a.reshape(-1, self.rows, *a.shape[1:])[:, self.rows - 1]
-        return a.float().mean((2, 3)) if self.channels else a.flatten(1).float()
+        u = a.float().mean((2, 3)) if self.channels else a.flatten(1).float()
+        return u.reshape(-1, self.rows, u.shape[1]) if self.rows > 1 else u
 
 
 class _LeafTracer(fx.Tracer):
@@ -208,8 +207,8 @@ class GuardedModule(nn.Module):
         self.batch_rows = batch_rows or cfg.batch_rows
         self.check_inputs = check_inputs
         n = self.num_heads
-        # rows per input: the N heads (+ one unmasked row for the veto), or one shared unmasked row
-        self.rows = (n + int(self.consistency)) if self.use_early else 1
+        # rows per input: the N heads (the veto reads each head's own row), or one shared unmasked row
+        self.rows = n if self.use_early else 1
 
         net = _unhooked_copy(guard.tapped.net)
         shapes = self._probe_shapes(net, guard, device)
@@ -220,8 +219,6 @@ class GuardedModule(nn.Module):
                 m = guard.masks[name].float().to(device)
                 if bool((m == 1).all()):  # kept whole by every head (m * a + 0 * fill == a)
                     continue
-                if self.consistency:
-                    m = torch.cat([m, torch.ones_like(m[:1])])
                 m = _unit_mask(m, shapes[name], name)
                 fill = guard.fills[name].float().to(device).reshape(shapes[name][1:])
                 stages[name] = _Mask(m.contiguous(), ((1 - m) * fill).contiguous())
@@ -308,15 +305,15 @@ class GuardedModule(nn.Module):
             feats.contiguous(), self.late_weight, self.late_bias, self.late_mask, self.late_fill, self.thresholds)
         if not self.consistency:
             return labels, verdict, conf
-        ratio = self._deviations([*acts, late[:, r - 1].float()]) / self.bounds
+        ratio = self._deviations([*acts, (late[:, :n] if self.use_early else late[:, 0]).float()]) / self.bounds
         consistent, confident = ratio <= 1, conf >= self.thresholds
         labels, verdict = vote(conf, confident & consistent, consistent,
                                confident if self.alarm_if_inconsistent else None)
         return labels, verdict, conf
 
     def _deviations(self, units):
-        """``LinkBreaker.deviations`` from the unmasked row's unit values ``[B, D_unit]`` per layer
-        (the masked layers, then the late layer)."""
+        """``LinkBreaker.deviations_from_units`` from the heads' unit values per layer (the masked
+        layers, then the late layer): ``[B, N, D_unit]`` (head k's own row) or ``[B, D_unit]``."""
         per_layer = []
         for i, u in enumerate(units):
             center, coef = getattr(self, f"center{i}"), getattr(self, f"coef{i}")
@@ -327,7 +324,11 @@ class GuardedModule(nn.Module):
             for s in range(0, u.shape[0], step):
                 v = u[s:s + step]
                 # class k's salient neurons only ([rows, K, D_k max]) or all of them
-                v = v[:, getattr(self, f"index{i}")] if self.sparse[i] else v[:, None, :]
+                if self.sparse[i]:
+                    idx = getattr(self, f"index{i}")
+                    v = v[:, idx] if v.dim() == 2 else v.gather(2, idx.expand(v.shape[0], -1, -1))
+                elif v.dim() == 2:
+                    v = v[:, None, :]
                 parts.append((v - center).abs_().mul_(coef).sum(-1))
             d = parts[0] if len(parts) == 1 else torch.cat(parts)
             per_layer.append(d / self.norms[:, i])
