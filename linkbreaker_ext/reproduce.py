@@ -162,30 +162,30 @@ def table(dataset: str, split: str, reports: dict) -> str:
         "label hint of an out-of-distribution verdict as the guard's answer; *accepted only*: "
         "counting only accepted answers (Alg. 3: anything but exactly one credible head is refused). "
         "*CDA drop*: undefended minus guarded CDA on the same clean inputs, in points (hint "
-        "reading). *paper*: LinkBreaker after the defense (Tables II and III). *target*: issue #6.",
+        "reading). *paper*: LinkBreaker after the defense (Tables II and III). *target*: issue #6. "
+        "Rows marked *+ alarm verdict* / *+ OOD verdict* / *- consistency check* are the same fitted "
+        "guard and forward passes with only the decision changed (`inconsistent_verdict`, or the "
+        "paper's confidence test alone): an ablation that costs no refit.",
         "",
         "| attack | model | seeds | CDA undefended | ASR undefended | CDA after | ASR after "
         "| CDA after, accepted only | ASR after, accepted only | CDA drop "
         "| R-Acc | clean alarms | clean OOD | trigger alarms | trigger OOD | paper CDA / ASR | target | verdict |",
         "| --- " * 18 + "|",
     ]
+    # Beside each fitted guard, two variants measured on the same forward passes (same heads,
+    # thresholds and bounds; only the decision differs): the other verdict for a confident but
+    # inconsistent head, and the paper's confidence test alone (no consistency veto).
+    variants = [("after", ""), ("after_inconsistent_alarm", " + alarm verdict"),
+                ("after_inconsistent_ood", " + OOD verdict"),
+                ("after_without_consistency", " - consistency check")]
     for attack_name, reps in reports.items():
         if not reps:
             continue
-        b = lambda k: _pct([r["before"][k] for r in reps])  # noqa: E731
-        a = lambda k: _pct([r["after"][k] for r in reps])  # noqa: E731
-        drop = _pct([r["before"]["cda"] - r["after"]["cda"] for r in reps])
-        paper = PAPER.get((dataset, attack_name))
-        paper_text = f"{paper[0]:g} / {paper[1]:g}" if paper else "-"
-        target, verdict = _target_cells(dataset, attack_name, reps)
-        models = ", ".join(sorted({r.get("model", "?") for r in reps}))
-        seeds = " ".join(str(r["seed"]) for r in reps)
-        lines.append(f"| {attack_name} | {models} | {seeds} | {_pct([r['clean_model_cda'] for r in reps])} "
-                     f"| {b('asr')} | {a('cda')} | {a('asr')} | {a('cda_strict')} | {a('asr_strict')} "
-                     f"| {drop} | {a('r_acc')} "
-                     f"| {a('alarm_rate_clean')} | {a('ood_rate_clean')} | {a('alarm_rate_trigger')} "
-                     f"| {a('ood_rate_trigger')} | {paper_text} | {target} "
-                     f"| {verdict} |")
+        for key, label in variants:
+            if not all(key in r for r in reps):
+                continue
+            view = [dict(r, after=r[key]) for r in reps]
+            lines.append(_row(dataset, attack_name, view, label, with_target=True))
     all_reps = [r for rs in reports.values() for r in rs]
     settings = {json.dumps(r.get("settings", {}), sort_keys=True) for r in all_reps}
     seeds = " ".join(str(s) for s in sorted({r["seed"] for r in all_reps}))
@@ -196,6 +196,22 @@ def table(dataset: str, split: str, reports: dict) -> str:
               f"`linkbreaker reproduce --dataset {dataset} --split {split} "
               f"--attacks {' '.join(reports)} --seeds {seeds}{sets}`."]
     return "\n".join(lines) + "\n"
+
+
+def _row(dataset, attack_name, reps, label="", with_target=True) -> str:
+    b = lambda k: _pct([r["before"][k] for r in reps])  # noqa: E731
+    a = lambda k: _pct([r["after"][k] for r in reps])  # noqa: E731
+    drop = _pct([r["before"]["cda"] - r["after"]["cda"] for r in reps])
+    paper = PAPER.get((dataset, attack_name))
+    paper_text = f"{paper[0]:g} / {paper[1]:g}" if paper else "-"
+    target, verdict = _target_cells(dataset, attack_name, reps)
+    models = ", ".join(sorted({r.get("model", "?") for r in reps}))
+    seeds = " ".join(str(r["seed"]) for r in reps)
+    return (f"| {attack_name}{label} | {models} | {seeds} | {_pct([r['clean_model_cda'] for r in reps])} "
+            f"| {b('asr')} | {a('cda')} | {a('asr')} | {a('cda_strict')} | {a('asr_strict')} "
+            f"| {drop} | {a('r_acc')} "
+            f"| {a('alarm_rate_clean')} | {a('ood_rate_clean')} | {a('alarm_rate_trigger')} "
+            f"| {a('ood_rate_trigger')} | {paper_text} | {target} | {verdict} |")
 
 
 def reproduce(dataset: str, attacks, seeds, *, data_source="../shared/data", work=None,

@@ -280,8 +280,11 @@ def test_reproduce_writes_reports_and_table(tiny_reproduce, synth, shared_net, b
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
             for line in table.splitlines() if line.startswith("| ") and "---" not in line}
     header = rows.pop("attack")
-    assert set(rows) == {"badnets", "none"}
+    # each attack, plus the decision variants measured on the same forward passes
+    assert set(rows) == {f"{a}{v}" for a in ("badnets", "none")
+                         for v in ("", " + alarm verdict", " - consistency check")}
     col = {h: i for i, h in enumerate(header)}
+    assert rows["badnets - consistency check"][col["ASR after, accepted only"]] != ""
     assert rows["badnets"][col["paper CDA / ASR"]] == "98.06 / 2"  # the paper's MNIST BadNets cell
     assert rows["badnets"][col["target"]] == "-"  # issue #6 sets no MNIST BadNets target
     assert rows["none"][col["paper CDA / ASR"]] == "-"
