@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import ops, safefiles, salient
-from .layers import INPUT, LATE, TappedModel, units
+from .layers import LATE, TappedModel, units
 
 FORMAT = "linkbreaker-guard"
 FORMAT_VERSION = 2

@@ -39,14 +39,13 @@ Export
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 from torch import fx, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.linkbreaker.guard_head and its fake kernel)
 from .guard import check_input, vote
-from .layers import INPUT, LATE
+from .layers import INPUT, LATE, frozen_copy
 
 __all__ = ["GuardedModule"]
 
@@ -92,19 +91,6 @@ class _LeafTracer(fx.Tracer):
 
     def is_leaf_module(self, m, qualname):
         return qualname in self.leaves or super().is_leaf_module(m, qualname)
-
-
-def _unhooked_copy(net: nn.Module) -> nn.Module:
-    net = copy.deepcopy(net).eval()
-    for m in net.modules():  # a guard call in flight could have left its per-call hooks in the copy
-        for d in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                  "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
-                  "_forward_hooks_always_called"):
-            if isinstance(getattr(m, d, None), dict):
-                getattr(m, d).clear()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
 
 
 def _body(net: nn.Module, layers, late_name: str, stages: dict | None,
@@ -210,7 +196,7 @@ class GuardedModule(nn.Module):
         # rows per input: the N heads (the veto reads each head's own row), or one shared unmasked row
         self.rows = n if self.use_early else 1
 
-        net = _unhooked_copy(guard.tapped.net)
+        net = frozen_copy(guard.tapped.net)  # no hooks a call in flight could have left
         shapes = self._probe_shapes(net, guard, device)
         stages = None
         if self.use_early:

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from linkbreaker_ext import LinkBreaker, attacks, experiment, metrics, training  # noqa: E402
-from linkbreaker_ext.baselines import make_defense, roc_auc  # noqa: E402
+from linkbreaker_ext.baselines import roc_auc  # noqa: E402
 from linkbreaker_ext.baselines.evaluate import _rate, evaluate_defense  # noqa: E402
 
 DATASET = "mnist"

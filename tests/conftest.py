@@ -146,3 +146,12 @@ def guard_deep(deep_net, synth):
     """Three masked layers on the two-conv net: the pixels and both hidden conv feature maps."""
     return LinkBreaker.fit(deep_net, synth["x_val"], synth["y_val"], NUM_CLASSES,
                            layers=["input", "1", "3"], progress=False, **FAST)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's property-based sweeps (many tiny ops: threads only cost)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

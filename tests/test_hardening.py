@@ -53,12 +53,7 @@ ARGS = ("features", "weight", "bias", "masks", "noise", "thresholds")
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # =================================================================================== the op

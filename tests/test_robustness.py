@@ -53,7 +53,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import FAST, NUM_CLASSES, SHAPE, _train, make_images, make_net
+from conftest import FAST, NUM_CLASSES, SHAPE, _train, make_images
 from linkbreaker_ext import LinkBreaker, cli, experiment
 from linkbreaker_ext.guard import ACCEPT, OOD
 from linkbreaker_ext.models import MnistNet
@@ -64,12 +64,7 @@ HYP = settings(max_examples=12, deadline=None, database=None, derandomize=True,
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fit(model, x, y, **kw):
