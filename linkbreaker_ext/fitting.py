@@ -168,7 +168,7 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
 
 def _layer_statistics(tapped, x_aug, y_aug, n_clean, blank, num_classes, cfg, device):
     """Per layer (masked layers and the late layer): importance ``[K, D_unit]`` with dormant neurons
-    at 0, the element-level fill, and the clean unit activations (for the consistency profile)."""
+    at 0, the dormant flags and the element-level fill."""
     rows = cfg.batch_rows or (256 if device.type == "cpu" else 8192)
     unit_parts, clean_elems = {}, {}
     for start in range(0, len(x_aug), rows):
@@ -203,7 +203,7 @@ def _layer_statistics(tapped, x_aug, y_aug, n_clean, blank, num_classes, cfg, de
         dormant_elems = _unit_to_elements(dormant, blank_acts[k].shape, k)
         fill = torch.where(dormant_elems, typical, fill)
         noise = torch.randn(fill.shape, generator=g).to(device) * elems.std(0).mean()
-        out[k] = {"score": score, "fill": fill + cfg.noise_amplitude * noise, "units": clean_u,
+        out[k] = {"score": score, "fill": fill + cfg.noise_amplitude * noise,
                   "dormant": dormant}
     return out
 

@@ -301,11 +301,21 @@ class LinkBreaker:
         stacked = torch.stack(per_layer, -1)
         return stacked.amax(-1) if self.config.consistency_reduce == "max" else stacked.mean(-1)
 
+    def _heads_with_deviations(self, x):
+        """``(conf, deviations)`` ``[B, N]`` each, chunk by chunk so the heads' neuron values stay
+        bounded in memory for any batch size."""
+        step = max(1, self._batch_rows() // self.num_heads)
+        parts = []
+        for i in range(0, max(len(x), 1), step):
+            conf, _, _, u = self.head_confidences(x[i:i + step], with_units=True)
+            parts.append((conf, self.deviations_from_units(u) if len(conf) else conf))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
     def deviations(self, x) -> torch.Tensor:
-        """``[B, N]`` :meth:`deviations_from_units` of inputs ``x`` (one batched forward of the heads)."""
+        """``[B, N]`` :meth:`deviations_from_units` of inputs ``x`` (the heads' batched forward)."""
         if not self.profile or len(x) == 0:
             return torch.zeros(len(x), self.num_heads, device=self.device)
-        return self.deviations_from_units(self.head_confidences(x, with_units=True)[3])
+        return self._heads_with_deviations(x)[1]
 
     def _profile_layers(self):
         return [*self.layers, LATE]
@@ -325,13 +335,8 @@ class LinkBreaker:
         if not (self.config.consistency and self.profile):
             conf, labels, verdict = self.head_confidences(x)
             return GuardResult(labels, verdict, conf, self.thresholds)
-        rows = self._batch_rows()  # chunk by chunk: the heads' neuron values stay bounded in memory
-        parts = []
-        for i in range(0, max(len(x), 1), max(1, rows // self.num_heads)):
-            conf, _, _, u = self.head_confidences(x[i:i + max(1, rows // self.num_heads)], with_units=True)
-            parts.append((conf, self.deviations_from_units(u) if len(conf) else conf))
-        conf = torch.cat([p[0] for p in parts])
-        ratio = torch.cat([p[1] for p in parts]) / self.profile["bounds"]
+        conf, dev = self._heads_with_deviations(x)
+        ratio = dev / self.profile["bounds"]
         consistent, confident = ratio <= 1, conf >= self.thresholds
         alarm = confident if self.config.inconsistent_verdict == "alarm" else None
         labels, verdict = vote(conf, confident & consistent, consistent, alarm)

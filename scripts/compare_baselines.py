@@ -26,21 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from linkbreaker_ext import LinkBreaker, attacks, experiment, metrics, training  # noqa: E402
 from linkbreaker_ext.baselines import roc_auc  # noqa: E402
+from linkbreaker_ext.guard import score_from_result  # noqa: E402
 from linkbreaker_ext.baselines.evaluate import _rate, evaluate_defense  # noqa: E402
 
 DATASET = "mnist"
 DEFENSES = ["linkbreaker", "strip", "scale-up", "ibd-psc", "neural-cleanse", "abs", "fine-pruning"]
 DETECTORS = ["linkbreaker", "strip", "scale-up", "ibd-psc"]
 POISONING = {"badnets": "data", "blended": "data", "trojan-square": "model", "none": "clean"}
-
-
-def lb_score(guard, x, r):
-    """LinkBreaker's continuous score: ``guard.score`` when the guard has one, else the fallback
-    (number of credible heads minus the best confidence-to-threshold ratio)."""
-    if hasattr(guard, "score"):
-        return guard.score(x).float().cpu(), False
-    conf, th = r.confidences.float(), r.thresholds.float()
-    return ((conf >= th).sum(1).float() - (conf / th).max(1).values).cpu(), True
 
 
 def run_linkbreaker(model, val, sets, seed):
@@ -54,12 +46,10 @@ def run_linkbreaker(model, val, sets, seed):
     rc = guard(xc.to(device))
     online = time.perf_counter() - start
     rt = guard(xt.to(device))
-    sc, fallback = lb_score(guard, xc.to(device), rc)
-    st, _ = lb_score(guard, xt.to(device), rt)
+    sc, st = score_from_result(rc).cpu(), score_from_result(rt).cpu()  # guard.score, no second pass
     fc, ft = rc.verdict.cpu() != 0, rt.verdict.cpu() != 0
     return guard, {"after": metrics.defended(rc, yc, rt, yt, target), "auroc": roc_auc(sc, st),
                    "tpr": _rate(ft), "fpr": _rate(fc), "flag_rule": "verdict != 0 (alarm or OOD)",
-                   "score_fallback": fallback,
                    "timing": {"offline_s": fit_s, "online_ms_per_sample": 1000 * online / len(xc)}}
 
 
@@ -247,9 +237,7 @@ def write_tables(out: Path, args):
     for a in attacks_:
         cells = [_num([r["auroc"] for r in runs[d].get(a, [])], "{:.4f}") for d in DETECTORS]
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
-    fallback = any(r.get("score_fallback") for rs in runs["linkbreaker"].values() for r in rs)
-    lines += ["", "LinkBreaker's score: " + ("the fallback `(conf >= thr).sum(1) - (conf / thr).max(1)` "
-              "(the guard has no `score` method yet)." if fallback else "`guard.score(x)`."), "",
+    lines += ["", "LinkBreaker's score: `guard.score(x)` (docs/method.md).", "",
               "TPR / FPR at each detector's operating point (threshold at 1 % false rejection on held-out "
               "validation data; LinkBreaker: verdict != accept):", "",
               "| attack | " + " | ".join(f"{d} TPR / FPR" for d in DETECTORS) + " |",
