@@ -88,7 +88,7 @@ def cmd_demo(args):
 
 def cmd_train(args):
     d = experiment.split_data(args.dataset, args.data, args.val_fraction, args.seed)
-    attack = experiment.make_attack(args.attack, target=args.target, seed=args.seed)
+    attack = experiment.make_attack(args.attack, target=args.target, seed=args.seed, dataset=args.dataset)
     model = experiment.train_model(args.dataset, attack, d["x_train"], d["y_train"], args.epochs,
                                    args.seed, progress=not args.quiet)
     meta = {"dataset": args.dataset, "num_classes": int(d["y_train"].max()) + 1, "seed": args.seed,

@@ -26,8 +26,17 @@ def split_data(dataset: str, source, val_fraction: float = 0.02, seed: int = 0):
             "x_test": x_test, "y_test": y_test}
 
 
-def make_attack(name: str, target: int = 0, seed: int = 0):
-    return None if name == NO_ATTACK else attacks.make_attack(name, target=target, seed=seed)
+# Attack settings that depend on the data set (issue #6: CIFAR-10's source-specific backdoor flips
+# horse and ship to airplane, the STRIP paper's choice).
+ATTACK_SETTINGS = {("cifar10", "source-specific"): {"source_classes": (7, 8)}}
+
+
+def make_attack(name: str, target: int = 0, seed: int = 0, dataset: str | None = None):
+    """The attack ``name`` with the data set's settings (:data:`ATTACK_SETTINGS`), or None for
+    ``"none"``."""
+    if name == NO_ATTACK:
+        return None
+    return attacks.make_attack(name, target=target, seed=seed, **ATTACK_SETTINGS.get((dataset, name), {}))
 
 
 # Training recipe per data set: natural images get crop/flip augmentation and more epochs.
@@ -112,7 +121,7 @@ def model_for(dataset: str, attack_name: str, seed: int, split: dict, work, epoc
     if path.is_file():
         model, meta = load_model(path)
         return model, (attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None)
-    attack = make_attack(attack_name, target=0, seed=seed)
+    attack = make_attack(attack_name, target=0, seed=seed, dataset=dataset)
     path.parent.mkdir(parents=True, exist_ok=True)
     ckpt = path.with_suffix(".ckpt")
     model = train_model(dataset, attack, split["x_train"], split["y_train"], epochs, seed, progress,

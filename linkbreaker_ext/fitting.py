@@ -152,6 +152,7 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
     conf = guard.head_confidences(x_cal, thresholds=half)[0].cpu()
     guard.thresholds = calibrate.confidence_thresholds(
         conf, y_cal, cfg.mad_k, cfg.out_quantile, cfg.threshold_floor).to(device)
+    dev = None
     if cfg.consistency:
         guard.profile = _consistency_profile(guard, stats, x_fit, y_fit, num_classes)
         dev = guard.deviations(x_cal).cpu()
@@ -162,6 +163,8 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
         "kept": {k: m.mean(1).tolist() for k, m in guard.masks.items()},
         "n_fit": len(x_fit), "n_neighbours": len(x_nb), "n_calibration": len(calib_idx),
         "calibration_conf": conf, "calibration_labels": y_cal,
+        # the calibration split's deviations, so other bounds can be studied without a refit
+        "calibration_deviations": dev,
     }
     return guard
 

@@ -30,7 +30,7 @@ def load(dataset, attack_name, seed, work):
     state = torch.load(path.with_suffix(".ckpt"), weights_only=True)
     model = models.build_model(dataset, data.spec(dataset).num_classes)
     model.load_state_dict(state["model"])
-    return model.eval(), experiment.make_attack(attack_name, 0, seed), f"epoch {state['epoch']}"
+    return model.eval(), experiment.make_attack(attack_name, 0, seed, dataset), f"epoch {state['epoch']}"
 
 
 def head_diagnostics(rc, yc, rt, yt, target):
@@ -45,6 +45,41 @@ def head_diagnostics(rc, yc, rt, yt, target):
     return {"clean_true(conf,cons)": rates(rc, yc), "trig_target": rates(rt, t), "trig_source": rates(rt, yt)}
 
 
+def calibration_deviations(guard, split):
+    """The calibration split's deviations, as the fit measured them (recomputed for a loaded guard:
+    the split is the fit's own seeded stratified split of the validation set)."""
+    dev = guard.diagnostics.get("calibration_deviations")
+    y_val = split["y_val"]
+    calib_idx, _ = data.stratified_split(y_val, guard.config.calibration_fraction, seed=guard.config.seed)
+    if dev is None:
+        dev = guard.deviations(split["x_val"][calib_idx].to(guard.device)).cpu()
+    return dev, y_val[calib_idx]
+
+
+def sweep_bounds(guard, split, ks, rc, yc, rt, yt, target):
+    """The guard's decisions with the consistency bound at ``median + k * MAD`` for each k, from the
+    same forward passes (a bound changes only the comparison), under both verdicts."""
+    from linkbreaker_ext import calibrate, metrics
+    from linkbreaker_ext.guard import GuardResult, vote
+    dev, y_cal = calibration_deviations(guard, split)
+    fitted = guard.profile["bounds"].cpu()
+    out = {}
+    for k in ks:
+        rescale = fitted / calibrate.consistency_bounds(dev, y_cal, k)
+        res = {}
+        for verdict in ("ood", "alarm"):
+            rs = []
+            for r in (rc, rt):
+                ratio = r.consistency.cpu() * rescale
+                consistent, confident = ratio <= 1, r.confidences.cpu() >= r.thresholds.cpu()
+                rs.append(GuardResult(*vote(r.confidences.cpu(), confident & consistent, consistent,
+                                            confident if verdict == "alarm" else None),
+                                      r.confidences, r.thresholds))
+            res[verdict] = metrics.defended(rs[0], yc, rs[1], yt, target)
+        out[str(k)] = res
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--dataset", default="cifar10")
@@ -57,6 +92,11 @@ def main():
     p.add_argument("--layers", nargs="*", default=None)
     p.add_argument("--tag", default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--guard", default=None,
+                   help="a guard saved for this model (e.g. runs/cifar10/guards/badnets-0.safetensors) "
+                        "instead of a fresh fit")
+    p.add_argument("--sweep-k", nargs="*", type=float, default=[],
+                   help="consistency_mad_k values to measure from the same forward passes")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     work = args.work or f"runs/{args.dataset}"
@@ -64,13 +104,18 @@ def main():
     split = experiment.split_data(args.dataset, args.data, 0.02, args.seed)
     model, attack, stage = load(args.dataset, args.attack, args.seed, work)
     t = time.perf_counter()
-    guard = LinkBreaker.fit(model, split["x_val"], split["y_val"], data.spec(args.dataset).num_classes,
-                            layers=args.layers, progress=False, seed=args.seed, **overrides)
+    if args.guard:
+        if overrides or args.layers:
+            p.error("--guard measures a saved guard as it is: drop --set/--layers")
+        guard = LinkBreaker.load(args.guard, model)
+    else:
+        guard = LinkBreaker.fit(model, split["x_val"], split["y_val"], data.spec(args.dataset).num_classes,
+                                layers=args.layers, progress=False, seed=args.seed, **overrides)
     fit_s = time.perf_counter() - t
     report, (rc, yc, rt, yt) = experiment.evaluate(model, guard, attack, split["x_test"], split["y_test"], args.n,
                                     args.n, args.seed, slice(0, 5000))
     report.update(settings=overrides, layers=guard.layers, model_stage=stage, fit_s=fit_s,
-                  kept={k: sum(v) / len(v) for k, v in guard.diagnostics["kept"].items()})
+                  kept={k: m.mean().item() for k, m in guard.masks.items()})
     if rc.consistency is not None:  # the same heads without the consistency veto (the paper's test)
         from linkbreaker_ext import metrics
         from linkbreaker_ext.guard import GuardResult, vote
@@ -78,6 +123,9 @@ def main():
                              r.thresholds) for r in (rc, rt)]
         report["after_without_consistency"] = metrics.defended(plain[0], yc, plain[1], yt, attack.target)
     report["heads"] = head_diagnostics(rc, yc, rt, yt, attack.target if attack else 0)
+    if args.sweep_k and rc.consistency is not None:
+        report["sweep_k"] = sweep_bounds(guard, split, args.sweep_k, rc, yc, rt, yt,
+                                         attack.target if attack else 0)
     tag = args.tag or "-".join(f"{k}={v}" for k, v in overrides.items()) or "default"
     out = Path(work) / "dev" / f"{args.attack}-{args.seed}-{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +136,12 @@ def main():
           f"alarm c/t {a['alarm_rate_clean']:.3f}/{a['alarm_rate_trigger']:.3f} "
           f"ood c/t {a['ood_rate_clean']:.3f}/{a['ood_rate_trigger']:.3f}\n  heads {report['heads']}",
           flush=True)
+    for k, verdicts in report.get("sweep_k", {}).items():
+        for verdict, a in verdicts.items():
+            print(f"  k={k} {verdict}: cda {a['cda']:.4f} asr {a['asr']:.4f} strict "
+                  f"{a['cda_strict']:.4f}/{a['asr_strict']:.4f} alarm c/t {a['alarm_rate_clean']:.4f}/"
+                  f"{a['alarm_rate_trigger']:.4f} ood c/t {a['ood_rate_clean']:.4f}/{a['ood_rate_trigger']:.4f}",
+                  flush=True)
     if "after_without_consistency" in report:
         a = report["after_without_consistency"]
         print(f"  no veto: cda {a['cda']:.3f} asr {a['asr']:.3f} strict {a['cda_strict']:.3f}/"

@@ -167,6 +167,14 @@ def test_registry_and_unknown_name():
         attacks.make_attack("nope")
 
 
+def test_experiment_attacks_take_the_data_sets_settings():
+    from linkbreaker_ext import experiment
+    assert experiment.make_attack("none", dataset="cifar10") is None
+    cifar = experiment.make_attack("source-specific", target=0, seed=1, dataset="cifar10")
+    assert cifar.source_classes == [7, 8] and cifar.target == 0  # horse, ship -> airplane
+    assert experiment.make_attack("source-specific", dataset="mnist").source_classes == [1]
+
+
 @pytest.mark.parametrize("attack", [BadNets(target=2, poison_rate=0.05, seed=4),
                                     SourceSpecific(target=3, source_classes=[5, 1], seed=9),
                                     Blended(target=1, alpha=0.15, seed=3),
