@@ -61,9 +61,10 @@ class GuardConfig:
     out_quantile: float | None = 0.995  # ... and at least this quantile of other classes' confidences
     threshold_floor: float = 0.5    # thresholds never below this (two heads can't both pass 0.5 easily)
     consistency: bool = True        # the neurons consistency check (veto on inconsistent heads)
-    consistency_mad_k: float = 3.0  # bound = median + k * 1.4826 * MAD of log deviation, class k's own
+    consistency_mad_k: float = 5.0  # bound = median + k * 1.4826 * MAD of log deviation, class k's own
+    #                                 (chosen on the dev half: docs/method.md, "Choosing the bound")
     consistency_reduce: str = "max"  # across layers: "max" (consistent everywhere) or "mean"
-    inconsistent_verdict: str = "ood"  # no credible head but a confident, inconsistent one: "ood" or "alarm"
+    inconsistent_verdict: str = "alarm"  # no credible head but a confident, inconsistent one: "alarm" or "ood"
     calibration_fraction: float = 0.3  # share of the validation set kept apart for thresholds
     min_per_class: int = 5
     seed: int = 0

@@ -121,7 +121,7 @@ def main():
         from linkbreaker_ext.guard import GuardResult, vote
         plain = [GuardResult(*vote(r.confidences, r.confidences >= r.thresholds), r.confidences,
                              r.thresholds) for r in (rc, rt)]
-        report["after_without_consistency"] = metrics.defended(plain[0], yc, plain[1], yt, attack.target)
+        report["after_without_consistency"] = metrics.defended(plain[0], yc, plain[1], yt, attack.target if attack else 0)
     report["heads"] = head_diagnostics(rc, yc, rt, yt, attack.target if attack else 0)
     if args.sweep_k and rc.consistency is not None:
         report["sweep_k"] = sweep_bounds(guard, split, args.sweep_k, rc, yc, rt, yt,

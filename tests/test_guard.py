@@ -94,7 +94,12 @@ def test_result_types_shapes_and_vote(which, request, synth):
     count = credible.sum(1)
     assert (r.verdict[count == 1] == ACCEPT).all()
     assert (r.verdict[count >= 2] == ALARM).all()
-    assert (r.verdict[count == 0] == OOD).all()
+    # no credible head: an alarm when some head is confident (confidence its class's neurons do not
+    # support, the default inconsistent_verdict), else out-of-distribution
+    confident = (r.confidences >= r.thresholds).any(1)
+    assert guard.config.inconsistent_verdict == "alarm"
+    assert (r.verdict[(count == 0) & confident] == ALARM).all()
+    assert (r.verdict[(count == 0) & ~confident] == OOD).all()
     acc = r.verdict == ACCEPT
     assert torch.equal(r.labels[acc], credible[acc].int().argmax(1))
     # an OOD input is labelled with its most confident head (paper Fig. 9), among the heads
@@ -149,8 +154,12 @@ def test_consistency_is_deviation_over_bound_and_vetoes(which, request, synth):
     r = guard(x)
     ratio = guard.deviations(x) / guard.profile["bounds"]
     torch.testing.assert_close(r.consistency, ratio, atol=0, rtol=0)
-    labels, verdict = vote(r.confidences, (r.confidences >= r.thresholds) & (ratio <= 1), ratio <= 1)
+    confident = r.confidences >= r.thresholds
+    labels, verdict = vote(r.confidences, confident & (ratio <= 1), ratio <= 1, confident)
     assert torch.equal(r.labels, labels) and torch.equal(r.verdict, verdict)
+    ood_guard = with_config(guard, inconsistent_verdict="ood")(x)
+    labels, verdict = vote(r.confidences, confident & (ratio <= 1), ratio <= 1)
+    assert torch.equal(ood_guard.labels, labels) and torch.equal(ood_guard.verdict, verdict)
     # the veto only ever removes heads: with it, at most as many credible heads as without
     conf_only = (r.confidences >= r.thresholds).sum(1)
     both = ((r.confidences >= r.thresholds) & (ratio <= 1)).sum(1)
@@ -190,7 +199,9 @@ def test_consistency_veto_refuses_an_input_far_from_every_class(which, request):
     assert (no_veto.verdict == ACCEPT).all(), "precondition: the confidence test alone accepts it"
     r = guard(far)
     assert (r.consistency > 1).all()
-    assert (r.verdict == OOD).all()
+    # confident heads without their class's evidence: a trigger alarm by default, OOD on request
+    assert (r.verdict == ALARM).all() and (r.labels == -1).all()
+    assert (with_config(guard, inconsistent_verdict="ood")(far).verdict == OOD).all()
 
 
 def test_score_is_higher_on_trigger_inputs(backdoored_net, synth):
