@@ -1,0 +1,60 @@
+"""The dev-half table behind the consistency bound's default (``consistency_mad_k``) and verdict
+(``inconsistent_verdict``): one row per (data set, attack, k, verdict) from the JSONs that
+
+    python scripts/dev_sweep.py --dataset D --attack A --seed 0 --guard runs/D/guards-k3-ood/A-0.safetensors \\
+        --sweep-k 3 4 5 6 8 10 12 16 --n 2000 --tag ksweep
+
+wrote to ``runs/D/dev/A-0-ksweep.json``. Copies those JSONs to ``results/dev/D/`` and writes
+``results/dev/consistency-bound.md``.
+
+    python scripts/bound_table.py
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def main():
+    lines = ["# Choosing the consistency bound (dev half, seed 0)", "",
+             "Each row: a guard fitted with `consistency_mad_k=3`, measured on 2,000 clean and 2,000 "
+             "triggered inputs of the **dev** half of the test split (indices 0-4999), with the bound "
+             "moved to `median + k * 1.4826 * MAD` of the calibration split's log deviations and both "
+             "verdicts for a confident but inconsistent top head. A bound changes only a comparison, so "
+             "all rows of one model come from the same forward passes (`scripts/dev_sweep.py --sweep-k`). "
+             "*CDA drop*: undefended minus guarded CDA on the same clean inputs (hint reading), in points. "
+             "*no check*: the paper's confidence test alone.", "",
+             "| data set | attack | k | verdict | CDA drop | ASR | ASR, accepted only | clean alarms | "
+             "trigger alarms | trigger OOD |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for dataset in ("cifar10", "mnist"):
+        for path in sorted((ROOT / "runs" / dataset / "dev").glob("*-0-ksweep.json")):
+            rep = json.loads(path.read_text())
+            dest = ROOT / "results" / "dev" / dataset / path.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dest)
+            attack = path.name[: -len("-0-ksweep.json")]
+            base = rep["before"]["cda"]
+
+            def row(k, verdict, a):
+                return (f"| {dataset} | {attack} | {k} | {verdict} | {100 * (base - a['cda']):.2f} | "
+                        f"{pct(a['asr'])} | {pct(a['asr_strict'])} | {pct(a['alarm_rate_clean'])} | "
+                        f"{pct(a['alarm_rate_trigger'])} | {pct(a['ood_rate_trigger'])} |")
+            for k, verdicts in rep["sweep_k"].items():
+                for verdict in ("alarm", "ood"):
+                    lines.append(row(f"{float(k):g}", verdict, verdicts[verdict]))
+            lines.append(row("-", "no check", rep["after_without_consistency"]))
+    out = ROOT / "results" / "dev" / "consistency-bound.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(out.read_text())
+
+
+if __name__ == "__main__":
+    main()
