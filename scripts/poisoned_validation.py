@@ -38,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from linkbreaker_ext import LinkBreaker, experiment, training
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+from linkbreaker_ext import LinkBreaker, experiment, training  # noqa: E402
 
 RATES = (0.0, 0.01, 0.02, 0.05)
 ATTACKS = ("badnets", "blended")
