@@ -771,6 +771,21 @@ def test_consistency_bounds_mad_in_log_space():
     assert torch.isfinite(zeros).all()
 
 
+def test_fit_keeps_the_calibration_deviations_behind_its_bounds(guard_deep, synth):
+    """The fit's own calibration deviations give back its bounds, and other bounds from them are
+    monotone in k (what ``scripts/dev_sweep.py --sweep-k`` relies on to study k without a refit)."""
+    d = guard_deep.diagnostics
+    dev, y = d["calibration_deviations"], d["calibration_labels"]
+    assert dev.shape == (len(y), NUM_CLASSES)
+    k = guard_deep.config.consistency_mad_k
+    torch.testing.assert_close(calibrate.consistency_bounds(dev, y, k), guard_deep.profile["bounds"].cpu())
+    looser = calibrate.consistency_bounds(dev, y, k + 2)
+    assert (looser >= guard_deep.profile["bounds"].cpu()).all()
+    off = fit(guard_deep.model, synth["x_val"], synth["y_val"], layers=["input"], consistency=False,
+              neighbours=0)
+    assert off.diagnostics["calibration_deviations"] is None
+
+
 def test_calibrated_guard_bounds_hold_on_calibration_like_data(guard_deep, synth):
     """Most clean inputs are inside their class's bound, a bound is above the class's median."""
     x, y = make_images(30, seed=11)
