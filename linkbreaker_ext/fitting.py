@@ -102,7 +102,8 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
     x_fit, y_fit = x[fit_idx], y[fit_idx]
     x_nb, y_nb = generate_neighbours(
         net, x_fit, y_fit, cfg.neighbours, cfg.neighbour_noise, cfg.neighbour_lambda,
-        cfg.neighbour_step, cfg.neighbour_iters, seed=cfg.seed, progress=progress)
+        cfg.neighbour_step, cfg.neighbour_iters, batch_size=cfg.batch_rows or 4096, seed=cfg.seed,
+        progress=progress)
     x_aug, y_aug = torch.cat([x_fit, x_nb]), torch.cat([y_fit, y_nb])
     stats = _layer_statistics(tapped, x_aug, y_aug, len(x_fit), blank_input(x), num_classes, cfg,
                               device)

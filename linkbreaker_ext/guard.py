@@ -18,6 +18,7 @@ applied to its credible set.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -176,6 +177,21 @@ def vote(conf: torch.Tensor, credible: torch.Tensor, consistent: torch.Tensor | 
     return labels.masked_fill(bad, -1), verdict.masked_fill(bad, OOD)
 
 
+@contextlib.contextmanager
+def explain_out_of_memory(what: str, rows: int | None):
+    """Re-raise a device out-of-memory error with the setting that bounds the guard's memory: the
+    rows (inputs x heads) of one batched forward, ``GuardConfig.batch_rows`` (None: 8192 on a GPU)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        lower = max(1, (rows or 8192) // 4)
+        raise torch.OutOfMemoryError(
+            f"{what} ran out of device memory with batch_rows={rows or 'None (8192 on a GPU)'} rows "
+            f"(inputs x heads) per batched forward: lower GuardConfig.batch_rows, e.g. "
+            f"LinkBreaker.fit(..., batch_rows={lower}) or guard.config.batch_rows = {lower} on a "
+            f"fitted guard; peak memory follows batch_rows, not the batch size. Original error: {e}") from e
+
+
 def score_from_result(r: GuardResult) -> torch.Tensor:
     """``[B]`` continuous trigger score of a guard's result: how far the input is from being credible
     for its most confident head, in the guard's own units (that head's consistency ratio over its
@@ -332,7 +348,10 @@ class LinkBreaker:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> GuardResult:
         self._check_input(x)
-        x = x.float()  # the guard's copy of the model is float32
+        with explain_out_of_memory("guard(x)", self._batch_rows()):
+            return self._guard(x.float())  # the guard's copy of the model is float32
+
+    def _guard(self, x: torch.Tensor) -> GuardResult:
         if not (self.config.consistency and self.profile):
             conf, labels, verdict = self.head_confidences(x)
             return GuardResult(labels, verdict, conf, self.thresholds)
@@ -369,7 +388,9 @@ class LinkBreaker:
         fit runs on the model's device; the validation data is moved there chunk by chunk.
         """
         from .fitting import fit_guard
-        return fit_guard(cls, model, x_val, y_val, num_classes, layers, config, progress, **overrides)
+        rows = overrides.get("batch_rows", getattr(config, "batch_rows", None))
+        with explain_out_of_memory("LinkBreaker.fit", rows):
+            return fit_guard(cls, model, x_val, y_val, num_classes, layers, config, progress, **overrides)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path, key=None):

@@ -33,6 +33,7 @@ files ``linkbreaker_ext.safefiles``
  39 wrong shapes (missing, extra, rank, size, inconsistent symbol)
  40 a pickle payload (never executed)
 """
+import dataclasses
 import json
 import math
 import pickle
@@ -662,3 +663,25 @@ def test_guard_load_refuses_damaged_files(tmp_path):
         path.write_bytes(bad)
         with pytest.raises(GuardFileError, match=str(path)):
             LinkBreaker.load(path, torch.nn.Linear(2, 2))
+
+
+def test_out_of_memory_names_the_setting_to_lower(guard_deep, synth, monkeypatch):
+    """A device OOM inside guard(x) or fit comes back naming GuardConfig.batch_rows (simulated: no
+    GPU is needed to check the message)."""
+    from linkbreaker_ext import guard as guard_mod
+    from linkbreaker_ext.guard import LinkBreaker
+
+    def boom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    g = dataclasses.replace(guard_deep.config, batch_rows=512)
+    monkeypatch.setattr(guard_deep, "config", g)
+    monkeypatch.setattr(guard_deep, "_heads_with_deviations", boom)
+    with pytest.raises(torch.OutOfMemoryError, match=r"guard\(x\).*batch_rows=512.*batch_rows = 128.*Tried to allocate"):
+        guard_deep(synth["x_test"][:4])
+    monkeypatch.setattr("linkbreaker_ext.fitting.generate_neighbours", boom)
+    with pytest.raises(torch.OutOfMemoryError, match=r"LinkBreaker.fit.*batch_rows=64.*batch_rows=16"):
+        LinkBreaker.fit(guard_deep.model, synth["x_val"], synth["y_val"], 3, progress=False, batch_rows=64)
+    with pytest.raises(torch.OutOfMemoryError, match=r"batch_rows=None \(8192 on a GPU\).*batch_rows=2048"):
+        with guard_mod.explain_out_of_memory("LinkBreaker.fit", None):
+            boom()
