@@ -59,6 +59,12 @@ def _positive(text: str) -> int:
     return value
 
 
+def _tag(value: str) -> str:
+    if not value or not all(c.isalnum() or c in "-_." for c in value):
+        raise argparse.ArgumentTypeError(f"--tag {value!r}: use letters, digits, '-', '_' or '.'")
+    return value
+
+
 def _writable(path) -> Path:
     """Refuse an output path that is a directory before any work is done."""
     path = Path(path)
@@ -156,7 +162,7 @@ def cmd_reproduce(args):
         args.dataset, args.attacks, args.seeds, data_source=args.data,
         work=args.work or f"runs/{args.dataset}", split=args.split, device=_device(args.device),
         settings=settings, n_clean=args.n_clean, n_trigger=args.n_trigger, epochs=args.epochs,
-        results=args.results, progress=not args.quiet)
+        results=args.results, progress=not args.quiet, tag=args.tag)
     print(table.read_text())
     print(f"wrote {table} and {sum(map(len, reports.values()))} run reports in "
           f"{args.results}/runs/{args.dataset}/")
@@ -234,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test half to report on: heldout (indices 5000-end) or dev (0-4999)")
     s.add_argument("--work", default=None, help="models and reports cache (default: runs/<dataset>)")
     s.add_argument("--results", default="results", help="where the table and run copies go")
+    s.add_argument("--tag", default=None, type=_tag,
+                   help="name a variant (e.g. an ablation's --set): its reports, guards and table get "
+                        "this suffix and share the default's models")
     s.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="GuardConfig override, repeatable (e.g. --set neighbours=0)")
     s.add_argument("--epochs", type=int, default=None, help="training epochs for missing models "

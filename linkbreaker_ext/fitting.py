@@ -16,7 +16,7 @@ from torch import nn
 from . import calibrate, salient, search
 from .data import stratified_split
 from .layers import INPUT, LATE, TappedModel, auto_layers, check_layers, final_linear, frozen_copy, units
-from .neighbours import generate_neighbours
+from .neighbours import generate_neighbours, perturbed_samples
 
 
 def as_tensors(x, y):
@@ -100,10 +100,13 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
     tapped = TappedModel(net, layers, private=True)
     calib_idx, fit_idx = stratified_split(y, cfg.calibration_fraction, seed=cfg.seed)
     x_fit, y_fit = x[fit_idx], y[fit_idx]
-    x_nb, y_nb = generate_neighbours(
-        net, x_fit, y_fit, cfg.neighbours, cfg.neighbour_noise, cfg.neighbour_lambda,
-        cfg.neighbour_step, cfg.neighbour_iters, batch_size=cfg.batch_rows or 4096, seed=cfg.seed,
-        progress=progress)
+    if cfg.neighbour_mode == "perturb":  # the paper's Table VIII baseline
+        x_nb, y_nb = perturbed_samples(x_fit, y_fit, cfg.neighbours, cfg.neighbour_noise, cfg.seed)
+    else:
+        x_nb, y_nb = generate_neighbours(
+            net, x_fit, y_fit, cfg.neighbours, cfg.neighbour_noise, cfg.neighbour_lambda,
+            cfg.neighbour_step, cfg.neighbour_iters, batch_size=cfg.batch_rows or 4096, seed=cfg.seed,
+            progress=progress)
     x_aug, y_aug = torch.cat([x_fit, x_nb]), torch.cat([y_fit, y_nb])
     stats = _layer_statistics(tapped, x_aug, y_aug, len(x_fit), blank_input(x), num_classes, cfg,
                               device)

@@ -45,6 +45,7 @@ class GuardConfig:
     neighbour_lambda: float = 0.01  # L1 weight on the mask c
     neighbour_step: float = 5.0     # forward-backward splitting step alpha
     neighbour_iters: int = 30
+    neighbour_mode: str = "alg1"    # "alg1": Alg. 1's optimised neighbours; "perturb": x + noise (Table VIII)
     hidden_layers: int = 4          # automatic choice: this many hidden layers, plus the input pixels
     fractions: tuple = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     search_on_neighbours: bool = False  # judge reliability on the neighbours too (measured: worse)
@@ -96,7 +97,8 @@ class GuardConfig:
         if self.out_quantile is not None and not 0 < self.out_quantile < 1:
             bad("out_quantile", "must lie in (0, 1) or be None")
         choices = {"fill": ("blank", "mean"), "reliability_measure": ("confidence", "rate"),
-                   "consistency_reduce": ("max", "mean"), "inconsistent_verdict": ("ood", "alarm")}
+                   "consistency_reduce": ("max", "mean"), "inconsistent_verdict": ("ood", "alarm"),
+                   "neighbour_mode": ("alg1", "perturb")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 bad(name, f"must be one of {allowed}")

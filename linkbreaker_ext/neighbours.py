@@ -6,6 +6,9 @@ splitting on ``|g(P(x,c))[t] - g(x)[t]| + lam*||c||_1``: a gradient step on the 
 then the paper's shrinkage ``c / (1 + lam*alpha)``, then projection onto [0, 1]. Pixels the
 prediction depends on keep c near 1, the rest become noise. All samples and all their neighbours are
 optimised together as one batch; there is no per-sample Python loop.
+
+:func:`perturbed_samples` is the baseline the paper's Table VIII compares Alg. 1 with: the sample
+plus random noise, without the optimisation.
 """
 from __future__ import annotations
 
@@ -14,6 +17,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .layers import logits_of
+
+
+def perturbed_samples(x: torch.Tensor, y: torch.Tensor, per_sample: int = 4, noise_std: float = 0.2,
+                      seed: int = 0):
+    """``(x + N(0, noise_std), y)``, ``per_sample`` copies of every sample, clamped to the value range
+    of ``x``: plain perturbation samples (Table VIII), no model involved."""
+    if per_sample <= 0 or len(x) == 0:
+        return x[:0], y[:0]
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    xs = x.cpu().repeat_interleave(per_sample, 0)
+    noisy = xs + torch.randn(xs.shape, generator=g) * noise_std
+    return noisy.clamp(x.min().item(), x.max().item()), y.cpu().repeat_interleave(per_sample, 0)
 
 
 def generate_neighbours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, per_sample: int = 4,

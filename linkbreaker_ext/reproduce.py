@@ -71,12 +71,17 @@ def _jsonable(settings: dict) -> dict:
     return json.loads(json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}))
 
 
+def _name(split: str, attack_name: str, seed: int, tag: str | None) -> str:
+    return f"{split}-{attack_name}-{seed}" + (f"-{tag}" if tag else "")
+
+
 def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, split: str = "heldout",
             device="cpu", settings: dict | None = None, n_clean: int = 2000, n_trigger: int = 2000,
-            epochs: int | None = None, progress: bool = False) -> dict:
-    """One run's report (cached in ``<work>/reports``)."""
+            epochs: int | None = None, progress: bool = False, tag: str | None = None) -> dict:
+    """One run's report (cached in ``<work>/reports``; a ``tag`` names a variant, e.g. an ablation's
+    settings, whose reports and guards sit beside the default's and share its models)."""
     settings = dict(settings or {})
-    path = Path(work) / "reports" / f"{split}-{attack_name}-{seed}.json"
+    path = Path(work) / "reports" / f"{_name(split, attack_name, seed, tag)}.json"
     if path.is_file():
         report = json.loads(path.read_text())
         if report.get("settings", {}) != _jsonable(settings):
@@ -90,7 +95,7 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
     guard = LinkBreaker.fit(model, d["x_val"], d["y_val"], data.spec(dataset).num_classes,
                             progress=False, seed=seed, **settings)
     # the fitted guard is kept beside the report, so verdict variants can be re-measured without a refit
-    guard.save(Path(work) / "guards" / f"{attack_name}-{seed}.safetensors")
+    guard.save(Path(work) / "guards" / f"{attack_name}-{seed}{'-' + tag if tag else ''}.safetensors")
     report, _ = experiment.evaluate(model, guard, attack, d["x_test"], d["y_test"], n_clean, n_trigger,
                                     seed, pool)
     x_pool, y_pool = d["x_test"][pool], d["y_test"][pool]
@@ -152,7 +157,7 @@ def _verdict(target, reps, suffix):
     return text, "met (" + ", ".join(slack) + ")"
 
 
-def table(dataset: str, split: str, reports: dict) -> str:
+def table(dataset: str, split: str, reports: dict, tag: str | None = None) -> str:
     """The markdown table for ``{attack: [report per seed]}``."""
     lines = [
         f"# LinkBreaker on {dataset} ({split} half of the test split)",
@@ -192,9 +197,9 @@ def table(dataset: str, split: str, reports: dict) -> str:
     sets = "".join(f" --set {k}={v!r}".replace("'", "") if isinstance(v, str) else f" --set {k}={v}"
                    for k, v in (all_reps[0].get("settings") or {}).items()) if all_reps else ""
     lines += ["", f"Guard settings (GuardConfig overrides): {', '.join(sorted(settings))}.",
-              f"Per-run reports: `runs/{dataset}/{split}-<attack>-<seed>.json`. Regenerate: "
-              f"`linkbreaker reproduce --dataset {dataset} --split {split} "
-              f"--attacks {' '.join(reports)} --seeds {seeds}{sets}`."]
+              f"Per-run reports: `runs/{dataset}/{split}-<attack>-<seed>{'-' + tag if tag else ''}.json`. "
+              f"Regenerate: `linkbreaker reproduce --dataset {dataset} --split {split} "
+              f"--attacks {' '.join(reports)} --seeds {seeds}{sets}{' --tag ' + tag if tag else ''}`."]
     return "\n".join(lines) + "\n"
 
 
@@ -217,7 +222,7 @@ def _row(dataset, attack_name, reps, label="", with_target=True) -> str:
 def reproduce(dataset: str, attacks, seeds, *, data_source="../shared/data", work=None,
               split: str = "heldout", device="cpu", settings: dict | None = None,
               n_clean: int = 2000, n_trigger: int = 2000, epochs: int | None = None,
-              results="results", progress: bool = True):
+              results="results", progress: bool = True, tag: str | None = None):
     """Run every (attack, seed), write the per-run reports and the table; returns
     ``(reports {attack: [report]}, table path)``."""
     data.spec(dataset)  # unknown data set: a clear error before any work
@@ -232,12 +237,12 @@ def reproduce(dataset: str, attacks, seeds, *, data_source="../shared/data", wor
         bar.set_postfix_str(f"{attack_name} seed {seed}")
         rep = run_one(dataset, attack_name, seed, data_source=data_source, work=work, split=split,
                       device=device, settings=settings, n_clean=n_clean, n_trigger=n_trigger,
-                      epochs=epochs, progress=progress)
+                      epochs=epochs, progress=progress, tag=tag)
         reports[attack_name].append(rep)
         runs_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(work / "reports" / f"{split}-{attack_name}-{seed}.json",
-                        runs_dir / f"{split}-{attack_name}-{seed}.json")
-    out = Path(results) / f"{dataset}-{split}.md"
+        name = _name(split, attack_name, seed, tag)
+        shutil.copyfile(work / "reports" / f"{name}.json", runs_dir / f"{name}.json")
+    out = Path(results) / f"{dataset}-{split}{'-' + tag if tag else ''}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table(dataset, split, reports))
+    out.write_text(table(dataset, split, reports, tag))
     return reports, out

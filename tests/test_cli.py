@@ -304,6 +304,17 @@ def test_reproduce_writes_reports_and_table(tiny_reproduce, synth, shared_net, b
     # ... but refuses to mix reports made with other guard settings
     assert cli.main(argv[:-2]) == 2
     assert "was made with the guard settings" in capsys.readouterr().err
+    # a tagged variant (another setting) keeps its own reports, guards and table beside these
+    assert cli.main(argv[:-2] + ["--set", "neighbour_mode=perturb", "--tag", "perturb"]) == 0
+    tagged = json.loads((work / "reports" / "heldout-badnets-0-perturb.json").read_text())
+    assert tagged["settings"] == {"neighbours": 0, "neighbour_mode": "perturb"}
+    assert (work / "guards" / "badnets-0-perturb.safetensors").is_file()
+    assert (results / "runs" / "mnist" / "heldout-none-1-perturb.json").is_file()
+    assert (results / "mnist-heldout.md").read_text() == table  # the default's table is untouched
+    assert "--tag perturb" in (results / "mnist-heldout-perturb.md").read_text()
+    with pytest.raises(SystemExit) as bad_tag:  # argparse: not a file-name-safe tag
+        cli.main(argv + ["--tag", "../x"])
+    assert bad_tag.value.code == 2
 
 
 def test_reproduce_dev_split_and_targets(tiny_reproduce, tmp_path):

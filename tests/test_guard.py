@@ -335,6 +335,30 @@ def test_constant_pixel_is_not_salient(shared_net, synth, neighbours):
     assert g.fills["input"][CONSTANT_PIXEL] == 1.0
 
 
+def test_perturbation_samples_are_the_sample_plus_clamped_noise(shared_net, synth, monkeypatch):
+    """Table VIII's baseline: x + N(0, sigma), clamped to the data's range, seeded, no model; the fit
+    uses it instead of Alg. 1 with ``neighbour_mode="perturb"``."""
+    from linkbreaker_ext.neighbours import perturbed_samples
+    x, y = synth["x_val"][:20], synth["y_val"][:20]
+    xn, yn = perturbed_samples(x, y, per_sample=3, noise_std=0.3, seed=1)
+    assert xn.shape == (60, *x.shape[1:]) and torch.equal(yn, y.repeat_interleave(3))
+    assert xn.min() >= x.min() and xn.max() <= x.max()
+    src = x.repeat_interleave(3, 0)
+    assert (xn - src).abs().mean() > 0.05 and (xn - src).abs().mean() < 0.3
+    assert torch.equal(perturbed_samples(x, y, 3, 0.3, seed=1)[0], xn)
+    assert not torch.equal(perturbed_samples(x, y, 3, 0.3, seed=2)[0], xn)
+    assert len(perturbed_samples(x, y, 0)[0]) == 0
+
+    def no_alg1(*a, **k):
+        raise AssertionError("Alg. 1 ran in perturb mode")
+    monkeypatch.setattr("linkbreaker_ext.fitting.generate_neighbours", no_alg1)
+    g = fit(shared_net, synth["x_val"], synth["y_val"], layers=["input"], neighbour_mode="perturb",
+            neighbours=2)
+    assert g.diagnostics["n_neighbours"] == 2 * g.diagnostics["n_fit"]
+    with pytest.raises(ValueError, match="neighbour_mode"):
+        GuardConfig(neighbour_mode="random")
+
+
 def test_always_zero_pixels_are_never_salient(guard_input, guard_deep, synth):
     assert (synth["x_val"][:, :, ACTIVE:, :] == 0).all() and (synth["x_val"][:, :, :, ACTIVE:] == 0).all()
     for g in (guard_input, guard_deep):
