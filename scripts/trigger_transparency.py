@@ -1,0 +1,99 @@
+"""The paper's Fig. 12 (Sec. VI-C): the defense against a trigger made more transparent at test time.
+
+    python scripts/trigger_transparency.py --dataset cifar10 --attack trojan-square --seed 0
+
+The model and its fitted guard are the held-out run's (``<work>/models/<attack>-<seed>.safetensors``
+and ``<work>/guards/<attack>-<seed>.safetensors``, as ``linkbreaker reproduce`` leaves them: no refit,
+so every transparency is judged by the same guard). A trigger at transparency t is
+``x + (1 - t) * (attack.apply(x) - x)``: t = 0 is the training trigger, t = 1 no trigger. The
+triggered inputs are the held-out run's (``experiment.eval_sets``, test indices 5000-, non-target
+classes). Writes ``results/figures/<dataset>-<attack>-<seed>-transparency.{json,png}`` and prints a
+markdown table: ASR before and after the guard (both readings), trigger alarms and R-Acc.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from linkbreaker_ext import LinkBreaker, experiment, metrics, training  # noqa: E402
+from linkbreaker_ext.reproduce import SPLITS  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--attack", default="trojan-square")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default="../shared/data")
+    p.add_argument("--work", default=None)
+    p.add_argument("--transparency", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7, 0.9])
+    p.add_argument("--n", type=int, default=2000, help="triggered inputs")
+    p.add_argument("--out", default="results/figures")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if not all(0 <= t <= 1 for t in args.transparency):
+        p.error("--transparency values must lie in [0, 1]")
+    work = Path(args.work or f"runs/{args.dataset}")
+    model, meta = experiment.load_model(work / "models" / f"{args.attack}-{args.seed}.safetensors")
+    attack = experiment.attacks.Attack.from_dict(meta["attack"])
+    guard = LinkBreaker.load(work / "guards" / f"{args.attack}-{args.seed}.safetensors", model)
+    split = experiment.split_data(args.dataset, args.data, 0.02, args.seed)
+    _, _, xt, yt, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], 0, args.n,
+                                                args.seed, SPLITS["heldout"])
+    # eval_sets stamps the trigger; recover the clean images of the same draw for the blend
+    g = torch.Generator().manual_seed(10_000 + args.seed)
+    xs, ys = split["x_test"][SPLITS["heldout"]], split["y_test"][SPLITS["heldout"]]
+    torch.randperm(len(xs), generator=g)[:0]  # the clean draw (empty) keeps the generator in step
+    keep = ys != target
+    ti = torch.randperm(int(keep.sum()), generator=g)[:args.n]
+    x_clean, y_true = xs[keep][ti], ys[keep][ti]
+    assert torch.equal(attack.apply(x_clean), xt) and torch.equal(y_true, yt), "draw out of step"
+
+    rows = []
+    for t in args.transparency:
+        x = x_clean + (1 - t) * (xt - x_clean)
+        before = training.predict_logits(model, x).argmax(1)
+        r = guard(x)
+        after = metrics.defended(r, y_true, r, y_true, target)  # only its triggered-side keys are read
+        rows.append({"transparency": t, "asr_before": (before == target).float().mean().item(),
+                     "asr_after": after["asr"], "asr_after_accepted_only": after["asr_strict"],
+                     "alarm_rate": after["alarm_rate_trigger"], "ood_rate": after["ood_rate_trigger"],
+                     "r_acc": after["r_acc"]})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{args.dataset}-{args.attack}-{args.seed}-transparency"
+    cmd = (f"python scripts/trigger_transparency.py --dataset {args.dataset} --attack {args.attack} "
+           f"--seed {args.seed}")
+    stem.with_suffix(".json").write_text(json.dumps({"command": cmd, "n": len(yt), "rows": rows,
+                                                     "guard_config": guard.config.__dict__}, indent=2,
+                                                    default=list))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ts = [100 * r["transparency"] for r in rows]
+    for key, label in (("asr_before", "ASR, no defense"), ("asr_after", "ASR after (hint reading)"),
+                       ("alarm_rate", "trigger alarms"), ("r_acc", "R-Acc")):
+        ax.plot(ts, [100 * r[key] for r in rows], marker="o", label=label)
+    ax.set_xlabel("trigger transparency (%)")
+    ax.set_ylabel("%")
+    ax.set_title(f"{args.dataset} {args.attack}, seed {args.seed}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=110)
+    print(f"`{cmd}` ({len(yt)} triggered held-out inputs)\n")
+    print("| transparency | ASR before | ASR after (hint / accepted only) | trigger alarms | R-Acc |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {100 * r['transparency']:.0f} % | {100 * r['asr_before']:.2f} | {100 * r['asr_after']:.2f} / "
+              f"{100 * r['asr_after_accepted_only']:.2f} | {100 * r['alarm_rate']:.2f} | {100 * r['r_acc']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
