@@ -71,7 +71,8 @@ def _jsonable(settings: dict) -> dict:
     return json.loads(json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}))
 
 
-def _name(split: str, attack_name: str, seed: int, tag: str | None) -> str:
+def report_name(split: str, attack_name: str, seed: int, tag: str | None) -> str:
+    """A run's file stem: ``<split>-<attack>-<seed>[-<tag>]``."""
     return f"{split}-{attack_name}-{seed}" + (f"-{tag}" if tag else "")
 
 
@@ -81,7 +82,7 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
     """One run's report (cached in ``<work>/reports``; a ``tag`` names a variant, e.g. an ablation's
     settings, whose reports and guards sit beside the default's and share its models)."""
     settings = dict(settings or {})
-    path = Path(work) / "reports" / f"{_name(split, attack_name, seed, tag)}.json"
+    path = Path(work) / "reports" / f"{report_name(split, attack_name, seed, tag)}.json"
     if path.is_file():
         report = json.loads(path.read_text())
         if report.get("settings", {}) != _jsonable(settings):
@@ -240,7 +241,7 @@ def reproduce(dataset: str, attacks, seeds, *, data_source="../shared/data", wor
                       epochs=epochs, progress=progress, tag=tag)
         reports[attack_name].append(rep)
         runs_dir.mkdir(parents=True, exist_ok=True)
-        name = _name(split, attack_name, seed, tag)
+        name = report_name(split, attack_name, seed, tag)
         shutil.copyfile(work / "reports" / f"{name}.json", runs_dir / f"{name}.json")
     out = Path(results) / f"{dataset}-{split}{'-' + tag if tag else ''}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
