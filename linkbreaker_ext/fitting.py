@@ -15,7 +15,8 @@ from torch import nn
 
 from . import calibrate, salient, search
 from .data import stratified_split
-from .layers import INPUT, LATE, TappedModel, auto_layers, check_layers, final_linear, frozen_copy, units
+from .layers import (INPUT, LATE, TappedModel, auto_layers, check_layers, final_linear, frozen_copy,
+                     logits_of, units)
 from .neighbours import generate_neighbours, perturbed_samples
 
 
@@ -59,6 +60,13 @@ def _validate(x, y, num_classes, cfg, outputs: int):
     return num_classes
 
 
+@torch.no_grad()
+def _predict(net, x, device, rows: int) -> torch.Tensor:
+    """The model's labels for ``x`` (CPU), chunk by chunk on ``device``."""
+    return torch.cat([logits_of(net(x[i:i + rows].to(device))).argmax(1).cpu()
+                      for i in range(0, len(x), rows)])
+
+
 def blank_input(x):
     """A content-free input: every pixel at its channel's median value over the validation set
     (black for MNIST). Its activations are the reference that non-salient neurons fall back to."""
@@ -93,6 +101,18 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
     # Everything below runs on the guard's own frozen float32 copy: the user's model is never
     # switched to eval mode, hooked or given gradients by the fit.
     net = frozen_copy(model)
+    n_dropped = 0
+    if cfg.drop_misclassified:
+        # A triggered sample that slipped into the "clean" set keeps its true label, and a backdoored
+        # model predicts the target for it: dropping what the model gets wrong removes it.
+        keep = _predict(net, x, device, cfg.batch_rows or 4096) == y
+        n_dropped = int((~keep).sum())
+        x, y = x[keep], y[keep]
+        try:
+            _validate(x, y, num_classes, cfg, num_classes)
+        except ValueError as e:
+            raise ValueError(f"after drop_misclassified removed {n_dropped} samples the model "
+                             f"misclassifies: {e}") from None
     if layers is None:
         layers = [INPUT] + [n for n in auto_layers(net, x[:1].to(device), cfg.hidden_layers)
                             if n != INPUT]
@@ -166,6 +186,7 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
         "chosen_fractions": {k: v.tolist() for k, v in chosen.items()},
         "kept": {k: m.mean(1).tolist() for k, m in guard.masks.items()},
         "n_fit": len(x_fit), "n_neighbours": len(x_nb), "n_calibration": len(calib_idx),
+        "n_dropped_misclassified": n_dropped,
         "calibration_conf": conf, "calibration_labels": y_cal,
         # the calibration split's deviations, so other bounds can be studied without a refit
         "calibration_deviations": dev,

@@ -46,6 +46,8 @@ class GuardConfig:
     neighbour_step: float = 5.0     # forward-backward splitting step alpha
     neighbour_iters: int = 30
     neighbour_mode: str = "alg1"    # "alg1": Alg. 1's optimised neighbours; "perturb": x + noise (Table VIII)
+    drop_misclassified: bool = False  # fit only on validation samples the model labels correctly
+    #                                   (resists triggered samples in the "clean" set: results/poisoned-validation.md)
     hidden_layers: int = 4          # automatic choice: this many hidden layers, plus the input pixels
     fractions: tuple = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     search_on_neighbours: bool = False  # judge reliability on the neighbours too (measured: worse)
@@ -80,6 +82,9 @@ class GuardConfig:
         for name in ("neighbours", "neighbour_iters", "hidden_layers", "min_per_class", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, "must be a non-negative integer")
+        for name in ("use_early", "use_late", "consistency", "search_on_neighbours", "drop_misclassified"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be True or False")
         fr = self.fractions
         if (not isinstance(fr, (tuple, list)) or not fr
                 or not all(isinstance(q, (int, float)) and 0 < q <= 1 for q in fr)

@@ -359,6 +359,26 @@ def test_perturbation_samples_are_the_sample_plus_clamped_noise(shared_net, synt
         GuardConfig(neighbour_mode="random")
 
 
+def test_drop_misclassified_fits_on_what_the_model_gets_right(backdoored_net, synth):
+    """Triggered samples with their true labels in the "clean" set (a poisoned validation set): the
+    backdoored model predicts the target for them, so ``drop_misclassified`` removes exactly those
+    and the model's other mistakes, and the fit equals a fit on the filtered set."""
+    x, y = synth["x_val"].clone(), synth["y_val"].clone()
+    poisoned = (y != 0).nonzero().flatten()[:6]
+    x[poisoned] = add_trigger(x[poisoned])
+    pred = backdoored_net(x).argmax(1)
+    assert (pred[poisoned] == 0).all(), "precondition: the backdoor fires on the poisoned samples"
+    g = fit(backdoored_net, x, y, layers=["input"], drop_misclassified=True)
+    assert g.diagnostics["n_dropped_misclassified"] == int((pred != y).sum()) >= 6
+    ref = fit(backdoored_net, x[pred == y], y[pred == y], layers=["input"])
+    assert_same_state(g, ref)
+    with pytest.raises(ValueError, match="drop_misclassified"):
+        GuardConfig(drop_misclassified=1)
+    with pytest.raises(ValueError, match="after drop_misclassified removed .* too few validation samples"):
+        fit(backdoored_net, add_trigger(synth["x_val"]), synth["y_val"], layers=["input"],
+            drop_misclassified=True)
+
+
 def test_always_zero_pixels_are_never_salient(guard_input, guard_deep, synth):
     assert (synth["x_val"][:, :, ACTIVE:, :] == 0).all() and (synth["x_val"][:, :, :, ACTIVE:] == 0).all()
     for g in (guard_input, guard_deep):
