@@ -97,7 +97,10 @@ def table(out_dir: Path, command: str, quick: bool) -> str:
     if quick:
         lines += ["**QUICK smoke test** (cheap guard, 200 + 200 inputs from the embedded subset): checks the "
                   "pipeline; these numbers are not a measurement.", ""]
-    lines += [f"Command: `{command}`", "",
+    # the rows may come from several invocations (one per variant / label): name each
+    made_by = sorted({f"python scripts/poisoned_validation.py --data ../shared/data --variant {r['variant']}"
+                      + (f" --label {r['label']}" if r["label"] != "true" else "") for r in rows})
+    lines += ["Commands: " + "; ".join(f"`{c}`" for c in made_by) + f" (last run: `{command}`)", "",
               "| attack | variant | label of poisoned samples | poisoned | n poisoned | CDA before | ASR before "
               "| CDA after | ASR after | CDA change vs 0 % | ASR change vs 0 % | R-Acc | clean alarms "
               "| clean OOD | fit s |",
