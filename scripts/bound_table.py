@@ -24,27 +24,33 @@ def pct(x: float) -> str:
 
 def main():
     lines = ["# Choosing the consistency bound (dev half, seed 0)", "",
-             "Each row: a guard fitted with `consistency_mad_k=3`, measured on 2,000 clean and 2,000 "
+             "Each row: a fitted guard (k enters only its bounds, so the k it was fitted with does not "
+             "matter), measured on 2,000 clean and 2,000 "
              "triggered inputs of the **dev** half of the test split (indices 0-4999), with the bound "
              "moved to `median + k * 1.4826 * MAD` of the calibration split's log deviations and both "
              "verdicts for a confident but inconsistent top head. A bound changes only a comparison, so "
              "all rows of one model come from the same forward passes (`scripts/dev_sweep.py --sweep-k`). "
              "*CDA drop*: undefended minus guarded CDA on the same clean inputs (hint reading), in points. "
-             "*no check*: the paper's confidence test alone.", "",
-             "| data set | attack | k | verdict | CDA drop | ASR | ASR, accepted only | clean alarms | "
+             "*no check*: the paper's confidence test alone. The trojan-square rows were measured "
+             "after the choice, so they did not inform it. Rows with *reduce = mean* judge "
+             "the same guards with the layers' deviations averaged instead of their maximum "
+             "(`dev_sweep.py --reduce mean`, files `*-ksweep-mean.json`).", "",
+             "| data set | attack | reduce | k | verdict | CDA drop | ASR | ASR, accepted only | clean alarms | "
              "trigger alarms | trigger OOD |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for dataset in ("cifar10", "mnist"):
-        for path in sorted((ROOT / "runs" / dataset / "dev").glob("*-0-ksweep.json")):
+        paths = [(p, "max") for p in sorted((ROOT / "runs" / dataset / "dev").glob("*-0-ksweep.json"))]
+        paths += [(p, "mean") for p in sorted((ROOT / "runs" / dataset / "dev").glob("*-0-ksweep-mean.json"))]
+        for path, reduce in paths:
             rep = json.loads(path.read_text())
             dest = ROOT / "results" / "dev" / dataset / path.name
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, dest)
-            attack = path.name[: -len("-0-ksweep.json")]
+            attack = path.name.split("-0-ksweep")[0]
             base = rep["before"]["cda"]
 
             def row(k, verdict, a):
-                return (f"| {dataset} | {attack} | {k} | {verdict} | {100 * (base - a['cda']):.2f} | "
+                return (f"| {dataset} | {attack} | {reduce} | {k} | {verdict} | {100 * (base - a['cda']):.2f} | "
                         f"{pct(a['asr'])} | {pct(a['asr_strict'])} | {pct(a['alarm_rate_clean'])} | "
                         f"{pct(a['alarm_rate_trigger'])} | {pct(a['ood_rate_trigger'])} |")
             for k, verdicts in rep["sweep_k"].items():

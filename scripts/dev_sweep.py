@@ -95,6 +95,9 @@ def main():
     p.add_argument("--guard", default=None,
                    help="a guard saved for this model (e.g. runs/cifar10/guards/badnets-0.safetensors) "
                         "instead of a fresh fit")
+    p.add_argument("--reduce", choices=["max", "mean"], default=None,
+                   help="with --guard: judge the saved guard with this consistency_reduce (bounds are "
+                        "recalibrated from the calibration split by --sweep-k)")
     p.add_argument("--sweep-k", nargs="*", type=float, default=[],
                    help="consistency_mad_k values to measure from the same forward passes")
     args = p.parse_args()
@@ -108,6 +111,9 @@ def main():
         if overrides or args.layers:
             p.error("--guard measures a saved guard as it is: drop --set/--layers")
         guard = LinkBreaker.load(args.guard, model)
+        if args.reduce:
+            import dataclasses
+            guard.config = dataclasses.replace(guard.config, consistency_reduce=args.reduce)
     else:
         guard = LinkBreaker.fit(model, split["x_val"], split["y_val"], data.spec(args.dataset).num_classes,
                                 layers=args.layers, progress=False, seed=args.seed, **overrides)
