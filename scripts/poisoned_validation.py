@@ -61,11 +61,12 @@ def poison(x_val, y_val, attack, rate, seed, label="true"):
 
 
 def run_one(model, attack, d, rate, args, overrides, pool, n_clean, n_trigger):
+    num_classes = int(d["y_train"].max()) + 1
     x, y, idx = poison(d["x_val"], d["y_val"], attack, rate, args.seed, args.label)
     is_poisoned = torch.zeros(len(y), dtype=torch.bool)
     is_poisoned[idx] = True
     info = {"n_validation": len(y), "n_poisoned": len(idx),
-            "poisoned_per_class": torch.bincount(d["y_val"][idx], minlength=10).tolist()}
+            "poisoned_per_class": torch.bincount(d["y_val"][idx], minlength=num_classes).tolist()}
     if args.variant == "filtered":
         pred = training.predict_logits(model, x).argmax(1)
         keep = pred == y
@@ -74,14 +75,14 @@ def run_one(model, attack, d, rate, args, overrides, pool, n_clean, n_trigger):
                      "poisoned_left": int((keep & is_poisoned).sum())})
         overrides = dict(overrides, drop_misclassified=True)  # the fit drops them itself
     t0 = time.perf_counter()
-    guard = LinkBreaker.fit(model, x, y, 10, progress=False, seed=args.seed, **overrides)
+    guard = LinkBreaker.fit(model, x, y, num_classes, progress=False, seed=args.seed, **overrides)
     if args.variant == "filtered":
         assert guard.diagnostics["n_dropped_misclassified"] == info["filtered_out"]
     fit_s = time.perf_counter() - t0
     report, _ = experiment.evaluate(model, guard, attack, d["x_test"], d["y_test"], n_clean, n_trigger,
                                     args.seed, pool)
     report["timing"]["fit_s"] = fit_s
-    report.update({"rate": rate, "label": args.label, "variant": args.variant, "seed": args.seed,
+    report.update({"dataset": args.dataset, "rate": rate, "label": args.label, "variant": args.variant, "seed": args.seed,
                    "poisoning": info, "thresholds": guard.thresholds.tolist(),
                    "kept": guard.diagnostics.get("kept"), "settings": overrides,
                    "pool": [pool.start, pool.stop], "quick": args.quick})
@@ -98,7 +99,9 @@ def table(out_dir: Path, command: str, quick: bool) -> str:
         lines += ["**QUICK smoke test** (cheap guard, 200 + 200 inputs from the embedded subset): checks the "
                   "pipeline; these numbers are not a measurement.", ""]
     # the rows may come from several invocations (one per variant / label): name each
-    made_by = sorted({f"python scripts/poisoned_validation.py --data ../shared/data --variant {r['variant']}"
+    made_by = sorted({"python scripts/poisoned_validation.py"
+                      + (f" --dataset {r['dataset']}" if r.get("dataset", "mnist") != "mnist" else "")
+                      + f" --data ../shared/data --variant {r['variant']}"
                       + (f" --label {r['label']}" if r["label"] != "true" else "") for r in rows})
     lines += ["Commands: " + "; ".join(f"`{c}`" for c in made_by) + f" (last run: `{command}`)", "",
               "| attack | variant | label of poisoned samples | poisoned | n poisoned | CDA before | ASR before "
@@ -122,8 +125,9 @@ def table(out_dir: Path, command: str, quick: bool) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="../shared/data", help="parquet folder with mnist/ (full MNIST)")
-    p.add_argument("--work", default="runs/mnist", help="cached models (experiment.model_for)")
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "cifar10", "gtsrb"])
+    p.add_argument("--data", default="../shared/data", help="parquet folder (../shared/data layout)")
+    p.add_argument("--work", default=None, help="cached models (experiment.model_for; default runs/<dataset>)")
     p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
     p.add_argument("--rates", nargs="+", type=float, default=None)
     p.add_argument("--label", choices=["true", "target"], default="true")
@@ -135,8 +139,14 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="refit runs whose JSON exists")
     args = p.parse_args(argv)
     command = "python scripts/poisoned_validation.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    out = Path(args.out or ("results/poisoned/quick" if args.quick else "results/poisoned"))
-    table_path = Path(args.table or (out / "table.md" if args.quick else "results/poisoned-validation.md"))
+    # MNIST keeps the original paths; other data sets get their own folder and table
+    suffix = "" if args.dataset == "mnist" else f"/{args.dataset}"
+    out = Path(args.out or ("results/poisoned/quick" if args.quick else f"results/poisoned{suffix}"))
+    table_path = Path(args.table or (out / "table.md" if args.quick else
+                                     f"results/poisoned-validation{suffix.replace('/', '-')}.md"))
+    work = args.work or f"runs/{args.dataset}"
+    if args.quick and args.dataset != "mnist":
+        p.error("--quick uses the embedded MNIST subset")
     out.mkdir(parents=True, exist_ok=True)
     if args.quick:
         rates = args.rates or [0.0, 0.05]
@@ -145,11 +155,11 @@ def main(argv=None):
         pool, n_clean, n_trigger = slice(1500, None), 200, 200
     else:
         rates = args.rates or list(RATES)
-        d = experiment.split_data("mnist", args.data, 0.02, args.seed)
+        d = experiment.split_data(args.dataset, args.data, 0.02, args.seed)
         overrides = {}
         pool, n_clean, n_trigger = slice(5000, None), 2000, 2000
     for name in args.attacks:
-        model, attack = experiment.model_for("mnist", name, args.seed, d, args.work, progress=False)
+        model, attack = experiment.model_for(args.dataset, name, args.seed, d, work, progress=False)
         for rate in rates:
             path = out / f"{name}-{args.variant}-{args.label}-{round(100 * rate)}pct-seed{args.seed}.json"
             if path.exists() and not args.force:
