@@ -55,7 +55,7 @@ from torch import nn
 
 from conftest import FAST, NUM_CLASSES, SHAPE, _train, make_images
 from linkbreaker_ext import LinkBreaker, cli, experiment
-from linkbreaker_ext.guard import ACCEPT, OOD
+from linkbreaker_ext.guard import ACCEPT, ALARM
 from linkbreaker_ext.models import MnistNet
 from linkbreaker_ext.safefiles import GuardFileError
 
@@ -574,10 +574,11 @@ def test_call_non_tensor_refused(surfaces, surface, x_test):
 @pytest.mark.parametrize("surface", SURFACES)
 def test_pixels_outside_the_validation_range_today(surfaces, surface, x_test):
     """R25, the answer besides the warning: 0-255 images given to a 0-1 guard are never accepted
-    on this model (every one is out-of-distribution)."""
+    on this model: a head is confident, but its class's neurons do not support it, so each gets the
+    trigger alarm (the default ``inconsistent_verdict``), with label -1."""
     with pytest.warns(UserWarning):
         labels, verdict, conf = answer(surfaces[surface], x_test[0] * 255)
-    assert (verdict != ACCEPT).all() and (verdict == OOD).all()
+    assert (verdict != ACCEPT).all() and (verdict == ALARM).all() and (labels == -1).all()
 
 
 @pytest.mark.parametrize("surface", SURFACES)
