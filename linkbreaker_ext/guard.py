@@ -278,8 +278,9 @@ class LinkBreaker:
         hidden = {n: masks[n] for n in self.layers}
         n = th.shape[0]
         chunk = max(1, self._batch_rows() // n)
-        outs, seen = [], []
-        for start in range(0, len(x) if features is None else len(features), chunk):
+        total = len(x) if features is None else len(features)
+        out, seen = None, []
+        for start in range(0, total, chunk):
             if features is not None:
                 feats = features[start:start + chunk]
             elif with_units:
@@ -291,12 +292,14 @@ class LinkBreaker:
             # Inputs are validated once in __call__ and masks/thresholds at fit time, so skip the
             # op wrapper's value checks (a host sync on CUDA); a NaN the model itself produces still
             # comes back as conf NaN / label -1 / verdict 2, never as a silent label.
-            outs.append(ops.guard_head(feats, w, b, masks[LATE], self.fills[LATE], th, check_values=False))
-        if not outs:
+            res = ops.guard_head(feats, w, b, masks[LATE], self.fills[LATE], th, check_values=False)
+            if out is None:  # outputs allocated once (see _heads_with_deviations: heap fragmentation)
+                out = tuple(r.new_empty((total, *r.shape[1:])) for r in res)
+            for dst, src in zip(out, res):
+                dst[start:start + len(src)] = src
+        if out is None:
             out = ops.guard_head(torch.empty(0, n, w.shape[1], device=w.device), w, b, masks[LATE],
                                  self.fills[LATE], th)
-        else:
-            out = tuple(torch.cat(parts) for parts in zip(*outs))
         if not with_units:
             return out
         units_ = {k: torch.cat([u[k] for u in seen]) for k in seen[0]} if seen else {}
@@ -329,11 +332,19 @@ class LinkBreaker:
         """``(conf, deviations)`` ``[B, N]`` each, chunk by chunk so the heads' neuron values stay
         bounded in memory for any batch size."""
         step = max(1, self._batch_rows() // self.num_heads)
-        parts = []
-        for i in range(0, max(len(x), 1), step):
-            conf, _, _, u = self.head_confidences(x[i:i + step], with_units=True)
-            parts.append((conf, self.deviations_from_units(u) if len(conf) else conf))
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        if len(x) == 0:
+            conf = self.head_confidences(x)[0]
+            return conf, conf.clone()
+        # The outputs are allocated once, up front: small per-chunk results kept alive between the
+        # chunks' large temporaries fragment the CPU heap, and the process's memory then grows with
+        # the batch (measured: 3.2 GiB added for 100,000 MNIST inputs) although live tensors do not.
+        conf = torch.empty(len(x), self.num_heads, device=self.device)
+        dev = torch.empty_like(conf)
+        for i in range(0, len(x), step):
+            c, _, _, u = self.head_confidences(x[i:i + step], with_units=True)
+            conf[i:i + step] = c
+            dev[i:i + step] = self.deviations_from_units(u)
+        return conf, dev
 
     def deviations(self, x) -> torch.Tensor:
         """``[B, N]`` :meth:`deviations_from_units` of inputs ``x`` (the heads' batched forward)."""
