@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import attacks, data, metrics, models, safefiles, training
-from .guard import GuardResult, LinkBreaker, score_from_result as guard_score, vote
+from .guard import GuardResult, LinkBreaker, decide, score_from_result as guard_score
 
 NO_ATTACK = "none"
 MODEL_KEY = "linkbreaker-model"
@@ -97,20 +97,22 @@ def evaluate(model, guard: LinkBreaker, attack, x_test, y_test, n_clean=2000, n_
     if rc.consistency is not None:
         # The same heads and thresholds without the consistency veto (the paper's credibility test
         # alone), from the same forward passes: the ablation of the check comes for free.
-        plain = [GuardResult(*vote(r.confidences, r.confidences >= r.thresholds), r.confidences,
-                             r.thresholds) for r in (rc, rt)]
+        plain = [redecided(r) for r in (rc, rt)]
         report["after_without_consistency"] = metrics.defended(plain[0], yc, plain[1], yt, target)
         # ... and with the other verdict for a confident but inconsistent top head
         other = "ood" if guard.config.inconsistent_verdict == "alarm" else "alarm"
-        alt = []
-        for r in (rc, rt):
-            consistent, confident = r.consistency <= 1, r.confidences >= r.thresholds
-            alt.append(GuardResult(*vote(r.confidences, confident & consistent, consistent,
-                                         confident if other == "alarm" else None),
-                                   r.confidences, r.thresholds))
+        alt = [redecided(r, r.consistency, other) for r in (rc, rt)]
         report[f"after_inconsistent_{other}"] = metrics.defended(alt[0], yc, alt[1], yt, target)
         report["auroc"] = metrics.auroc(guard_score(rc), guard_score(rt))
     return report, (rc, yc, rt, yt)
+
+
+def redecided(r: GuardResult, ratio=None, inconsistent_verdict: str = "alarm") -> GuardResult:
+    """``r``'s heads decided again (:func:`guard.decide`) with consistency ratios ``ratio`` (None:
+    the paper's confidence test alone) and ``inconsistent_verdict``: a decision variant that needs
+    no new forward pass."""
+    labels, verdict = decide(r.confidences, r.thresholds, ratio, inconsistent_verdict)
+    return GuardResult(labels, verdict, r.confidences, r.thresholds, ratio)
 
 
 def model_for(dataset: str, attack_name: str, seed: int, split: dict, work, epochs: int | None = None,

@@ -184,6 +184,20 @@ def vote(conf: torch.Tensor, credible: torch.Tensor, consistent: torch.Tensor | 
     return labels.masked_fill(bad, -1), verdict.masked_fill(bad, OOD)
 
 
+def decide(conf: torch.Tensor, thresholds: torch.Tensor, ratio: torch.Tensor | None = None,
+           inconsistent_verdict: str = "alarm"):
+    """``(labels, verdict)`` of Alg. 3 with the consistency veto: a head is credible when it passes
+    its confidence threshold and, given its consistency ``ratio`` ``[B, N]``, is consistent
+    (``ratio <= 1``); a confident but inconsistent head gets ``inconsistent_verdict``. Without
+    ``ratio``: the paper's confidence test alone."""
+    confident = conf >= thresholds
+    if ratio is None:
+        return vote(conf, confident)
+    consistent = ratio <= 1
+    return vote(conf, confident & consistent, consistent,
+                confident if inconsistent_verdict == "alarm" else None)
+
+
 @contextlib.contextmanager
 def explain_out_of_memory(what: str, rows: int | None):
     """Re-raise a device out-of-memory error with the setting that bounds the guard's memory: the
@@ -375,9 +389,7 @@ class LinkBreaker:
             return GuardResult(labels, verdict, conf, self.thresholds)
         conf, dev = self._heads_with_deviations(x)
         ratio = dev / self.profile["bounds"]
-        consistent, confident = ratio <= 1, conf >= self.thresholds
-        alarm = confident if self.config.inconsistent_verdict == "alarm" else None
-        labels, verdict = vote(conf, confident & consistent, consistent, alarm)
+        labels, verdict = decide(conf, self.thresholds, ratio, self.config.inconsistent_verdict)
         return GuardResult(labels, verdict, conf, self.thresholds, ratio)
 
     @torch.no_grad()

@@ -1,6 +1,6 @@
-"""Confidence-distribution plots in the style of the paper's Fig. 4 and 6: for clean and for
-triggered inputs of one class, the distribution of every head's own-class confidence T(x)_k, with
-each head's credibility threshold."""
+"""Plots in the paper's style: confidence distributions (Figs. 4 and 6: for clean and triggered
+inputs of one class, every head's own-class confidence T(x)_k beside its threshold) and rates over
+one setting (Figs. 10-12)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,6 +32,28 @@ def confidence_distributions(conf_clean, y_clean, conf_trig, y_trig, thresholds,
     axes[1].legend(loc="center right")
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def percent_curves(rows, x_key: str, series, xlabel: str, title: str, path, x_scale: float = 1.0):
+    """Save a line plot of rate columns (fractions, drawn in %) over one setting, one point per row
+    (a dict): ``series`` is ``[(key, label), ...]``; the paper's Figs. 10-12 style."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    xs = [x_scale * r[x_key] for r in rows]
+    for key, label in series:
+        ax.plot(xs, [100 * r[key] for r in rows], marker="o", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("%")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -44,7 +44,7 @@ import torch
 from torch import fx, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.linkbreaker.guard_head and its fake kernel)
-from .guard import check_input, vote
+from .guard import check_input, decide
 from .layers import INPUT, LATE, frozen_copy
 
 __all__ = ["GuardedModule"]
@@ -189,7 +189,7 @@ class GuardedModule(nn.Module):
         self.use_early = bool(cfg.use_early)
         self.consistency = bool(cfg.consistency and guard.profile)
         self.reduce = cfg.consistency_reduce
-        self.alarm_if_inconsistent = cfg.inconsistent_verdict == "alarm"
+        self.inconsistent_verdict = cfg.inconsistent_verdict
         self.batch_rows = batch_rows or cfg.batch_rows
         self.check_inputs = check_inputs
         n = self.num_heads
@@ -292,9 +292,7 @@ class GuardedModule(nn.Module):
         if not self.consistency:
             return labels, verdict, conf
         ratio = self._deviations([*acts, (late[:, :n] if self.use_early else late[:, 0]).float()]) / self.bounds
-        consistent, confident = ratio <= 1, conf >= self.thresholds
-        labels, verdict = vote(conf, confident & consistent, consistent,
-                               confident if self.alarm_if_inconsistent else None)
+        labels, verdict = decide(conf, self.thresholds, ratio, self.inconsistent_verdict)
         return labels, verdict, conf
 
     def _deviations(self, units):

@@ -60,21 +60,14 @@ def sweep_bounds(guard, split, ks, rc, yc, rt, yt, target):
     """The guard's decisions with the consistency bound at ``median + k * MAD`` for each k, from the
     same forward passes (a bound changes only the comparison), under both verdicts."""
     from linkbreaker_ext import calibrate, metrics
-    from linkbreaker_ext.guard import GuardResult, vote
     dev, y_cal = calibration_deviations(guard, split)
-    fitted = guard.profile["bounds"].cpu()
+    fitted = guard.profile["bounds"]
     out = {}
     for k in ks:
-        rescale = fitted / calibrate.consistency_bounds(dev, y_cal, k)
+        rescale = fitted / calibrate.consistency_bounds(dev, y_cal, k).to(fitted.device)
         res = {}
         for verdict in ("ood", "alarm"):
-            rs = []
-            for r in (rc, rt):
-                ratio = r.consistency.cpu() * rescale
-                consistent, confident = ratio <= 1, r.confidences.cpu() >= r.thresholds.cpu()
-                rs.append(GuardResult(*vote(r.confidences.cpu(), confident & consistent, consistent,
-                                            confident if verdict == "alarm" else None),
-                                      r.confidences, r.thresholds))
+            rs = [experiment.redecided(r, r.consistency * rescale, verdict) for r in (rc, rt)]
             res[verdict] = metrics.defended(rs[0], yc, rs[1], yt, target)
         out[str(k)] = res
     return out
@@ -122,12 +115,6 @@ def main():
                                     args.n, args.seed, slice(0, 5000))
     report.update(settings=overrides, layers=guard.layers, model_stage=stage, fit_s=fit_s,
                   kept={k: m.mean().item() for k, m in guard.masks.items()})
-    if rc.consistency is not None:  # the same heads without the consistency veto (the paper's test)
-        from linkbreaker_ext import metrics
-        from linkbreaker_ext.guard import GuardResult, vote
-        plain = [GuardResult(*vote(r.confidences, r.confidences >= r.thresholds), r.confidences,
-                             r.thresholds) for r in (rc, rt)]
-        report["after_without_consistency"] = metrics.defended(plain[0], yc, plain[1], yt, attack.target if attack else 0)
     report["heads"] = head_diagnostics(rc, yc, rt, yt, attack.target if attack else 0)
     if args.sweep_k and rc.consistency is not None:
         report["sweep_k"] = sweep_bounds(guard, split, args.sweep_k, rc, yc, rt, yt,

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from linkbreaker_ext import reproduce  # noqa: E402
+from linkbreaker_ext import plots, reproduce  # noqa: E402
 
 
 def main():
@@ -53,20 +53,11 @@ def main():
     cmd = (f"python scripts/noise_amplitude.py --dataset {args.dataset} --attack {args.attack} "
            f"--seed {args.seed} --amplitudes {' '.join(f'{a:g}' for a in args.amplitudes)}")
     stem.with_suffix(".json").write_text(json.dumps({"command": cmd, "rows": rows}, indent=2))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    amps = [r["amplitude"] for r in rows]
-    for key, label in (("cda", "CDA after (hint)"), ("cda_strict", "CDA after (accepted only)"),
-                       ("asr", "ASR after (hint)"), ("asr_strict", "ASR after (accepted only)")):
-        ax.plot(amps, [100 * r[key] for r in rows], marker="o", label=label)
-    ax.set_xlabel("fill noise amplitude (x class-pooled std)")
-    ax.set_ylabel("%")
-    ax.set_title(f"{args.dataset} {args.attack}, seed {args.seed}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=110)
+    plots.percent_curves(rows, "amplitude", [("cda", "CDA after (hint)"),
+                                             ("cda_strict", "CDA after (accepted only)"),
+                                             ("asr", "ASR after (hint)"), ("asr_strict", "ASR after (accepted only)")],
+                         "fill noise amplitude (x class-pooled std)",
+                         f"{args.dataset} {args.attack}, seed {args.seed}", stem.with_suffix(".png"))
     print(f"`{cmd}`\n")
     print("| noise amplitude | CDA after (hint / accepted only) | ASR after (hint / accepted only) |")
     print("| --- | --- | --- |")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from linkbreaker_ext import LinkBreaker, experiment, metrics, training  # noqa: E402
+from linkbreaker_ext import LinkBreaker, experiment, metrics, plots, training  # noqa: E402
 from linkbreaker_ext.reproduce import SPLITS  # noqa: E402
 
 
@@ -73,20 +73,11 @@ def main():
     stem.with_suffix(".json").write_text(json.dumps({"command": cmd, "n": len(yt), "rows": rows,
                                                      "guard_config": guard.config.__dict__}, indent=2,
                                                     default=list))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ts = [100 * r["transparency"] for r in rows]
-    for key, label in (("asr_before", "ASR, no defense"), ("asr_after", "ASR after (hint reading)"),
-                       ("alarm_rate", "trigger alarms"), ("r_acc", "R-Acc")):
-        ax.plot(ts, [100 * r[key] for r in rows], marker="o", label=label)
-    ax.set_xlabel("trigger transparency (%)")
-    ax.set_ylabel("%")
-    ax.set_title(f"{args.dataset} {args.attack}, seed {args.seed}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=110)
+    plots.percent_curves(rows, "transparency", [("asr_before", "ASR, no defense"),
+                                                ("asr_after", "ASR after (hint reading)"),
+                                                ("alarm_rate", "trigger alarms"), ("r_acc", "R-Acc")],
+                         "trigger transparency (%)", f"{args.dataset} {args.attack}, seed {args.seed}",
+                         stem.with_suffix(".png"), x_scale=100)
     print(f"`{cmd}` ({len(yt)} triggered held-out inputs)\n")
     print("| transparency | ASR before | ASR after (hint / accepted only) | trigger alarms | R-Acc |")
     print("| --- | --- | --- | --- | --- |")

@@ -175,6 +175,16 @@ def test_confidence_distributions_writes_png(tmp_path):
     assert empty.stat().st_size > 0
 
 
+def test_percent_curves_writes_png(tmp_path):
+    rows = [{"t": 0.0, "asr": 1.0, "cda": 0.9}, {"t": 0.5, "asr": 0.4, "cda": 0.9}]
+    path = tmp_path / "figs" / "curve.png"  # the folder is created
+    returned = plots.percent_curves(rows, "t", [("asr", "ASR"), ("cda", "CDA")], "transparency (%)",
+                                    "synthetic", path, x_scale=100)
+    assert returned == path and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(KeyError):
+        plots.percent_curves(rows, "t", [("missing", "x")], "t", "", tmp_path / "bad.png")
+
+
 def test_cli_fit_rejects_an_unknown_layer(tmp_path, capsys):
     model_path = tmp_path / "m.safetensors"
     experiment.save_model(model_path, MnistNet(10), {"dataset": "mnist", "num_classes": 10, "seed": 0,
