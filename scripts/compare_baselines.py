@@ -1,9 +1,12 @@
-"""LinkBreaker beside the baseline defenses (issue #7) on MNIST, on the same models, data and triggers.
+"""LinkBreaker beside the baseline defenses (issue #7), on the same models, data and triggers.
 
-    python scripts/compare_baselines.py --data ../shared/data                 # seed 0, all attacks
+    python scripts/compare_baselines.py --data ../shared/data                 # MNIST, seed 0
     python scripts/compare_baselines.py --data ../shared/data --seeds 0 1 2
+    python scripts/compare_baselines.py --dataset cifar10 --reuse-guards     # CIFAR-10, seed 0
 
-Models come from ``experiment.model_for`` (cached under --work, shared with reproduce_mnist.py).
+Models come from ``experiment.model_for`` (cached under --work, shared with ``linkbreaker reproduce``;
+``--reuse-guards`` loads the guards that ``reproduce`` saved there instead of fitting again, and takes
+their offline time from the fit's own record).
 Every defense fits on the same clean validation set (2 % of the training split, never trained on);
 input-level detectors hold out half of it to set their threshold at 1 % false rejection. Evaluation
 uses 2,000 clean and 2,000 triggered inputs from the held-out test half (indices 5000-9999), as
@@ -24,24 +27,27 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from linkbreaker_ext import LinkBreaker, attacks, experiment, metrics, training  # noqa: E402
+from linkbreaker_ext import LinkBreaker, attacks, data, experiment, metrics, training  # noqa: E402
 from linkbreaker_ext.baselines import roc_auc  # noqa: E402
 from linkbreaker_ext.guard import score_from_result  # noqa: E402
 from linkbreaker_ext.baselines.evaluate import _rate, evaluate_defense  # noqa: E402
 
-DATASET = "mnist"
 DEFENSES = ["linkbreaker", "strip", "scale-up", "ibd-psc", "neural-cleanse", "abs", "fine-pruning"]
 DETECTORS = ["linkbreaker", "strip", "scale-up", "ibd-psc"]
 POISONING = {"badnets": "data", "blended": "data", "trojan-square": "model", "none": "clean"}
 
 
-def run_linkbreaker(model, val, sets, seed):
+def run_linkbreaker(model, val, sets, seed, num_classes, saved=None):
     xc, yc, xt, yt, target = sets
     device = next(model.parameters()).device
-    start = time.perf_counter()
-    guard = LinkBreaker.fit(model, val[0], val[1], num_classes=10, progress=False,
-                            seed=seed)
-    fit_s = time.perf_counter() - start
+    if saved is not None and Path(saved).is_file():
+        guard = LinkBreaker.load(saved, model)
+        fit_s = guard.diagnostics.get("fit_s", float("nan"))
+    else:
+        start = time.perf_counter()
+        guard = LinkBreaker.fit(model, val[0], val[1], num_classes=num_classes, progress=False,
+                                seed=seed)
+        fit_s = time.perf_counter() - start
     start = time.perf_counter()
     rc = guard(xc.to(device))
     online = time.perf_counter() - start
@@ -53,18 +59,22 @@ def run_linkbreaker(model, val, sets, seed):
                    "timing": {"offline_s": fit_s, "online_ms_per_sample": 1000 * online / len(xc)}}
 
 
-def run_baseline(name, model, val, sets, seed):
-    return evaluate_defense(name, model, val[0], val[1], 10, sets, seed)
+def run_baseline(name, model, val, sets, seed, num_classes):
+    return evaluate_defense(name, model, val[0], val[1], num_classes, sets, seed)
 
 
-def adversarial(model, guard, strip, x, y, seed):
+# FGSM/BIM budgets: the paper's MNIST setting, and the usual 8/255 on natural images
+ADV_EPS = {"mnist": 0.2}
+
+
+def adversarial(model, guard, strip, x, y, seed, eps=0.2):
     """Table VI: FGSM/BIM/DeepFool examples that fool the bare model; the share each defense answers
     with the true label ("correct") and the share it flags."""
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     out = {}
-    advs = {"fgsm": attacks.fgsm(model, x, y, eps=0.2),
-            "bim": attacks.bim(model, x, y, eps=0.2, alpha=0.02, steps=20),
+    advs = {"fgsm": attacks.fgsm(model, x, y, eps=eps),
+            "bim": attacks.bim(model, x, y, eps=eps, alpha=eps / 10, steps=20),
             "deepfool": attacks.deepfool(model, x, y)}
     for name, xa in advs.items():
         fooled = training.predict_logits(model, xa).argmax(1) != y
@@ -76,15 +86,18 @@ def adversarial(model, guard, strip, x, y, seed):
                      "linkbreaker": {"correct": _rate(r.labels.cpu() == ya),
                                      "flagged": _rate(r.verdict.cpu() != 0)},
                      "strip": {"correct": _rate(~flag_s & (pred == ya)), "flagged": _rate(flag_s)}}
-    out["settings"] = {"fgsm": {"eps": 0.2}, "bim": {"eps": 0.2, "alpha": 0.02, "steps": 20},
+    out["settings"] = {"fgsm": {"eps": eps}, "bim": {"eps": eps, "alpha": eps / 10, "steps": 20},
                        "deepfool": {"steps": 50, "overshoot": 0.02}}
     return out
 
 
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "cifar10", "gtsrb"])
     p.add_argument("--data", default="../shared/data")
-    p.add_argument("--work", default="runs/mnist")
+    p.add_argument("--work", default=None, help="default: runs/<dataset>")
+    p.add_argument("--reuse-guards", action="store_true",
+                   help="load <work>/guards/<attack>-<seed>.safetensors (saved by reproduce) if present")
     p.add_argument("--out", default="results/baselines")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--attacks", nargs="+", default=["badnets", "trojan-square", "blended", "none"])
@@ -93,6 +106,9 @@ def main():
     p.add_argument("--adversarial-n", type=int, default=500)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
+    args.work = args.work or f"runs/{args.dataset}"
+    DATASET = args.dataset
+    num_classes = data.spec(DATASET).num_classes
     torch.set_num_threads(args.threads)
     runs = Path(args.out) / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -115,9 +131,12 @@ def main():
                     continue
                 t0 = time.perf_counter()
                 if name == "linkbreaker":
-                    obj, rep = run_linkbreaker(model, val, sets, seed)
+                    saved = Path(args.work) / "guards" / f"{attack_name}-{seed}.safetensors"
+                    obj, rep = run_linkbreaker(model, val, sets, seed, num_classes,
+                                               saved if args.reuse_guards else None)
+                    rep["guard_reused"] = bool(args.reuse_guards and saved.is_file())
                 else:
-                    obj, rep = run_baseline(name, model, val, sets, seed)
+                    obj, rep = run_baseline(name, model, val, sets, seed, num_classes)
                 fitted[name] = obj
                 rep.update(defense=name, dataset=DATASET, attack=attack_name, seed=seed,
                            poisoning=POISONING.get(attack_name, "data"), before=before,
@@ -131,12 +150,14 @@ def main():
                       f"online {rep['timing']['online_ms_per_sample']:.3f} ms", flush=True)
             adv_path = runs / f"{DATASET}-{attack_name}-{seed}-adversarial.json"
             if attack_name in args.adversarial_attacks and not adv_path.is_file():
-                guard = fitted.get("linkbreaker") or run_linkbreaker(model, val, sets, seed)[0]
-                strip = fitted.get("strip") or run_baseline("strip", model, val, sets, seed)[0]
+                guard = fitted.get("linkbreaker") or run_linkbreaker(
+                    model, val, sets, seed, num_classes,
+                    Path(args.work) / "guards" / f"{attack_name}-{seed}.safetensors" if args.reuse_guards else None)[0]
+                strip = fitted.get("strip") or run_baseline("strip", model, val, sets, seed, num_classes)[0]
                 g = torch.Generator().manual_seed(20_000 + seed)
                 xs, ys = split["x_test"][pool], split["y_test"][pool]
                 idx = torch.randperm(len(xs), generator=g)[:args.adversarial_n]
-                rep = adversarial(model, guard, strip, xs[idx], ys[idx], seed)
+                rep = adversarial(model, guard, strip, xs[idx], ys[idx], seed, ADV_EPS.get(DATASET, 8 / 255))
                 rep.update(dataset=DATASET, attack=attack_name, seed=seed, model=attack_name)
                 adv_path.write_text(json.dumps(rep, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
                 print(f"{attack_name} seed {seed} adversarial: "
@@ -146,11 +167,11 @@ def main():
 
 # ----------------------------------------------------------------------------------------- tables
 
-def _load(out: Path, seeds, attacks_, suffix):
+def _load(out: Path, dataset, seeds, attacks_, suffix):
     reps = {}
     for a in attacks_:
         for s in seeds:
-            f = out / "runs" / f"{DATASET}-{a}-{s}-{suffix}.json"
+            f = out / "runs" / f"{dataset}-{a}-{s}-{suffix}.json"
             if f.is_file():
                 reps.setdefault(a, []).append(json.loads(f.read_text()))
     return reps
@@ -191,10 +212,13 @@ CAPABILITIES = [
 
 def write_tables(out: Path, args):
     seeds, attacks_ = args.seeds, args.attacks
-    runs = {d: _load(out, seeds, attacks_, d) for d in DEFENSES}
+    DATASET = args.dataset
+    runs = {d: _load(out, DATASET, seeds, attacks_, d) for d in DEFENSES}
+    reuse = " --reuse-guards" if args.reuse_guards else ""
     lines = [f"# Baselines beside LinkBreaker on {DATASET.upper()}", "",
-             f"Generated by `python scripts/compare_baselines.py --data {args.data} --seeds "
-             f"{' '.join(map(str, seeds))}` ({args.threads} thread(s)); per-run JSON in `runs/`. "
+             f"Generated by `python scripts/compare_baselines.py --dataset {DATASET} --data {args.data} "
+             f"--seeds {' '.join(map(str, seeds))} --attacks {' '.join(attacks_)}{reuse}` "
+             f"({args.threads} thread(s)); per-run JSON in `runs/`. "
              "Held-out test half (indices 5000-9999): 2,000 clean and 2,000 triggered inputs (true class "
              "!= target 0). A detector's flag counts as an error on clean inputs and as no attack success "
              "on triggered ones; a repaired model is scored by its labels. Percentages; mean ± sd over seeds "
@@ -269,11 +293,13 @@ def write_tables(out: Path, args):
                   f"LinkBreaker online = {tv['strip'][1] / tv['linkbreaker'][1]:.2f}x (paper: 3.7x). "
                   "Online time of a repairing defense is the repaired model's plain forward."]
 
-    adv = _load(out, seeds, args.adversarial_attacks, "adversarial")
+    adv = _load(out, DATASET, seeds, args.adversarial_attacks, "adversarial")
+    eps = ADV_EPS.get(DATASET, 8 / 255)
     if adv:
         lines += ["", "## Table VI (adversarial examples that fool the bare model)", "",
                   "correct = answered with the true label; flagged = alarm/OOD (LinkBreaker) or above "
-                  "threshold (STRIP). FGSM eps 0.2; BIM eps 0.2, step 0.02, 20 steps; DeepFool 50 steps.", "",
+                  f"threshold (STRIP). FGSM eps {eps:.4g}; BIM eps {eps:.4g}, step {eps / 10:.4g}, 20 steps; "
+                  "DeepFool 50 steps.", "",
                   "| model | defense | FGSM correct / flagged | BIM correct / flagged | DeepFool correct / flagged |",
                   "| --- | --- | --- | --- | --- |"]
         for a, reps in adv.items():
