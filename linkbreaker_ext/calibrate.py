@@ -37,15 +37,27 @@ def confidence_thresholds(conf: torch.Tensor, y: torch.Tensor, mad_k: float, out
     return th.clamp_min(floor).float()
 
 
-def consistency_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float) -> torch.Tensor:
+def consistency_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float,
+                       pooled_spread: bool = False) -> torch.Tensor:
     """``[K]``: ``median + mad_k * 1.4826 * MAD`` of class k's own deviations, in log space (the
-    deviations are ratios, skewed to the right). Inputs of class k above it are inconsistent."""
+    deviations are ratios, skewed to the right). Inputs of class k above it are inconsistent.
+    ``pooled_spread``: the MAD around each class's own median is taken over all classes' samples
+    together (a layer's spread is estimated from ~K times more samples: steadier when every layer
+    gets its own bound from a few calibration samples per class)."""
     n = dev.shape[1]
     logd = dev.clamp_min(1e-12).double().log()
     bounds = torch.full((n,), float("inf"), dtype=torch.float64)
+    own = logd[torch.arange(len(y)), y]
+    med = torch.zeros(n, dtype=torch.float64)
+    mad = torch.zeros(n, dtype=torch.float64)
+    present = torch.zeros(n, dtype=torch.bool)
     for k in range(n):
-        s = logd[y == k, k]
+        s = own[y == k]
         if len(s):
-            med = s.median()
-            bounds[k] = (med + mad_k * MAD_SCALE * (s - med).abs().median()).exp()
+            present[k] = True
+            med[k] = s.median()
+            mad[k] = (s - med[k]).abs().median()
+    if pooled_spread and present.any():
+        mad[:] = (own - med[y]).abs().median()
+    bounds[present] = (med + mad_k * MAD_SCALE * mad)[present].exp()
     return bounds.float()

@@ -176,11 +176,22 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
     conf = guard.head_confidences(x_cal, thresholds=half)[0].cpu()
     guard.thresholds = calibrate.confidence_thresholds(
         conf, y_cal, cfg.mad_k, cfg.out_quantile, cfg.threshold_floor).to(device)
-    dev = None
+    dev = by_layer = layer_bounds = None
     if cfg.consistency:
         guard.profile = _consistency_profile(guard, stats, x_fit, y_fit, num_classes)
-        dev = guard.deviations(x_cal).cpu()
-        guard.profile["bounds"] = calibrate.consistency_bounds(dev, y_cal, cfg.consistency_mad_k).to(device)
+        by_layer = guard.deviations(x_cal, by_layer=True).cpu()  # [n_cal, K, L]
+        if cfg.consistency_reduce == "per_layer":
+            # every layer against its own bound, folded into its norm: the max over layers is then
+            # judged against 1 (a trigger may move one layer far and the others not at all)
+            layer_bounds = torch.stack([calibrate.consistency_bounds(by_layer[..., i], y_cal,
+                                                                     cfg.consistency_mad_k, True)
+                                        for i in range(by_layer.shape[-1])], 1)  # [K, L]
+            guard.profile["norms"] = guard.profile["norms"] * layer_bounds.to(device)
+            guard.profile["bounds"] = torch.ones(num_classes, device=device)
+            dev = (by_layer / layer_bounds).amax(-1)
+        else:
+            dev = salient.reduce_layers(by_layer, cfg.consistency_reduce)
+            guard.profile["bounds"] = calibrate.consistency_bounds(dev, y_cal, cfg.consistency_mad_k).to(device)
     guard.diagnostics = {
         "fit_s": time.perf_counter() - t0, "layers": list(layers), "mask_search": table,
         "chosen_fractions": {k: v.tolist() for k, v in chosen.items()},
@@ -190,6 +201,7 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
         "calibration_conf": conf, "calibration_labels": y_cal,
         # the calibration split's deviations, so other bounds can be studied without a refit
         "calibration_deviations": dev,
+        "calibration_deviations_by_layer": by_layer, "layer_bounds": layer_bounds,
     }
     return guard
 

@@ -67,7 +67,10 @@ class GuardConfig:
     consistency: bool = True        # the neurons consistency check (veto on inconsistent heads)
     consistency_mad_k: float = 5.0  # bound = median + k * 1.4826 * MAD of log deviation, class k's own
     #                                 (chosen on the dev half: docs/method.md, "Choosing the bound")
-    consistency_reduce: str = "max"  # across layers: "max" (consistent everywhere) or "mean"
+    consistency_units: str = "max"  # a channel's value at a hidden conv layer: its spatial "max" or "mean"
+    #                                 (max sees a small trigger: docs/method.md, "A small trigger")
+    consistency_reduce: str = "per_layer"  # across layers: "per_layer" (every layer within its own
+    #                                 bound), "max" (one bound on the max of normalised deviations) or "mean"
     inconsistent_verdict: str = "alarm"  # no credible head but a confident, inconsistent one: "alarm" or "ood"
     calibration_fraction: float = 0.3  # share of the validation set kept apart for thresholds
     min_per_class: int = 5
@@ -102,7 +105,8 @@ class GuardConfig:
         if self.out_quantile is not None and not 0 < self.out_quantile < 1:
             bad("out_quantile", "must lie in (0, 1) or be None")
         choices = {"fill": ("blank", "mean"), "reliability_measure": ("confidence", "rate"),
-                   "consistency_reduce": ("max", "mean"), "inconsistent_verdict": ("ood", "alarm"),
+                   "consistency_reduce": ("per_layer", "max", "mean"),
+                   "consistency_units": ("max", "mean"), "inconsistent_verdict": ("ood", "alarm"),
                    "neighbour_mode": ("alg1", "perturb")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -112,6 +116,11 @@ class GuardConfig:
             bad("search_per_class", "must be a positive integer or None")
         if self.batch_rows is not None and (not isinstance(self.batch_rows, int) or self.batch_rows < 1):
             bad("batch_rows", "must be a positive integer or None")
+
+
+# Settings whose default changed after guards were first saved: a file that lacks the field was
+# fitted (and its profile computed) with this value.
+LEGACY_CONFIG = {"consistency_units": "mean"}
 
 
 @dataclass
@@ -255,6 +264,7 @@ class LinkBreaker:
         self.fills = {k: v.float().to(device) for k, v in fills.items()}
         self.thresholds = thresholds.float().to(device)
         # consistency profile: per layer center/scale [K, D_unit], norms [K, L], bounds [K]
+        # (per_layer: each layer's own bound is folded into its norm, and bounds are 1)
         self.profile = {k: v.float().to(device) for k, v in (profile or {}).items()}
         self.diagnostics = diagnostics or {}
         # the weights this guard was fitted for, fixed now: a model changed later does not match
@@ -299,7 +309,8 @@ class LinkBreaker:
                 feats = features[start:start + chunk]
             elif with_units:
                 feats, u = self.tapped.features(x[start:start + chunk].to(self.device), hidden,
-                                                self.fills, with_units=True)
+                                                self.fills, with_units=True,
+                                                unit_stat=self.config.consistency_units)
                 seen.append(dict(u, **{LATE: feats.float()}))
             else:
                 feats = self.tapped.features(x[start:start + chunk].to(self.device), hidden, self.fills)
@@ -329,43 +340,47 @@ class LinkBreaker:
             parts.append({k: units(v, k) for k, v in acts.items()})
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
-    def deviations_from_units(self, units_: dict) -> torch.Tensor:
+    def deviations_from_units(self, units_: dict, by_layer: bool = False) -> torch.Tensor:
         """``[B, N]``: for each head k, the robust deviation of the neuron values head k's prediction
         rests on (``units_`` ``{layer: [B, N, D_unit]}``, after its masking) from class k's clean
-        profile on class k's salient neurons, relative to class k's typical deviation, reduced over
-        layers (max: consistent in every layer)."""
-        per_layer = []
+        profile on class k's salient neurons, relative to the layer's norm for class k, reduced over
+        layers (:func:`salient.reduce_layers`); ``by_layer``: ``[B, N, L]``, not reduced."""
+        layers = []
         for i, layer in enumerate(self._profile_layers()):
             d = salient.deviation(units_[layer], self.profile[f"center.{layer}"],
                                   self.profile[f"scale.{layer}"], self.profile[f"weight.{layer}"])
-            per_layer.append(d / self.profile["norms"][:, i])
-        stacked = torch.stack(per_layer, -1)
-        return stacked.amax(-1) if self.config.consistency_reduce == "max" else stacked.mean(-1)
+            layers.append(d / self.profile["norms"][:, i])
+        stacked = torch.stack(layers, -1)
+        return stacked if by_layer else salient.reduce_layers(stacked, self.config.consistency_reduce)
 
-    def _heads_with_deviations(self, x):
-        """``(conf, deviations)`` ``[B, N]`` each, chunk by chunk so the heads' neuron values stay
-        bounded in memory for any batch size."""
+    def _heads_with_deviations(self, x, by_layer: bool = False):
+        """``(conf, deviations)`` ``[B, N]`` each (``by_layer``: deviations ``[B, N, L]``), chunk by
+        chunk so the heads' neuron values stay bounded in memory for any batch size."""
         step = max(1, self._batch_rows() // self.num_heads)
         if len(x) == 0:
             conf = self.head_confidences(x)[0]
-            return conf, conf.clone()
+            return conf, (conf.new_empty(0, self.num_heads, len(self._profile_layers())) if by_layer
+                          else conf.clone())
         # The outputs are allocated once, up front: small per-chunk results kept alive between the
         # chunks' large temporaries fragment the CPU heap, and the process's memory then grows with
         # the batch (100,000 MNIST inputs: 1.85 GiB added, 0.52 GiB now;
         # results/memory-scale*.json) although live tensors do not.
         conf = torch.empty(len(x), self.num_heads, device=self.device)
-        dev = torch.empty_like(conf)
+        dev = torch.empty(len(x), self.num_heads, *([len(self._profile_layers())] if by_layer else []),
+                          device=self.device)
         for i in range(0, len(x), step):
             c, _, _, u = self.head_confidences(x[i:i + step], with_units=True)
             conf[i:i + step] = c
-            dev[i:i + step] = self.deviations_from_units(u)
+            dev[i:i + step] = self.deviations_from_units(u, by_layer)
         return conf, dev
 
-    def deviations(self, x) -> torch.Tensor:
-        """``[B, N]`` :meth:`deviations_from_units` of inputs ``x`` (the heads' batched forward)."""
+    def deviations(self, x, by_layer: bool = False) -> torch.Tensor:
+        """``[B, N]`` :meth:`deviations_from_units` of inputs ``x`` (the heads' batched forward);
+        ``by_layer``: ``[B, N, L]``, every layer's deviation relative to its norm."""
         if not self.profile or len(x) == 0:
-            return torch.zeros(len(x), self.num_heads, device=self.device)
-        return self._heads_with_deviations(x)[1]
+            shape = (len(x), self.num_heads, *([len(self._profile_layers())] if by_layer else []))
+            return torch.zeros(shape, device=self.device)
+        return self._heads_with_deviations(x, by_layer)[1]
 
     def _profile_layers(self):
         return [*self.layers, LATE]
@@ -472,6 +487,8 @@ class LinkBreaker:
         safefiles.check_tensor_ranges(tensors, path)
         fields = {f.name for f in dataclasses.fields(GuardConfig)}
         raw = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items() if k in fields}
+        # settings a file from an earlier release does not record keep the meaning they had then
+        raw = {**LEGACY_CONFIG, **raw}
         pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         try:
             config = GuardConfig(**raw)

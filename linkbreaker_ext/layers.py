@@ -117,11 +117,11 @@ def _names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_modules() if n]
 
 
-def units(a: torch.Tensor, layer: str) -> torch.Tensor:
-    """``[B, D]`` neuron values of a layer output: pixels at the input, channel means (over the
-    feature map) at hidden conv layers, elements otherwise."""
+def units(a: torch.Tensor, layer: str, stat: str = "mean") -> torch.Tensor:
+    """``[B, D]`` neuron values of a layer output: pixels at the input, one value per channel at hidden
+    conv layers (``stat``: the feature map's ``"mean"`` or spatial ``"max"``), elements otherwise."""
     if layer != INPUT and a.dim() == 4:
-        return a.float().mean((2, 3))
+        return a.float().amax((2, 3)) if stat == "max" else a.float().mean((2, 3))
     return a.flatten(1).float()
 
 
@@ -194,10 +194,11 @@ class TappedModel:
         return acts
 
     @torch.no_grad()
-    def features(self, x: torch.Tensor, masks: dict, fills: dict, with_units: bool = False):
+    def features(self, x: torch.Tensor, masks: dict, fills: dict, with_units: bool = False,
+                 unit_stat: str = "mean"):
         """Late features ``[B, N, D_late]`` of the N heads; with ``with_units`` also
         ``{layer: [B, N, D_unit]}``: every masked layer's neuron values *as head k sees them* (after
-        its masking), the evidence the consistency check judges."""
+        its masking), the evidence the consistency check judges (:func:`units` with ``unit_stat``)."""
         b = x.shape[0]
         n = next(iter(masks.values())).shape[0]
         seen = {}
@@ -208,7 +209,7 @@ class TappedModel:
             m = expand_mask(m.to(a.dtype), a.shape, name)
             out = (m * heads + (1 - m) * fill.to(a.dtype).reshape(a.shape[1:])).reshape(a.shape)
             if with_units:
-                seen[name] = units(out, name).reshape(b, n, -1)
+                seen[name] = units(out, name, unit_stat).reshape(b, n, -1)
             return out
 
         late = self._run(x.repeat_interleave(n, dim=0), mask).reshape(b, n, -1)

@@ -5,8 +5,9 @@ training split as the clean validation set), the cached model of :func:`experime
 (trained, resumably, if absent), the guard fitted on the validation set with ``seed=seed``, and
 :func:`experiment.evaluate` on one half of the test split: ``heldout`` = indices 5000-end (the
 reported numbers), ``dev`` = indices 0-4999 (where the method was designed). Each run writes
-``<work>/reports/<split>-<attack>-<seed>.json`` (an existing report is reused, so an interrupted
-run resumes) and a copy under ``<results>/runs/<dataset>/``; the table, mean ± std over seeds beside
+``<work>/reports/<split>-<attack>-<seed>.json`` (an existing report made with the same guard
+configuration, defaults included, is reused, so an interrupted run resumes; one made under other
+defaults is measured again) and a copy under ``<results>/runs/<dataset>/``; the table, mean ± std over seeds beside
 the paper's numbers and issue #6's targets, goes to ``<results>/<dataset>-<split>.md``.
 """
 from __future__ import annotations
@@ -83,12 +84,16 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
     settings, whose reports and guards sit beside the default's and share its models)."""
     settings = dict(settings or {})
     path = Path(work) / "reports" / f"{report_name(split, attack_name, seed, tag)}.json"
+    # the whole configuration the guard would be fitted with (defaults included): a report made
+    # under other defaults is stale and is measured again
+    config = _jsonable(dataclasses.asdict(GuardConfig(**{**settings, "seed": seed})))
     if path.is_file():
         report = json.loads(path.read_text())
         if report.get("settings", {}) != _jsonable(settings):
             raise ValueError(f"{path} was made with the guard settings {report.get('settings')}, not "
                              f"{_jsonable(settings)}: remove it or use another --work folder")
-        return report
+        if report.get("guard_config") == config:
+            return report
     pool = SPLITS[split]
     d = experiment.split_data(dataset, data_source, 0.02, seed)
     model, attack = experiment.model_for(dataset, attack_name, seed, d, work, epochs, progress)
@@ -109,6 +114,7 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
         "kept": guard.diagnostics.get("kept", {}),
         "thresholds": guard.thresholds.tolist(),
         "settings": _jsonable(settings),
+        "guard_config": config,
         "device": str(device),
     })
     path.parent.mkdir(parents=True, exist_ok=True)

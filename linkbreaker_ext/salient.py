@@ -79,3 +79,10 @@ def deviation(u: torch.Tensor, center: torch.Tensor, scale: torch.Tensor, weight
     w = weights / weights.sum(1, keepdim=True).clamp_min(1e-12)
     z = ((u[:, None, :] if u.dim() == 2 else u) - center[None]).abs() / scale[None]  # [B, K, D]
     return (z * w[None]).sum(-1)
+
+
+def reduce_layers(dev: torch.Tensor, how: str) -> torch.Tensor:
+    """``[..., L]`` per-layer deviations (each relative to its layer's norm) to one per head: the
+    maximum (consistent in every layer; under ``per_layer`` calibration each norm already is that
+    layer's bound) or, as an ablation, the mean."""
+    return dev.mean(-1) if how == "mean" else dev.amax(-1)

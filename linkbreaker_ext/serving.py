@@ -45,6 +45,7 @@ from torch import fx, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.linkbreaker.guard_head and its fake kernel)
 from .guard import check_input, decide
+from .salient import reduce_layers
 from .layers import INPUT, LATE, frozen_copy
 
 __all__ = ["GuardedModule"]
@@ -73,12 +74,15 @@ class _Units(nn.Module):
     input (``[B, D_unit]`` for one shared row): :func:`linkbreaker_ext.layers.units`. Computed inside
     the graph, so the layer's full output is freed as soon as the forward moves on."""
 
-    def __init__(self, rows: int, channels: bool):
+    def __init__(self, rows: int, channels: bool, stat: str = "mean"):
         super().__init__()
-        self.rows, self.channels = rows, channels
+        self.rows, self.channels, self.stat = rows, channels, stat
 
     def forward(self, a):
-        u = a.float().mean((2, 3)) if self.channels else a.flatten(1).float()
+        if self.channels:
+            u = a.float().amax((2, 3)) if self.stat == "max" else a.float().mean((2, 3))
+        else:
+            u = a.flatten(1).float()
         return u.reshape(-1, self.rows, u.shape[1]) if self.rows > 1 else u
 
 
@@ -210,7 +214,8 @@ class GuardedModule(nn.Module):
                 stages[name] = _Mask(m.contiguous(), ((1 - m) * fill).contiguous())
         unit_stages = None
         if self.consistency:
-            unit_stages = {n: _Units(self.rows, n != INPUT and len(shapes[n]) == 4) for n in self.layers}
+            unit_stages = {n: _Units(self.rows, n != INPUT and len(shapes[n]) == 4, cfg.consistency_units)
+                           for n in self.layers}
         self.body = _body(net, self.layers, guard.late_layer, stages, unit_stages)
 
         late = guard.tapped.late
@@ -316,5 +321,4 @@ class GuardedModule(nn.Module):
                 parts.append((v - center).abs_().mul_(coef).sum(-1))
             d = parts[0] if len(parts) == 1 else torch.cat(parts)
             per_layer.append(d / self.norms[:, i])
-        stacked = torch.stack(per_layer, -1)
-        return stacked.amax(-1) if self.reduce == "max" else stacked.mean(-1)
+        return reduce_layers(torch.stack(per_layer, -1), self.reduce)

@@ -56,18 +56,37 @@ def calibration_deviations(guard, split):
     return dev, y_val[calib_idx]
 
 
-def sweep_bounds(guard, split, ks, rc, yc, rt, yt, target):
+def sweep_bounds(guard, split, ks, rc, yc, rt, yt, target, xc=None, xt=None):
     """The guard's decisions with the consistency bound at ``median + k * MAD`` for each k, from the
-    same forward passes (a bound changes only the comparison), under both verdicts."""
+    same forward passes (a bound changes only the comparison), under both verdicts. With per-layer
+    bounds (``consistency_reduce="per_layer"``) every layer's deviations are needed: one more
+    forward of the heads over ``xc``, ``xt`` and the calibration split."""
     from linkbreaker_ext import calibrate, metrics
-    dev, y_cal = calibration_deviations(guard, split)
-    fitted = guard.profile["bounds"]
+    per_layer = guard.config.consistency_reduce == "per_layer"
+    if per_layer:
+        y_val = split["y_val"]
+        calib_idx, _ = data.stratified_split(y_val, guard.config.calibration_fraction,
+                                             seed=guard.config.seed)
+        # relative to the fitted per-layer bounds; the log-MAD rule is invariant to that scale
+        cal = guard.deviations(split["x_val"][calib_idx].to(guard.device), by_layer=True).cpu()
+        y_cal = y_val[calib_idx]
+        layers_c = guard.deviations(xc.to(guard.device), by_layer=True).cpu()
+        layers_t = guard.deviations(xt.to(guard.device), by_layer=True).cpu()
+    else:
+        dev, y_cal = calibration_deviations(guard, split)
+        fitted = guard.profile["bounds"]
     out = {}
     for k in ks:
-        rescale = fitted / calibrate.consistency_bounds(dev, y_cal, k).to(fitted.device)
+        if per_layer:
+            b = torch.stack([calibrate.consistency_bounds(cal[..., i], y_cal, k, pooled_spread=True)
+                             for i in range(cal.shape[-1])], 1)  # [K, L]
+            ratios = [(d / b).amax(-1).to(r.confidences.device) for d, r in ((layers_c, rc), (layers_t, rt))]
+        else:
+            rescale = fitted / calibrate.consistency_bounds(dev, y_cal, k).to(fitted.device)
+            ratios = [r.consistency * rescale for r in (rc, rt)]
         res = {}
         for verdict in ("ood", "alarm"):
-            rs = [experiment.redecided(r, r.consistency * rescale, verdict) for r in (rc, rt)]
+            rs = [experiment.redecided(r, q, verdict) for r, q in zip((rc, rt), ratios)]
             res[verdict] = metrics.defended(rs[0], yc, rs[1], yt, target)
         out[str(k)] = res
     return out
@@ -88,7 +107,7 @@ def main():
     p.add_argument("--guard", default=None,
                    help="a guard saved for this model (e.g. runs/cifar10/guards/badnets-0.safetensors) "
                         "instead of a fresh fit")
-    p.add_argument("--reduce", choices=["max", "mean"], default=None,
+    p.add_argument("--reduce", choices=["per_layer", "max", "mean"], default=None,
                    help="with --guard: judge the saved guard with this consistency_reduce (bounds are "
                         "recalibrated from the calibration split by --sweep-k)")
     p.add_argument("--sweep-k", nargs="*", type=float, default=[],
@@ -117,8 +136,10 @@ def main():
                   kept={k: m.mean().item() for k, m in guard.masks.items()})
     report["heads"] = head_diagnostics(rc, yc, rt, yt, attack.target if attack else 0)
     if args.sweep_k and rc.consistency is not None:
+        xc, _, xt, _, _ = experiment.eval_sets(attack, split["x_test"], split["y_test"], args.n, args.n,
+                                               args.seed, slice(0, 5000))
         report["sweep_k"] = sweep_bounds(guard, split, args.sweep_k, rc, yc, rt, yt,
-                                         attack.target if attack else 0)
+                                         attack.target if attack else 0, xc, xt)
     tag = args.tag or "-".join(f"{k}={v}" for k, v in overrides.items()) or "default"
     out = Path(work) / "dev" / f"{args.attack}-{args.seed}-{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import (ACTIVE, FAST, NUM_CLASSES, SHAPE, add_trigger, make_deep_net, make_images,
                       make_net)
 from linkbreaker_ext import (ACCEPT, ALARM, OOD, GuardConfig, GuardResult, LinkBreaker, calibrate,
-                             guard_head, guard_head_reference, safefiles, search)
+                             data, guard_head, guard_head_reference, safefiles, search)
 from linkbreaker_ext.fitting import blank_input
 from linkbreaker_ext.guard import FORMAT, FORMAT_VERSION, vote
 from linkbreaker_ext.layers import INPUT, LATE, auto_layers
@@ -815,16 +815,54 @@ def test_consistency_bounds_mad_in_log_space():
     assert torch.isfinite(zeros).all()
 
 
+def test_consistency_bounds_pool_the_spread_over_classes():
+    """Pooled: each class keeps its own median, the MAD comes from every class's distances to its own
+    median; a class whose few samples happen to agree gets the layer's spread, not a zero-width bound."""
+    logs = {0: [-1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0], 1: [5.0, 5.0, 5.0]}
+    dev = torch.ones(10, 2)
+    dev[:7, 0] = torch.tensor(logs[0]).exp()
+    dev[7:, 1] = torch.tensor(logs[1]).exp()
+    y = torch.tensor([0] * 7 + [1] * 3)
+    own = calibrate.consistency_bounds(dev, y, mad_k=2.0)
+    pooled = calibrate.consistency_bounds(dev, y, mad_k=2.0, pooled_spread=True)
+    # own MADs: 2 (distances 3 2 1 0 1 2 3) and 0; pooled over 3 2 1 0 1 2 3 0 0 0: 1
+    assert own[0].item() == pytest.approx(torch.tensor(2.0 + 2 * 1.4826 * 2).exp().item(), rel=1e-5)
+    assert own[1].item() == pytest.approx(torch.tensor(5.0).exp().item(), rel=1e-5)
+    for k, med in ((0, 2.0), (1, 5.0)):
+        assert pooled[k].item() == pytest.approx(torch.tensor(med + 2 * 1.4826).exp().item(), rel=1e-5)
+
+
 def test_fit_keeps_the_calibration_deviations_behind_its_bounds(guard_deep, synth):
     """The fit's own calibration deviations give back its bounds, and other bounds from them are
-    monotone in k (what ``scripts/dev_sweep.py --sweep-k`` relies on to study k without a refit)."""
+    monotone in k (what ``scripts/dev_sweep.py --sweep-k`` relies on to study k without a refit).
+    Per-layer bounds (the default) are folded into the layers' norms, so the reduced deviation is
+    judged against 1."""
     d = guard_deep.diagnostics
     dev, y = d["calibration_deviations"], d["calibration_labels"]
+    by_layer = d["calibration_deviations_by_layer"]
     assert dev.shape == (len(y), NUM_CLASSES)
+    assert by_layer.shape == (len(y), NUM_CLASSES, len(guard_deep.layers) + 1)
     k = guard_deep.config.consistency_mad_k
-    torch.testing.assert_close(calibrate.consistency_bounds(dev, y, k), guard_deep.profile["bounds"].cpu())
-    looser = calibrate.consistency_bounds(dev, y, k + 2)
-    assert (looser >= guard_deep.profile["bounds"].cpu()).all()
+    assert guard_deep.config.consistency_reduce == "per_layer"
+    bounds = torch.stack([calibrate.consistency_bounds(by_layer[..., i], y, k, pooled_spread=True)
+                          for i in range(by_layer.shape[-1])], 1)
+    torch.testing.assert_close(bounds, d["layer_bounds"])
+    torch.testing.assert_close(dev, (by_layer / bounds).amax(-1))
+    assert (guard_deep.profile["bounds"] == 1).all()
+    # the guard's own deviations of the calibration inputs are the same numbers
+    calib_idx, _ = data.stratified_split(synth["y_val"], guard_deep.config.calibration_fraction,
+                                         seed=guard_deep.config.seed)
+    torch.testing.assert_close(guard_deep.deviations(synth["x_val"][calib_idx]).cpu(), dev,
+                               rtol=1e-4, atol=1e-5)
+    looser = torch.stack([calibrate.consistency_bounds(by_layer[..., i], y, k + 2, pooled_spread=True)
+                          for i in range(by_layer.shape[-1])], 1)
+    assert (looser >= bounds).all()
+    # one bound on the max of normalised deviations (consistency_reduce="max", the first default)
+    one = fit(guard_deep.model, synth["x_val"], synth["y_val"], layers=["input", "1", "3"],
+              consistency_reduce="max", neighbours=0)
+    dev1, y1 = one.diagnostics["calibration_deviations"], one.diagnostics["calibration_labels"]
+    torch.testing.assert_close(calibrate.consistency_bounds(dev1, y1, k), one.profile["bounds"].cpu())
+    torch.testing.assert_close(dev1, one.diagnostics["calibration_deviations_by_layer"].amax(-1))
     off = fit(guard_deep.model, synth["x_val"], synth["y_val"], layers=["input"], consistency=False,
               neighbours=0)
     assert off.diagnostics["calibration_deviations"] is None
@@ -969,6 +1007,37 @@ def test_load_rejects_other_format_versions(guard_hidden, net, tmp_path, version
     safefiles.write(path, tensors, FORMAT, meta)  # a well-formed file of another version
     with pytest.raises(ValueError, match=f"version {version} is not supported"):
         LinkBreaker.load(path, net)
+
+
+def test_load_keeps_the_unit_statistic_of_an_older_file(guard_deep, deep_net, synth, tmp_path):
+    """A guard saved before ``consistency_units`` existed was profiled on channel means: it loads
+    with ``"mean"``, so its profile is read as it was made, not with today's default."""
+    from safetensors import safe_open
+
+    assert guard_deep.config.consistency_units == "max"
+    path = tmp_path / "guard.safetensors"
+    guard_deep.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()[FORMAT])
+    del meta["config"]["consistency_units"]
+    safefiles.write(path, tensors, FORMAT, meta)
+    old = LinkBreaker.load(path, deep_net)
+    assert old.config.consistency_units == "mean"
+    x = synth["x_test"][:20]
+    # its heads' units are channel means again: the deviations differ from the max-profiled guard's
+    assert not torch.allclose(old.deviations(x), guard_deep.deviations(x))
+    guard_deep.save(path)
+    assert LinkBreaker.load(path, deep_net).config.consistency_units == "max"
+
+
+def test_units_max_is_the_spatial_maximum_of_a_channel():
+    from linkbreaker_ext.layers import units
+    a = torch.zeros(2, 3, 4, 4)
+    a[0, 1, 3, 3] = 5.0  # one hot position: the mean dilutes it 16 times, the max keeps it
+    assert units(a, "conv", "max")[0, 1].item() == 5.0
+    assert units(a, "conv", "mean")[0, 1].item() == pytest.approx(5.0 / 16)
+    assert units(a, INPUT, "max").shape == (2, 48)  # pixels stay pixels
 
 
 # ------------------------------------------------------------------------------ CUDA
