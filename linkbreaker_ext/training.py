@@ -8,9 +8,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
-def crop_flip(xb: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+def crop_flip(xb: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
     """The standard CIFAR augmentation, batched: a random ``pad``-pixel shift (zero padding) and a
-    random horizontal flip per image."""
+    random horizontal flip per image (``flip=False``: the shift only, for traffic signs, where a
+    mirrored "keep left" is "keep right")."""
     b, _, h, w = xb.shape
     padded = nn.functional.pad(xb, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
@@ -19,22 +20,26 @@ def crop_flip(xb: torch.Tensor, generator: torch.Generator, pad: int = 4) -> tor
     out = padded.gather(2, rows)
     cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(b, xb.shape[1], h, w)
     out = out.gather(3, cols)
-    flip = torch.rand(b, generator=generator) < 0.5
-    out[flip] = out[flip].flip(3)
+    if flip:
+        mirrored = torch.rand(b, generator=generator) < 0.5
+        out[mirrored] = out[mirrored].flip(3)
     return out
 
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 5,
                      batch_size: int = 128, lr: float = 3e-3, seed: int = 0,
-                     batch_transform=None, augment: bool = False, progress: bool = True,
+                     batch_transform=None, augment: bool | str = False, progress: bool = True,
                      desc: str = "train", checkpoint=None) -> nn.Module:
     """Train ``model`` with Adam, a one-cycle learning-rate schedule and cross-entropy. ``batch_transform(xb, yb, generator) -> (xb, yb)``
     lets an attack poison each batch on the fly (how BadNets mixes trigger samples in); ``augment``
-    adds :func:`crop_flip` after poisoning (natural images), as a poisoned data set would be trained.
+    adds :func:`crop_flip` after poisoning (natural images), as a poisoned data set would be trained
+    (``"crop"``: without the flip).
     ``checkpoint`` (a path) saves model, optimiser and schedule after every epoch and resumes from it,
     so a long run that is cut off continues where it stopped."""
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
+    if augment not in (False, True, "crop", "crop_flip"):
+        raise ValueError(f"augment must be False, True, 'crop' or 'crop_flip', got {augment!r}")
     device = next(model.parameters()).device
     convs = [p for p in model.parameters() if p.dim() == 4]
     layout = (torch.channels_last if convs and convs[0].is_contiguous(memory_format=torch.channels_last)
@@ -62,7 +67,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
                 if batch_transform is not None:
                     xb, yb = batch_transform(xb, yb, g)
                 if augment:
-                    xb = crop_flip(xb, g)
+                    xb = crop_flip(xb, g, flip=augment != "crop")
                 xb = xb.to(device).contiguous(memory_format=layout) if xb.dim() == 4 else xb.to(device)
                 loss = nn.functional.cross_entropy(model(xb), yb.to(device))
                 opt.zero_grad(set_to_none=True)

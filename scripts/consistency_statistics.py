@@ -18,6 +18,7 @@ own seeded split), decisions are measured on the **dev** half of the test split 
 with the same inputs as ``scripts/dev_sweep.py``. Writes ``results/dev/<dataset>/statistics-<attack>-<seed>.json``.
 
     python scripts/consistency_statistics.py --attack trojan-square --seed 0
+    python scripts/consistency_statistics.py --table      # results/dev/consistency-statistics.md
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from linkbreaker_ext import calibrate, data, experiment, metrics, salient  # noqa: E402
+from linkbreaker_ext import calibrate, data, experiment, metrics, salient, training  # noqa: E402
 from linkbreaker_ext.guard import GuardResult, LinkBreaker, decide  # noqa: E402
 from linkbreaker_ext.layers import INPUT, LATE, expand_mask  # noqa: E402
 
@@ -103,6 +104,76 @@ def aggregate(z, w, how):
     return zs.gather(-1, idx).squeeze(-1) / top[None].float()
 
 
+def bare_rates(dataset, attack_name, seed, n, data_source):
+    """The undefended model's CDA and ASR on the same dev inputs (for the CDA drop)."""
+    split = experiment.split_data(dataset, data_source, 0.02, seed)
+    model, meta = experiment.load_model(Path(f"runs/{dataset}") / "models" / f"{attack_name}-{seed}.safetensors")
+    attack = experiment.attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None
+    xc, yc, xt, yt, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], n, n, seed,
+                                                  slice(0, 5000))
+    return metrics.undefended(training.predict_logits(model, xc).argmax(1), yc,
+                              training.predict_logits(model, xt).argmax(1), target)
+
+
+def write_table(data_source, out=Path("results/dev/consistency-statistics.md")):
+    """The dev tables behind the choice (docs/method.md, "A small trigger")."""
+    lines = ["# The consistency check's statistic and bound (dev half)", "",
+             "Made by `python scripts/consistency_statistics.py --table` from the JSONs beside it "
+             "(`results/dev/<dataset>/statistics-*.json`, each made by `python scripts/"
+             "consistency_statistics.py --dataset D --attack A --n N [--variants ...] --tag T`). "
+             "Dev half of the test split (indices 0-4999), seed-0 models and their saved guards; only "
+             "the consistency evidence and its bounds change. Units: `mean` = channel mean, `max` = "
+             "channel spatial max, `grid` = channel means on a 4x4 grid; aggregation `mean` = mean "
+             "robust z over the salient units, `top` = mean of the top 10 %. Bound: `max` = one bound "
+             "on the max of the layers' normalised deviations (the first default), `perlayer` = one "
+             "bound per layer and class, `pooled` = per layer, with the MAD pooled over classes (the "
+             "default now).", ""]
+    screen = Path("results/dev/cifar10/statistics-trojan-square-0.json")
+    if screen.is_file():
+        r = json.loads(screen.read_text())
+        layers = list(next(iter(r["variants"].values()))["layer_auroc"])
+        lines += [f"## Screening: CIFAR-10 Trojan square, {r['n']} + {r['n']} inputs", "",
+                  "AUROC per layer (target head on triggered inputs against the true head on clean "
+                  "ones), then CDA / ASR (hint reading, %) at k = 5:", "",
+                  "| units / aggregation | " + " | ".join(layers) + " | bound max | bound perlayer |",
+                  "| --- " * (len(layers) + 3) + "|"]
+        for name, v in r["variants"].items():
+            cells = [f"{v['layer_auroc'][l]:.3f}" for l in layers]
+            cells += [f"{100 * v[f'{b}/k=5']['cda']:.1f} / {100 * v[f'{b}/k=5']['asr']:.1f}"
+                      for b in ("max", "perlayer")]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for dataset in ("cifar10", "mnist"):
+        runs = {a: Path(f"results/dev/{dataset}/statistics-{a}-0-n2000.json")
+                for a in ("trojan-square", "badnets", "blended", "none")}
+        runs = {a: json.loads(p.read_text()) for a, p in runs.items() if p.is_file()}
+        if not runs:
+            continue
+        bare = {a: bare_rates(dataset, a, 0, r["n"], data_source) for a, r in runs.items()}
+        n = next(iter(runs.values()))["n"]
+        lines += [f"## {dataset.upper()}, {n} + {n} inputs: CDA drop (points) / ASR (%)", "",
+                  "Bare model: " + "; ".join(f"{a} CDA {100 * b['cda']:.2f} ASR {100 * b['asr']:.2f}"
+                                             for a, b in bare.items()) + ".", "",
+                  "| variant | k | " + " | ".join(runs) + " |", "| --- " * (len(runs) + 2) + "|"]
+        for name, bound, label in (("mean/mean", "max", "channel mean, one bound (first default)"),
+                                   ("max/mean", "max", "channel max, one bound"),
+                                   ("max/mean", "perlayer", "channel max, per layer, class MAD"),
+                                   ("max/mean", "pooled", "channel max, per layer, pooled MAD (default)")):
+            ks = sorted({float(key.split("=")[1]) for key in runs[next(iter(runs))]["variants"][name]
+                         if key.startswith(bound + "/")})
+            for k in ks:
+                cells = []
+                for a, r in runs.items():
+                    v = r["variants"][name][f"{bound}/k={k:g}"]
+                    cells.append(f"{round(100 * (bare[a]['cda'] - v['cda']), 2) + 0.0:.2f} / {100 * v['asr']:.2f}")
+                mark = "**" if (name, bound, k) == ("max/mean", "pooled", 5.0) else ""
+                lines.append(f"| {mark}{label}{mark} | {k:g} | " + " | ".join(cells) + " |")
+        lines += ["", "(*none*: a model without a backdoor probed with a BadNets trigger; its ASR is "
+                  "the share of probed inputs labelled 0.)", ""]
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--dataset", default="cifar10")
@@ -115,8 +186,12 @@ def main():
     p.add_argument("--variants", nargs="*", default=None,
                    help="unit/aggregation pairs to measure, e.g. max/mean (default: all)")
     p.add_argument("--tag", default=None, help="suffix of the JSON file name")
+    p.add_argument("--table", action="store_true",
+                   help="only write results/dev/consistency-statistics.md from the saved JSONs")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.table:
+        return write_table(args.data)
     work = Path(f"runs/{args.dataset}")
     split = experiment.split_data(args.dataset, args.data, 0.02, args.seed)
     model, meta = experiment.load_model(work / "models" / f"{args.attack}-{args.seed}.safetensors")

@@ -141,3 +141,18 @@ def test_resnet20_trains_in_channels_last_and_every_relu_runs_once():
     assert calls == {n: 1 for n, _ in relus}
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_crop_only_augmentation_never_mirrors():
+    """GTSRB trains with shifts only: a mirrored "keep left" sign is a "keep right" sign."""
+    from linkbreaker_ext.training import crop_flip
+    x = torch.zeros(64, 1, 8, 8)
+    x[:, :, :, 0] = 1.0  # a bar on the left edge
+    shifted = crop_flip(x, torch.Generator().manual_seed(0), pad=2, flip=False)
+    assert shifted[:, :, :, 5:].sum() == 0  # a shift of at most 2 pixels: the bar stays left
+    both = crop_flip(x, torch.Generator().manual_seed(0), pad=2)
+    assert both[:, :, :, 5:].sum() > 0  # with flips some copies are mirrored to the right
+    with pytest.raises(ValueError, match="augment must be"):
+        from linkbreaker_ext import training
+        training.train_classifier(torch.nn.Linear(2, 2), torch.zeros(4, 2), torch.zeros(4).long(),
+                                  augment="mirror", progress=False)
