@@ -95,7 +95,7 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
         if report.get("guard_config") == config:
             return report
     pool = SPLITS[split]
-    d = experiment.split_data(dataset, data_source, 0.02, seed)
+    d = experiment.split_data(dataset, data_source, None, seed)
     model, attack = experiment.model_for(dataset, attack_name, seed, d, work, epochs, progress)
     model = model.to(device).eval()
     guard = LinkBreaker.fit(model, d["x_val"], d["y_val"], data.spec(dataset).num_classes,

@@ -115,7 +115,7 @@ def main():
     pool = slice(5000, 10000)
 
     for seed in args.seeds:
-        split = experiment.split_data(DATASET, args.data, 0.02, seed)
+        split = experiment.split_data(DATASET, args.data, None, seed)
         val = (split["x_val"], split["y_val"])
         for attack_name in args.attacks:
             model, attack = experiment.model_for(DATASET, attack_name, seed, split, args.work,

@@ -106,7 +106,7 @@ def aggregate(z, w, how):
 
 def bare_rates(dataset, attack_name, seed, n, data_source):
     """The undefended model's CDA and ASR on the same dev inputs (for the CDA drop)."""
-    split = experiment.split_data(dataset, data_source, 0.02, seed)
+    split = experiment.split_data(dataset, data_source, None, seed)
     model, meta = experiment.load_model(Path(f"runs/{dataset}") / "models" / f"{attack_name}-{seed}.safetensors")
     attack = experiment.attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None
     xc, yc, xt, yt, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], n, n, seed,
@@ -193,7 +193,7 @@ def main():
     if args.table:
         return write_table(args.data)
     work = Path(f"runs/{args.dataset}")
-    split = experiment.split_data(args.dataset, args.data, 0.02, args.seed)
+    split = experiment.split_data(args.dataset, args.data, None, args.seed)
     model, meta = experiment.load_model(work / "models" / f"{args.attack}-{args.seed}.safetensors")
     attack = experiment.attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None
     guard = LinkBreaker.load(work / "guards" / f"{args.attack}-{args.seed}.safetensors", model)

@@ -116,7 +116,7 @@ def main():
     torch.set_num_threads(args.threads)
     work = args.work or f"runs/{args.dataset}"
     overrides = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.set)}
-    split = experiment.split_data(args.dataset, args.data, 0.02, args.seed)
+    split = experiment.split_data(args.dataset, args.data, None, args.seed)
     model, attack, stage = load(args.dataset, args.attack, args.seed, work)
     t = time.perf_counter()
     if args.guard:

@@ -58,7 +58,7 @@ def main():
     work = Path(args.work)
     model, _ = experiment.load_model(work / "models" / "badnets-0.safetensors")
     guard = LinkBreaker.load(work / "guards" / "badnets-0.safetensors", model)
-    d = experiment.split_data("mnist", args.data, 0.02, 0)
+    d = experiment.split_data("mnist", args.data, None, 0)
     pool = torch.cat([d["x_train"], d["x_test"]])
     rows = []
     for n in args.sizes:

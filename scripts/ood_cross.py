@@ -63,7 +63,7 @@ def main():
     work = Path(args.work or f"runs/{args.model_dataset}")
     num_classes = data.spec(args.model_dataset).num_classes
 
-    split = experiment.split_data(args.model_dataset, args.data, 0.02, args.seed)
+    split = experiment.split_data(args.model_dataset, args.data, None, args.seed)
     model, _ = experiment.load_model(work / "models" / f"{args.attack}-{args.seed}.safetensors")
     g = torch.Generator().manual_seed(20_000 + args.seed)
     x_in = split["x_test"][HELDOUT]

@@ -150,12 +150,12 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     if args.quick:
         rates = args.rates or [0.0, 0.05]
-        d = experiment.split_data("mnist", "embedded", 0.02, args.seed)
+        d = experiment.split_data("mnist", "embedded", None, args.seed)
         overrides = {"neighbours": 0, "fractions": (0.1, 0.5, 1.0), "search_per_class": 10}
         pool, n_clean, n_trigger = slice(1500, None), 200, 200
     else:
         rates = args.rates or list(RATES)
-        d = experiment.split_data(args.dataset, args.data, 0.02, args.seed)
+        d = experiment.split_data(args.dataset, args.data, None, args.seed)
         overrides = {}
         pool, n_clean, n_trigger = slice(5000, None), 2000, 2000
     for name in args.attacks:

@@ -61,7 +61,7 @@ def run(attack_name, seed, overrides, args, tag):
     out = Path(args.work) / "reports" / f"{args.split}-{attack_name}-{seed}-{tag}.json"
     if out.is_file():
         return json.loads(out.read_text())
-    data = experiment.split_data("mnist", args.data, 0.02, seed)
+    data = experiment.split_data("mnist", args.data, None, seed)
     model, attack = model_for(attack_name, seed, data, Path(args.work), args.epochs)
     kw = dict(overrides)
     layers = kw.pop("layers", None)

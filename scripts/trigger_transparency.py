@@ -43,7 +43,7 @@ def main():
     model, meta = experiment.load_model(work / "models" / f"{args.attack}-{args.seed}.safetensors")
     attack = experiment.attacks.Attack.from_dict(meta["attack"])
     guard = LinkBreaker.load(work / "guards" / f"{args.attack}-{args.seed}.safetensors", model)
-    split = experiment.split_data(args.dataset, args.data, 0.02, args.seed)
+    split = experiment.split_data(args.dataset, args.data, None, args.seed)
     _, _, xt, yt, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], 0, args.n,
                                                 args.seed, SPLITS["heldout"])
     # eval_sets stamps the trigger; recover the clean images of the same draw for the blend
