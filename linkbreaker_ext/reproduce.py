@@ -131,7 +131,7 @@ def _mean_sd(values):
 
 def _pct(values) -> str:
     mean, sd = _mean_sd([100 * v for v in values])
-    return f"{mean:.2f} ± {sd:.2f}"
+    return f"{round(mean, 2) + 0.0:.2f} ± {sd:.2f}"  # + 0.0: no "-0.00"
 
 
 def _target_cells(dataset, attack_name, reps):
