@@ -186,6 +186,9 @@ def main():
     p.add_argument("--variants", nargs="*", default=None,
                    help="unit/aggregation pairs to measure, e.g. max/mean (default: all)")
     p.add_argument("--tag", default=None, help="suffix of the JSON file name")
+    p.add_argument("--combine", nargs="*", default=[],
+                   help="variants judged together, every layer of each against its own bound, e.g. "
+                        "mean/mean+max/mean (the parts must be among --variants)")
     p.add_argument("--table", action="store_true",
                    help="only write results/dev/consistency-statistics.md from the saved JSONs")
     args = p.parse_args()
@@ -252,17 +255,29 @@ def main():
     dev_c, conf_c = dev_deviations(xc)
     dev_t, conf_t = dev_deviations(xt)
     print(f"dev forward {time.time() - t0:.0f}s", flush=True)
+    # combined evidence: every layer in each variant's view, each with its own bound
+    for combo in args.combine:
+        parts = [tuple(v.split("/")) for v in combo.split("+")]
+        missing = [p for p in parts if p not in prof]
+        if missing:
+            p.error(f"--combine {combo}: measure {missing} with --variants too")
+        prof[combo] = (None, torch.cat([prof[v][1] for v in parts], 1))
+        dev_c[combo] = torch.cat([dev_c[v] for v in parts], -1)
+        dev_t[combo] = torch.cat([dev_t[v] for v in parts], -1)
+        variants.append(combo)
 
     y_cal = y_val[calib_idx]
     th = guard.thresholds
     results = {}
     for var in variants:
         _, cal = prof[var]
-        name = f"{var[0]}/{var[1]}"
+        name = var if isinstance(var, str) else f"{var[0]}/{var[1]}"
         res = {"layer_auroc": {}}
+        names = layers if not isinstance(var, str) else [f"{lay}@{i}" for i in range(len(var.split("+")))
+                                                            for lay in layers]
         # separability per layer: target head on triggered inputs against the true head on clean ones
         idc = torch.arange(len(yc))
-        for li, layer in enumerate(layers):
+        for li, layer in enumerate(names):
             res["layer_auroc"][layer] = round(metrics.auroc(dev_c[var][idc, yc, li],
                                                             dev_t[var][:, target, li]), 4)
         for reduce in ("max", "perlayer", "pooled"):
@@ -273,7 +288,7 @@ def main():
                 else:
                     bounds = torch.stack([calibrate.consistency_bounds(
                         cal[:, li, None].expand(-1, K), y_cal, k, pooled_spread=reduce == "pooled")
-                        for li in range(len(layers))], 1)  # [K, L]
+                        for li in range(cal.shape[1])], 1)  # [K, L]
                     ratio = [(d / bounds[None]).amax(-1) for d in (dev_c[var], dev_t[var])]
                 rs = []
                 for conf, r in zip((conf_c, conf_t), ratio):
