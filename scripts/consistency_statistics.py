@@ -170,6 +170,30 @@ def write_table(data_source, out=Path("results/dev/consistency-statistics.md")):
                 lines.append(f"| {mark}{label}{mark} | {k:g} | " + " | ".join(cells) + " |")
         lines += ["", "(*none*: a model without a backdoor probed with a BadNets trigger; its ASR is "
                   "the share of probed inputs labelled 0.)", ""]
+    combos = {a: Path(f"results/dev/cifar10/statistics-{a}-0-combo.json")
+              for a in ("wanet", "trojan-square", "badnets", "blended", "none")}
+    combos = {a: json.loads(p.read_text()) for a, p in combos.items() if p.is_file()}
+    if combos:
+        bare = {a: bare_rates("cifar10", a, 0, r["n"], data_source) for a, r in combos.items()}
+        n = next(iter(combos.values()))["n"]
+        lines += [f"## Next step (not the default): both views of a channel, CIFAR-10, {n} + {n} inputs",
+                  "", "CDA drop (points) / ASR (%). `a+b`: the layers of both variants, each judged "
+                  "against its own bound (`pooled`) or all under one bound on their maximum (`max`). "
+                  "Made with `--variants mean/mean mean/top max/mean --combine mean/mean+max/mean "
+                  "mean/top+max/mean --tag combo`.", "",
+                  "Bare model: " + "; ".join(f"{a} CDA {100 * b['cda']:.2f} ASR {100 * b['asr']:.2f}"
+                                             for a, b in bare.items()) + ".", "",
+                  "| variant | bound | k | " + " | ".join(combos) + " |", "| --- " * (len(combos) + 3) + "|"]
+        for name in ("max/mean", "mean/mean", "mean/top", "mean/mean+max/mean", "mean/top+max/mean"):
+            for bound in ("max", "pooled"):
+                for k in (4, 5, 6):
+                    cells = []
+                    for a, r in combos.items():
+                        v = r["variants"][name][f"{bound}/k={k:g}"]
+                        cells.append(f"{round(100 * (bare[a]['cda'] - v['cda']), 2) + 0.0:.2f} / "
+                                     f"{100 * v['asr']:.2f}")
+                    lines.append(f"| {name} | {bound} | {k} | " + " | ".join(cells) + " |")
+        lines.append("")
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
 
