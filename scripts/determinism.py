@@ -19,9 +19,12 @@ import platform
 import time
 from pathlib import Path
 
+import sys
+
 import torch
 
-from linkbreaker_ext import LinkBreaker, experiment
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from linkbreaker_ext import LinkBreaker, experiment  # noqa: E402
 
 
 def state(g):
