@@ -105,8 +105,12 @@ def main():
     p.add_argument("--adversarial-attacks", nargs="*", default=["none", "badnets"])
     p.add_argument("--adversarial-n", type=int, default=500)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tables-only", action="store_true",
+                   help="rebuild the markdown tables from the per-run JSONs that exist; run nothing")
     args = p.parse_args()
     args.work = args.work or f"runs/{args.dataset}"
+    if args.tables_only:
+        return write_tables(Path(args.out), args)
     DATASET = args.dataset
     num_classes = data.spec(DATASET).num_classes
     torch.set_num_threads(args.threads)
