@@ -61,3 +61,11 @@ def consistency_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float,
         mad[:] = (own - med[y]).abs().median()
     bounds[present] = (med + mad_k * MAD_SCALE * mad)[present].exp()
     return bounds.float()
+
+
+def layer_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float, pooled_spread: bool = True) -> torch.Tensor:
+    """``[K, L]``: :func:`consistency_bounds` of every layer's deviations ``dev`` ``[n, K, L]`` on its
+    own (the ``per_layer`` consistency check: a trigger may move one layer far and the others not at
+    all)."""
+    return torch.stack([consistency_bounds(dev[..., i], y, mad_k, pooled_spread)
+                        for i in range(dev.shape[-1])], 1)

@@ -182,10 +182,8 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
         by_layer = guard.deviations(x_cal, by_layer=True).cpu()  # [n_cal, K, L]
         if cfg.consistency_reduce == "per_layer":
             # every layer against its own bound, folded into its norm: the max over layers is then
-            # judged against 1 (a trigger may move one layer far and the others not at all)
-            layer_bounds = torch.stack([calibrate.consistency_bounds(by_layer[..., i], y_cal,
-                                                                     cfg.consistency_mad_k, True)
-                                        for i in range(by_layer.shape[-1])], 1)  # [K, L]
+            # judged against 1
+            layer_bounds = calibrate.layer_bounds(by_layer, y_cal, cfg.consistency_mad_k)  # [K, L]
             guard.profile["norms"] = guard.profile["norms"] * layer_bounds.to(device)
             guard.profile["bounds"] = torch.ones(num_classes, device=device)
             dev = (by_layer / layer_bounds).amax(-1)

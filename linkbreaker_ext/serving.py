@@ -46,7 +46,7 @@ from torch import fx, nn
 from . import ops  # noqa: F401  (registers torch.ops.linkbreaker.guard_head and its fake kernel)
 from .guard import check_input, decide
 from .salient import reduce_layers
-from .layers import INPUT, LATE, frozen_copy
+from .layers import INPUT, LATE, frozen_copy, units
 
 __all__ = ["GuardedModule"]
 
@@ -74,15 +74,12 @@ class _Units(nn.Module):
     input (``[B, D_unit]`` for one shared row): :func:`linkbreaker_ext.layers.units`. Computed inside
     the graph, so the layer's full output is freed as soon as the forward moves on."""
 
-    def __init__(self, rows: int, channels: bool, stat: str = "mean"):
+    def __init__(self, rows: int, layer: str, stat: str = "mean"):
         super().__init__()
-        self.rows, self.channels, self.stat = rows, channels, stat
+        self.rows, self.layer, self.stat = rows, layer, stat
 
     def forward(self, a):
-        if self.channels:
-            u = a.float().amax((2, 3)) if self.stat == "max" else a.float().mean((2, 3))
-        else:
-            u = a.flatten(1).float()
+        u = units(a, self.layer, self.stat)
         return u.reshape(-1, self.rows, u.shape[1]) if self.rows > 1 else u
 
 
@@ -214,8 +211,7 @@ class GuardedModule(nn.Module):
                 stages[name] = _Mask(m.contiguous(), ((1 - m) * fill).contiguous())
         unit_stages = None
         if self.consistency:
-            unit_stages = {n: _Units(self.rows, n != INPUT and len(shapes[n]) == 4, cfg.consistency_units)
-                           for n in self.layers}
+            unit_stages = {n: _Units(self.rows, n, cfg.consistency_units) for n in self.layers}
         self.body = _body(net, self.layers, guard.late_layer, stages, unit_stages)
 
         late = guard.tapped.late

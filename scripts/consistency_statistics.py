@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -310,9 +309,8 @@ def main():
                     bound = calibrate.consistency_bounds(cal.amax(1)[:, None].expand(-1, K), y_cal, k)  # [K]
                     ratio = [d.amax(-1) / bound for d in (dev_c[var], dev_t[var])]
                 else:
-                    bounds = torch.stack([calibrate.consistency_bounds(
-                        cal[:, li, None].expand(-1, K), y_cal, k, pooled_spread=reduce == "pooled")
-                        for li in range(cal.shape[1])], 1)  # [K, L]
+                    bounds = calibrate.layer_bounds(cal[:, None, :].expand(-1, K, -1), y_cal, k,
+                                                    pooled_spread=reduce == "pooled")  # [K, L]
                     ratio = [(d / bounds[None]).amax(-1) for d in (dev_c[var], dev_t[var])]
                 rs = []
                 for conf, r in zip((conf_c, conf_t), ratio):

@@ -78,8 +78,7 @@ def sweep_bounds(guard, split, ks, rc, yc, rt, yt, target, xc=None, xt=None):
     out = {}
     for k in ks:
         if per_layer:
-            b = torch.stack([calibrate.consistency_bounds(cal[..., i], y_cal, k, pooled_spread=True)
-                             for i in range(cal.shape[-1])], 1)  # [K, L]
+            b = calibrate.layer_bounds(cal, y_cal, k)  # [K, L]
             ratios = [(d / b).amax(-1).to(r.confidences.device) for d, r in ((layers_c, rc), (layers_t, rt))]
         else:
             rescale = fitted / calibrate.consistency_bounds(dev, y_cal, k).to(fitted.device)
