@@ -15,8 +15,8 @@ from torch import nn
 
 from . import calibrate, salient, search
 from .data import stratified_split
-from .layers import (INPUT, LATE, TappedModel, auto_layers, check_layers, final_linear, frozen_copy,
-                     logits_of, units)
+from .layers import (INPUT, LATE, TappedModel, auto_layers, check_layers, evidence_layer, final_linear,
+                     frozen_copy, logits_of, units)
 from .neighbours import generate_neighbours, perturbed_samples
 
 
@@ -261,17 +261,19 @@ def _consistency_profile(guard, stats, x_fit, y_fit, num_classes):
     rows = torch.arange(len(y), device=guard.device)
     own = {layer: u[rows, y] for layer, u in heads.items()}  # each sample as its own class's head sees it
     profile = {}
-    for layer in guard._profile_layers():
+    evidence = guard._profile_layers(available=own)
+    for name in evidence:  # a layer, or one view of it ("<layer>@<view>")
+        layer = evidence_layer(name)[0]
         s = stats[layer]
-        center, scale = salient.robust_class_profile(own[layer], y, num_classes)
+        center, scale = salient.robust_class_profile(own[name], y, num_classes)
         weight = guard.masks[layer] * (~s["dormant"]).float()
         empty = weight.sum(1) == 0  # a class with no salient neuron here is judged on all live ones
         weight[empty] = (~s["dormant"]).float()
-        profile.update({f"center.{layer}": center, f"scale.{layer}": scale, f"weight.{layer}": weight})
+        profile.update({f"center.{name}": center, f"scale.{name}": scale, f"weight.{name}": weight})
     norms = []
-    for layer in guard._profile_layers():
-        d = salient.deviation(own[layer], profile[f"center.{layer}"], profile[f"scale.{layer}"],
-                              profile[f"weight.{layer}"])
+    for name in evidence:
+        d = salient.deviation(own[name], profile[f"center.{name}"], profile[f"scale.{name}"],
+                              profile[f"weight.{name}"])
         norms.append(torch.stack([d[y == k, k].median() for k in range(num_classes)]).clamp_min(1e-6))
     profile["norms"] = torch.stack(norms, 1)
     return profile

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import ops, safefiles, salient
-from .layers import LATE, TappedModel, units
+from .layers import LATE, TappedModel, evidence_layer, evidence_names, units
 
 FORMAT = "linkbreaker-guard"
 FORMAT_VERSION = 2
@@ -67,8 +67,9 @@ class GuardConfig:
     consistency: bool = True        # the neurons consistency check (veto on inconsistent heads)
     consistency_mad_k: float = 5.0  # bound = median + k * 1.4826 * MAD of log deviation, class k's own
     #                                 (chosen on the dev half: docs/method.md, "Choosing the bound")
-    consistency_units: str = "max"  # a channel's value at a hidden conv layer: its spatial "max" or "mean"
-    #                                 (max sees a small trigger: docs/method.md, "A small trigger")
+    consistency_units: str = "mean+max"  # a channel's value at a hidden conv layer: its spatial
+    #                                 "max" (sees a small trigger), its "mean" (sees a warp), or both,
+    #                                 each view within its own bound (docs/method.md, "Two views")
     consistency_reduce: str = "per_layer"  # across layers: "per_layer" (every layer within its own
     #                                 bound), "max" (one bound on the max of normalised deviations) or "mean"
     inconsistent_verdict: str = "alarm"  # no credible head but a confident, inconsistent one: "alarm" or "ood"
@@ -106,7 +107,7 @@ class GuardConfig:
             bad("out_quantile", "must lie in (0, 1) or be None")
         choices = {"fill": ("blank", "mean"), "reliability_measure": ("confidence", "rate"),
                    "consistency_reduce": ("per_layer", "max", "mean"),
-                   "consistency_units": ("max", "mean"), "inconsistent_verdict": ("ood", "alarm"),
+                   "consistency_units": ("max", "mean", "mean+max"), "inconsistent_verdict": ("ood", "alarm"),
                    "neighbour_mode": ("alg1", "perturb")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -382,8 +383,14 @@ class LinkBreaker:
             return torch.zeros(shape, device=self.device)
         return self._heads_with_deviations(x, by_layer)[1]
 
-    def _profile_layers(self):
-        return [*self.layers, LATE]
+    def _profile_layers(self, available=None):
+        """The consistency check's evidence, in the order of the profile's norms: every masked layer
+        (a conv layer read in several views once per view, ``"<layer>@<view>"``), then the late
+        layer. ``available``: the evidence names a forward produced (at fit time, before the
+        profile exists)."""
+        have = (set(available) if available is not None
+                else {k[len("center."):] for k in self.profile if k.startswith("center.")})
+        return evidence_names(self.layers, self.config.consistency_units, have.__contains__)
 
     def _batch_rows(self) -> int:
         if self.config.batch_rows:
@@ -480,9 +487,13 @@ class LinkBreaker:
             expected.update({f"masks.{n}": ("N", f"U:{n}"), f"fill.{n}": (f"E:{n}",)})
         profile = {k for k in tensors if k.startswith("profile.")}
         if profile:
-            for n in names:
-                expected.update({f"profile.{p}.{n}": ("N", f"U:{n}") for p in ("center", "scale", "weight")})
-            expected.update({"profile.norms": ("N", len(names)), "profile.bounds": ("N",)})
+            # the evidence names (a conv layer read in several views has one entry per view)
+            stat = str(meta["config"].get("consistency_units", LEGACY_CONFIG["consistency_units"]))
+            evidence = evidence_names(layers, stat, lambda n: f"profile.center.{n}" in tensors)
+            for n in evidence:
+                expected.update({f"profile.{p}.{n}": ("N", f"U:{evidence_layer(n)[0]}")
+                                 for p in ("center", "scale", "weight")})
+            expected.update({"profile.norms": ("N", len(evidence)), "profile.bounds": ("N",)})
         safefiles.check_shapes(tensors, expected, path)
         safefiles.check_tensor_ranges(tensors, path)
         fields = {f.name for f in dataclasses.fields(GuardConfig)}

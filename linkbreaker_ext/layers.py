@@ -125,6 +125,35 @@ def units(a: torch.Tensor, layer: str, stat: str = "mean") -> torch.Tensor:
     return a.flatten(1).float()
 
 
+def unit_views(a: torch.Tensor, layer: str, stat: str = "mean") -> dict:
+    """``{evidence name: [B, D]}``: :func:`units` of one layer output in every view that ``stat``
+    names (``"mean"``, ``"max"`` or both, ``"mean+max"``). A hidden conv layer read in several views
+    gives one entry per view, ``"<layer>@<view>"`` (each is judged against its own bound); any other
+    layer, or a single view, gives one entry named after the layer."""
+    views = stat.split("+")
+    if len(views) > 1 and layer != INPUT and a.dim() == 4:
+        return {f"{layer}@{v}": units(a, layer, v) for v in views}
+    return {layer: units(a, layer, views[0])}
+
+
+def evidence_names(layers, stat: str, present) -> list:
+    """The consistency check's evidence names in a fixed order: every masked layer (per view, when
+    ``present("<layer>@<view>")`` says the layer was read in several), then ``"late"``."""
+    views = stat.split("+")
+    names = []
+    for layer in layers:
+        per_view = [f"{layer}@{v}" for v in views]
+        names += per_view if len(views) > 1 and present(per_view[0]) else [layer]
+    return [*names, LATE]
+
+
+def evidence_layer(name: str, stat: str = "mean") -> tuple:
+    """``(layer, view)`` of an evidence name (:func:`unit_views`); a plain layer name is read in the
+    first view ``stat`` names."""
+    layer, at, view = name.rpartition("@")
+    return (layer, view) if at else (name, stat.split("+")[0])
+
+
 def expand_mask(m: torch.Tensor, a_shape, layer: str) -> torch.Tensor:
     """A unit-level mask ``[N, D_unit]`` broadcast to the element layout of one head's output."""
     if layer != INPUT and len(a_shape) == 4:
@@ -198,7 +227,7 @@ class TappedModel:
                  unit_stat: str = "mean"):
         """Late features ``[B, N, D_late]`` of the N heads; with ``with_units`` also
         ``{layer: [B, N, D_unit]}``: every masked layer's neuron values *as head k sees them* (after
-        its masking), the evidence the consistency check judges (:func:`units` with ``unit_stat``)."""
+        its masking), the evidence the consistency check judges (:func:`unit_views` with ``unit_stat``)."""
         b = x.shape[0]
         n = next(iter(masks.values())).shape[0]
         seen = {}
@@ -209,7 +238,8 @@ class TappedModel:
             m = expand_mask(m.to(a.dtype), a.shape, name)
             out = (m * heads + (1 - m) * fill.to(a.dtype).reshape(a.shape[1:])).reshape(a.shape)
             if with_units:
-                seen[name] = units(out, name, unit_stat).reshape(b, n, -1)
+                for key, u in unit_views(out, name, unit_stat).items():
+                    seen[key] = u.reshape(b, n, -1)
             return out
 
         late = self._run(x.repeat_interleave(n, dim=0), mask).reshape(b, n, -1)

@@ -46,7 +46,7 @@ from torch import fx, nn
 from . import ops  # noqa: F401  (registers torch.ops.linkbreaker.guard_head and its fake kernel)
 from .guard import check_input, decide
 from .salient import reduce_layers
-from .layers import INPUT, LATE, frozen_copy, units
+from .layers import INPUT, LATE, evidence_layer, frozen_copy, units
 
 __all__ = ["GuardedModule"]
 
@@ -95,11 +95,11 @@ class _LeafTracer(fx.Tracer):
 
 
 def _body(net: nn.Module, layers, late_name: str, stages: dict | None,
-          unit_stages: dict | None) -> fx.GraphModule:
+          unit_stages: list | None) -> fx.GraphModule:
     """``net`` as a graph module ``x -> (late_features, *unit values)``, with ``stages[name]`` (a
-    :class:`_Mask`) applied right after each masked layer when ``stages`` is given, and
-    ``unit_stages[name]`` (a :class:`_Units`) reading each masked layer's unmasked output when
-    ``unit_stages`` is given (otherwise only the late features come out)."""
+    :class:`_Mask`) applied right after each masked layer when ``stages`` is given, and each of
+    ``unit_stages``' ``(layer, _Units)`` pairs reading that layer's output as the heads see it
+    (after its mask), in order (no ``unit_stages``: only the late features come out)."""
     hidden = [n for n in layers if n != INPUT]
     tracer = _LeafTracer([*hidden, late_name])
     try:
@@ -120,6 +120,7 @@ def _body(net: nn.Module, layers, late_name: str, stages: dict | None,
         raise ValueError(f"the model's traced forward must take one input and call the layers "
                          f"{missing or hidden} once each")
     nodes[INPUT] = placeholders[0]
+    seen = dict(nodes)  # each layer's output as the heads see it (after its mask, if any)
     if stages:
         for i, name in enumerate(layers):
             if name not in stages:  # a layer every head keeps whole: nothing to mask
@@ -129,13 +130,14 @@ def _body(net: nn.Module, layers, late_name: str, stages: dict | None,
             with graph.inserting_after(src):
                 masked = graph.call_module(f"lb_mask{i}", (src,))
             src.replace_all_uses_with(masked, delete_user_cb=lambda user, m=masked: user is not m)
+            seen[name] = masked
     late_in = nodes[late_name].args[0]
     out = next(n for n in graph.nodes if n.op == "output")
     unit_nodes = []
-    for i, name in enumerate(layers if unit_stages else []):
-        net.add_module(f"lb_units{i}", unit_stages[name])
-        with graph.inserting_after(nodes[name]):
-            unit_nodes.append(graph.call_module(f"lb_units{i}", (nodes[name],)))
+    for i, (name, stage) in enumerate(unit_stages or []):
+        net.add_module(f"lb_units{i}", stage)
+        with graph.inserting_after(seen[name]):
+            unit_nodes.append(graph.call_module(f"lb_units{i}", (seen[name],)))
     with graph.inserting_before(out):
         graph.output((late_in, *unit_nodes))
     graph.erase_node(out)
@@ -210,8 +212,10 @@ class GuardedModule(nn.Module):
                 fill = guard.fills[name].float().to(device).reshape(shapes[name][1:])
                 stages[name] = _Mask(m.contiguous(), ((1 - m) * fill).contiguous())
         unit_stages = None
-        if self.consistency:
-            unit_stages = {n: _Units(self.rows, n, cfg.consistency_units) for n in self.layers}
+        evidence = guard._profile_layers()
+        if self.consistency:  # one reading per evidence name: a layer, or one view of it
+            reads = [evidence_layer(e, cfg.consistency_units) for e in evidence[:-1]]
+            unit_stages = [(layer, _Units(self.rows, layer, view)) for layer, view in reads]
         self.body = _body(net, self.layers, guard.late_layer, stages, unit_stages)
 
         late = guard.tapped.late
@@ -225,7 +229,7 @@ class GuardedModule(nn.Module):
         if self.consistency:
             p = guard.profile
             self.sparse = []
-            for i, name in enumerate([*self.layers, LATE]):
+            for i, name in enumerate(evidence):
                 index, center, coef = _profile_terms(p[f"center.{name}"], p[f"scale.{name}"],
                                                      p[f"weight.{name}"])
                 self.sparse.append(index is not None)

@@ -36,12 +36,21 @@ from linkbreaker_ext.guard import GuardResult, LinkBreaker, decide  # noqa: E402
 from linkbreaker_ext.layers import INPUT, LATE, expand_mask  # noqa: E402
 
 GRID = 4
-UNITS = ("mean", "max", "grid")
+UNITS = ("mean", "max", "grid", "gram")
 AGGREGATIONS = ("mean", "top")
 TOP_SHARE = 0.1
 
 
-def head_units(guard, x, rows=32):
+def gram(a):
+    """``[B, C(C+1)/2]`` channel co-activations of a conv map ``a`` ``[B, C, H, W]``: the upper
+    triangle of its Gram matrix over positions (Beatrix's first-order Gram feature)."""
+    f = a.flatten(2)
+    g = f @ f.transpose(1, 2) / f.shape[2]
+    i, j = torch.triu_indices(a.shape[1], a.shape[1], device=a.device)
+    return g[:, i, j]
+
+
+def head_units(guard, x, rows=32, kinds=UNITS):
     """Per masked layer and unit kind ``{(layer, kind): [B, N, D]}`` of the N heads' masked views, the
     late features ``{(late, kind)}`` and the confidences ``[B, N]``."""
     tapped, n = guard.tapped, guard.num_heads
@@ -59,19 +68,20 @@ def head_units(guard, x, rows=32):
             o = (m * heads + (1 - m) * fill.to(a.dtype).reshape(a.shape[1:])).reshape(a.shape)
             if name == INPUT or o.dim() != 4:
                 u = o.flatten(1).float()
-                for kind in UNITS:
+                for kind in kinds:
                     seen[(name, kind)] = u.reshape(b, n, -1)
             else:
-                seen[(name, "mean")] = o.float().mean((2, 3)).reshape(b, n, -1)
-                seen[(name, "max")] = o.float().amax((2, 3)).reshape(b, n, -1)
-                g = torch.nn.functional.adaptive_avg_pool2d(o.float(), GRID)  # [BN, C, G, G]
-                seen[(name, "grid")] = g.flatten(1).reshape(b, n, -1)
+                view = {"mean": lambda t: t.mean((2, 3)), "max": lambda t: t.amax((2, 3)),
+                        "grid": lambda t: torch.nn.functional.adaptive_avg_pool2d(t, GRID).flatten(1),
+                        "gram": gram}
+                for kind in kinds:
+                    seen[(name, kind)] = view[kind](o.float()).reshape(b, n, -1)
             return o
 
         with torch.no_grad():
             late = tapped._run(xb.repeat_interleave(n, 0), mask).reshape(b, n, -1).float()
             conf = guard.head_confidences(xb, features=late)[0]
-        for kind in UNITS:
+        for kind in kinds:
             seen[(LATE, kind)] = late
         for key, v in seen.items():
             out.setdefault(key, []).append(v)
@@ -80,10 +90,14 @@ def head_units(guard, x, rows=32):
 
 
 def weights_for(guard, layer, kind, d):
-    """Class k's salient units ``[K, D]`` for this unit kind (a channel's grid cells share its flag)."""
+    """Class k's salient units ``[K, D]`` for this unit kind (a channel's grid cells share its flag; a
+    channel pair counts when both channels do)."""
     w = guard.profile[f"weight.{layer}"]
     if w.shape[1] == d:
         return w
+    if kind == "gram":
+        i, j = torch.triu_indices(w.shape[1], w.shape[1])
+        return w[:, i] * w[:, j]
     return w[:, :, None].expand(-1, -1, d // w.shape[1]).reshape(w.shape[0], d)
 
 
@@ -229,7 +243,10 @@ def main():
     x_val, y_val = split["x_val"], split["y_val"]
     calib_idx, fit_idx = data.stratified_split(y_val, guard.config.calibration_fraction,
                                                seed=guard.config.seed)
-    val_units, _ = head_units(guard, x_val)
+    variants = [(unit, how) for unit in UNITS for how in AGGREGATIONS
+                if args.variants is None or f"{unit}/{how}" in args.variants]
+    kinds = {unit for unit, _ in variants}
+    val_units, _ = head_units(guard, x_val, kinds=kinds)
     rows = torch.arange(len(y_val))
     own = {key: u[rows, y_val] for key, u in val_units.items()}  # each sample through its own head
     del val_units
@@ -238,8 +255,6 @@ def main():
     print(f"val forward {time.time() - t0:.0f}s", flush=True)
 
     layers = [*guard.layers, LATE]
-    variants = [(unit, how) for unit in UNITS for how in AGGREGATIONS
-                if args.variants is None or f"{unit}/{how}" in args.variants]
     # per variant: profile per layer, norms, calibration deviations per layer [n_cal, L] (own head)
     prof = {}
     for var in variants:
@@ -263,7 +278,7 @@ def main():
         out = {var: [] for var in variants}
         conf = []
         for s in range(0, len(x), 200):
-            units_, c = head_units(guard, x[s:s + 200])
+            units_, c = head_units(guard, x[s:s + 200], kinds=kinds)
             conf.append(c)
             for var in variants:
                 per_layer, _ = prof[var]

@@ -256,19 +256,23 @@ def test_several_masked_layers_shapes(guard_deep):
     for k, d in units_per.items():
         assert g.masks[k].shape == (NUM_CLASSES, d), k
         assert g.fills[k].shape == (elems_per[k],), k
+    # the profile: per evidence (a conv layer once per view of its channels), per unit
+    evidence = {"input": "input", "1@mean": "1", "1@max": "1", "3@mean": "3", "3@max": "3", LATE: LATE}
+    assert g._profile_layers() == list(evidence)
+    for e, layer in evidence.items():
         for stat in ("center", "scale", "weight"):
-            assert g.profile[f"{stat}.{k}"].shape == (NUM_CLASSES, d), (stat, k)
-        assert (g.profile[f"scale.{k}"] > 0).all()
-    assert g.profile.keys() == {f"{s}.{k}" for s in ("center", "scale", "weight") for k in units_per} | {
+            assert g.profile[f"{stat}.{e}"].shape == (NUM_CLASSES, units_per[layer]), (stat, e)
+        assert (g.profile[f"scale.{e}"] > 0).all()
+    assert g.profile.keys() == {f"{s}.{e}" for s in ("center", "scale", "weight") for e in evidence} | {
         "norms", "bounds"}
-    assert g.profile["norms"].shape == (NUM_CLASSES, 4) and (g.profile["norms"] > 0).all()
+    assert g.profile["norms"].shape == (NUM_CLASSES, 6) and (g.profile["norms"] > 0).all()
     assert g.profile["bounds"].shape == (NUM_CLASSES,) and torch.isfinite(g.profile["bounds"]).all()
     assert g.deviations(torch.zeros(2, *SHAPE)).shape == (2, NUM_CLASSES)
     # the profile weighs class k's salient neurons (a class with none is judged on every live one)
-    for k in units_per:
-        m, w = g.masks[k], g.profile[f"weight.{k}"]
+    for e, layer in evidence.items():
+        m, w = g.masks[layer], g.profile[f"weight.{e}"]
         rows = m.sum(1) > 0
-        assert torch.equal(w[rows], m[rows]), k
+        assert torch.equal(w[rows], m[rows]), e
 
 
 def test_hidden_conv_mask_is_per_channel(guard_deep, deep_net, synth):
@@ -841,7 +845,7 @@ def test_fit_keeps_the_calibration_deviations_behind_its_bounds(guard_deep, synt
     dev, y = d["calibration_deviations"], d["calibration_labels"]
     by_layer = d["calibration_deviations_by_layer"]
     assert dev.shape == (len(y), NUM_CLASSES)
-    assert by_layer.shape == (len(y), NUM_CLASSES, len(guard_deep.layers) + 1)
+    assert by_layer.shape == (len(y), NUM_CLASSES, len(guard_deep._profile_layers()))
     k = guard_deep.config.consistency_mad_k
     assert guard_deep.config.consistency_reduce == "per_layer"
     bounds = torch.stack([calibrate.consistency_bounds(by_layer[..., i], y, k, pooled_spread=True)
@@ -1009,14 +1013,15 @@ def test_load_rejects_other_format_versions(guard_hidden, net, tmp_path, version
         LinkBreaker.load(path, net)
 
 
-def test_load_keeps_the_unit_statistic_of_an_older_file(guard_deep, deep_net, synth, tmp_path):
+def test_load_keeps_the_unit_statistic_of_an_older_file(deep_net, synth, tmp_path):
     """A guard saved before ``consistency_units`` existed was profiled on channel means: it loads
     with ``"mean"``, so its profile is read as it was made, not with today's default."""
     from safetensors import safe_open
 
-    assert guard_deep.config.consistency_units == "max"
+    g = LinkBreaker.fit(deep_net, synth["x_val"], synth["y_val"], NUM_CLASSES, layers=["input", "1", "3"],
+                        progress=False, **dict(FAST, consistency_units="max"))
     path = tmp_path / "guard.safetensors"
-    guard_deep.save(path)
+    g.save(path)
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = json.loads(f.metadata()[FORMAT])
@@ -1026,8 +1031,8 @@ def test_load_keeps_the_unit_statistic_of_an_older_file(guard_deep, deep_net, sy
     assert old.config.consistency_units == "mean"
     x = synth["x_test"][:20]
     # its heads' units are channel means again: the deviations differ from the max-profiled guard's
-    assert not torch.allclose(old.deviations(x), guard_deep.deviations(x))
-    guard_deep.save(path)
+    assert not torch.allclose(old.deviations(x), g.deviations(x))
+    g.save(path)
     assert LinkBreaker.load(path, deep_net).config.consistency_units == "max"
 
 
@@ -1038,6 +1043,33 @@ def test_units_max_is_the_spatial_maximum_of_a_channel():
     assert units(a, "conv", "max")[0, 1].item() == 5.0
     assert units(a, "conv", "mean")[0, 1].item() == pytest.approx(5.0 / 16)
     assert units(a, INPUT, "max").shape == (2, 48)  # pixels stay pixels
+
+
+def test_both_views_judge_each_view_of_a_conv_layer_against_its_own_bound(
+        guard_deep, deep_net, synth, tmp_path):
+    """``consistency_units="mean+max"``: every hidden conv layer is read twice, and each reading is
+    exactly the one a single-view guard makes (same heads, same per-layer bound). The served module
+    and a saved-and-loaded guard decide as the guard does."""
+    both = guard_deep
+    assert both.config.consistency_units == "mean+max"  # the default
+    mean, max_ = (LinkBreaker.fit(deep_net, synth["x_val"], synth["y_val"], NUM_CLASSES,
+                                  layers=["input", "1", "3"], progress=False,
+                                  **dict(FAST, consistency_units=view)) for view in ("mean", "max"))
+    assert both._profile_layers() == ["input", "1@mean", "1@max", "3@mean", "3@max", "late"]
+    x = torch.cat([synth["x_test"][:40], add_trigger(synth["x_test"][:40])])
+    d_both, d_mean, d_max = (g.deviations(x, by_layer=True) for g in (both, mean, max_))
+    assert torch.allclose(d_both[..., [0, 1, 3, 5]], d_mean, atol=1e-5)
+    assert torch.allclose(d_both[..., [0, 2, 4, 5]], d_max, atol=1e-5)
+    # a head is consistent only when both views are: the stricter of the two single-view guards
+    ratio = both(x).consistency
+    assert torch.allclose(ratio, torch.maximum(mean(x).consistency, max_(x).consistency), atol=1e-5)
+    r = both(x)
+    labels, verdict, _ = both.as_module()(x)
+    assert torch.equal(labels, r.labels) and torch.equal(verdict, r.verdict)
+    both.save(tmp_path / "both.safetensors")
+    loaded = LinkBreaker.load(tmp_path / "both.safetensors", deep_net)
+    assert dataclasses.asdict(loaded.config) == dataclasses.asdict(both.config)
+    assert torch.equal(loaded(x).labels, r.labels) and torch.allclose(loaded(x).consistency, ratio)
 
 
 # ------------------------------------------------------------------------------ CUDA
