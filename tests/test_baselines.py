@@ -155,9 +155,30 @@ def test_ibd_psc_layers_depths_and_no_side_effects(backdoored, synth, triggered)
     before = _state(backdoored)
     d = _fit(IBDPSC(), backdoored, synth)
     assert d.depths and all(1 <= k <= 2 for k in d.depths)
-    s = d.score(triggered[0])
-    assert ((s >= 0) & (s <= 1)).all()
+    x = triggered[0][:16]
+    s = d.score(x)
+    # the mean over the amplified copies of the log-odds of the original label
+    y_hat = backdoored(x).argmax(1)
+    ref = []
+    for depth in d.depths:
+        p = torch.softmax(torch.func.functional_call(backdoored, d._params(depth), (x,)).double(), 1)
+        p = p.gather(1, y_hat[:, None])[:, 0]
+        ref.append(torch.log(p) - torch.log1p(-p))
+    assert torch.allclose(s.double(), torch.stack(ref).mean(0), atol=1e-3)
     assert _unchanged(backdoored, before)
+
+
+def test_ibd_psc_scores_do_not_tie_when_probabilities_saturate(backdoored, synth):
+    """A sharpened classifier gives probability 1.0 in float32 for every input: the score still
+    orders them (a threshold at 1 % FRR must be able to flag something)."""
+    sharp = copy.deepcopy(backdoored)
+    with torch.no_grad():
+        sharp[-1].weight.mul_(50)
+        sharp[-1].bias.mul_(50)
+    x = synth["x_test"][:40]
+    assert (torch.softmax(sharp(x), 1).amax(1) == 1).float().mean() > 0.5
+    s = _fit(IBDPSC(), sharp, synth).score(x)
+    assert torch.isfinite(s).all() and len(torch.unique(s)) == len(s)
 
 
 # ----------------------------------------------------------------------------- model-level methods
