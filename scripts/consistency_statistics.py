@@ -4,14 +4,20 @@
 A saved guard's masks, fills, confidences and thresholds are kept; only the consistency evidence is
 recomputed, from one batched forward of the N heads per input, for several variants:
 
-* unit at a hidden conv layer: ``mean`` (the channel mean, today's default), ``max`` (the channel's
-  spatial maximum), ``grid`` (channel means over a 4x4 grid of cells: where on the map, not only how
-  much);
-* aggregation over class k's salient units: ``mean`` robust z (today's) or ``top`` (the mean of the
-  largest 10 % of z-scores: a trigger moves a few units a lot);
+* unit at a hidden conv layer: ``mean`` (the channel mean), ``max`` (the channel's spatial
+  maximum), ``grid`` (channel means over a 4x4 grid of cells: where on the map, not only how much),
+  ``gram`` (channel co-activations, the upper triangle of the Gram matrix over positions: Beatrix's
+  first-order feature);
+* aggregation over class k's salient units: ``mean`` robust z, ``top`` (the mean of the largest
+  10 % of z-scores: a trigger moves a few units a lot) or ``maha`` (signed robust z whitened by the
+  classes' pooled residual covariance, shrunk 20 % to its diagonal; every unit counts);
 * reduction over layers: ``max`` of normalised deviations against one bound (the first default),
-  ``perlayer``: every layer against its own calibrated bound, or ``pooled``: the same with each
-  layer's spread (MAD) pooled over the classes (``consistency_reduce="per_layer"``).
+  ``perlayer``: every layer against its own calibrated bound, ``pooled``: the same with each layer's
+  spread (MAD) pooled over the classes (``consistency_reduce="per_layer"``), or ``joint``: ``pooled``
+  plus one more bound on the geometric mean over layers (a trigger that moves every layer a little).
+
+``--combine a+b``: the layers of several variants, each with its own bound (the library's
+``consistency_units="mean+max"`` is ``--combine mean/mean+max/mean`` with ``pooled``).
 
 Profiles come from the fit split of the validation set, bounds from its calibration split (the fit's
 own seeded split), decisions are measured on the **dev** half of the test split (indices 0-4999),
@@ -37,7 +43,8 @@ from linkbreaker_ext.layers import INPUT, LATE, expand_mask  # noqa: E402
 
 GRID = 4
 UNITS = ("mean", "max", "grid", "gram")
-AGGREGATIONS = ("mean", "top")
+AGGREGATIONS = ("mean", "top", "maha")
+SHRINK = 0.2  # maha: covariance shrunk this much towards its diagonal
 TOP_SHARE = 0.1
 
 
@@ -92,7 +99,9 @@ def head_units(guard, x, rows=32, kinds=UNITS):
 def weights_for(guard, layer, kind, d):
     """Class k's salient units ``[K, D]`` for this unit kind (a channel's grid cells share its flag; a
     channel pair counts when both channels do)."""
-    w = guard.profile[f"weight.{layer}"]
+    w = guard.profile.get(f"weight.{layer}")
+    if w is None:  # a guard that reads this layer in several views weighs them alike
+        w = next(v for k, v in guard.profile.items() if k.startswith(f"weight.{layer}@"))
     if w.shape[1] == d:
         return w
     if kind == "gram":
@@ -101,12 +110,17 @@ def weights_for(guard, layer, kind, d):
     return w[:, :, None].expand(-1, -1, d // w.shape[1]).reshape(w.shape[0], d)
 
 
-def z_scores(u, center, scale):
-    return ((u[:, None, :] if u.dim() == 2 else u) - center[None]).abs() / scale[None]
+def z_scores(u, center, scale, how="mean"):
+    """Robust z ``[B, K, D]``; signed for ``maha`` (whitened next)."""
+    r = ((u[:, None, :] if u.dim() == 2 else u) - center[None]) / scale[None]
+    return r if how == "maha" else r.abs()
 
 
 def aggregate(z, w, how):
-    """``[B, K]`` from robust z ``[B, K, D]`` over class k's units ``w`` ``[K, D]``."""
+    """``[B, K]`` from robust z ``[B, K, D]`` over class k's units ``w`` ``[K, D]`` (``maha``: ``w``
+    is the inverse residual covariance ``[D, D]``, and every unit counts)."""
+    if how == "maha":
+        return ((z @ w) * z).sum(-1).clamp_min(0).div(z.shape[-1]).sqrt()
     if how == "mean":
         wn = w / w.sum(1, keepdim=True).clamp_min(1e-12)
         return (z * wn[None]).sum(-1)
@@ -129,7 +143,7 @@ def bare_rates(dataset, attack_name, seed, n, data_source):
 
 
 def write_table(data_source, out=Path("results/dev/consistency-statistics.md")):
-    """The dev tables behind the choice (docs/method.md, "A small trigger")."""
+    """The dev tables behind the choice (docs/method.md, "A small trigger" and "Two views")."""
     lines = ["# The consistency check's statistic and bound (dev half)", "",
              "Made by `python scripts/consistency_statistics.py --table` from the JSONs beside it "
              "(`results/dev/<dataset>/statistics-*.json`, each made by `python scripts/"
@@ -140,7 +154,8 @@ def write_table(data_source, out=Path("results/dev/consistency-statistics.md")):
              "robust z over the salient units, `top` = mean of the top 10 %. Bound: `max` = one bound "
              "on the max of the layers' normalised deviations (the first default), `perlayer` = one "
              "bound per layer and class, `pooled` = per layer, with the MAD pooled over classes (the "
-             "default now).", ""]
+             "default since). The default now reads both views, `mean/mean+max/mean` with `pooled` "
+             "bounds (last section).", ""]
     screen = Path("results/dev/cifar10/statistics-trojan-square-0.json")
     if screen.is_file():
         r = json.loads(screen.read_text())
@@ -171,7 +186,7 @@ def write_table(data_source, out=Path("results/dev/consistency-statistics.md")):
         for name, bound, label in (("mean/mean", "max", "channel mean, one bound (first default)"),
                                    ("max/mean", "max", "channel max, one bound"),
                                    ("max/mean", "perlayer", "channel max, per layer, class MAD"),
-                                   ("max/mean", "pooled", "channel max, per layer, pooled MAD (default)")):
+                                   ("max/mean", "pooled", "channel max, per layer, pooled MAD (second default)")):
             ks = sorted({float(key.split("=")[1]) for key in runs[next(iter(runs))]["variants"][name]
                          if key.startswith(bound + "/")})
             for k in ks:
@@ -183,17 +198,19 @@ def write_table(data_source, out=Path("results/dev/consistency-statistics.md")):
                 lines.append(f"| {mark}{label}{mark} | {k:g} | " + " | ".join(cells) + " |")
         lines += ["", "(*none*: a model without a backdoor probed with a BadNets trigger; its ASR is "
                   "the share of probed inputs labelled 0.)", ""]
-    combos = {a: Path(f"results/dev/cifar10/statistics-{a}-0-combo.json")
-              for a in ("wanet", "trojan-square", "badnets", "blended", "none")}
-    combos = {a: json.loads(p.read_text()) for a, p in combos.items() if p.is_file()}
-    if combos:
-        bare = {a: bare_rates("cifar10", a, 0, r["n"], data_source) for a, r in combos.items()}
+    for dataset in ("cifar10", "mnist"):
+        combos = {a: Path(f"results/dev/{dataset}/statistics-{a}-0-combo.json")
+                  for a in ("wanet", "trojan-square", "badnets", "blended", "none")}
+        combos = {a: json.loads(p.read_text()) for a, p in combos.items() if p.is_file()}
+        if not combos:
+            continue
+        bare = {a: bare_rates(dataset, a, 0, r["n"], data_source) for a, r in combos.items()}
         n = next(iter(combos.values()))["n"]
-        lines += [f"## Next step (not the default): both views of a channel, CIFAR-10, {n} + {n} inputs",
-                  "", "CDA drop (points) / ASR (%). `a+b`: the layers of both variants, each judged "
-                  "against its own bound (`pooled`) or all under one bound on their maximum (`max`). "
-                  "Made with `--variants mean/mean mean/top max/mean --combine mean/mean+max/mean "
-                  "mean/top+max/mean --tag combo`.", "",
+        lines += [f"## Both views of a channel (the default: **bold**), {dataset.upper()}, {n} + {n} "
+                  "inputs", "", "CDA drop (points) / ASR (%). `a+b`: the layers of both variants, each "
+                  "judged against its own bound (`pooled`) or all under one bound on their maximum "
+                  "(`max`). Made with `--variants mean/mean mean/top max/mean --combine "
+                  "mean/mean+max/mean mean/top+max/mean --tag combo`.", "",
                   "Bare model: " + "; ".join(f"{a} CDA {100 * b['cda']:.2f} ASR {100 * b['asr']:.2f}"
                                              for a, b in bare.items()) + ".", "",
                   "| variant | bound | k | " + " | ".join(combos) + " |", "| --- " * (len(combos) + 3) + "|"]
@@ -205,7 +222,8 @@ def write_table(data_source, out=Path("results/dev/consistency-statistics.md")):
                         v = r["variants"][name][f"{bound}/k={k:g}"]
                         cells.append(f"{round(100 * (bare[a]['cda'] - v['cda']), 2) + 0.0:.2f} / "
                                      f"{100 * v['asr']:.2f}")
-                    lines.append(f"| {name} | {bound} | {k} | " + " | ".join(cells) + " |")
+                    mark = "**" if (name, bound, k) == ("mean/mean+max/mean", "pooled", 5) else ""
+                    lines.append(f"| {mark}{name}{mark} | {bound} | {k} | " + " | ".join(cells) + " |")
         lines.append("")
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
@@ -266,10 +284,15 @@ def main():
             u_fit, y_fit = own[key][fit_idx], y_val[fit_idx]
             center, scale = salient.robust_class_profile(u_fit, y_fit, K)
             w = weights_for(guard, layer, unit, u_fit.shape[1])
-            d_fit = aggregate(z_scores(u_fit, center, scale), w, how)
+            if how == "maha":  # whitened by the classes' pooled residual covariance (all units)
+                r = ((u_fit - center[y_fit]) / scale[y_fit]).double()
+                c = r.T @ r / len(r)
+                c = (1 - SHRINK) * c + SHRINK * torch.diag(c.diagonal().clamp_min(1e-6))
+                w = torch.linalg.inv(c).float()
+            d_fit = aggregate(z_scores(u_fit, center, scale, how), w, how)
             norm = torch.stack([d_fit[y_fit == k, k].median() for k in range(K)]).clamp_min(1e-6)
             u_cal = own[key][calib_idx]
-            d_cal = aggregate(z_scores(u_cal, center, scale), w, how)
+            d_cal = aggregate(z_scores(u_cal, center, scale, how), w, how)
             cal.append(d_cal[torch.arange(len(calib_idx)), y_val[calib_idx]] / norm[y_val[calib_idx]])
             per_layer[layer] = (center, scale, w, norm)
         prof[var] = (per_layer, torch.stack(cal, 1))  # [n_cal, L]
@@ -285,8 +308,8 @@ def main():
                 ds = []
                 for layer in layers:
                     center, scale, w, norm = per_layer[layer]
-                    ds.append(aggregate(z_scores(units_[(layer, var[0])], center, scale), w, var[1])
-                              / norm[None])
+                    ds.append(aggregate(z_scores(units_[(layer, var[0])], center, scale, var[1]), w,
+                                        var[1]) / norm[None])
                 out[var].append(torch.stack(ds, -1))  # [B, N, L]
         return {v: torch.cat(d) for v, d in out.items()}, torch.cat(conf)
 
@@ -318,11 +341,20 @@ def main():
         for li, layer in enumerate(names):
             res["layer_auroc"][layer] = round(metrics.auroc(dev_c[var][idc, yc, li],
                                                             dev_t[var][:, target, li]), 4)
-        for reduce in ("max", "perlayer", "pooled"):
+        for reduce in ("max", "perlayer", "pooled", "joint"):
             for k in args.ks:
                 if reduce == "max":
                     bound = calibrate.consistency_bounds(cal.amax(1)[:, None].expand(-1, K), y_cal, k)  # [K]
                     ratio = [d.amax(-1) / bound for d in (dev_c[var], dev_t[var])]
+                elif reduce == "joint":
+                    # pooled per-layer bounds, and one more on the geometric mean over layers (a
+                    # trigger that moves several layers a little, each within its own bound)
+                    bounds = calibrate.layer_bounds(cal[:, None, :].expand(-1, K, -1), y_cal, k)
+                    geo = lambda d: d.clamp_min(1e-12).log().mean(-1).exp()  # noqa: E731
+                    jb = calibrate.consistency_bounds(geo(cal)[:, None].expand(-1, K), y_cal, k,
+                                                      pooled_spread=True)
+                    ratio = [torch.maximum((d / bounds[None]).amax(-1), geo(d) / jb)
+                             for d in (dev_c[var], dev_t[var])]
                 else:
                     bounds = calibrate.layer_bounds(cal[:, None, :].expand(-1, K, -1), y_cal, k,
                                                     pooled_spread=reduce == "pooled")  # [K, L]
