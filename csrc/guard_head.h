@@ -64,13 +64,14 @@ void check_guard_head_inputs(
     const at::Tensor& noise,
     const at::Tensor& thresholds);
 
-// Value checks (NaN/Inf features, non-finite thresholds, masks outside [0, 1]).
-// These need a reduction + host read, so only the CPU kernel calls them eagerly;
-// on CUDA the Python wrapper linkbreaker_ext.ops.guard_head performs them.
-void check_guard_head_values(
-    const at::Tensor& features,
-    const at::Tensor& masks,
-    const at::Tensor& thresholds);
+// Value checks (non-finite thresholds, masks outside [0, 1]; NaN/Inf features).
+// These need a reduction + host read, so only the CPU kernel calls them (the small
+// parameters eagerly, the features only when some row's logits came out non-finite: a
+// NaN or Inf feature always makes its row's logits non-finite, so the clean path never
+// scans the [B, N, D] features); on CUDA the Python wrapper linkbreaker_ext.ops.guard_head
+// performs them.
+void check_guard_head_params(const at::Tensor& masks, const at::Tensor& thresholds);
+void check_guard_head_features(const at::Tensor& features);
 
 // All head logits in float32 via ONE GEMM: for B > C the masks are folded into the
 // weights (Wk = weight * masks[k], [N, C, D]) and the noise term into a per-head offset

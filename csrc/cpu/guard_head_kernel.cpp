@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 
@@ -13,9 +14,13 @@ namespace linkbreaker {
 
 namespace {
 
-// Per-row epilogue: N max-subtracted softmax confidences, threshold test, vote, label.
-void guard_epilogue_cpu(
+// Per-row epilogue: N softmax confidences exp(z[b,k,k] - lse[b,k]), threshold test, vote,
+// label. `lse` holds each head's log-sum-exp over classes, laid out like z's rows (ATen's
+// vectorised exp: one scalar exp per head here instead of C). Returns whether some row's
+// logits were non-finite.
+bool guard_epilogue_cpu(
     const float* z,
+    const float* lse,
     int64_t stride_b,
     int64_t stride_k,
     const float* thr,
@@ -27,6 +32,7 @@ void guard_epilogue_cpu(
     int64_t* verdict) {
   const int64_t work_per_row = std::max<int64_t>(1, N * C);
   const int64_t grain = std::max<int64_t>(1, 32768 / work_per_row);
+  std::atomic<bool> any_bad{false};
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const float* zb = z + b * stride_b;
@@ -38,23 +44,16 @@ void guard_epilogue_cpu(
       int64_t best_k = 0;
       for (int64_t k = 0; k < N && !bad; ++k) {
         const float* zk = zb + k * stride_k;
-        float m = -std::numeric_limits<float>::infinity();
         for (int64_t c = 0; c < C; ++c) {
-          const float v = zk[c];
-          if (!std::isfinite(v)) {
+          if (!std::isfinite(zk[c])) {
             bad = true;
             break;
           }
-          m = std::max(m, v);
         }
         if (bad) {
           break;
         }
-        float s = 0.0f;
-        for (int64_t c = 0; c < C; ++c) {
-          s += std::exp(zk[c] - m);
-        }
-        const float p = std::exp(zk[k] - m) / s;
+        const float p = std::exp(zk[k] - lse[(b * stride_b + k * stride_k) / C]);
         cb[k] = p;
         if (p >= thr[k]) {
           if (count == 0) {
@@ -69,10 +68,12 @@ void guard_epilogue_cpu(
       }
       if (bad) {
         std::fill(cb, cb + N, std::numeric_limits<float>::quiet_NaN());
+        any_bad.store(true, std::memory_order_relaxed);
       }
       write_vote(bad, count, first, best_k, labels + b, verdict + b);
     }
   });
+  return any_bad.load();
 }
 
 } // namespace
@@ -85,7 +86,7 @@ GuardHeadResult guard_head_cpu(
     const at::Tensor& noise,
     const at::Tensor& thresholds) {
   check_guard_head_inputs(features, weight, bias, masks, noise, thresholds);
-  check_guard_head_values(features, masks, thresholds);
+  check_guard_head_params(masks, thresholds);
 
   const int64_t B = features.size(0);
   const int64_t N = masks.size(0);
@@ -100,8 +101,10 @@ GuardHeadResult guard_head_cpu(
 
   const GuardLogits lg = guard_head_logits(features, weight, bias, masks, noise);
   const at::Tensor thr = thresholds.to(at::kFloat).contiguous();
-  guard_epilogue_cpu(
+  const at::Tensor lse = at::logsumexp(lg.logits.view({-1, C}), 1); // one per (b, k) row
+  const bool any_bad = guard_epilogue_cpu(
       lg.logits.data_ptr<float>(),
+      lse.data_ptr<float>(),
       lg.stride_b,
       lg.stride_k,
       thr.data_ptr<float>(),
@@ -111,6 +114,11 @@ GuardHeadResult guard_head_cpu(
       conf.data_ptr<float>(),
       labels.data_ptr<int64_t>(),
       verdict.data_ptr<int64_t>());
+  if (any_bad) {
+    // Non-finite features are refused; finite ones whose logits overflow come back as
+    // conf = NaN, label -1, verdict 2 (as on CUDA).
+    check_guard_head_features(features);
+  }
   return {conf, labels, verdict};
 }
 
