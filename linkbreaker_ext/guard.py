@@ -316,8 +316,8 @@ class LinkBreaker:
             else:
                 feats = self.tapped.features(x[start:start + chunk].to(self.device), hidden, self.fills)
             # Inputs are validated once in __call__ and masks/thresholds at fit time, so skip the
-            # op wrapper's value checks (a host sync on CUDA); a NaN the model itself produces still
-            # comes back as conf NaN / label -1 / verdict 2, never as a silent label.
+            # op wrapper's value checks (a host sync on CUDA); a NaN the model itself produces is
+            # never a silent label: conf NaN / label -1 / verdict 2 on CUDA, an error on CPU.
             res = ops.guard_head(feats, w, b, masks[LATE], self.fills[LATE], th, check_values=False)
             if out is None:  # outputs allocated once (see _heads_with_deviations: heap fragmentation)
                 out = tuple(r.new_empty((total, *r.shape[1:])) for r in res)
