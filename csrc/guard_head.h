@@ -73,10 +73,12 @@ void check_guard_head_inputs(
 void check_guard_head_params(const at::Tensor& masks, const at::Tensor& thresholds);
 void check_guard_head_features(const at::Tensor& features);
 
-// All head logits in float32 via ONE GEMM: for B > C the masks are folded into the
-// weights (Wk = weight * masks[k], [N, C, D]) and the noise term into a per-head offset
+// All head logits in float32: for B > C the masks are folded into the weights
+// (Wk = weight * masks[k], [N, C, D]) and the noise term into a per-head offset
 // (weight @ ((1 - masks[k]) * noise) + bias, [N, C]); for B <= C the (cheaper) masked
-// features [B, N, D] are multiplied by weight^T instead. Same FLOPs either way.
+// features [B, N, D] are multiplied by weight^T instead. Same FLOPs either way. One GEMM,
+// except for [B, N, D] features with B > C on CPU: one GEMM per head on strided views
+// (a batched GEMM there first copies the transposed features).
 // Returns a tensor `logits` plus the strides (in elements) such that
 //   z[b, k, c] = logits.data_ptr<float>()[b * stride_b + k * stride_k + c]
 struct GuardLogits {

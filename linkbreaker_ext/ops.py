@@ -20,8 +20,9 @@ Everything is computed in float32 (features may be fp32/fp16/bf16; the other ten
 any floating dtype; the checked entry point accepts fp16/bf16/fp32/fp64 only). The op is not differentiable (outputs carry no grad_fn).
 
 Checks: the op itself checks shapes, dtypes and devices in C++; its CPU kernel also
-checks eagerly that features are finite, thresholds are finite and masks lie in
-``[0, 1]``, its CUDA kernel does not (that would need a host sync).
+checks that thresholds are finite and masks lie in ``[0, 1]`` (eagerly) and that features
+are finite (only when some row's logits came out non-finite, which a NaN or Inf feature
+always causes), its CUDA kernel does not (that would need a host sync).
 :func:`guard_head` -- the *checked entry point* -- validates types, ranks, shapes,
 dtypes and devices in Python before dispatch (``TypeError`` for a non-tensor,
 ``ValueError`` naming the argument and the shapes otherwise), so no error a caller

@@ -212,7 +212,7 @@ class GuardedModule(nn.Module):
                 fill = guard.fills[name].float().to(device).reshape(shapes[name][1:])
                 stages[name] = _Mask(m.contiguous(), ((1 - m) * fill).contiguous())
         unit_stages = None
-        evidence = guard._profile_layers()
+        evidence = guard._profile_layers()  # the profile's order: masked layers (per view), late
         if self.consistency:  # one reading per evidence name: a layer, or one view of it
             reads = [evidence_layer(e, cfg.consistency_units) for e in evidence[:-1]]
             unit_stages = [(layer, _Units(self.rows, layer, view)) for layer, view in reads]
