@@ -10,7 +10,8 @@ Rows (``ms_per_batch``, median of timed calls after a warm-up; CUDA calls synchr
 * ``strip-n100``: STRIP (``baselines.make_defense("strip")``, 100 overlays) scoring the batch;
 * ``op`` / ``reference``: ``torch.ops.linkbreaker.guard_head`` against its plain-PyTorch reference
   (``guard_head_reference``), ``B`` inputs, ``N = C = 43`` heads, ``D = 512``, 3-D features
-  ``[B, N, D]`` (what the guard passes) and 2-D ``[B, D]`` (``op-2d``, ``reference-2d``).
+  ``[B, N, D]`` (what the guard passes) and 2-D ``[B, D]`` (``op-2d``, ``reference-2d``);
+  ``gemm-floor``: one contiguous ``[B*N, D] x [D, C]`` GEMM, the op's FLOPs with nothing else.
 
 Models: the MNIST net and the CIFAR-10 net (``models.build_model``), untrained, with guards fitted on
 random data (latency does not depend on the weights; N = 10 heads). Ratios are ``time(A) / time(B)``
@@ -136,6 +137,9 @@ def run(args) -> dict:
         add("op" + suffix, "guard_head", B, lambda t: op(t, w, bias, masks, noise, th), f)
         add("reference" + suffix, "guard_head", B,
             lambda t: guard_head_reference(t, w, bias, masks, noise, th), f)
+    # the op's arithmetic floor: one contiguous GEMM with the same FLOPs ([B*N, D] x [D, C])
+    flat = torch.randn(B * N, D, generator=g).to(device)
+    add("gemm-floor", "guard_head", B, lambda t: t @ w.t(), flat)
 
     for key in s["models"]:
         build, shape, per_class, overrides = MODELS[key]
@@ -209,6 +213,7 @@ def _ratios(rows) -> dict:
     out = {
         "op_vs_reference_b256_n43": ratio(("op", "guard_head", 256), ("reference", "guard_head", 256)),
         "reference_over_op_b256_n43": ratio(("reference", "guard_head", 256), ("op", "guard_head", 256)),
+        "op_vs_gemm_floor_b256_n43": ratio(("op", "guard_head", 256), ("gemm-floor", "guard_head", 256)),
         "op_vs_reference_2d_b256_n43": ratio(("op-2d", "guard_head", 256),
                                              ("reference-2d", "guard_head", 256)),
         "guarded_vs_plain_b1": ratio(("guarded", "mnist", 1), ("plain", "mnist", 1)),
