@@ -7,6 +7,9 @@ Rows (``ms_per_batch``, median of timed calls after a warm-up; CUDA calls synchr
   GuardedModule`); ``guard-call``: ``LinkBreaker.__call__`` (the Python object path);
   ``guarded-late-only``: the serving module of a guard fitted with ``use_early=False`` (only the
   late layer masked: one model forward plus the fused op);
+* ``plain-graph``, ``guarded-graph``, ``op-graph`` (CUDA only): the same calls captured as one CUDA
+  graph each (:meth:`~linkbreaker_ext.serving.GuardedModule.cuda_graph` for the guard): the
+  small-batch serving path, without per-kernel launch cost;
 * ``strip-n100``: STRIP (``baselines.make_defense("strip")``, 100 overlays) scoring the batch;
 * ``op`` / ``reference``: ``torch.ops.linkbreaker.guard_head`` against its plain-PyTorch reference
   (``guard_head_reference``), ``B`` inputs, ``N = C = 43`` heads, ``D = 512``, 3-D features
@@ -55,6 +58,44 @@ def _time(fn, x, device, reps: int, warmup: int, budget_s: float) -> tuple[float
             if time.perf_counter() - start > budget_s:
                 break
     return statistics.median(times) * 1e3, len(times)
+
+
+def _graphed(fn, x):
+    """``fn`` captured as a CUDA graph on a static copy of ``x`` (the bench's ``*-graph`` rows for
+    the bare model and the op; the guard uses its own :meth:`GuardedModule.cuda_graph`)."""
+    static = x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(3):
+            fn(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = fn(static)
+
+    def replay(t):
+        static.copy_(t)
+        graph.replay()
+        return out
+    return replay
+
+
+def profile_table(fn, x, device, rows: int = 25) -> str:
+    """``torch.profiler``'s table of one call of ``fn(x)`` after a warm-up, sorted by device time on
+    CUDA (by CPU time otherwise): where a guarded call's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad():
+        for _ in range(3):
+            fn(x)
+        _sync(device)
+        with profile(activities=activities) as p:
+            fn(x)
+            _sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return p.key_averages().table(sort_by=key, row_limit=rows)
 
 
 def peak_bytes(fn, x) -> int:
@@ -140,6 +181,10 @@ def run(args) -> dict:
     # the op's arithmetic floor: one contiguous GEMM with the same FLOPs ([B*N, D] x [D, C])
     flat = torch.randn(B * N, D, generator=g).to(device)
     add("gemm-floor", "guard_head", B, lambda t: t @ w.t(), flat)
+    if device.type == "cuda":  # the op alone in a captured graph: its device time, no launch cost
+        f = torch.randn(B, N, D, generator=g).to(device)
+        add("op-graph", "guard_head", B, _graphed(lambda t: op(t, w, bias, masks, noise, th), f), f)
+    profiles = []
 
     for key in s["models"]:
         build, shape, per_class, overrides = MODELS[key]
@@ -155,6 +200,12 @@ def run(args) -> dict:
             x = _random_data(shape, batch, 1, SEED + 1)[0].to(device)
             add("plain", key, batch, model, x)
             add("guarded", key, batch, module, x)
+            if device.type == "cuda":  # the small-batch serving path: one graph replay per call
+                add("plain-graph", key, batch, _graphed(model, x), x)
+                add("guarded-graph", key, batch, module.cuda_graph(batch), x)
+            if args.profile and key == "mnist" and batch in (1, 256):
+                profiles.append(f"## guarded MNIST net, batch {batch}, {_device_name(device)}\n\n"
+                                f"```\n{profile_table(module, x, device)}\n```\n")
             add("guard-call", key, batch, guard, x)
             if late is not None:
                 add("guarded-late-only", key, batch, late, x)
@@ -182,6 +233,11 @@ def run(args) -> dict:
                     print(f"{'mnist':>10} {name:<18} batch {batch:>5}: {memory[-1]['peak_mib']:10.3f} "
                           f"MiB peak", file=sys.stderr)
 
+    if args.profile:
+        os.makedirs(os.path.dirname(os.path.abspath(args.profile)), exist_ok=True)
+        with open(args.profile, "w") as f:
+            f.write(f"# One guarded call, profiled (`linkbreaker bench --device {device.type} "
+                    f"--profile PATH`; torch {torch.__version__})\n\n" + "\n".join(profiles))
     return {"device": _device_name(device), "rows": rows, "ratios": _ratios(rows), "memory": memory,
             "settings": {"quick": bool(args.quick), "smoke": bool(args.smoke),
                          "strip_overlays": s["strip_overlays"],
@@ -223,6 +279,11 @@ def _ratios(rows) -> dict:
         "strip_vs_guarded_b256": ratio(next((k for k in ms if k[0].startswith("strip-n")
                                              and k[1:] == ("mnist", 256)), None),
                                        ("guarded", "mnist", 256)),
+        "guarded_graph_vs_plain_graph_b1": ratio(("guarded-graph", "mnist", 1), ("plain-graph", "mnist", 1)),
+        "guarded_graph_vs_plain_graph_b256": ratio(("guarded-graph", "mnist", 256),
+                                                   ("plain-graph", "mnist", 256)),
+        "guarded_graph_vs_guarded_b1": ratio(("guarded-graph", "mnist", 1), ("guarded", "mnist", 1)),
+        "op_graph_vs_op_b256_n43": ratio(("op-graph", "guard_head", 256), ("op", "guard_head", 256)),
         "guard_call_vs_guarded_b256": ratio(("guard-call", "mnist", 256), ("guarded", "mnist", 256)),
     }
     for model in sorted({r["model"] for r in rows} - {"guard_head"}):
@@ -239,6 +300,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer batches and repeats (< 60 s on 2 CPU cores)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--json", required=True, metavar="PATH", help="where to write the results")
+    p.add_argument("--profile", metavar="PATH", default=None,
+                   help="also write torch.profiler tables of one guarded MNIST call (batch 1 and 256)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before timing")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests: tiny, 1 call each
     p.add_argument("--silent", action="store_true", help="no per-row progress on stderr")

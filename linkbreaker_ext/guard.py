@@ -179,11 +179,10 @@ def vote(conf: torch.Tensor, credible: torch.Tensor, consistent: torch.Tensor | 
     confidence test alone), an input without a credible head but with a confident one is an alarm:
     confidence that its class's neurons do not support is the trigger's signature."""
     count = credible.sum(1)
-    verdict = torch.full_like(count, OOD)
-    verdict[count == 1] = ACCEPT
-    verdict[count >= 2] = ALARM
+    # masked_fill, not boolean indexing: no host sync, so the vote also runs in a captured CUDA graph
+    verdict = torch.full_like(count, OOD).masked_fill(count == 1, ACCEPT).masked_fill(count >= 2, ALARM)
     if confident is not None:
-        verdict[(count == 0) & confident.any(1)] = ALARM
+        verdict = verdict.masked_fill((count == 0) & confident.any(1), ALARM)
     ranked = torch.nan_to_num(conf, nan=-1.0)
     if consistent is not None:
         ranked = ranked + 2.0 * consistent.any(1, keepdim=True) * consistent  # conf lies in [0, 1]

@@ -206,6 +206,30 @@ def test_module_on_cuda(guard_deep, synth):
     torch.testing.assert_close(out[2].cpu(), ref[2], rtol=1e-4, atol=1e-5)
 
 
+def test_cuda_graph_refuses_a_module_that_is_not_on_a_gpu(guard_deep):
+    with pytest.raises(ValueError, match="CUDA device"):
+        GuardedModule(guard_deep).cuda_graph(4)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
+@pytest.mark.parametrize("batch", [1, 7])
+def test_cuda_graph_replays_the_eager_module(guard_deep, synth, batch):
+    m = GuardedModule(guard_deep).cuda()
+    graphed = m.cuda_graph(batch)
+    x = _inputs(synth)
+    first, second = x[:batch].cuda(), x[batch:2 * batch].cuda()
+    out1 = graphed(first)
+    out2 = graphed(second)  # a later replay must not overwrite what the first call returned
+    for out, xs in ((out1, first), (out2, second)):
+        ref = m(xs)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+        torch.testing.assert_close(out[2], ref[2], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="captured for inputs of shape"):
+        graphed(x[:batch + 1].cuda())
+    with pytest.raises(ValueError, match="graph runs on"):
+        graphed(x[:batch])
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU path")
 def test_bench_cuda_without_gpu_exits_cleanly(tmp_path):
     assert benchmark.main(["--device", "cuda", "--json", str(tmp_path / "b.json"), "--silent"]) == 2
@@ -214,8 +238,12 @@ def test_bench_cuda_without_gpu_exits_cleanly(tmp_path):
 
 def test_bench_writes_the_json_schema(tmp_path):
     path = tmp_path / "out" / "bench.json"
-    assert benchmark.main(["--quick", "--smoke", "--silent", "--device", "cpu", "--json", str(path)]) == 0
+    profile = tmp_path / "out" / "profile.md"
+    assert benchmark.main(["--quick", "--smoke", "--silent", "--device", "cpu", "--json", str(path),
+                           "--profile", str(profile)]) == 0
     result = json.loads(path.read_text())
+    text = profile.read_text()  # one profiler table per profiled batch, naming the fused op
+    assert text.count("## guarded MNIST net, batch") == 2 and "linkbreaker::guard_head" in text
     assert isinstance(result["device"], str) and result["device"].startswith("cpu")
     assert result["rows"]
     for row in result["rows"]:
