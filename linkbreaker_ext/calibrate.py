@@ -37,13 +37,23 @@ def confidence_thresholds(conf: torch.Tensor, y: torch.Tensor, mad_k: float, out
     return th.clamp_min(floor).float()
 
 
+CENTERS = ("class", "pooled", "shrunk")
+SHRINK_PRIOR = 10  # "shrunk": the pooled median counts as this many samples of every class
+
+
 def consistency_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float,
-                       pooled_spread: bool = False) -> torch.Tensor:
+                       pooled_spread: bool = False, center: str = "class") -> torch.Tensor:
     """``[K]``: ``median + mad_k * 1.4826 * MAD`` of class k's own deviations, in log space (the
     deviations are ratios, skewed to the right). Inputs of class k above it are inconsistent.
     ``pooled_spread``: the MAD around each class's own median is taken over all classes' samples
     together (a layer's spread is estimated from ~K times more samples: steadier when every layer
-    gets its own bound from a few calibration samples per class)."""
+    gets its own bound from a few calibration samples per class). ``center``: each class's own
+    median (``"class"``), the median over all classes (``"pooled"``: the deviations are already
+    relative to each class's typical one), or the class's median shrunk towards the pooled one as if
+    the pooled median were :data:`SHRINK_PRIOR` more samples (``"shrunk"``: a class with 3
+    calibration samples leans on the others, one with 100 on itself)."""
+    if center not in CENTERS:
+        raise ValueError(f"center must be one of {CENTERS}, got {center!r}")
     n = dev.shape[1]
     logd = dev.clamp_min(1e-12).double().log()
     bounds = torch.full((n,), float("inf"), dtype=torch.float64)
@@ -57,15 +67,23 @@ def consistency_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float,
             present[k] = True
             med[k] = s.median()
             mad[k] = (s - med[k]).abs().median()
+    if center != "class" and present.any():
+        pooled = own.median()
+        if center == "pooled":
+            med[:] = pooled
+        else:
+            counts = torch.bincount(y, minlength=n).double()
+            med = (counts * med + SHRINK_PRIOR * pooled) / (counts + SHRINK_PRIOR)
     if pooled_spread and present.any():
         mad[:] = (own - med[y]).abs().median()
     bounds[present] = (med + mad_k * MAD_SCALE * mad)[present].exp()
     return bounds.float()
 
 
-def layer_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float, pooled_spread: bool = True) -> torch.Tensor:
+def layer_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float, pooled_spread: bool = True,
+                 center: str = "class") -> torch.Tensor:
     """``[K, L]``: :func:`consistency_bounds` of every layer's deviations ``dev`` ``[n, K, L]`` on its
     own (the ``per_layer`` consistency check: a trigger may move one layer far and the others not at
     all)."""
-    return torch.stack([consistency_bounds(dev[..., i], y, mad_k, pooled_spread)
+    return torch.stack([consistency_bounds(dev[..., i], y, mad_k, pooled_spread, center)
                         for i in range(dev.shape[-1])], 1)

@@ -56,7 +56,7 @@ def calibration_deviations(guard, split):
     return dev, y_val[calib_idx]
 
 
-def sweep_bounds(guard, split, ks, rc, yc, rt, yt, target, xc=None, xt=None):
+def sweep_bounds(guard, split, ks, rc, yc, rt, yt, target, xc=None, xt=None, centers=("class",)):
     """The guard's decisions with the consistency bound at ``median + k * MAD`` for each k, from the
     same forward passes (a bound changes only the comparison), under both verdicts. With per-layer
     bounds (``consistency_reduce="per_layer"``) every layer's deviations are needed: one more
@@ -76,9 +76,9 @@ def sweep_bounds(guard, split, ks, rc, yc, rt, yt, target, xc=None, xt=None):
         dev, y_cal = calibration_deviations(guard, split)
         fitted = guard.profile["bounds"]
     out = {}
-    for k in ks:
+    for k, center in ((k, c) for c in centers for k in ks):
         if per_layer:
-            b = calibrate.layer_bounds(cal, y_cal, k)  # [K, L]
+            b = calibrate.layer_bounds(cal, y_cal, k, center=center)  # [K, L]
             ratios = [(d / b).amax(-1).to(r.confidences.device) for d, r in ((layers_c, rc), (layers_t, rt))]
         else:
             rescale = fitted / calibrate.consistency_bounds(dev, y_cal, k).to(fitted.device)
@@ -87,7 +87,7 @@ def sweep_bounds(guard, split, ks, rc, yc, rt, yt, target, xc=None, xt=None):
         for verdict in ("ood", "alarm"):
             rs = [experiment.redecided(r, q, verdict) for r, q in zip((rc, rt), ratios)]
             res[verdict] = metrics.defended(rs[0], yc, rs[1], yt, target)
-        out[str(k)] = res
+        out[str(k) if center == "class" else f"{k}-{center}"] = res
     return out
 
 
@@ -111,6 +111,9 @@ def main():
                         "recalibrated from the calibration split by --sweep-k)")
     p.add_argument("--sweep-k", nargs="*", type=float, default=[],
                    help="consistency_mad_k values to measure from the same forward passes")
+    p.add_argument("--bound-centers", nargs="*", default=["class"], choices=["class", "pooled", "shrunk"],
+                   help="with --sweep-k and per-layer bounds: the bound's center rule(s) "
+                        "(calibrate.consistency_bounds); keys other than 'class' get a suffix")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     work = args.work or f"runs/{args.dataset}"
@@ -138,7 +141,8 @@ def main():
         xc, _, xt, _, _ = experiment.eval_sets(attack, split["x_test"], split["y_test"], args.n, args.n,
                                                args.seed, slice(0, 5000))
         report["sweep_k"] = sweep_bounds(guard, split, args.sweep_k, rc, yc, rt, yt,
-                                         attack.target if attack else 0, xc, xt)
+                                         attack.target if attack else 0, xc, xt,
+                                         centers=args.bound_centers)
     tag = args.tag or "-".join(f"{k}={v}" for k, v in overrides.items()) or "default"
     out = Path(work) / "dev" / f"{args.attack}-{args.seed}-{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -836,6 +836,31 @@ def test_consistency_bounds_pool_the_spread_over_classes():
         assert pooled[k].item() == pytest.approx(torch.tensor(med + 2 * 1.4826).exp().item(), rel=1e-5)
 
 
+def test_consistency_bounds_center_rules():
+    """``center``: the class's own median, the pooled median of every class's own deviations, or
+    the class's median shrunk towards the pooled one by SHRINK_PRIOR pseudo-samples (a class with
+    few calibration samples leans on the others)."""
+    logs = {0: [-1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0], 1: [5.0, 5.0, 5.0]}
+    dev = torch.ones(10, 2)
+    dev[:7, 0] = torch.tensor(logs[0]).exp()
+    dev[7:, 1] = torch.tensor(logs[1]).exp()
+    y = torch.tensor([0] * 7 + [1] * 3)
+    pooled_med = 3.0  # torch.median of the 10 own log deviations (the lower middle)
+    b = {c: calibrate.consistency_bounds(dev, y, mad_k=2.0, center=c).log()
+         for c in calibrate.CENTERS}
+    mads = torch.tensor([2.0, 0.0])  # each class's own MAD (no pooled spread)
+    n0 = calibrate.SHRINK_PRIOR
+    expected = {"class": torch.tensor([2.0, 5.0]), "pooled": torch.tensor([pooled_med] * 2),
+                "shrunk": torch.tensor([(7 * 2.0 + n0 * pooled_med) / (7 + n0),
+                                        (3 * 5.0 + n0 * pooled_med) / (3 + n0)])}
+    for c, med in expected.items():
+        torch.testing.assert_close(b[c], (med + 2 * 1.4826 * mads).float(), rtol=1e-5, atol=1e-5)
+    # shrinking moves the rare class (3 samples) further towards the pool than the common one
+    assert (b["class"][1] - b["shrunk"][1]) / (5.0 - pooled_med) > (b["shrunk"][0] - b["class"][0]) / (pooled_med - 2.0)
+    with pytest.raises(ValueError, match="center must be one of"):
+        calibrate.consistency_bounds(dev, y, 2.0, center="mean")
+
+
 def test_fit_keeps_the_calibration_deviations_behind_its_bounds(guard_deep, synth):
     """The fit's own calibration deviations give back its bounds, and other bounds from them are
     monotone in k (what ``scripts/dev_sweep.py --sweep-k`` relies on to study k without a refit).
