@@ -13,20 +13,26 @@ MAD_SCALE = 1.4826  # MAD -> standard deviation for a normal distribution
 
 
 def confidence_thresholds(conf: torch.Tensor, y: torch.Tensor, mad_k: float, out_quantile,
-                          floor: float) -> torch.Tensor:
+                          floor: float, pooled_spread: bool = False) -> torch.Tensor:
     """``[K]``: ``median - mad_k * 1.4826 * MAD`` of class k's own-head confidences **in log-odds**
     (near 1 the probability-scale MAD is ~0), raised to the ``out_quantile`` of other classes'
     confidences in head k unless that refuses more than ``1 - out_quantile`` of class k; at least
-    ``floor``."""
+    ``floor``. ``pooled_spread``: the MAD around each class's own median is taken over all classes'
+    samples together (as :func:`consistency_bounds` can): a class whose few calibration samples
+    happen to agree does not get a threshold that refuses its next sample."""
     n = conf.shape[1]
     logit = torch.logit(conf.clamp(1e-7, 1 - 1e-7).double())
     th = torch.full((n,), float(floor), dtype=torch.float64)
+    own = logit[torch.arange(len(y)), y]
+    meds = {k: own[y == k].median() for k in range(n) if (y == k).any()}
+    pooled = (own - torch.stack([meds[int(c)] for c in y])).abs().median() if pooled_spread and meds else None
     for k in range(n):
         s = logit[y == k, k]
         if not len(s):
             continue
-        med = s.median()
-        bound = torch.sigmoid(med - mad_k * MAD_SCALE * (s - med).abs().median())
+        med = meds[k]
+        mad = pooled if pooled is not None else (s - med).abs().median()
+        bound = torch.sigmoid(med - mad_k * MAD_SCALE * mad)
         if out_quantile is not None:
             other = logit[y != k, k]
             if len(other):

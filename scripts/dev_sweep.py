@@ -72,6 +72,18 @@ def sweep_bounds(guard, split, ks, rc, yc, rt, yt, target, xc=None, xt=None, cen
         y_cal = y_val[calib_idx]
         layers_c = guard.deviations(xc.to(guard.device), by_layer=True).cpu()
         layers_t = guard.deviations(xt.to(guard.device), by_layer=True).cpu()
+        if any(c != "class" for c in centers):
+            # Cross-class centers need the deviations before the fitted per-class bounds: those were
+            # folded into the norms, and the fit split's own-class median deviation per class and
+            # layer is exactly 1 / that bound (the norm is that median before folding). Dividing by
+            # it gives back the deviations relative to each class's typical one.
+            fit_idx = data.stratified_split(y_val, guard.config.calibration_fraction,
+                                            seed=guard.config.seed)[1]
+            fit = guard.deviations(split["x_val"][fit_idx].to(guard.device), by_layer=True).cpu()
+            y_fit = y_val[fit_idx]
+            K = fit.shape[1]
+            med = torch.stack([fit[y_fit == k, k].median(0).values for k in range(K)])  # [K, L]
+            cal, layers_c, layers_t = (d / med for d in (cal, layers_c, layers_t))
     else:
         dev, y_cal = calibration_deviations(guard, split)
         fitted = guard.profile["bounds"]
@@ -88,6 +100,30 @@ def sweep_bounds(guard, split, ks, rc, yc, rt, yt, target, xc=None, xt=None, cen
             rs = [experiment.redecided(r, q, verdict) for r, q in zip((rc, rt), ratios)]
             res[verdict] = metrics.defended(rs[0], yc, rs[1], yt, target)
         out[str(k) if center == "class" else f"{k}-{center}"] = res
+    return out
+
+
+def sweep_thresholds(guard, split, rc, yc, rt, yt, target):
+    """The guard's decisions with the paper's confidence thresholds recalibrated with each class's own
+    MAD (``class``, the fit's rule) or with the MAD pooled over classes (``pooled``), the fitted
+    consistency ratios kept: one more forward of the heads over the calibration split."""
+    from linkbreaker_ext import calibrate, metrics
+    from linkbreaker_ext.guard import GuardResult, decide
+    cfg = guard.config
+    y_val = split["y_val"]
+    calib_idx, _ = data.stratified_split(y_val, cfg.calibration_fraction, seed=cfg.seed)
+    half = torch.full((guard.num_heads,), 0.5, device=guard.device)
+    conf = guard.head_confidences(split["x_val"][calib_idx].to(guard.device), thresholds=half)[0].cpu()
+    out = {}
+    for spread in ("class", "pooled"):
+        th = calibrate.confidence_thresholds(conf, y_val[calib_idx], cfg.mad_k, cfg.out_quantile,
+                                             cfg.threshold_floor, pooled_spread=spread == "pooled")
+        rs = []
+        for r in (rc, rt):
+            t = th.to(r.confidences.device)
+            labels, verdict = decide(r.confidences, t, r.consistency, cfg.inconsistent_verdict)
+            rs.append(GuardResult(labels, verdict, r.confidences, t, r.consistency))
+        out[spread] = metrics.defended(rs[0], yc, rs[1], yt, target)
     return out
 
 
@@ -114,6 +150,8 @@ def main():
     p.add_argument("--bound-centers", nargs="*", default=["class"], choices=["class", "pooled", "shrunk"],
                    help="with --sweep-k and per-layer bounds: the bound's center rule(s) "
                         "(calibrate.consistency_bounds); keys other than 'class' get a suffix")
+    p.add_argument("--threshold-spreads", action="store_true",
+                   help="also measure the confidence thresholds with the MAD pooled over classes")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     work = args.work or f"runs/{args.dataset}"
@@ -143,6 +181,9 @@ def main():
         report["sweep_k"] = sweep_bounds(guard, split, args.sweep_k, rc, yc, rt, yt,
                                          attack.target if attack else 0, xc, xt,
                                          centers=args.bound_centers)
+    if args.threshold_spreads:
+        report["threshold_spreads"] = sweep_thresholds(guard, split, rc, yc, rt, yt,
+                                                       attack.target if attack else 0)
     tag = args.tag or "-".join(f"{k}={v}" for k, v in overrides.items()) or "default"
     out = Path(work) / "dev" / f"{args.attack}-{args.seed}-{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -159,6 +200,10 @@ def main():
                   f"{a['cda_strict']:.4f}/{a['asr_strict']:.4f} alarm c/t {a['alarm_rate_clean']:.4f}/"
                   f"{a['alarm_rate_trigger']:.4f} ood c/t {a['ood_rate_clean']:.4f}/{a['ood_rate_trigger']:.4f}",
                   flush=True)
+    for spread, a in report.get("threshold_spreads", {}).items():
+        print(f"  thresholds {spread}: cda {a['cda']:.4f} asr {a['asr']:.4f} strict {a['cda_strict']:.4f}/"
+              f"{a['asr_strict']:.4f} alarm c/t {a['alarm_rate_clean']:.4f}/{a['alarm_rate_trigger']:.4f} "
+              f"ood c/t {a['ood_rate_clean']:.4f}/{a['ood_rate_trigger']:.4f}", flush=True)
     if "after_without_consistency" in report:
         a = report["after_without_consistency"]
         print(f"  no veto: cda {a['cda']:.3f} asr {a['asr']:.3f} strict {a['cda_strict']:.3f}/"

@@ -805,6 +805,21 @@ def test_confidence_thresholds_mad_in_log_odds():
     assert th[1].item() == pytest.approx(0.6)
 
 
+def test_confidence_thresholds_pool_the_spread_over_classes():
+    """A class whose few samples agree (MAD 0) gets the spread of all classes' distances to their own
+    medians, not a threshold at its median that refuses half of its next samples."""
+    conf = torch.zeros(10, 2)
+    conf[:5, 0] = _conf_from_logits([1.0, 2.0, 3.0, 4.0, 5.0])  # median 3, distances 2 1 0 1 2
+    conf[5:, 1] = _conf_from_logits([3.0, 4.0, 4.0, 4.0, 5.0])  # median 4, distances 1 0 0 0 1
+    y = torch.tensor([0] * 5 + [1] * 5)
+    pooled = calibrate.confidence_thresholds(conf, y, 1.0, None, 0.0, pooled_spread=True)
+    own = calibrate.confidence_thresholds(conf, y, 1.0, None, 0.0)
+    # own MADs: 1 and 0; pooled over 2 1 0 1 2 1 0 0 0 1 (lower median): 1 for both classes
+    assert own[1].item() == pytest.approx(torch.sigmoid(torch.tensor(4.0)).item(), abs=1e-5)
+    for k, med in ((0, 3.0), (1, 4.0)):
+        assert pooled[k].item() == pytest.approx(torch.sigmoid(torch.tensor(med - 1.4826)).item(), abs=1e-5)
+
+
 def test_consistency_bounds_mad_in_log_space():
     dev = torch.ones(8, 3)
     dev[:5, 0] = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]).exp()  # log: median 2, MAD 1
