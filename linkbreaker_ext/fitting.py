@@ -183,13 +183,15 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
         if cfg.consistency_reduce == "per_layer":
             # every layer against its own bound, folded into its norm: the max over layers is then
             # judged against 1
-            layer_bounds = calibrate.layer_bounds(by_layer, y_cal, cfg.consistency_mad_k)  # [K, L]
+            layer_bounds = calibrate.layer_bounds(by_layer, y_cal, cfg.consistency_mad_k,
+                                                  center=cfg.consistency_center)  # [K, L]
             guard.profile["norms"] = guard.profile["norms"] * layer_bounds.to(device)
             guard.profile["bounds"] = torch.ones(num_classes, device=device)
             dev = (by_layer / layer_bounds).amax(-1)
         else:
             dev = salient.reduce_layers(by_layer, cfg.consistency_reduce)
-            guard.profile["bounds"] = calibrate.consistency_bounds(dev, y_cal, cfg.consistency_mad_k).to(device)
+            guard.profile["bounds"] = calibrate.consistency_bounds(
+                dev, y_cal, cfg.consistency_mad_k, center=cfg.consistency_center).to(device)
     guard.diagnostics = {
         "fit_s": time.perf_counter() - t0, "layers": list(layers), "mask_search": table,
         "chosen_fractions": {k: v.tolist() for k, v in chosen.items()},

@@ -72,6 +72,9 @@ class GuardConfig:
     #                                 each view within its own bound (docs/method.md, "Two views")
     consistency_reduce: str = "per_layer"  # across layers: "per_layer" (every layer within its own
     #                                 bound), "max" (one bound on the max of normalised deviations) or "mean"
+    consistency_center: str = "class"  # each bound's center: class k's own median, the "pooled"
+    #                                 median of every class, or "shrunk" towards it (few samples per
+    #                                 class; docs/method.md, "Few calibration samples per class")
     inconsistent_verdict: str = "alarm"  # no credible head but a confident, inconsistent one: "alarm" or "ood"
     calibration_fraction: float = 0.3  # share of the validation set kept apart for thresholds
     min_per_class: int = 5
@@ -108,6 +111,7 @@ class GuardConfig:
         choices = {"fill": ("blank", "mean"), "reliability_measure": ("confidence", "rate"),
                    "consistency_reduce": ("per_layer", "max", "mean"),
                    "consistency_units": ("max", "mean", "mean+max"), "inconsistent_verdict": ("ood", "alarm"),
+                   "consistency_center": ("class", "pooled", "shrunk"),
                    "neighbour_mode": ("alg1", "perturb")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -876,6 +876,24 @@ def test_consistency_bounds_center_rules():
         calibrate.consistency_bounds(dev, y, 2.0, center="mean")
 
 
+def test_fit_centers_its_bounds_as_configured(guard_deep, deep_net, synth):
+    """``consistency_center`` changes only where the per-layer bounds sit: the same masks, profile
+    and calibration deviations, and bounds equal to :func:`calibrate.layer_bounds` with that center."""
+    pooled = LinkBreaker.fit(deep_net, synth["x_val"], synth["y_val"], NUM_CLASSES,
+                             layers=["input", "1", "3"], progress=False,
+                             **dict(FAST, consistency_center="pooled"))
+    a, b = guard_deep.diagnostics, pooled.diagnostics
+    for name, m in guard_deep.masks.items():
+        assert torch.equal(m, pooled.masks[name])
+    torch.testing.assert_close(a["calibration_deviations_by_layer"], b["calibration_deviations_by_layer"])
+    by_layer, y = b["calibration_deviations_by_layer"], b["calibration_labels"]
+    k = pooled.config.consistency_mad_k
+    torch.testing.assert_close(b["layer_bounds"], calibrate.layer_bounds(by_layer, y, k, center="pooled"))
+    assert not torch.allclose(b["layer_bounds"], a["layer_bounds"])  # the classes' medians differ
+    with pytest.raises(ValueError, match="consistency_center"):
+        GuardConfig(consistency_center="mean")
+
+
 def test_fit_keeps_the_calibration_deviations_behind_its_bounds(guard_deep, synth):
     """The fit's own calibration deviations give back its bounds, and other bounds from them are
     monotone in k (what ``scripts/dev_sweep.py --sweep-k`` relies on to study k without a refit).
