@@ -29,6 +29,14 @@ def pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
+def collect(dataset: str, path: Path) -> dict:
+    """A dev-sweep JSON, copied to ``results/dev/<dataset>/`` (the committed record behind a table)."""
+    dest = ROOT / "results" / "dev" / dataset / path.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, dest)
+    return json.loads(path.read_text())
+
+
 def centers():
     lines = ["# Where the per-layer bounds sit: each class's median or the pooled one (dev half, seed 0)", "",
              "Each row: a saved guard (the default settings) on 1,000 clean and 1,000 triggered inputs of the "
@@ -45,10 +53,7 @@ def centers():
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for dataset in ("cifar10", "gtsrb"):
         for path in sorted((ROOT / "runs" / dataset / "dev").glob("*-0-bounds.json")):
-            rep = json.loads(path.read_text())
-            dest = ROOT / "results" / "dev" / dataset / path.name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, dest)
+            rep = collect(dataset, path)
             attack = path.name.split("-0-bounds")[0]
             base = rep["before"]["cda"]
 
@@ -88,10 +93,7 @@ def main():
         paths = [(p, "max") for p in sorted((ROOT / "runs" / dataset / "dev").glob("*-0-ksweep.json"))]
         paths += [(p, "mean") for p in sorted((ROOT / "runs" / dataset / "dev").glob("*-0-ksweep-mean.json"))]
         for path, reduce in paths:
-            rep = json.loads(path.read_text())
-            dest = ROOT / "results" / "dev" / dataset / path.name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, dest)
+            rep = collect(dataset, path)
             attack = path.name.split("-0-ksweep")[0]
             base = rep["before"]["cda"]
 
