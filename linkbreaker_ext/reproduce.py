@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import data, experiment, training
-from .guard import GuardConfig, LinkBreaker
+from .guard import LEGACY_CONFIG, GuardConfig, LinkBreaker
 
 SPLITS = {"heldout": slice(5000, None), "dev": slice(0, 5000)}
 
@@ -72,6 +72,16 @@ def _jsonable(settings: dict) -> dict:
     return json.loads(json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}))
 
 
+def recorded_config(stored: dict | None, seed: int) -> dict | None:
+    """The whole configuration a cached report was made with. A field the report does not record
+    did not exist yet: it had its legacy value (``guard.LEGACY_CONFIG``) if its default changed since,
+    otherwise today's default, so adding a field leaves existing reports fresh."""
+    if stored is None:
+        return None
+    defaults = _jsonable(dataclasses.asdict(GuardConfig(seed=seed)))
+    return {**defaults, **_jsonable(LEGACY_CONFIG), **stored}
+
+
 def report_name(split: str, attack_name: str, seed: int, tag: str | None) -> str:
     """A run's file stem: ``<split>-<attack>-<seed>[-<tag>]``."""
     return f"{split}-{attack_name}-{seed}" + (f"-{tag}" if tag else "")
@@ -92,7 +102,7 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
         if report.get("settings", {}) != _jsonable(settings):
             raise ValueError(f"{path} was made with the guard settings {report.get('settings')}, not "
                              f"{_jsonable(settings)}: remove it or use another --work folder")
-        if report.get("guard_config") == config:
+        if recorded_config(report.get("guard_config"), seed) == config:
             return report
     pool = SPLITS[split]
     d = experiment.split_data(dataset, data_source, None, seed)

@@ -312,6 +312,17 @@ def test_reproduce_writes_reports_and_table(tiny_reproduce, synth, shared_net, b
     (results / "mnist-heldout.md").unlink()
     assert cli.main(argv) == 0
     assert tiny_reproduce == [] and (results / "mnist-heldout.md").read_text() == table
+    # a report from before a field existed stays fresh while the field keeps its default ...
+    path = work / "reports" / "heldout-badnets-0.json"
+    rep = json.loads(path.read_text())
+    del rep["guard_config"]["consistency_center"]
+    path.write_text(json.dumps(rep))
+    assert cli.main(argv) == 0 and tiny_reproduce == []
+    # ... but one whose field had another default then (guard.LEGACY_CONFIG) is measured again
+    del rep["guard_config"]["consistency_units"]
+    path.write_text(json.dumps(rep))
+    assert cli.main(argv) == 0 and tiny_reproduce == [("badnets", 0)]
+    tiny_reproduce.clear()
     # ... but refuses to mix reports made with other guard settings
     assert cli.main(argv[:-2]) == 2
     assert "was made with the guard settings" in capsys.readouterr().err
