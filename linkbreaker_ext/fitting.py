@@ -8,6 +8,7 @@ Data flows one way through the stages, each in its own module: :mod:`neighbours`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 
 import torch
@@ -95,6 +96,7 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
     cfg = dataclasses.replace(config or GuardConfig(), **overrides)
     x, y = as_tensors(x_val, y_val)
     x, y = x.detach().cpu(), y.detach().cpu()  # the rule: data lives on the CPU, chunks go to the model
+    data_sha256 = data_fingerprint(x, y)
     num_classes = _validate(x, y, num_classes, cfg, final_linear(model)[1].out_features)
     x, y = x.float(), y.long()
     device = next(model.parameters()).device
@@ -173,37 +175,108 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
 
     # Credibility criteria on the calibration split, which the search never saw.
     x_cal, y_cal = x[calib_idx], y[calib_idx]
-    conf = guard.head_confidences(x_cal, thresholds=half)[0].cpu()
+    own = None
+    if cfg.consistency:
+        own = _own_units(guard, x_fit, y_fit)
+        guard.profile = _consistency_profile(guard, stats, *own, num_classes)
+    calibration = _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own)
+    guard.diagnostics = {
+        "fit_s": time.perf_counter() - t0, "layers": list(layers), "mask_search": table,
+        "chosen_fractions": {k: v.tolist() for k, v in chosen.items()},
+        "kept": {k: m.mean(1).tolist() for k, m in guard.masks.items()},
+        "n_fit": len(x_fit), "n_neighbours": len(x_nb), "n_calibration": len(calib_idx),
+        "n_dropped_misclassified": n_dropped, **calibration,
+    }
+    guard.data_sha256 = data_sha256
+    return guard
+
+
+CALIBRATION_FIELDS = frozenset({"mad_k", "out_quantile", "threshold_floor", "consistency_mad_k",
+                                "consistency_center", "consistency_reduce", "inconsistent_verdict"})
+"""The settings of the last stage alone: a fitted guard takes new values of these by
+:func:`recalibrate_guard`, without the neighbours, statistics and set search of a refit."""
+
+
+def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
+    """SHA-256 of a validation set (shapes and float32/int64 bytes): recalibration must see the
+    very samples the guard was fitted on, or its fit/calibration split would not be the fit's."""
+    h = hashlib.sha256()
+    for t in (x.detach().float().cpu().contiguous(), y.detach().long().cpu().contiguous()):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) -> dict:
+    """Alg. 3's credibility criteria, set on ``guard`` in place: the confidence thresholds from the
+    calibration split, and (with a consistency profile) each class's typical deviation on the fit
+    split, then the per-layer or reduced consistency bounds from the calibration split. Returns the
+    calibration split's confidences and deviations, so other bounds can be studied without a refit.
+    ``own``: :func:`_own_units` of the fit split, when the caller has them already."""
+    device = guard.device
+    conf = guard.head_confidences(x_cal, thresholds=torch.full((num_classes,), 0.5, device=device))[0].cpu()
     guard.thresholds = calibrate.confidence_thresholds(
         conf, y_cal, cfg.mad_k, cfg.out_quantile, cfg.threshold_floor).to(device)
     dev = by_layer = layer_bounds = None
-    if cfg.consistency:
-        guard.profile = _consistency_profile(guard, stats, x_fit, y_fit, num_classes)
+    if cfg.consistency and guard.profile:
+        profile = {k: v for k, v in guard.profile.items() if k not in ("norms", "bounds")}
+        guard.profile = profile
+        profile["norms"] = _typical_deviations(guard, *(own or _own_units(guard, x_fit, y_fit)),
+                                               num_classes)
         by_layer = guard.deviations(x_cal, by_layer=True).cpu()  # [n_cal, K, L]
         if cfg.consistency_reduce == "per_layer":
             # every layer against its own bound, folded into its norm: the max over layers is then
             # judged against 1
             layer_bounds = calibrate.layer_bounds(by_layer, y_cal, cfg.consistency_mad_k,
                                                   center=cfg.consistency_center)  # [K, L]
-            guard.profile["norms"] = guard.profile["norms"] * layer_bounds.to(device)
-            guard.profile["bounds"] = torch.ones(num_classes, device=device)
+            profile["norms"] = profile["norms"] * layer_bounds.to(device)
+            profile["bounds"] = torch.ones(num_classes, device=device)
             dev = (by_layer / layer_bounds).amax(-1)
         else:
             dev = salient.reduce_layers(by_layer, cfg.consistency_reduce)
-            guard.profile["bounds"] = calibrate.consistency_bounds(
+            profile["bounds"] = calibrate.consistency_bounds(
                 dev, y_cal, cfg.consistency_mad_k, center=cfg.consistency_center).to(device)
-    guard.diagnostics = {
-        "fit_s": time.perf_counter() - t0, "layers": list(layers), "mask_search": table,
-        "chosen_fractions": {k: v.tolist() for k, v in chosen.items()},
-        "kept": {k: m.mean(1).tolist() for k, m in guard.masks.items()},
-        "n_fit": len(x_fit), "n_neighbours": len(x_nb), "n_calibration": len(calib_idx),
-        "n_dropped_misclassified": n_dropped,
-        "calibration_conf": conf, "calibration_labels": y_cal,
-        # the calibration split's deviations, so other bounds can be studied without a refit
-        "calibration_deviations": dev,
-        "calibration_deviations_by_layer": by_layer, "layer_bounds": layer_bounds,
-    }
-    return guard
+    return {"calibration_conf": conf, "calibration_labels": y_cal, "calibration_deviations": dev,
+            "calibration_deviations_by_layer": by_layer, "layer_bounds": layer_bounds}
+
+
+def recalibrate_guard(guard, x_val, y_val=None, **overrides):
+    """A copy of a fitted ``guard`` with new :data:`CALIBRATION_FIELDS` settings, recalibrated on the
+    validation set it was fitted on (the same fit/calibration split is drawn again from its seed).
+    Its masks, fills and neuron profile are the guard's, so it equals a refit with these settings
+    at a fraction of the cost (no neighbours, statistics or set search)."""
+    from .guard import GuardConfig
+
+    known = {f.name for f in dataclasses.fields(GuardConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown GuardConfig field(s) {unknown}; known: {sorted(known)}")
+    refit = sorted(k for k in set(overrides) - CALIBRATION_FIELDS
+                   if overrides[k] != getattr(guard.config, k))
+    if refit:
+        raise ValueError(f"{refit} change the salient sets or the neuron profile: they need a refit "
+                         f"(LinkBreaker.fit); recalibration takes only {sorted(CALIBRATION_FIELDS)}")
+    cfg = dataclasses.replace(guard.config, **overrides)
+    x, y = as_tensors(x_val, y_val)
+    x, y = x.detach().cpu(), y.detach().cpu()
+    num_classes = _validate(x, y, guard.num_heads, cfg, guard.num_heads)
+    recorded = getattr(guard, "data_sha256", None)
+    if recorded is not None and recorded != data_fingerprint(x, y):
+        raise ValueError("x_val/y_val are not the validation set this guard was fitted on (their "
+                         "fingerprint differs): recalibration redraws the fit's own split")
+    x, y = x.float(), y.long()
+    if cfg.drop_misclassified:
+        keep = _predict(guard.tapped.model, x, guard.device, guard._batch_rows()) == y
+        x, y = x[keep], y[keep]
+    calib_idx, fit_idx = stratified_split(y, cfg.calibration_fraction, seed=cfg.seed)
+    profile = {k: v for k, v in guard.profile.items() if k not in ("norms", "bounds")}
+    new = type(guard)(guard.model, guard.layers, guard.late_layer, guard.masks, guard.fills,
+                      guard.thresholds, profile, cfg, guard.input_shape, tapped=guard.tapped,
+                      input_range=guard.input_range)
+    calibration = _calibrate(new, x[fit_idx], y[fit_idx], x[calib_idx], y[calib_idx], num_classes, cfg)
+    new.diagnostics = {**guard.diagnostics, **calibration, "recalibrated": sorted(overrides)}
+    new.data_sha256 = recorded
+    return new
 
 
 def _layer_statistics(tapped, x_aug, y_aug, n_clean, blank, num_classes, cfg, device):
@@ -255,16 +328,20 @@ def _unit_to_elements(unit_flags, shape, layer):
     return unit_flags
 
 
-def _consistency_profile(guard, stats, x_fit, y_fit, num_classes):
-    """Per layer, class k's robust profile of the neuron values head k sees on class k's clean fit
-    samples, and the typical deviation of those samples from it (so layers are comparable)."""
+def _own_units(guard, x_fit, y_fit):
+    """Each fit sample's neuron values as its own class's head sees them: ``({evidence: [n, D]}, y)``."""
     y = y_fit.to(guard.device)
     _, _, _, heads = guard.head_confidences(x_fit, with_units=True)
     rows = torch.arange(len(y), device=guard.device)
-    own = {layer: u[rows, y] for layer, u in heads.items()}  # each sample as its own class's head sees it
+    return {layer: u[rows, y] for layer, u in heads.items()}, y
+
+
+def _consistency_profile(guard, stats, own, y, num_classes):
+    """Per layer, class k's robust profile of the neuron values head k sees on class k's clean fit
+    samples (``own``, from :func:`_own_units`): center, scale and the salient, live neurons it
+    weighs."""
     profile = {}
-    evidence = guard._profile_layers(available=own)
-    for name in evidence:  # a layer, or one view of it ("<layer>@<view>")
+    for name in guard._profile_layers(available=own):  # a layer, or one view of it ("<layer>@<view>")
         layer = evidence_layer(name)[0]
         s = stats[layer]
         center, scale = salient.robust_class_profile(own[name], y, num_classes)
@@ -272,10 +349,15 @@ def _consistency_profile(guard, stats, x_fit, y_fit, num_classes):
         empty = weight.sum(1) == 0  # a class with no salient neuron here is judged on all live ones
         weight[empty] = (~s["dormant"]).float()
         profile.update({f"center.{name}": center, f"scale.{name}": scale, f"weight.{name}": weight})
-    norms = []
-    for name in evidence:
-        d = salient.deviation(own[name], profile[f"center.{name}"], profile[f"scale.{name}"],
-                              profile[f"weight.{name}"])
-        norms.append(torch.stack([d[y == k, k].median() for k in range(num_classes)]).clamp_min(1e-6))
-    profile["norms"] = torch.stack(norms, 1)
     return profile
+
+
+def _typical_deviations(guard, own, y, num_classes):
+    """``[K, L]``: class k's median deviation from its own profile on the fit split, per evidence,
+    so that the layers' deviations are comparable."""
+    norms = []
+    for name in guard._profile_layers():
+        d = salient.deviation(own[name], guard.profile[f"center.{name}"], guard.profile[f"scale.{name}"],
+                              guard.profile[f"weight.{name}"])
+        norms.append(torch.stack([d[y == k, k].median() for k in range(num_classes)]).clamp_min(1e-6))
+    return torch.stack(norms, 1)

@@ -273,6 +273,7 @@ class LinkBreaker:
         self.diagnostics = diagnostics or {}
         # the weights this guard was fitted for, fixed now: a model changed later does not match
         self.model_sha256 = fingerprint(model)
+        self.data_sha256 = None  # the validation set's fingerprint (fitting.data_fingerprint), once fitted
 
     @property
     def num_heads(self) -> int:
@@ -448,6 +449,14 @@ class LinkBreaker:
         with explain_out_of_memory("LinkBreaker.fit", rows):
             return fit_guard(cls, model, x_val, y_val, num_classes, layers, config, progress, **overrides)
 
+    def recalibrate(self, x_val, y_val=None, **overrides) -> "LinkBreaker":
+        """A new guard with other settings of the last offline stage (thresholds, consistency
+        bounds, verdict: ``fitting.CALIBRATION_FIELDS``), recalibrated on the validation set this
+        guard was fitted on. Equal to a refit with those settings, without its cost; this guard is
+        unchanged."""
+        from .fitting import recalibrate_guard
+        return recalibrate_guard(self, x_val, y_val, **overrides)
+
     # ------------------------------------------------------------------ persistence
     def save(self, path, key=None):
         """Write a safetensors file: masks, fills, thresholds, the consistency profile and, as
@@ -457,6 +466,7 @@ class LinkBreaker:
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "layers": self.layers,
                 "late_layer": self.late_layer, "input_shape": list(self.input_shape),
                 "model_sha256": self.model_sha256, "input_range": self.input_range,
+                "data_sha256": self.data_sha256,
                 "fit_s": self.diagnostics.get("fit_s"),
                 "config": {k: list(v) if isinstance(v, tuple) else v
                            for k, v in dataclasses.asdict(self.config).items()}}
@@ -506,9 +516,12 @@ class LinkBreaker:
         pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         try:
             config = GuardConfig(**raw)
-            return cls(model, layers, late, pick("masks."), pick("fill."), tensors["thresholds"],
-                       pick("profile."), config, shape,
-                       diagnostics={"fit_s": meta.get("fit_s") or float("nan")},
-                       input_range=_range(meta.get("input_range")))
+            guard = cls(model, layers, late, pick("masks."), pick("fill."), tensors["thresholds"],
+                        pick("profile."), config, shape,
+                        diagnostics={"fit_s": meta.get("fit_s") or float("nan")},
+                        input_range=_range(meta.get("input_range")))
         except (TypeError, ValueError, RuntimeError) as e:  # layer names the model lacks, ...
             raise Err(f"{path}: guard does not fit this model: {e}") from None
+        sha = meta.get("data_sha256")
+        guard.data_sha256 = sha if isinstance(sha, str) else None
+        return guard

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import data, experiment, training
+from . import data, experiment, safefiles, training
+from .fitting import CALIBRATION_FIELDS
 from .guard import LEGACY_CONFIG, GuardConfig, LinkBreaker
 
 SPLITS = {"heldout": slice(5000, None), "dev": slice(0, 5000)}
@@ -82,6 +83,30 @@ def recorded_config(stored: dict | None, seed: int) -> dict | None:
     return {**defaults, **_jsonable(LEGACY_CONFIG), **stored}
 
 
+def _saved_guard(path: Path, model, target: GuardConfig, d: dict):
+    """``(guard, recalibrated fields)`` from the guard saved at ``path`` when it can serve ``target``:
+    fitted for this model and validation set with the same settings, or with settings that differ
+    only in the last stage (``fitting.CALIBRATION_FIELDS``), which it is recalibrated for instead of
+    refitted. ``(None, None)`` otherwise: the caller fits a new guard."""
+    if not path.is_file():
+        return None, None
+    try:
+        saved = LinkBreaker.load(path, model)
+    except safefiles.GuardFileError:
+        return None, None
+    changed = sorted(f.name for f in dataclasses.fields(GuardConfig)
+                     if getattr(saved.config, f.name) != getattr(target, f.name))
+    if not set(changed) <= CALIBRATION_FIELDS:
+        return None, None
+    if not changed:
+        return saved, None
+    try:
+        guard = saved.recalibrate(d["x_val"], d["y_val"], **{k: getattr(target, k) for k in changed})
+    except ValueError:  # fitted on another validation set
+        return None, None
+    return guard, changed
+
+
 def report_name(split: str, attack_name: str, seed: int, tag: str | None) -> str:
     """A run's file stem: ``<split>-<attack>-<seed>[-<tag>]``."""
     return f"{split}-{attack_name}-{seed}" + (f"-{tag}" if tag else "")
@@ -96,7 +121,8 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
     path = Path(work) / "reports" / f"{report_name(split, attack_name, seed, tag)}.json"
     # the whole configuration the guard would be fitted with (defaults included): a report made
     # under other defaults is stale and is measured again
-    config = _jsonable(dataclasses.asdict(GuardConfig(**{**settings, "seed": seed})))
+    target = GuardConfig(**{**settings, "seed": seed})
+    config = _jsonable(dataclasses.asdict(target))
     if path.is_file():
         report = json.loads(path.read_text())
         if report.get("settings", {}) != _jsonable(settings):
@@ -108,10 +134,13 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
     d = experiment.split_data(dataset, data_source, None, seed)
     model, attack = experiment.model_for(dataset, attack_name, seed, d, work, epochs, progress)
     model = model.to(device).eval()
-    guard = LinkBreaker.fit(model, d["x_val"], d["y_val"], data.spec(dataset).num_classes,
-                            progress=False, seed=seed, **settings)
+    guard_path = Path(work) / "guards" / f"{attack_name}-{seed}{'-' + tag if tag else ''}.safetensors"
+    guard, recalibrated = _saved_guard(guard_path, model, target, d)
+    if guard is None:
+        guard = LinkBreaker.fit(model, d["x_val"], d["y_val"], data.spec(dataset).num_classes,
+                                progress=False, seed=seed, **settings)
     # the fitted guard is kept beside the report, so verdict variants can be re-measured without a refit
-    guard.save(Path(work) / "guards" / f"{attack_name}-{seed}{'-' + tag if tag else ''}.safetensors")
+    guard.save(guard_path)
     report, _ = experiment.evaluate(model, guard, attack, d["x_test"], d["y_test"], n_clean, n_trigger,
                                     seed, pool)
     x_pool, y_pool = d["x_test"][pool], d["y_test"][pool]
@@ -127,6 +156,8 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
         "guard_config": config,
         "device": str(device),
     })
+    if recalibrated is not None:
+        report["recalibrated"] = recalibrated
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2))

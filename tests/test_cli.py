@@ -1,6 +1,7 @@
 """The ``linkbreaker`` command line, model files (experiment.save_model/load_model), plots and
 ``linkbreaker reproduce`` (on a tiny synthetic setup)."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from conftest import NUM_CLASSES, SHAPE, add_trigger
 from linkbreaker_ext import cli, data, experiment, plots, reproduce, training
-from linkbreaker_ext.guard import LinkBreaker
+from linkbreaker_ext.guard import GuardConfig, LinkBreaker
 from linkbreaker_ext.models import MnistNet
 
 
@@ -337,6 +338,41 @@ def test_reproduce_writes_reports_and_table(tiny_reproduce, synth, shared_net, b
     with pytest.raises(SystemExit) as bad_tag:  # argparse: not a file-name-safe tag
         cli.main(argv + ["--tag", "../x"])
     assert bad_tag.value.code == 2
+
+
+def test_reproduce_recalibrates_saved_guards_for_new_last_stage_defaults(tiny_reproduce, tmp_path,
+                                                                          monkeypatch, backdoored_net):
+    """A default of the last offline stage that changes (here ``consistency_center``) makes cached
+    reports stale, but their saved guards are recalibrated, not refitted; the new report equals
+    what a fresh fit under the new default measures."""
+    kw = dict(data_source="nowhere", split="heldout", device="cpu", settings={"neighbours": 0},
+              n_clean=40, n_trigger=30, results=tmp_path / "r", progress=False)
+    reproduce.reproduce("mnist", ["badnets"], [0], work=tmp_path / "w", **kw)
+    fits = []
+    real_fit = reproduce.LinkBreaker.fit.__func__
+
+    def counting_fit(cls, *a, **k):
+        fits.append(k.get("consistency_center", "default"))
+        return real_fit(cls, *a, **k)
+
+    monkeypatch.setattr(reproduce.LinkBreaker, "fit", classmethod(counting_fit))
+
+    @dataclasses.dataclass
+    class PooledDefault(GuardConfig):
+        consistency_center: str = "pooled"
+
+    monkeypatch.setattr(reproduce, "GuardConfig", PooledDefault)
+    reports, _ = reproduce.reproduce("mnist", ["badnets"], [0], work=tmp_path / "w", **kw)
+    (rep,) = reports["badnets"]
+    assert fits == [] and rep["recalibrated"] == ["consistency_center"]
+    assert rep["guard_config"]["consistency_center"] == "pooled"
+    saved = LinkBreaker.load(tmp_path / "w" / "guards" / "badnets-0.safetensors", backdoored_net)
+    assert saved.config.consistency_center == "pooled"
+    # a fresh work folder fits under the new default and measures the same
+    fresh, _ = reproduce.reproduce("mnist", ["badnets"], [0], work=tmp_path / "w2", **kw)
+    assert len(fits) == 1
+    for key in ("before", "after", "thresholds"):
+        assert fresh["badnets"][0][key] == pytest.approx(rep[key], abs=1e-6)
 
 
 def test_reproduce_dev_split_and_targets(tiny_reproduce, tmp_path):

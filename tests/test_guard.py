@@ -894,6 +894,54 @@ def test_fit_centers_its_bounds_as_configured(guard_deep, deep_net, synth):
         GuardConfig(consistency_center="mean")
 
 
+def test_recalibrate_equals_a_refit_with_those_settings(guard_deep, deep_net, synth, tmp_path):
+    """Recalibrating a fitted guard with new last-stage settings gives the guard a refit with them
+    gives (same split, masks and profile; new thresholds, norms and bounds), also after a save and
+    load, and leaves the original guard as it was."""
+    settings = dict(consistency_center="pooled", consistency_mad_k=3.0, mad_k=2.0,
+                    inconsistent_verdict="ood")
+    refit = LinkBreaker.fit(deep_net, synth["x_val"], synth["y_val"], NUM_CLASSES,
+                            layers=["input", "1", "3"], progress=False, **dict(FAST, **settings))
+    before = {k: v.clone() for k, v in guard_deep.profile.items()}
+    thresholds = guard_deep.thresholds.clone()
+    path = tmp_path / "g.safetensors"
+    guard_deep.save(path)
+    loaded = LinkBreaker.load(path, deep_net)
+    assert loaded.data_sha256 == guard_deep.data_sha256 is not None
+    for source in (guard_deep, loaded):
+        new = source.recalibrate(synth["x_val"], synth["y_val"], **settings)
+        assert new.config == refit.config
+        torch.testing.assert_close(new.thresholds, refit.thresholds)
+        assert set(new.profile) == set(refit.profile)
+        for k, v in refit.profile.items():
+            torch.testing.assert_close(new.profile[k], v, rtol=1e-5, atol=1e-6)
+        x = synth["x_test"][:64]
+        a, b = new(x), refit(x)
+        assert torch.equal(a.verdict, b.verdict) and torch.equal(a.labels, b.labels)
+    # the source guard is untouched
+    assert torch.equal(guard_deep.thresholds, thresholds)
+    for k, v in before.items():
+        assert torch.equal(guard_deep.profile[k], v)
+    assert guard_deep.config.consistency_center == "class"
+
+
+def test_recalibrate_refuses_what_it_cannot_redo(guard_deep, synth):
+    x, y = synth["x_val"], synth["y_val"]
+    with pytest.raises(ValueError, match=r"\['neighbours'\] change the salient sets"):
+        guard_deep.recalibrate(x, y, neighbours=7, mad_k=2.0)
+    with pytest.raises(ValueError, match="unknown GuardConfig field"):
+        guard_deep.recalibrate(x, y, madk=2.0)
+    with pytest.raises(ValueError, match="not the validation set this guard was fitted on"):
+        guard_deep.recalibrate(x[1:], y[1:], mad_k=2.0)
+    with pytest.raises(ValueError, match="not the validation set"):
+        guard_deep.recalibrate(x + 1e-3, y, mad_k=2.0)
+    with pytest.raises(ValueError, match="consistency_center"):
+        guard_deep.recalibrate(x, y, consistency_center="mean")
+    # an unchanged refit field is no change
+    same = guard_deep.recalibrate(x, y, neighbours=guard_deep.config.neighbours)
+    torch.testing.assert_close(same.thresholds, guard_deep.thresholds)
+
+
 def test_fit_keeps_the_calibration_deviations_behind_its_bounds(guard_deep, synth):
     """The fit's own calibration deviations give back its bounds, and other bounds from them are
     monotone in k (what ``scripts/dev_sweep.py --sweep-k`` relies on to study k without a refit).
