@@ -72,9 +72,10 @@ class GuardConfig:
     #                                 each view within its own bound (docs/method.md, "Two views")
     consistency_reduce: str = "per_layer"  # across layers: "per_layer" (every layer within its own
     #                                 bound), "max" (one bound on the max of normalised deviations) or "mean"
-    consistency_center: str = "class"  # each bound's center: class k's own median, the "pooled"
-    #                                 median of every class, or "shrunk" towards it (few samples per
-    #                                 class; docs/method.md, "Few calibration samples per class")
+    consistency_center: str = "pooled"  # each bound's center: the median over every class ("pooled":
+    #                                 deviations are already relative to each class's typical one),
+    #                                 class k's own ("class") or "shrunk" towards the pooled one
+    #                                 (chosen on the dev half: docs/method.md, "Where the bound sits")
     inconsistent_verdict: str = "alarm"  # no credible head but a confident, inconsistent one: "alarm" or "ood"
     calibration_fraction: float = 0.3  # share of the validation set kept apart for thresholds
     min_per_class: int = 5
@@ -125,7 +126,7 @@ class GuardConfig:
 
 # Settings whose default changed after guards were first saved: a file that lacks the field was
 # fitted (and its profile computed) with this value.
-LEGACY_CONFIG = {"consistency_units": "mean"}
+LEGACY_CONFIG = {"consistency_units": "mean", "consistency_center": "class"}
 
 
 @dataclass

@@ -51,7 +51,7 @@ def centers():
              "`python scripts/bound_table.py --centers`.", "",
              "| data set | attack | rule | k | CDA drop | ASR | ASR, accepted only | clean alarms | clean OOD |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for dataset in ("cifar10", "gtsrb"):
+    for dataset in ("mnist", "cifar10", "gtsrb"):
         for path in sorted((ROOT / "runs" / dataset / "dev").glob("*-0-bounds.json")):
             rep = collect(dataset, path)
             attack = path.name.split("-0-bounds")[0]

@@ -316,11 +316,11 @@ def test_reproduce_writes_reports_and_table(tiny_reproduce, synth, shared_net, b
     # a report from before a field existed stays fresh while the field keeps its default ...
     path = work / "reports" / "heldout-badnets-0.json"
     rep = json.loads(path.read_text())
-    del rep["guard_config"]["consistency_center"]
+    del rep["guard_config"]["drop_misclassified"]
     path.write_text(json.dumps(rep))
     assert cli.main(argv) == 0 and tiny_reproduce == []
     # ... but one whose field had another default then (guard.LEGACY_CONFIG) is measured again
-    del rep["guard_config"]["consistency_units"]
+    del rep["guard_config"]["consistency_center"]
     path.write_text(json.dumps(rep))
     assert cli.main(argv) == 0 and tiny_reproduce == [("badnets", 0)]
     tiny_reproduce.clear()
@@ -358,16 +358,16 @@ def test_reproduce_recalibrates_saved_guards_for_new_last_stage_defaults(tiny_re
     monkeypatch.setattr(reproduce.LinkBreaker, "fit", classmethod(counting_fit))
 
     @dataclasses.dataclass
-    class PooledDefault(GuardConfig):
-        consistency_center: str = "pooled"
+    class ClassDefault(GuardConfig):
+        consistency_center: str = "class"
 
-    monkeypatch.setattr(reproduce, "GuardConfig", PooledDefault)
+    monkeypatch.setattr(reproduce, "GuardConfig", ClassDefault)
     reports, _ = reproduce.reproduce("mnist", ["badnets"], [0], work=tmp_path / "w", **kw)
     (rep,) = reports["badnets"]
     assert fits == [] and rep["recalibrated"] == ["consistency_center"]
-    assert rep["guard_config"]["consistency_center"] == "pooled"
+    assert rep["guard_config"]["consistency_center"] == "class"
     saved = LinkBreaker.load(tmp_path / "w" / "guards" / "badnets-0.safetensors", backdoored_net)
-    assert saved.config.consistency_center == "pooled"
+    assert saved.config.consistency_center == "class"
     # a fresh work folder fits under the new default and measures the same
     fresh, _ = reproduce.reproduce("mnist", ["badnets"], [0], work=tmp_path / "w2", **kw)
     assert len(fits) == 1

@@ -879,9 +879,11 @@ def test_consistency_bounds_center_rules():
 def test_fit_centers_its_bounds_as_configured(guard_deep, deep_net, synth):
     """``consistency_center`` changes only where the per-layer bounds sit: the same masks, profile
     and calibration deviations, and bounds equal to :func:`calibrate.layer_bounds` with that center."""
-    pooled = LinkBreaker.fit(deep_net, synth["x_val"], synth["y_val"], NUM_CLASSES,
-                             layers=["input", "1", "3"], progress=False,
-                             **dict(FAST, consistency_center="pooled"))
+    assert guard_deep.config.consistency_center == "pooled"  # the default
+    pooled = guard_deep
+    guard_deep = LinkBreaker.fit(deep_net, synth["x_val"], synth["y_val"], NUM_CLASSES,
+                                 layers=["input", "1", "3"], progress=False,
+                                 **dict(FAST, consistency_center="class"))
     a, b = guard_deep.diagnostics, pooled.diagnostics
     for name, m in guard_deep.masks.items():
         assert torch.equal(m, pooled.masks[name])
@@ -898,7 +900,7 @@ def test_recalibrate_equals_a_refit_with_those_settings(guard_deep, deep_net, sy
     """Recalibrating a fitted guard with new last-stage settings gives the guard a refit with them
     gives (same split, masks and profile; new thresholds, norms and bounds), also after a save and
     load, and leaves the original guard as it was."""
-    settings = dict(consistency_center="pooled", consistency_mad_k=3.0, mad_k=2.0,
+    settings = dict(consistency_center="class", consistency_mad_k=3.0, mad_k=2.0,
                     inconsistent_verdict="ood")
     refit = LinkBreaker.fit(deep_net, synth["x_val"], synth["y_val"], NUM_CLASSES,
                             layers=["input", "1", "3"], progress=False, **dict(FAST, **settings))
@@ -922,7 +924,7 @@ def test_recalibrate_equals_a_refit_with_those_settings(guard_deep, deep_net, sy
     assert torch.equal(guard_deep.thresholds, thresholds)
     for k, v in before.items():
         assert torch.equal(guard_deep.profile[k], v)
-    assert guard_deep.config.consistency_center == "class"
+    assert guard_deep.config.consistency_center == "pooled"
 
 
 def test_recalibrate_refuses_what_it_cannot_redo(guard_deep, synth):
@@ -954,7 +956,9 @@ def test_fit_keeps_the_calibration_deviations_behind_its_bounds(guard_deep, synt
     assert by_layer.shape == (len(y), NUM_CLASSES, len(guard_deep._profile_layers()))
     k = guard_deep.config.consistency_mad_k
     assert guard_deep.config.consistency_reduce == "per_layer"
-    bounds = torch.stack([calibrate.consistency_bounds(by_layer[..., i], y, k, pooled_spread=True)
+    center = guard_deep.config.consistency_center
+    bounds = torch.stack([calibrate.consistency_bounds(by_layer[..., i], y, k, pooled_spread=True,
+                                                       center=center)
                           for i in range(by_layer.shape[-1])], 1)
     torch.testing.assert_close(bounds, d["layer_bounds"])
     torch.testing.assert_close(dev, (by_layer / bounds).amax(-1))
@@ -964,14 +968,15 @@ def test_fit_keeps_the_calibration_deviations_behind_its_bounds(guard_deep, synt
                                          seed=guard_deep.config.seed)
     torch.testing.assert_close(guard_deep.deviations(synth["x_val"][calib_idx]).cpu(), dev,
                                rtol=1e-4, atol=1e-5)
-    looser = torch.stack([calibrate.consistency_bounds(by_layer[..., i], y, k + 2, pooled_spread=True)
+    looser = torch.stack([calibrate.consistency_bounds(by_layer[..., i], y, k + 2, pooled_spread=True,
+                                                       center=center)
                           for i in range(by_layer.shape[-1])], 1)
     assert (looser >= bounds).all()
     # one bound on the max of normalised deviations (consistency_reduce="max", the first default)
     one = fit(guard_deep.model, synth["x_val"], synth["y_val"], layers=["input", "1", "3"],
               consistency_reduce="max", neighbours=0)
     dev1, y1 = one.diagnostics["calibration_deviations"], one.diagnostics["calibration_labels"]
-    torch.testing.assert_close(calibrate.consistency_bounds(dev1, y1, k), one.profile["bounds"].cpu())
+    torch.testing.assert_close(calibrate.consistency_bounds(dev1, y1, k, center=center), one.profile["bounds"].cpu())
     torch.testing.assert_close(dev1, one.diagnostics["calibration_deviations_by_layer"].amax(-1))
     off = fit(guard_deep.model, synth["x_val"], synth["y_val"], layers=["input"], consistency=False,
               neighbours=0)
