@@ -150,7 +150,7 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
         "clean_model_cda": training.accuracy(model, x_pool, y_pool),
         "clean_pool": len(y_pool),
         "layers": list(guard.layers), "late_layer": guard.late_layer,
-        "kept": guard.diagnostics.get("kept", {}),
+        "kept": {k: m.mean(1).tolist() for k, m in guard.masks.items()},  # share of neurons per head
         "thresholds": guard.thresholds.tolist(),
         "settings": _jsonable(settings),
         "guard_config": config,

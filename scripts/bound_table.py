@@ -9,6 +9,10 @@ wrote to ``runs/D/dev/A-0-ksweep.json``. Copies those JSONs to ``results/dev/D/`
 
     python scripts/bound_table.py
 
+``--operating-points``: the CDA drop / ASR of every dev model at bounds k = 4 ... 5 (pooled center),
+from the JSONs of ``dev_sweep.py ... --sweep-k 4 4.25 4.5 4.75 5 --bound-centers pooled --n 1000
+--tag kfine`` (``runs/D/dev/A-0-kfine.json``); writes ``results/dev/k-operating-points.md``.
+
 ``--centers``: the table behind ``consistency_center`` and the threshold spread from the JSONs of
 
     python scripts/dev_sweep.py --dataset D --attack A --seed 0 --guard runs/D/guards/A-0.safetensors \
@@ -110,6 +114,43 @@ def main():
     print(out.read_text())
 
 
+def operating_points():
+    from linkbreaker_ext.reproduce import TARGETS
+
+    ks = None
+    body = []
+    for dataset in ("mnist", "cifar10", "gtsrb"):
+        for path in sorted((ROOT / "runs" / dataset / "dev").glob("*-0-kfine.json")):
+            rep = collect(dataset, path)
+            attack = path.name.split("-0-kfine")[0]
+            base = rep["before"]["cda"]
+            sweep = {float(k.split("-")[0]): v["alarm"] for k, v in rep["sweep_k"].items()}
+            ks = ks or sorted(sweep)
+            drop, asr = TARGETS.get((dataset, attack), (None, None))
+            target = "-" if drop is None else f"drop <= {drop:g}" + ("" if asr is None else f", ASR <= {asr:g}")
+            cells = [f"{100 * (base - sweep[k]['cda']):.2f} / {pct(sweep[k]['asr'])}" for k in ks]
+            body.append(f"| {dataset} | {attack} | {target} | " + " | ".join(cells) + " |")
+    lines = ["# Operating points of the consistency bound (dev half, seed 0)", "",
+             "Each cell: CDA drop (points, hint reading) / ASR (%) of a saved guard on 1,000 clean and "
+             "1,000 triggered inputs of the **dev** half of the test split, its per-layer bounds "
+             "recalibrated at `median + k * 1.4826 * MAD` (pooled center, the default) from the "
+             "calibration split; every column of a row comes from the same forward passes. k = 5 is "
+             "the default (docs/method.md, \"Choosing the bound\"); `guard.recalibrate(x_val, y_val, "
+             "consistency_mad_k=k)` moves a fitted guard to another column. Made by "
+             "`python scripts/bound_table.py --operating-points`.", "",
+             "| data set | attack | target (issue #6) | " + " | ".join(f"k = {k:g}" for k in ks or []) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in ks or []) + " |", *body]
+    out = ROOT / "results" / "dev" / "k-operating-points.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(out.read_text())
+
+
 if __name__ == "__main__":
     import sys
-    centers() if "--centers" in sys.argv[1:] else main()
+    sys.path.insert(0, str(ROOT))
+    if "--centers" in sys.argv[1:]:
+        centers()
+    elif "--operating-points" in sys.argv[1:]:
+        operating_points()
+    else:
+        main()

@@ -371,7 +371,7 @@ def test_reproduce_recalibrates_saved_guards_for_new_last_stage_defaults(tiny_re
     # a fresh work folder fits under the new default and measures the same
     fresh, _ = reproduce.reproduce("mnist", ["badnets"], [0], work=tmp_path / "w2", **kw)
     assert len(fits) == 1
-    for key in ("before", "after", "thresholds"):
+    for key in ("before", "after", "thresholds", "kept"):
         assert fresh["badnets"][0][key] == pytest.approx(rep[key], abs=1e-6)
 
 
