@@ -266,7 +266,7 @@ def recalibrate_guard(guard, x_val, y_val=None, **overrides):
                          "fingerprint differs): recalibration redraws the fit's own split")
     x, y = x.float(), y.long()
     if cfg.drop_misclassified:
-        keep = _predict(guard.tapped.model, x, guard.device, guard._batch_rows()) == y
+        keep = _predict(guard.tapped.net, x, guard.device, guard._batch_rows()) == y
         x, y = x[keep], y[keep]
     calib_idx, fit_idx = stratified_split(y, cfg.calibration_fraction, seed=cfg.seed)
     profile = {k: v for k, v in guard.profile.items() if k not in ("norms", "bounds")}

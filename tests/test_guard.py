@@ -927,6 +927,19 @@ def test_recalibrate_equals_a_refit_with_those_settings(guard_deep, deep_net, sy
     assert guard_deep.config.consistency_center == "pooled"
 
 
+def test_recalibrate_redraws_the_split_after_dropping_misclassified_samples(backdoored_net, synth):
+    """A guard fitted with ``drop_misclassified`` recalibrates on the same reduced set a refit uses."""
+    x, y = synth["x_val"].clone(), synth["y_val"].clone()
+    x[:6] = add_trigger(x[:6])  # triggered samples with their true labels: the model says 0
+    kw = dict(layers=["input", "1"], progress=False, drop_misclassified=True, **FAST)
+    base = LinkBreaker.fit(backdoored_net, x, y, NUM_CLASSES, **kw)
+    assert base.diagnostics["n_dropped_misclassified"] > 0
+    refit = LinkBreaker.fit(backdoored_net, x, y, NUM_CLASSES, **dict(kw, consistency_mad_k=3.0))
+    new = base.recalibrate(x, y, consistency_mad_k=3.0)
+    torch.testing.assert_close(new.thresholds, refit.thresholds)
+    torch.testing.assert_close(new.profile["norms"], refit.profile["norms"], rtol=1e-5, atol=1e-6)
+
+
 def test_recalibrate_refuses_what_it_cannot_redo(guard_deep, synth):
     x, y = synth["x_val"], synth["y_val"]
     with pytest.raises(ValueError, match=r"\['neighbours'\] change the salient sets"):
