@@ -47,8 +47,11 @@ CENTERS = ("class", "pooled", "shrunk")
 SHRINK_PRIOR = 10  # "shrunk": the pooled median counts as this many samples of every class
 
 
+RULES = ("mad", "max")
+
+
 def consistency_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float,
-                       pooled_spread: bool = False, center: str = "class") -> torch.Tensor:
+                       pooled_spread: bool = False, center: str = "class", rule: str = "mad") -> torch.Tensor:
     """``[K]``: ``median + mad_k * 1.4826 * MAD`` of class k's own deviations, in log space (the
     deviations are ratios, skewed to the right). Inputs of class k above it are inconsistent.
     ``pooled_spread``: the MAD around each class's own median is taken over all classes' samples
@@ -57,13 +60,23 @@ def consistency_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float,
     median (``"class"``), the median over all classes (``"pooled"``: the deviations are already
     relative to each class's typical one), or the class's median shrunk towards the pooled one as if
     the pooled median were :data:`SHRINK_PRIOR` more samples (``"shrunk"``: a class with 3
-    calibration samples leans on the others, one with 100 on itself)."""
+    calibration samples leans on the others, one with 100 on itself). ``rule="max"``: instead, every
+    class's bound is the largest deviation of any calibration sample at its own class (the
+    deviations are relative to each class's typical one, so they pool): an empirical bound that fits
+    each layer's own tail where a common k does not (``mad_k``, ``center`` and ``pooled_spread``
+    are then unused; one triggered sample in the calibration split raises it)."""
     if center not in CENTERS:
         raise ValueError(f"center must be one of {CENTERS}, got {center!r}")
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     n = dev.shape[1]
     logd = dev.clamp_min(1e-12).double().log()
     bounds = torch.full((n,), float("inf"), dtype=torch.float64)
     own = logd[torch.arange(len(y)), y]
+    if rule == "max":
+        present = torch.bincount(y, minlength=n) > 0
+        bounds[present] = own.max().exp() if len(own) else float("inf")
+        return bounds.float()
     med = torch.zeros(n, dtype=torch.float64)
     mad = torch.zeros(n, dtype=torch.float64)
     present = torch.zeros(n, dtype=torch.bool)
@@ -87,9 +100,9 @@ def consistency_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float,
 
 
 def layer_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float, pooled_spread: bool = True,
-                 center: str = "class") -> torch.Tensor:
+                 center: str = "class", rule: str = "mad") -> torch.Tensor:
     """``[K, L]``: :func:`consistency_bounds` of every layer's deviations ``dev`` ``[n, K, L]`` on its
     own (the ``per_layer`` consistency check: a trigger may move one layer far and the others not at
     all)."""
-    return torch.stack([consistency_bounds(dev[..., i], y, mad_k, pooled_spread, center)
+    return torch.stack([consistency_bounds(dev[..., i], y, mad_k, pooled_spread, center, rule)
                         for i in range(dev.shape[-1])], 1)

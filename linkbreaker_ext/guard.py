@@ -76,6 +76,9 @@ class GuardConfig:
     #                                 deviations are already relative to each class's typical one),
     #                                 class k's own ("class") or "shrunk" towards the pooled one
     #                                 (chosen on the dev half: docs/method.md, "Where the bound sits")
+    consistency_bound: str = "mad"  # each bound: "mad" (center + consistency_mad_k MADs, robust to a
+    #                                 few bad calibration samples) or "max" (the calibration split's
+    #                                 largest deviation: each layer's own tail; docs/method.md)
     inconsistent_verdict: str = "alarm"  # no credible head but a confident, inconsistent one: "alarm" or "ood"
     calibration_fraction: float = 0.3  # share of the validation set kept apart for thresholds
     min_per_class: int = 5
@@ -112,7 +115,7 @@ class GuardConfig:
         choices = {"fill": ("blank", "mean"), "reliability_measure": ("confidence", "rate"),
                    "consistency_reduce": ("per_layer", "max", "mean"),
                    "consistency_units": ("max", "mean", "mean+max"), "inconsistent_verdict": ("ood", "alarm"),
-                   "consistency_center": ("class", "pooled", "shrunk"),
+                   "consistency_center": ("class", "pooled", "shrunk"), "consistency_bound": ("mad", "max"),
                    "neighbour_mode": ("alg1", "perturb")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

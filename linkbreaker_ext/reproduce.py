@@ -134,8 +134,12 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
     d = experiment.split_data(dataset, data_source, None, seed)
     model, attack = experiment.model_for(dataset, attack_name, seed, d, work, epochs, progress)
     model = model.to(device).eval()
-    guard_path = Path(work) / "guards" / f"{attack_name}-{seed}{'-' + tag if tag else ''}.safetensors"
+    guards = Path(work) / "guards"
+    guard_path = guards / f"{attack_name}-{seed}{'-' + tag if tag else ''}.safetensors"
+    # a tagged variant of the last stage alone starts from the default's saved guard
     guard, recalibrated = _saved_guard(guard_path, model, target, d)
+    if guard is None and tag:
+        guard, recalibrated = _saved_guard(guards / f"{attack_name}-{seed}.safetensors", model, target, d)
     if guard is None:
         guard = LinkBreaker.fit(model, d["x_val"], d["y_val"], data.spec(dataset).num_classes,
                                 progress=False, seed=seed, **settings)

@@ -368,6 +368,11 @@ def test_reproduce_recalibrates_saved_guards_for_new_last_stage_defaults(tiny_re
     assert rep["guard_config"]["consistency_center"] == "class"
     saved = LinkBreaker.load(tmp_path / "w" / "guards" / "badnets-0.safetensors", backdoored_net)
     assert saved.config.consistency_center == "class"
+    # a tagged variant of the last stage alone starts from the default's guard, without a fit
+    tagged, _ = reproduce.reproduce("mnist", ["badnets"], [0], work=tmp_path / "w", tag="maxbound",
+                                    **dict(kw, settings={"neighbours": 0, "consistency_bound": "max"}))
+    assert fits == [] and tagged["badnets"][0]["recalibrated"] == ["consistency_bound"]
+    assert (tmp_path / "w" / "guards" / "badnets-0-maxbound.safetensors").is_file()
     # a fresh work folder fits under the new default and measures the same
     fresh, _ = reproduce.reproduce("mnist", ["badnets"], [0], work=tmp_path / "w2", **kw)
     assert len(fits) == 1
