@@ -876,6 +876,34 @@ def test_consistency_bounds_center_rules():
         calibrate.consistency_bounds(dev, y, 2.0, center="mean")
 
 
+def test_consistency_bounds_max_rule_is_the_largest_own_class_deviation():
+    """``rule="max"``: every present class's bound is the largest calibration deviation at its own
+    class (pooled), absent classes stay unbounded; k and center do not matter."""
+    dev = torch.tensor([[1.0, 9.0, 0.5], [2.0, 0.1, 7.0], [0.3, 3.0, 50.0], [1.5, 0.2, 0.2]])
+    y = torch.tensor([0, 0, 1, 1])  # own deviations 1.0, 2.0, 3.0, 0.2; class 2 absent
+    b = calibrate.consistency_bounds(dev, y, 2.0, rule="max")
+    assert b[:2].tolist() == [3.0, 3.0] and b[2] == float("inf")
+    for center in calibrate.CENTERS:
+        assert torch.equal(calibrate.consistency_bounds(dev, y, 9.0, center=center, rule="max"), b)
+    assert calibrate.layer_bounds(torch.stack([dev, 2 * dev], -1), y, 2.0, rule="max")[:2].tolist() == [
+        [3.0, 6.0], [3.0, 6.0]]
+    with pytest.raises(ValueError, match="rule must be one of"):
+        calibrate.consistency_bounds(dev, y, 2.0, rule="q99")
+    with pytest.raises(ValueError, match="consistency_bound"):
+        GuardConfig(consistency_bound="q99")
+
+
+def test_max_bound_admits_every_calibration_sample_and_one_sits_on_it(guard_deep, synth):
+    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], consistency_bound="max")
+    d = g.diagnostics
+    own = d["calibration_deviations"][torch.arange(len(d["calibration_labels"])), d["calibration_labels"]]
+    assert own.max().item() == pytest.approx(1.0, abs=1e-5) and (own <= 1 + 1e-5).all()
+    calib_idx, _ = data.stratified_split(synth["y_val"], g.config.calibration_fraction, seed=g.config.seed)
+    x_cal, y_cal = synth["x_val"][calib_idx], synth["y_val"][calib_idx]
+    again = g.deviations(x_cal)[torch.arange(len(y_cal)), y_cal]
+    assert (again <= 1 + 1e-4).all()
+
+
 def test_fit_centers_its_bounds_as_configured(guard_deep, deep_net, synth):
     """``consistency_center`` changes only where the per-layer bounds sit: the same masks, profile
     and calibration deviations, and bounds equal to :func:`calibrate.layer_bounds` with that center."""
