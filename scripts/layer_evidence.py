@@ -8,6 +8,10 @@ class; triggered: the attack's target):
 * ``auroc``: how well that evidence's deviation alone (relative to its calibrated bound) separates
   triggered from clean inputs;
 * ``over_clean`` / ``over_trigger``: the share of inputs beyond that evidence's bound;
+* ``over_clean_at_cal_max`` / ``over_trigger_at_cal_max``: the same against the largest ratio of
+  the calibration split (the fit's own, never searched on) at that evidence: what an empirical bound
+  would do where the 5-MAD one is loose;
+* ``clean_q`` / ``trigger_q``: quantiles of the ratios;
 * ``binding``: among the triggered inputs that pass the target head's confidence test and no
   evidence's bound (the ones that get through), the share whose largest ratio is at this evidence,
   and their median ratio there (how close to their bound they sit).
@@ -49,11 +53,16 @@ def main():
     model, meta = experiment.load_model(work / "models" / f"{args.attack}-{args.seed}.safetensors")
     attack = experiment.attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None
     guard = LinkBreaker.load(work / "guards" / f"{args.attack}-{args.seed}.safetensors", model)
+    from linkbreaker_ext.data import stratified_split
+    calib_idx, _ = stratified_split(split["y_val"], guard.config.calibration_fraction, seed=guard.config.seed)
+    x_cal, y_cal = split["x_val"][calib_idx], split["y_val"][calib_idx]
     xc, yc, xt, _, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], args.n,
                                                  args.n, args.seed, DEV)
     t0 = time.time()
     conf_c, dev_c = guard._heads_with_deviations(xc, by_layer=True)  # [n, K], [n, K, L] (ratio to bound)
     conf_t, dev_t = guard._heads_with_deviations(xt, by_layer=True)
+    _, dev_cal = guard._heads_with_deviations(x_cal, by_layer=True)
+    cal_max = dev_cal[torch.arange(len(y_cal)), y_cal].amax(0)  # [L]
     clean = dev_c[torch.arange(len(yc)), yc]  # [n, L] each clean input at its own class's head
     trig = dev_t[:, target]                   # [n, L] each triggered input at the target's head
     confident = conf_t[:, target] >= guard.thresholds[target]
@@ -68,6 +77,11 @@ def main():
             "auroc": metrics.auroc(clean[:, i], trig[:, i]),
             "over_clean": (clean[:, i] > 1).float().mean().item(),
             "over_trigger": (trig[:, i] > 1).float().mean().item(),
+            "calibration_max_ratio": cal_max[i].item(),
+            "over_clean_at_cal_max": (clean[:, i] > cal_max[i]).float().mean().item(),
+            "over_trigger_at_cal_max": (trig[:, i] > cal_max[i]).float().mean().item(),
+            "clean_q": {q: clean[:, i].quantile(q).item() for q in (0.5, 0.9, 0.99, 1.0)},
+            "trigger_q": {q: trig[:, i].quantile(q).item() for q in (0.1, 0.5, 0.9)},
             "binding": (arg == i).float().mean().item() if len(arg) else 0.0,
             "binding_median_ratio": at.median().item() if len(at) else None,
         })
@@ -76,19 +90,29 @@ def main():
                                    "consistency_mad_k": guard.config.consistency_mad_k},
            "target_confident": confident.float().mean().item(), "through": through.float().mean().item(),
            "auroc_max": metrics.auroc(clean.amax(1), trig.amax(1)), "evidence": rows,
+           # every evidence against its calibration maximum instead of its bound
+           "empirical_bound": {
+               "clean_alarm_share": (clean > cal_max).any(1).float().mean().item(),
+               "trigger_through": (confident & ~(trig > cal_max).any(1)).float().mean().item()},
            "seconds": time.time() - t0}
     path = ROOT / "results" / "dev" / args.dataset / f"layers-{args.attack}-{args.seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
     print(f"{args.dataset} {args.attack}: {100 * out['target_confident']:.1f} % of triggered inputs "
           f"pass the target head's confidence test, {100 * out['through']:.1f} % every bound too; "
-          f"AUROC of the max ratio {out['auroc_max']:.3f}\n")
-    print("| evidence | AUROC | clean over bound | triggered over bound | binding for those through | their median ratio |")
-    print("| --- | --- | --- | --- | --- | --- |")
+          f"AUROC of the max ratio {out['auroc_max']:.3f}; against each evidence's calibration "
+          f"maximum instead: {100 * out['empirical_bound']['clean_alarm_share']:.1f} % of clean inputs "
+          f"over some evidence, {100 * out['empirical_bound']['trigger_through']:.1f} % of triggered "
+          f"inputs through\n")
+    print("| evidence | AUROC | clean over bound | triggered over bound | binding for those through | "
+          "their median ratio | calibration max ratio | clean / triggered over it |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         med = "-" if r["binding_median_ratio"] is None else f"{r['binding_median_ratio']:.2f}"
         print(f"| {r['evidence']} | {r['auroc']:.3f} | {100 * r['over_clean']:.1f} | "
-              f"{100 * r['over_trigger']:.1f} | {100 * r['binding']:.1f} | {med} |")
+              f"{100 * r['over_trigger']:.1f} | {100 * r['binding']:.1f} | {med} | "
+              f"{r['calibration_max_ratio']:.2f} | {100 * r['over_clean_at_cal_max']:.1f} / "
+              f"{100 * r['over_trigger_at_cal_max']:.1f} |")
     print(f"\nwrote {path.relative_to(ROOT)}")
 
 
