@@ -376,8 +376,9 @@ def test_reproduce_recalibrates_saved_guards_for_new_last_stage_defaults(tiny_re
     # a fresh work folder fits under the new default and measures the same
     fresh, _ = reproduce.reproduce("mnist", ["badnets"], [0], work=tmp_path / "w2", **kw)
     assert len(fits) == 1
-    for key in ("before", "after", "thresholds", "kept"):
+    for key in ("before", "after", "thresholds"):
         assert fresh["badnets"][0][key] == pytest.approx(rep[key], abs=1e-6)
+    assert fresh["badnets"][0]["kept"] == rep["kept"] and set(rep["kept"]) == {"input", "1", "late"}
 
 
 def test_reproduce_dev_split_and_targets(tiny_reproduce, tmp_path):
