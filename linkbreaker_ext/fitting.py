@@ -85,14 +85,18 @@ def _per_class_subset(y, per_class, seed):
     return torch.cat(keep).sort().values
 
 
+def _check_fields(config_cls, overrides):
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown GuardConfig field(s) {unknown}; known: {sorted(known)}")
+
+
 def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, progress, **overrides):
     from .guard import GuardConfig
 
     t0 = time.perf_counter()
-    known = {f.name for f in dataclasses.fields(GuardConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown GuardConfig field(s) {unknown}; known: {sorted(known)}")
+    _check_fields(GuardConfig, overrides)
     cfg = dataclasses.replace(config or GuardConfig(), **overrides)
     x, y = as_tensors(x_val, y_val)
     x, y = x.detach().cpu(), y.detach().cpu()  # the rule: data lives on the CPU, chunks go to the model
@@ -250,10 +254,7 @@ def recalibrate_guard(guard, x_val, y_val=None, **overrides):
     at a fraction of the cost (no neighbours, statistics or set search)."""
     from .guard import GuardConfig
 
-    known = {f.name for f in dataclasses.fields(GuardConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown GuardConfig field(s) {unknown}; known: {sorted(known)}")
+    _check_fields(GuardConfig, overrides)
     refit = sorted(k for k in set(overrides) - CALIBRATION_FIELDS
                    if overrides[k] != getattr(guard.config, k))
     if refit:
@@ -263,7 +264,7 @@ def recalibrate_guard(guard, x_val, y_val=None, **overrides):
     x, y = as_tensors(x_val, y_val)
     x, y = x.detach().cpu(), y.detach().cpu()
     num_classes = _validate(x, y, guard.num_heads, cfg, guard.num_heads)
-    recorded = getattr(guard, "data_sha256", None)
+    recorded = guard.data_sha256
     if recorded is not None and recorded != data_fingerprint(x, y):
         raise ValueError("x_val/y_val are not the validation set this guard was fitted on (their "
                          "fingerprint differs): recalibration redraws the fit's own split")
@@ -272,9 +273,9 @@ def recalibrate_guard(guard, x_val, y_val=None, **overrides):
         keep = _predict(guard.tapped.net, x, guard.device, guard._batch_rows()) == y
         x, y = x[keep], y[keep]
     calib_idx, fit_idx = stratified_split(y, cfg.calibration_fraction, seed=cfg.seed)
-    profile = {k: v for k, v in guard.profile.items() if k not in ("norms", "bounds")}
+    # a copy of the fitted state; _calibrate replaces the thresholds, norms and bounds
     new = type(guard)(guard.model, guard.layers, guard.late_layer, guard.masks, guard.fills,
-                      guard.thresholds, profile, cfg, guard.input_shape, tapped=guard.tapped,
+                      guard.thresholds, guard.profile, cfg, guard.input_shape, tapped=guard.tapped,
                       input_range=guard.input_range)
     calibration = _calibrate(new, x[fit_idx], y[fit_idx], x[calib_idx], y[calib_idx], num_classes, cfg)
     new.diagnostics = {**guard.diagnostics, **calibration, "recalibrated": sorted(overrides)}
