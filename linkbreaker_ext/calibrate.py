@@ -47,11 +47,12 @@ CENTERS = ("class", "pooled", "shrunk")
 SHRINK_PRIOR = 10  # "shrunk": the pooled median counts as this many samples of every class
 
 
-RULES = ("mad", "max")
+RULES = ("mad", "max", "tail")
 
 
 def consistency_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float,
-                       pooled_spread: bool = False, center: str = "class", rule: str = "mad") -> torch.Tensor:
+                       pooled_spread: bool = False, center: str = "class", rule: str = "mad",
+                       margin: float = 1.0) -> torch.Tensor:
     """``[K]``: ``median + mad_k * 1.4826 * MAD`` of class k's own deviations, in log space (the
     deviations are ratios, skewed to the right). Inputs of class k above it are inconsistent.
     ``pooled_spread``: the MAD around each class's own median is taken over all classes' samples
@@ -64,11 +65,16 @@ def consistency_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float,
     class's bound is the largest deviation of any calibration sample at its own class (the
     deviations are relative to each class's typical one, so they pool): an empirical bound that fits
     each layer's own tail where a common k does not (``mad_k``, ``center`` and ``pooled_spread``
-    are then unused; one triggered sample in the calibration split raises it)."""
+    are then unused; one triggered sample in the calibration split raises it). ``rule="tail"``:
+    the lower of the ``"mad"`` bound and the largest calibration deviation plus ``margin`` MADs (in
+    log space, the MAD as for ``"mad"``): where the clean tail ends well inside ``mad_k`` MADs the
+    bound sits just past it, where the tail is long it stays at ``mad_k`` MADs."""
     if center not in CENTERS:
         raise ValueError(f"center must be one of {CENTERS}, got {center!r}")
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if not margin >= 0:
+        raise ValueError(f"margin must be a number >= 0, got {margin!r}")
     n = dev.shape[1]
     logd = dev.clamp_min(1e-12).double().log()
     bounds = torch.full((n,), float("inf"), dtype=torch.float64)
@@ -95,14 +101,17 @@ def consistency_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float,
             med = (counts * med + SHRINK_PRIOR * pooled) / (counts + SHRINK_PRIOR)
     if pooled_spread and present.any():
         mad[:] = (own - med[y]).abs().median()
-    bounds[present] = (med + mad_k * MAD_SCALE * mad)[present].exp()
+    log_bound = med + mad_k * MAD_SCALE * mad
+    if rule == "tail" and len(own):
+        log_bound = torch.minimum(log_bound, own.max() + margin * MAD_SCALE * mad)
+    bounds[present] = log_bound[present].exp()
     return bounds.float()
 
 
 def layer_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float, pooled_spread: bool = True,
-                 center: str = "class", rule: str = "mad") -> torch.Tensor:
+                 center: str = "class", rule: str = "mad", margin: float = 1.0) -> torch.Tensor:
     """``[K, L]``: :func:`consistency_bounds` of every layer's deviations ``dev`` ``[n, K, L]`` on its
     own (the ``per_layer`` consistency check: a trigger may move one layer far and the others not at
     all)."""
-    return torch.stack([consistency_bounds(dev[..., i], y, mad_k, pooled_spread, center, rule)
+    return torch.stack([consistency_bounds(dev[..., i], y, mad_k, pooled_spread, center, rule, margin)
                         for i in range(dev.shape[-1])], 1)

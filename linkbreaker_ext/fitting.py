@@ -196,8 +196,8 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
 
 
 CALIBRATION_FIELDS = frozenset({"mad_k", "out_quantile", "threshold_floor", "consistency_mad_k",
-                                "consistency_center", "consistency_bound", "consistency_reduce",
-                                "inconsistent_verdict"})
+                                "consistency_center", "consistency_bound", "consistency_margin",
+                                "consistency_reduce", "inconsistent_verdict"})
 """The settings of the last stage alone: a fitted guard takes new values of these by
 :func:`recalibrate_guard`, without the neighbours, statistics and set search of a refit."""
 
@@ -234,7 +234,8 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
             # judged against 1
             layer_bounds = calibrate.layer_bounds(by_layer, y_cal, cfg.consistency_mad_k,
                                                   center=cfg.consistency_center,
-                                                  rule=cfg.consistency_bound)  # [K, L]
+                                                  rule=cfg.consistency_bound,
+                                                  margin=cfg.consistency_margin)  # [K, L]
             profile["norms"] = profile["norms"] * layer_bounds.to(device)
             profile["bounds"] = torch.ones(num_classes, device=device)
             dev = (by_layer / layer_bounds).amax(-1)
@@ -242,7 +243,7 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
             dev = salient.reduce_layers(by_layer, cfg.consistency_reduce)
             profile["bounds"] = calibrate.consistency_bounds(
                 dev, y_cal, cfg.consistency_mad_k, center=cfg.consistency_center,
-                rule=cfg.consistency_bound).to(device)
+                rule=cfg.consistency_bound, margin=cfg.consistency_margin).to(device)
     return {"calibration_conf": conf, "calibration_labels": y_cal, "calibration_deviations": dev,
             "calibration_deviations_by_layer": by_layer, "layer_bounds": layer_bounds}
 

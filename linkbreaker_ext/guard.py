@@ -77,8 +77,10 @@ class GuardConfig:
     #                                 class k's own ("class") or "shrunk" towards the pooled one
     #                                 (chosen on the dev half: docs/method.md, "Where the bound sits")
     consistency_bound: str = "mad"  # each bound: "mad" (center + consistency_mad_k MADs, robust to a
-    #                                 few bad calibration samples) or "max" (the calibration split's
-    #                                 largest deviation: each layer's own tail; docs/method.md)
+    #                                 few bad calibration samples), "max" (the calibration split's
+    #                                 largest deviation: each layer's own tail) or "tail" (the lower
+    #                                 of "mad" and max + consistency_margin MADs; docs/method.md)
+    consistency_margin: float = 1.0  # "tail": MADs (log space) past the calibration split's largest
     inconsistent_verdict: str = "alarm"  # no credible head but a confident, inconsistent one: "alarm" or "ood"
     calibration_fraction: float = 0.3  # share of the validation set kept apart for thresholds
     min_per_class: int = 5
@@ -102,7 +104,7 @@ class GuardConfig:
                 or list(fr) != sorted(fr) or fr[-1] != 1):
             bad("fractions", "must be an ascending sequence in (0, 1] ending with 1.0")
         for name in ("neighbour_noise", "neighbour_step", "tolerance_in", "tolerance_out",
-                     "min_active", "noise_amplitude", "mad_k", "consistency_mad_k"):
+                     "min_active", "noise_amplitude", "mad_k", "consistency_mad_k", "consistency_margin"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 bad(name, "must be a finite number >= 0")
@@ -115,7 +117,7 @@ class GuardConfig:
         choices = {"fill": ("blank", "mean"), "reliability_measure": ("confidence", "rate"),
                    "consistency_reduce": ("per_layer", "max", "mean"),
                    "consistency_units": ("max", "mean", "mean+max"), "inconsistent_verdict": ("ood", "alarm"),
-                   "consistency_center": ("class", "pooled", "shrunk"), "consistency_bound": ("mad", "max"),
+                   "consistency_center": ("class", "pooled", "shrunk"), "consistency_bound": ("mad", "max", "tail"),
                    "neighbour_mode": ("alg1", "perturb")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -893,6 +893,29 @@ def test_consistency_bounds_max_rule_is_the_largest_own_class_deviation():
         GuardConfig(consistency_bound="q99")
 
 
+def test_consistency_bounds_tail_rule_sits_past_a_short_tail_and_keeps_k_mads_for_a_long_one():
+    """``rule="tail"``: the lower of the k-MAD bound and the largest own deviation plus ``margin``
+    MADs, in log space; it never exceeds the ``"mad"`` bound, and a large margin gives that bound."""
+    short = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])  # log: median 2, MAD 1, max 4
+    long_ = torch.tensor([0.0, 1.0, 2.0, 3.0, 40.0])  # the same median and MAD, max 40
+    y = torch.zeros(5, dtype=torch.long)
+    for logs, expected in ((short, 4.0 + 0.5 * 1.4826), (long_, 2.0 + 5 * 1.4826)):
+        dev = logs.exp()[:, None]
+        tail = calibrate.consistency_bounds(dev, y, 5.0, rule="tail", margin=0.5)
+        assert tail.log().item() == pytest.approx(expected, abs=1e-4)
+        mad = calibrate.consistency_bounds(dev, y, 5.0)
+        assert tail.item() <= mad.item()
+        assert calibrate.consistency_bounds(dev, y, 5.0, rule="tail", margin=100.0).item() == mad.item()
+    # per layer, each layer by its own tail
+    both = torch.stack([short.exp(), long_.exp()], 1)[:, None, :]  # [n, K=1, L=2]
+    b = calibrate.layer_bounds(both, y, 5.0, rule="tail", margin=0.5).log()[0]
+    torch.testing.assert_close(b, torch.tensor([4.0 + 0.5 * 1.4826, 2.0 + 5 * 1.4826]), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="margin must be a number >= 0"):
+        calibrate.consistency_bounds(short.exp()[:, None], y, 5.0, rule="tail", margin=-1.0)
+    with pytest.raises(ValueError, match="consistency_margin"):
+        GuardConfig(consistency_margin=float("nan"))
+
+
 def test_max_bound_admits_every_calibration_sample_and_one_sits_on_it(guard_deep, synth):
     g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], consistency_bound="max")
     d = g.diagnostics
@@ -929,7 +952,7 @@ def test_recalibrate_equals_a_refit_with_those_settings(guard_deep, deep_net, sy
     gives (same split, masks and profile; new thresholds, norms and bounds), also after a save and
     load, and leaves the original guard as it was."""
     settings = dict(consistency_center="class", consistency_mad_k=3.0, mad_k=2.0,
-                    inconsistent_verdict="ood")
+                    inconsistent_verdict="ood", consistency_bound="tail", consistency_margin=0.5)
     refit = LinkBreaker.fit(deep_net, synth["x_val"], synth["y_val"], NUM_CLASSES,
                             layers=["input", "1", "3"], progress=False, **dict(FAST, **settings))
     before = {k: v.clone() for k, v in guard_deep.profile.items()}

@@ -1,0 +1,173 @@
+"""Dev study (issue #6): which rule should set each layer's consistency bound.
+
+A bound changes only a comparison, so the forward passes are done once per saved default guard
+(``runs/<D>/guards/<A>-0.safetensors``) and cached: its calibration split's per-layer deviation
+ratios, and the heads' confidences and per-layer ratios on ``--n`` clean and ``--n`` triggered
+inputs of the **dev** half of the test split (indices 0-4999), in
+``runs/<D>/dev/<A>-0-ratios.safetensors``. Every candidate rule is then measured from that cache
+in milliseconds: the bounds are recomputed from the calibration split alone
+(:func:`linkbreaker_ext.calibrate.layer_bounds`, pooled center, as the fit does) and the heads
+decided again (Alg. 3 with the veto, verdict alarm).
+
+With the default (pooled) center every class shares one bound per layer and every rule here works in
+log space, so a rule computed on ratios to the fitted bound equals the rule computed on the raw
+deviations: the cache is exact for any rule.
+
+    python scripts/bound_rules.py --dump --dataset cifar10 --attacks badnets wanet ...   # forwards
+    python scripts/bound_rules.py                                                        # the table
+
+Writes ``results/dev/bound-rules.md`` and copies the per-model JSON to ``results/dev/<D>/``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from linkbreaker_ext import calibrate, data, experiment, metrics, training  # noqa: E402
+from linkbreaker_ext.guard import GuardResult, LinkBreaker, decide  # noqa: E402
+
+DEV = slice(0, 5000)
+DATASETS = ("mnist", "cifar10", "gtsrb")
+
+
+def cache_path(dataset: str, attack: str) -> Path:
+    return ROOT / "runs" / dataset / "dev" / f"{attack}-0-ratios.safetensors"
+
+
+def dump(dataset: str, attack_name: str, n: int, source: str):
+    """One forward of the heads over the calibration split and the dev inputs, cached."""
+    work = ROOT / "runs" / dataset
+    split = experiment.split_data(dataset, source, None, 0)
+    model, meta = experiment.load_model(work / "models" / f"{attack_name}-0.safetensors")
+    attack = experiment.attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None
+    guard = LinkBreaker.load(work / "guards" / f"{attack_name}-0.safetensors", model)
+    if guard.config.consistency_center != "pooled" or guard.config.consistency_reduce != "per_layer":
+        raise SystemExit(f"{attack_name}: the cache is exact only for pooled per-layer bounds")
+    calib_idx, _ = data.stratified_split(split["y_val"], guard.config.calibration_fraction,
+                                         seed=guard.config.seed)
+    xc, yc, xt, yt, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], n, n, 0, DEV)
+    t0 = time.time()
+    _, cal = guard._heads_with_deviations(split["x_val"][calib_idx], by_layer=True)
+    conf_c, dev_c = guard._heads_with_deviations(xc, by_layer=True)
+    conf_t, dev_t = guard._heads_with_deviations(xt, by_layer=True)
+    tensors = {"cal": cal.contiguous(), "y_cal": split["y_val"][calib_idx].contiguous(),
+               "conf_c": conf_c, "dev_c": dev_c.contiguous(), "y_c": yc.contiguous(),
+               "conf_t": conf_t, "dev_t": dev_t.contiguous(), "y_t": yt.contiguous(),
+               "thresholds": guard.thresholds.cpu(),
+               "pred_c": training.predict_logits(model, xc).argmax(1),
+               "pred_t": training.predict_logits(model, xt).argmax(1)}
+    out = cache_path(dataset, attack_name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(out),
+              metadata={"target": str(target), "evidence": json.dumps(guard._profile_layers())})
+    print(f"{dataset}/{attack_name}: {time.time() - t0:.0f} s -> {out}", flush=True)
+
+
+# name -> (rule, k, margin): the candidates measured (calibrate.consistency_bounds' rules)
+CANDIDATES = {
+    **{f"mad k={k:g}": ("mad", k, None) for k in (5.0, 4.75, 4.5, 4.25, 4.0)},
+    "max": ("max", 5.0, None),
+    **{f"tail k={k:g} m={m:g}": ("tail", k, m) for k in (5.0, 4.75, 4.5, 4.25) for m in (0.5, 0.75, 1.0, 1.5)},
+}
+
+
+def measure(cache: dict, target: int, rule: str, k: float, margin) -> dict:
+    b = calibrate.layer_bounds(cache["cal"], cache["y_cal"], k, center="pooled", rule=rule,
+                               **({} if margin is None else {"margin": margin}))  # [K, L]
+    rs = []
+    for s in ("c", "t"):
+        ratio = (cache[f"dev_{s}"] / b).amax(-1)
+        labels, verdict = decide(cache[f"conf_{s}"], cache["thresholds"], ratio, "alarm")
+        rs.append(GuardResult(labels, verdict, cache[f"conf_{s}"], cache["thresholds"], ratio))
+    return metrics.defended(rs[0], cache["y_c"], rs[1], cache["y_t"], target)
+
+
+def load_cache(path: Path):
+    cache = load_file(str(path))
+    with open(path, "rb") as f:  # the safetensors header holds the metadata
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+    return cache, int(header["target"]), json.loads(header["evidence"])
+
+
+def table():
+    from linkbreaker_ext.reproduce import TARGETS
+    models = []  # (dataset, attack, before, {rule: metrics})
+    for dataset in DATASETS:
+        for path in sorted((ROOT / "runs" / dataset / "dev").glob("*-0-ratios.safetensors")):
+            attack = path.name.split("-0-ratios")[0]
+            cache, target, evidence = load_cache(path)
+            before = metrics.undefended(cache["pred_c"], cache["y_c"], cache["pred_t"], target)
+            rows = {name: measure(cache, target, *spec) for name, spec in CANDIDATES.items()}
+            dest = ROOT / "results" / "dev" / dataset / f"{attack}-0-bound-rules.json"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(json.dumps({"dataset": dataset, "attack": attack, "split": "dev",
+                                        "n_clean": len(cache["y_c"]), "n_trigger": len(cache["y_t"]),
+                                        "evidence": evidence, "before": before, "rules": rows}, indent=2))
+            models.append((dataset, attack, before, rows))
+    short = {"mnist": "M", "cifar10": "C", "gtsrb": "G"}
+    heads = [f"{short[d]} {a}" for d, a, _, _ in models]
+    body = []
+    for name in CANDIDATES:
+        met, total, cells = 0, 0, []
+        for dataset, attack, before, rows in models:
+            drop, asr = 100 * (before["cda"] - rows[name]["cda"]), 100 * rows[name]["asr"]
+            goal = TARGETS.get((dataset, attack))
+            ok = ""
+            if goal is not None:
+                total += 1
+                hit = drop <= goal[0] and (goal[1] is None or asr <= goal[1])
+                met += hit
+                ok = "" if hit else " ✗"
+            cells.append(f"{drop:.2f} / {asr:.2f}{ok}")
+        body.append(f"| {name} | {met}/{total} | " + " | ".join(cells) + " |")
+    goals = []
+    for dataset, attack, _, _ in models:
+        g = TARGETS.get((dataset, attack))
+        goals.append("-" if g is None else f"<= {g[0]:g}" + ("" if g[1] is None else f" / <= {g[1]:g}"))
+    lines = ["# Rules for the per-layer consistency bound (dev half, seed 0)", "",
+             "Each cell: CDA drop (points, hint reading) / ASR (%) of a saved default guard on the "
+             "**dev** half of the test split (1,000 clean and 1,000 triggered inputs; M = MNIST, "
+             "C = CIFAR-10, G = GTSRB), every layer's bound recomputed from the calibration split by "
+             "the rule of the row, pooled over classes. `mad k`: `median + k * 1.4826 * MAD` of the "
+             "log deviations (k = 5 is today's default); `max`: the largest calibration deviation; "
+             "`tail k m`: the lower of the k-MAD bound and `max + m * 1.4826 * MAD` (log space): a "
+             "layer whose clean tail ends well inside k MADs is bounded just past its tail, one whose "
+             "tail is long keeps k MADs. ✗: the model's issue #6 target (second row) is missed; "
+             "*met*: targets met. Every row comes from the same forward passes. Made by "
+             "`python scripts/bound_rules.py` (the forwards: `--dump`).", "",
+             "| rule | met | " + " | ".join(heads) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in heads) + " |",
+             "| target | | " + " | ".join(goals) + " |", *body]
+    out = ROOT / "results" / "dev" / "bound-rules.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(out.read_text())
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--dump", action="store_true", help="run the forwards and cache them")
+    p.add_argument("--dataset", choices=DATASETS, default="cifar10")
+    p.add_argument("--attacks", nargs="*", default=[])
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.dump:
+        for a in args.attacks:
+            if not cache_path(args.dataset, a).is_file():
+                dump(args.dataset, a, args.n, args.data)
+    else:
+        table()
+
+
+if __name__ == "__main__":
+    main()
