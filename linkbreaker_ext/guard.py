@@ -65,8 +65,9 @@ class GuardConfig:
     out_quantile: float | None = 0.995  # ... and at least this quantile of other classes' confidences
     threshold_floor: float = 0.5    # thresholds never below this (two heads can't both pass 0.5 easily)
     consistency: bool = True        # the neurons consistency check (veto on inconsistent heads)
-    consistency_mad_k: float = 5.0  # bound = median + k * 1.4826 * MAD of log deviation, class k's own
-    #                                 (chosen on the dev half: docs/method.md, "Choosing the bound")
+    consistency_mad_k: float = 4.25  # bound = median + k * 1.4826 * MAD of log deviation (at most)
+    #                                 (chosen on the dev half with the "tail" rule: docs/method.md,
+    #                                 "A bound per layer's tail"; 5 with "mad" before)
     consistency_units: str = "mean+max"  # a channel's value at a hidden conv layer: its spatial
     #                                 "max" (sees a small trigger), its "mean" (sees a warp), or both,
     #                                 each view within its own bound (docs/method.md, "Two views")
@@ -76,11 +77,12 @@ class GuardConfig:
     #                                 deviations are already relative to each class's typical one),
     #                                 class k's own ("class") or "shrunk" towards the pooled one
     #                                 (chosen on the dev half: docs/method.md, "Where the bound sits")
-    consistency_bound: str = "mad"  # each bound: "mad" (center + consistency_mad_k MADs, robust to a
-    #                                 few bad calibration samples), "max" (the calibration split's
-    #                                 largest deviation: each layer's own tail) or "tail" (the lower
-    #                                 of "mad" and max + consistency_margin MADs; docs/method.md)
-    consistency_margin: float = 1.0  # "tail": MADs (log space) past the calibration split's largest
+    consistency_bound: str = "tail"  # each bound: "tail" (the lower of "mad" and the calibration
+    #                                 split's largest deviation + consistency_margin MADs: each layer
+    #                                 bounded just past a short clean tail), "mad" (center +
+    #                                 consistency_mad_k MADs, robust to a few bad calibration
+    #                                 samples) or "max" (the calibration split's largest deviation)
+    consistency_margin: float = 0.75  # "tail": MADs (log space) past the calibration split's largest
     inconsistent_verdict: str = "alarm"  # no credible head but a confident, inconsistent one: "alarm" or "ood"
     calibration_fraction: float = 0.3  # share of the validation set kept apart for thresholds
     min_per_class: int = 5
@@ -131,7 +133,8 @@ class GuardConfig:
 
 # Settings whose default changed after guards were first saved: a file that lacks the field was
 # fitted (and its profile computed) with this value.
-LEGACY_CONFIG = {"consistency_units": "mean", "consistency_center": "class"}
+LEGACY_CONFIG = {"consistency_units": "mean", "consistency_center": "class", "consistency_bound": "mad",
+                 "consistency_mad_k": 5.0}
 
 
 @dataclass

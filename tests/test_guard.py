@@ -940,8 +940,10 @@ def test_fit_centers_its_bounds_as_configured(guard_deep, deep_net, synth):
         assert torch.equal(m, pooled.masks[name])
     torch.testing.assert_close(a["calibration_deviations_by_layer"], b["calibration_deviations_by_layer"])
     by_layer, y = b["calibration_deviations_by_layer"], b["calibration_labels"]
-    k = pooled.config.consistency_mad_k
-    torch.testing.assert_close(b["layer_bounds"], calibrate.layer_bounds(by_layer, y, k, center="pooled"))
+    cfg = pooled.config
+    torch.testing.assert_close(b["layer_bounds"], calibrate.layer_bounds(
+        by_layer, y, cfg.consistency_mad_k, center="pooled", rule=cfg.consistency_bound,
+        margin=cfg.consistency_margin))
     assert not torch.allclose(b["layer_bounds"], a["layer_bounds"])  # the classes' medians differ
     with pytest.raises(ValueError, match="consistency_center"):
         GuardConfig(consistency_center="mean")
@@ -1018,11 +1020,13 @@ def test_fit_keeps_the_calibration_deviations_behind_its_bounds(guard_deep, synt
     by_layer = d["calibration_deviations_by_layer"]
     assert dev.shape == (len(y), NUM_CLASSES)
     assert by_layer.shape == (len(y), NUM_CLASSES, len(guard_deep._profile_layers()))
-    k = guard_deep.config.consistency_mad_k
-    assert guard_deep.config.consistency_reduce == "per_layer"
-    center = guard_deep.config.consistency_center
+    cfg = guard_deep.config
+    k = cfg.consistency_mad_k
+    assert cfg.consistency_reduce == "per_layer"
     bounds = torch.stack([calibrate.consistency_bounds(by_layer[..., i], y, k, pooled_spread=True,
-                                                       center=center)
+                                                       center=cfg.consistency_center,
+                                                       rule=cfg.consistency_bound,
+                                                       margin=cfg.consistency_margin)
                           for i in range(by_layer.shape[-1])], 1)
     torch.testing.assert_close(bounds, d["layer_bounds"])
     torch.testing.assert_close(dev, (by_layer / bounds).amax(-1))
@@ -1033,14 +1037,19 @@ def test_fit_keeps_the_calibration_deviations_behind_its_bounds(guard_deep, synt
     torch.testing.assert_close(guard_deep.deviations(synth["x_val"][calib_idx]).cpu(), dev,
                                rtol=1e-4, atol=1e-5)
     looser = torch.stack([calibrate.consistency_bounds(by_layer[..., i], y, k + 2, pooled_spread=True,
-                                                       center=center)
+                                                       center=cfg.consistency_center,
+                                                       rule=cfg.consistency_bound,
+                                                       margin=cfg.consistency_margin + 2)
                           for i in range(by_layer.shape[-1])], 1)
     assert (looser >= bounds).all()
     # one bound on the max of normalised deviations (consistency_reduce="max", the first default)
     one = fit(guard_deep.model, synth["x_val"], synth["y_val"], layers=["input", "1", "3"],
               consistency_reduce="max", neighbours=0)
     dev1, y1 = one.diagnostics["calibration_deviations"], one.diagnostics["calibration_labels"]
-    torch.testing.assert_close(calibrate.consistency_bounds(dev1, y1, k, center=center), one.profile["bounds"].cpu())
+    torch.testing.assert_close(calibrate.consistency_bounds(dev1, y1, k, center=cfg.consistency_center,
+                                                            rule=cfg.consistency_bound,
+                                                            margin=cfg.consistency_margin),
+                               one.profile["bounds"].cpu())
     torch.testing.assert_close(dev1, one.diagnostics["calibration_deviations_by_layer"].amax(-1))
     off = fit(guard_deep.model, synth["x_val"], synth["y_val"], layers=["input"], consistency=False,
               neighbours=0)
