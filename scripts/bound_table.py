@@ -134,9 +134,10 @@ def operating_points():
              "Each cell: CDA drop (points, hint reading) / ASR (%) of a saved guard on 1,000 clean and "
              "1,000 triggered inputs of the **dev** half of the test split, its per-layer bounds "
              "recalibrated at `median + k * 1.4826 * MAD` (pooled center, the default) from the "
-             "calibration split; every column of a row comes from the same forward passes. k = 5 is "
-             "the default (docs/method.md, \"Choosing the bound\"); `guard.recalibrate(x_val, y_val, "
-             "consistency_mad_k=k)` moves a fitted guard to another column. Made by "
+             "calibration split; every column of a row comes from the same forward passes. k = 5 was "
+             "the default of this rule (docs/method.md, \"Choosing the bound\"; the default is now the "
+             "`tail` rule, `results/dev/bound-rules.md`); `guard.recalibrate(x_val, y_val, "
+             "consistency_bound='mad', consistency_mad_k=k)` moves a fitted guard to another column. Made by "
              "`python scripts/bound_table.py --operating-points`.", "",
              "| data set | attack | target (issue #6) | " + " | ".join(f"k = {k:g}" for k in ks or []) + " |",
              "| --- | --- | --- | " + " | ".join("---" for _ in ks or []) + " |", *body]
