@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,10 +92,9 @@ def measure(cache: dict, target: int, rule: str, k: float, margin) -> dict:
 
 
 def load_cache(path: Path):
-    cache = load_file(str(path))
-    with open(path, "rb") as f:  # the safetensors header holds the metadata
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
-    return cache, int(header["target"]), json.loads(header["evidence"])
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata()
+    return load_file(str(path)), int(header["target"]), json.loads(header["evidence"])
 
 
 def table():
