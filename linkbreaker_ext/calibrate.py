@@ -52,7 +52,7 @@ RULES = ("mad", "max", "tail")
 
 def consistency_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float,
                        pooled_spread: bool = False, center: str = "class", rule: str = "mad",
-                       margin: float = 1.0) -> torch.Tensor:
+                       margin: float = 0.75) -> torch.Tensor:
     """``[K]``: ``median + mad_k * 1.4826 * MAD`` of class k's own deviations, in log space (the
     deviations are ratios, skewed to the right). Inputs of class k above it are inconsistent.
     ``pooled_spread``: the MAD around each class's own median is taken over all classes' samples
@@ -109,7 +109,7 @@ def consistency_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float,
 
 
 def layer_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float, pooled_spread: bool = True,
-                 center: str = "class", rule: str = "mad", margin: float = 1.0) -> torch.Tensor:
+                 center: str = "class", rule: str = "mad", margin: float = 0.75) -> torch.Tensor:
     """``[K, L]``: :func:`consistency_bounds` of every layer's deviations ``dev`` ``[n, K, L]`` on its
     own (the ``per_layer`` consistency check: a trigger may move one layer far and the others not at
     all)."""
