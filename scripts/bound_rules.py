@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from linkbreaker_ext import calibrate, data, experiment, metrics, training  # noqa: E402
-from linkbreaker_ext.guard import GuardResult, LinkBreaker, decide  # noqa: E402
+from linkbreaker_ext.guard import GuardResult, LinkBreaker  # noqa: E402
 
 DEV = slice(0, 5000)
 DATASETS = ("mnist", "cifar10", "gtsrb")
@@ -74,51 +74,44 @@ def dump(dataset: str, attack_name: str, n: int, source: str):
 
 # name -> (rule, k, margin): the candidates measured (calibrate.consistency_bounds' rules)
 CANDIDATES = {
-    **{f"mad k={k:g}": ("mad", k, None) for k in (5.0, 4.75, 4.5, 4.25, 4.0)},
-    "max": ("max", 5.0, None),
+    **{f"mad k={k:g}": ("mad", k, 0.0) for k in (5.0, 4.75, 4.5, 4.25, 4.0)},  # margin unused
+    "max": ("max", 5.0, 0.0),
     **{f"tail k={k:g} m={m:g}": ("tail", k, m) for k in (5.0, 4.75, 4.5, 4.25) for m in (0.5, 0.75, 1.0, 1.5)},
 }
 
 
-def decisions(cache: dict, rule: str, k: float, margin) -> list:
+def decisions(cache: dict, rule: str, k: float, margin: float) -> list:
     """The guard's results on the cached clean and triggered inputs with every layer's bound set
     by ``rule`` from the calibration split alone."""
     b = calibrate.layer_bounds(cache["cal"], cache["y_cal"], k, center="pooled", rule=rule,
-                               **({} if margin is None else {"margin": margin}))  # [K, L]
-    rs = []
-    for s in ("c", "t"):
-        ratio = (cache[f"dev_{s}"] / b).amax(-1)
-        labels, verdict = decide(cache[f"conf_{s}"], cache["thresholds"], ratio, "alarm")
-        rs.append(GuardResult(labels, verdict, cache[f"conf_{s}"], cache["thresholds"], ratio))
-    return rs
+                               margin=margin)  # [K, L]
+    return [experiment.redecided(GuardResult(None, None, cache[f"conf_{s}"], cache["thresholds"]),
+                                 (cache[f"dev_{s}"] / b).amax(-1), "alarm") for s in ("c", "t")]
 
 
 def bootstrap_choice(models: list, resamples: int, seed: int = 0) -> dict:
     """How often each rule meets the most targets when the dev inputs are resampled with
     replacement (``models``: ``(target (drop, asr) or None, clean_before_ok [n], clean_after_ok
-    {rule: [n]}, trigger_success {rule: [m]})``): the choice's robustness to which 1,000 dev inputs
-    were drawn. Ties share a win. Returns ``{rule: (share of wins, mean targets met)}``."""
+    [R, n], trigger_success [R, m])``, one row per rule of :data:`CANDIDATES`): the choice's
+    robustness to which 1,000 dev inputs were drawn. Ties share a win. Returns ``{rule: (share of
+    wins, mean targets met)}``."""
     g = torch.Generator().manual_seed(seed)
-    names = list(CANDIDATES)
-    wins = torch.zeros(len(names), dtype=torch.float64)
-    met_sum = torch.zeros(len(names), dtype=torch.float64)
+    wins = torch.zeros(len(CANDIDATES), dtype=torch.float64)
+    met_sum = torch.zeros(len(CANDIDATES), dtype=torch.float64)
     for _ in range(resamples):
-        met = torch.zeros(len(names), dtype=torch.float64)
+        met = torch.zeros(len(CANDIDATES), dtype=torch.float64)
         for goal, before, after, success in models:
             if goal is None:
                 continue
-            ci = torch.randint(len(before), (len(before),), generator=g)
-            ti = torch.randint(len(next(iter(success.values()))), (len(next(iter(success.values()))),),
-                               generator=g)
-            base = before[ci].double().mean()
-            for j, name in enumerate(names):
-                drop = 100 * (base - after[name][ci].double().mean())
-                asr = 100 * success[name][ti].double().mean()
-                met[j] += float(drop <= goal[0] and (goal[1] is None or asr <= goal[1]))
+            ci = torch.randint(before.shape[0], (before.shape[0],), generator=g)
+            ti = torch.randint(success.shape[1], (success.shape[1],), generator=g)
+            drop = 100 * (before[ci].double().mean() - after[:, ci].double().mean(1))
+            asr = 100 * success[:, ti].double().mean(1)
+            met += ((drop <= goal[0]) & (asr <= (goal[1] if goal[1] is not None else float("inf")))).double()
         best = met == met.max()
         wins += best.double() / best.sum()
         met_sum += met
-    return {n: (wins[j].item() / resamples, met_sum[j].item() / resamples) for j, n in enumerate(names)}
+    return {n: (wins[j].item() / resamples, met_sum[j].item() / resamples) for j, n in enumerate(CANDIDATES)}
 
 
 def load_cache(path: Path):
@@ -140,8 +133,8 @@ def table(resamples: int):
             rows = {name: metrics.defended(rc, cache["y_c"], rt, cache["y_t"], target)
                     for name, (rc, rt) in results.items()}
             boot.append((TARGETS.get((dataset, attack)), cache["pred_c"] == cache["y_c"],
-                         {n: rc.labels == cache["y_c"] for n, (rc, _) in results.items()},
-                         {n: rt.labels == target for n, (_, rt) in results.items()}))
+                         torch.stack([rc.labels == cache["y_c"] for rc, _ in results.values()]),
+                         torch.stack([rt.labels == target for _, rt in results.values()])))
             dest = ROOT / "results" / "dev" / dataset / f"{attack}-0-bound-rules.json"
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_text(json.dumps({"dataset": dataset, "attack": attack, "split": "dev",
