@@ -185,6 +185,47 @@ def table(resamples: int):
     print(out.read_text())
 
 
+def diagnostics():
+    """Where the calibration split and the dev inputs differ, and what any bound on this evidence
+    can do, per cached model, in units of each layer's pooled calibration MADs (log space, own
+    class): the median and the share over 4.5 MADs of the largest per-layer z (calibration split
+    against dev clean inputs); and, for the triggered inputs, the share that pass the target head's
+    confidence test and stay under a threshold on a combined score set at 1 % / 2 % of the dev
+    clean inputs (the clean ones split by whether the model gets them right; a diagnosis read off the dev clean inputs themselves, not an operating point):
+    ``max``, the per-layer maximum the guard uses, and ``mahalanobis``, the z vector whitened by the
+    calibration split's covariance. Writes ``results/dev/bound-diagnostics.json``."""
+    out = {}
+    for dataset in DATASETS:
+        for path in sorted((ROOT / "runs" / dataset / "dev").glob("*-0-ratios.safetensors")):
+            attack = path.name.split("-0-ratios")[0]
+            c, target, _ = load_cache(path)
+            own = lambda d, y: d[torch.arange(len(y)), y].log().double()  # noqa: E731
+            cal, clean = own(c["cal"], c["y_cal"]), own(c["dev_c"], c["y_c"])
+            trig = c["dev_t"][:, target].log().double()
+            med = cal.median(0).values
+            scale = calibrate.MAD_SCALE * (cal - med).abs().median(0).values
+            z = {n: (v - med) / scale for n, v in (("cal", cal), ("clean", clean), ("trig", trig))}
+            cov = torch.cov(z["cal"].T)
+            prec = torch.linalg.inv(cov + 1e-3 * torch.eye(len(cov), dtype=cov.dtype))
+            scores = {"max": lambda v: v.amax(1), "mahalanobis": lambda v: ((v @ prec) * v).sum(1)}
+            confident = c["conf_t"][:, target] >= c["thresholds"][target]
+            rec = {n: {"median_max_z": z[n].amax(1).median().item(),
+                       "over_4.5": (z[n].amax(1) > 4.5).double().mean().item()} for n in ("cal", "clean")}
+            right = c["pred_c"] == c["y_c"]  # the clean inputs the model gets right / wrong
+            over = z["clean"].amax(1) > 4.5
+            rec["clean"].update({"over_4.5_right": over[right].double().mean().item(),
+                                 "over_4.5_wrong": over[~right].double().mean().item()})
+            for name, f in scores.items():
+                sc, st = f(z["clean"]), f(z["trig"])
+                rec[f"through_{name}"] = {f"{q:g}": (confident & (st <= sc.quantile(1 - q))).double().mean().item()
+                                          for q in (0.01, 0.02)}
+            out[f"{dataset}/{attack}"] = rec
+    dest = ROOT / "results" / "dev" / "bound-diagnostics.json"
+    dest.write_text(json.dumps(out, indent=2))
+    for key, rec in out.items():
+        print(key, json.dumps(rec))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--dump", action="store_true", help="run the forwards and cache them")
@@ -194,12 +235,16 @@ def main():
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--resamples", type=int, default=200, help="bootstrap resamples of the dev inputs")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="calibration against dev tails, and what a bound on this evidence can do")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.dump:
         for a in args.attacks:
             if not cache_path(args.dataset, a).is_file():
                 dump(args.dataset, a, args.n, args.data)
+    elif args.diagnostics:
+        diagnostics()
     else:
         table(args.resamples)
 
