@@ -188,7 +188,7 @@ def table(resamples: int):
 def diagnostics():
     """Where the calibration split and the dev inputs differ, and what any bound on this evidence
     can do, per cached model, in units of each layer's pooled calibration MADs (log space, own
-    class): the median and the share over 4.5 MADs of the largest per-layer z (calibration split
+    class): each evidence's largest calibration z; the median and the share over 4.5 MADs of the largest per-layer z (calibration split
     against dev clean inputs); and, for the triggered inputs, the share that pass the target head's
     confidence test and stay under a threshold on a combined score set at 1 % / 2 % of the dev
     clean inputs (the clean ones split by whether the model gets them right; a diagnosis read off the dev clean inputs themselves, not an operating point):
@@ -198,7 +198,7 @@ def diagnostics():
     for dataset in DATASETS:
         for path in sorted((ROOT / "runs" / dataset / "dev").glob("*-0-ratios.safetensors")):
             attack = path.name.split("-0-ratios")[0]
-            c, target, _ = load_cache(path)
+            c, target, evidence = load_cache(path)
             own = lambda d, y: d[torch.arange(len(y)), y].log().double()  # noqa: E731
             cal, clean = own(c["cal"], c["y_cal"]), own(c["dev_c"], c["y_c"])
             trig = c["dev_t"][:, target].log().double()
@@ -211,6 +211,7 @@ def diagnostics():
             confident = c["conf_t"][:, target] >= c["thresholds"][target]
             rec = {n: {"median_max_z": z[n].amax(1).median().item(),
                        "over_4.5": (z[n].amax(1) > 4.5).double().mean().item()} for n in ("cal", "clean")}
+            rec["cal"]["max_z_by_evidence"] = dict(zip(evidence, z["cal"].amax(0).tolist()))
             right = c["pred_c"] == c["y_c"]  # the clean inputs the model gets right / wrong
             over = z["clean"].amax(1) > 4.5
             rec["clean"].update({"over_4.5_right": over[right].double().mean().item(),
