@@ -89,6 +89,91 @@ def decisions(cache: dict, rule: str, k: float, margin: float) -> list:
                                  (cache[f"dev_{s}"] / b).amax(-1), "alarm") for s in ("c", "t")]
 
 
+def mahalanobis_ratios(cache: dict, k: float, margin) -> tuple:
+    """Clean and triggered ``[n, K]`` ratios of a bound on one combined score per head: the
+    Mahalanobis length of its per-layer z vector (log deviations, each layer centred on the pooled
+    calibration median and scaled by its pooled MAD, whitened by the calibration split's
+    covariance), bounded like a layer by ``median + k MADs`` of the calibration split's log lengths,
+    and with ``margin`` (not None) at most their maximum + ``margin`` MADs (the tail rule). Every
+    statistic comes from the calibration split."""
+    own = cache["cal"][torch.arange(len(cache["y_cal"])), cache["y_cal"]].log().double()  # [n, L]
+    med = own.median(0).values
+    scale = calibrate.MAD_SCALE * (own - med).abs().median(0).values
+    z = (own - med) / scale
+    cov = torch.cov(z.T)
+    prec = torch.linalg.inv(cov + 1e-3 * torch.eye(len(cov), dtype=cov.dtype))
+
+    def log_length(v):
+        return ((v @ prec) * v).sum(-1).clamp_min(1e-24).sqrt().log()
+
+    cal = log_length(z)
+    centre = cal.median()
+    mad = calibrate.MAD_SCALE * (cal - centre).abs().median()
+    bound = centre + k * mad
+    if margin is not None:
+        bound = torch.minimum(bound, cal.max() + margin * mad)
+    return tuple((log_length((cache[f"dev_{s}"].log().double() - med) / scale) - bound).exp().float()
+                 for s in ("c", "t"))
+
+
+def mahalanobis_table():
+    """Dev: a bound on the Mahalanobis length of each head's per-layer z vector, alone and on top
+    of today's per-layer tail bounds (``results/dev/bound-mahalanobis.md``)."""
+    from linkbreaker_ext.reproduce import TARGETS
+    default = CANDIDATES["tail k=4.25 m=0.75"]
+    variants = {"per-layer tail (today's default)": (None, None, True)}
+    for k, m in ((4.0, None), (5.0, None), (6.0, None), (5.0, 0.5), (5.0, 1.0)):  # m caps k's bound
+        name = f"k={k:g}" + ("" if m is None else f" m={m:g}")
+        variants[f"Mahalanobis {name}"] = (k, m, False)
+        variants[f"per-layer tail + Mahalanobis {name}"] = (k, m, True)
+    caches = []
+    for dataset in DATASETS:
+        for path in sorted((ROOT / "runs" / dataset / "dev").glob("*-0-ratios.safetensors")):
+            caches.append((dataset, path.name.split("-0-ratios")[0], *load_cache(path)[:2]))
+    heads = [f"{dict(mnist='M', cifar10='C', gtsrb='G')[d]} {a}" for d, a, _, _ in caches]
+    body = []
+    for name, (k, m, with_layers) in variants.items():
+        met, total, cells = 0, 0, []
+        for dataset, attack, c, target in caches:
+            ratios = [None, None]
+            if with_layers:
+                b = calibrate.layer_bounds(c["cal"], c["y_cal"], default[1], center="pooled",
+                                           rule=default[0], margin=default[2])
+                ratios = [(c[f"dev_{s}"] / b).amax(-1) for s in ("c", "t")]
+            if k is not None:
+                maha = mahalanobis_ratios(c, k, m)
+                ratios = [mr if r is None else torch.maximum(r, mr) for r, mr in zip(ratios, maha)]
+            rc, rt = (experiment.redecided(GuardResult(None, None, c[f"conf_{s}"], c["thresholds"]), r, "alarm")
+                      for s, r in zip(("c", "t"), ratios))
+            before = metrics.undefended(c["pred_c"], c["y_c"], c["pred_t"], target)
+            row = metrics.defended(rc, c["y_c"], rt, c["y_t"], target)
+            drop, asr = 100 * (before["cda"] - row["cda"]), 100 * row["asr"]
+            goal = TARGETS.get((dataset, attack))
+            ok = ""
+            if goal is not None:
+                total += 1
+                hit = drop <= goal[0] and (goal[1] is None or asr <= goal[1])
+                met += hit
+                ok = "" if hit else " ✗"
+            cells.append(f"{drop:.2f} / {asr:.2f}{ok}")
+        body.append(f"| {name} | {met}/{total} | " + " | ".join(cells) + " |")
+    lines = ["# A bound on a Mahalanobis combination of the layers (dev half, seed 0)", "",
+             "Each cell: CDA drop (points, hint reading) / ASR (%) on the dev half (1,000 clean and "
+             "1,000 triggered inputs per model), from the same cached forwards as "
+             "`bound-rules.md`. *Mahalanobis*: a head is inconsistent when the Mahalanobis length of "
+             "its per-layer z vector (log deviation, centred on each layer's pooled calibration "
+             "median, divided by its pooled MAD, whitened by the calibration split's covariance) "
+             "is above `median + k * 1.4826 * MAD` of the calibration split's log lengths (with "
+             "`m`: at most their maximum + m MADs, the tail rule). *+*: on top of today's per-layer "
+             "tail bounds (k = 4.25, m = 0.75). ✗: the issue #6 target is missed. Made by "
+             "`python scripts/bound_rules.py --mahalanobis`.", "",
+             "| rule | met | " + " | ".join(heads) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in heads) + " |", *body]
+    out = ROOT / "results" / "dev" / "bound-mahalanobis.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(out.read_text())
+
+
 def bootstrap_choice(models: list, resamples: int, seed: int = 0) -> dict:
     """How often each rule meets the most targets when the dev inputs are resampled with
     replacement (``models``: ``(target (drop, asr) or None, clean_before_ok [n], clean_after_ok
@@ -238,6 +323,8 @@ def main():
     p.add_argument("--resamples", type=int, default=200, help="bootstrap resamples of the dev inputs")
     p.add_argument("--diagnostics", action="store_true",
                    help="calibration against dev tails, and what a bound on this evidence can do")
+    p.add_argument("--mahalanobis", action="store_true",
+                   help="a bound on the Mahalanobis combination of the layers, alone and added")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.dump:
@@ -246,6 +333,8 @@ def main():
                 dump(args.dataset, a, args.n, args.data)
     elif args.diagnostics:
         diagnostics()
+    elif args.mahalanobis:
+        mahalanobis_table()
     else:
         table(args.resamples)
 

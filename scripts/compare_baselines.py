@@ -34,7 +34,7 @@ from linkbreaker_ext.baselines.evaluate import _rate, evaluate_defense  # noqa: 
 
 DEFENSES = ["linkbreaker", "strip", "scale-up", "ibd-psc", "neural-cleanse", "abs", "fine-pruning"]
 DETECTORS = ["linkbreaker", "strip", "scale-up", "ibd-psc"]
-POISONING = {"badnets": "data", "blended": "data", "trojan-square": "model", "none": "clean"}
+POISONING = {"badnets": "data", "blended": "data", "trojan-square": "model", "trojan-watermark": "model", "none": "clean"}
 
 
 def run_linkbreaker(model, val, sets, seed, num_classes, saved=None):
