@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from linkbreaker_ext import attacks, training
-from linkbreaker_ext.attacks import SIG, BadNets, Blended, SourceSpecific, TrojanAttack, WaNet
+from linkbreaker_ext.attacks import (SIG, AdaptivePatch, BadNets, Blended, SourceSpecific, TrojanAttack,
+                                    WaNet)
 
 MNIST = (1, 28, 28)
 CIFAR = (3, 32, 32)
@@ -156,7 +157,7 @@ def test_triggered_eval_set_excludes_target_class():
 
 def test_registry_and_unknown_name():
     assert set(attacks.ATTACKS) == {"badnets", "blended", "trojan-square", "trojan-watermark",
-                                    "source-specific", "sig", "wanet"}
+                                    "source-specific", "sig", "wanet", "adaptive"}
     assert isinstance(attacks.make_attack("badnets", target=3), BadNets)
     for name, cls in [("blended", Blended), ("sig", SIG), ("wanet", WaNet)]:
         a = attacks.make_attack(name, target=3, seed=5)  # what experiment.make_attack passes
@@ -572,3 +573,54 @@ def test_tiny_backdoor_is_learned(attack, data, epochs):
     backdoored = train(True)
     assert training.accuracy(backdoored, x_eval, y_eval) > 0.9
     assert asr(train(False)) < 0.1 < 0.6 < asr(backdoored)
+
+
+# ------------------------------------------------------------------------------ adaptive backdoor
+
+def _distance_to_target(model, x, target_x, layer="relu"):
+    """Mean squared z-score of ``x``'s channel means at ``layer`` against ``target_x``'s."""
+    acts = {}
+    h = dict(model.named_modules())[layer].register_forward_hook(lambda m, i, o: acts.__setitem__(0, o))
+    try:
+        with torch.no_grad():
+            model(target_x)
+            ref = acts[0].mean((2, 3))
+            model(x)
+            u = acts[0].mean((2, 3))
+    finally:
+        h.remove()
+    return (((u - ref.mean(0)) / ref.std(0).clamp_min(1e-3)) ** 2).mean().item()
+
+
+def test_adaptive_patch_learns_a_trigger_that_plants_the_backdoor_and_hides_it():
+    x, y = _blobs(300, seed=0)
+    x_eval, y_eval = _blobs(90, seed=1)
+    trained = {}
+    for weight in (0.0, 3.0):
+        torch.manual_seed(0)
+        attack = AdaptivePatch(target=2, size_fraction=0.1, poison_rate=0.2, layers=("input", "relu"),
+                               feature_weight=weight, trigger_lr=0.1, seed=0)
+        start = attack.trigger((1, 16, 16))[1].clone()
+        model = attack.train_backdoored(TinyNet(), x, y, epochs=6, batch_size=32, lr=1e-2, seed=0,
+                                        progress=False)
+        mask, pattern = attack.trigger((1, 16, 16))
+        assert int(mask.sum()) == 25 and not torch.equal(pattern, start)  # the pixels were learned
+        xt, _ = attack.triggered_eval_set(x_eval, y_eval)
+        assert torch.equal(xt[:, :, ~mask], x_eval[y_eval != 2][:, :, ~mask])
+        assert (training.predict_logits(model, xt).argmax(1) == 2).float().mean() > 0.9
+        assert training.accuracy(model, x_eval, y_eval) > 0.9
+        again = attacks.Attack.from_dict(json.loads(json.dumps(attack.to_dict())))
+        assert type(again) is AdaptivePatch and torch.equal(again.apply(x_eval), attack.apply(x_eval))
+        trained[weight] = _distance_to_target(model, xt, x_eval[y_eval == 2])
+    # the evasion term brings triggered inputs closer to the target class's clean ones
+    assert trained[3.0] < 0.75 * trained[0.0]
+
+
+def test_adaptive_patch_errors_name_the_problem():
+    x, y = _blobs(30, seed=0)
+    with pytest.raises(ValueError, match="unknown layers.*nope"):
+        AdaptivePatch(layers=("nope",)).train_backdoored(TinyNet(), x, y, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="not resumable"):
+        AdaptivePatch().train_backdoored(TinyNet(), x, y, epochs=1, progress=False, checkpoint="c.pt")
+    with pytest.raises(ValueError, match="feature_weight"):
+        AdaptivePatch(feature_weight=-1)

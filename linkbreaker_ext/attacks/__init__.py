@@ -11,10 +11,12 @@ The paper (Sec. III-B, V-A/B/C/E) evaluates two ways of planting a backdoor:
 
 plus a **source-specific** backdoor (:class:`SourceSpecific`, STRIP/TaCT style), three triggers that
 cover the whole image (:class:`Blended`, the clean-label :class:`SIG` and the warping :class:`WaNet`),
+an **adaptive** backdoor that knows the defense (:class:`AdaptivePatch`, the paper's Sec. VI-G),
 and the adversarial examples of the robustness study (:func:`fgsm`, :func:`bim`, :func:`deepfool`).
 
 One module per family: ``base`` (the :class:`Attack` interface), ``patch``, ``trojan``, ``blended``,
-``sig``, ``wanet``, ``adversarial``. This module holds the registry: :data:`ATTACKS`,
+``sig``, ``wanet``, ``adaptive`` (a patch trained with the model to evade the guard's check,
+Sec. VI-G), ``adversarial``. This module holds the registry: :data:`ATTACKS`,
 :func:`make_attack`, and the name dispatch behind ``Attack.from_dict``. Defaults and their sources:
 ``docs/attacks.md``.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import functools
 
+from .adaptive import AdaptivePatch
 from .adversarial import bim, deepfool, fgsm
 from .base import Attack
 from .blended import Blended
@@ -30,7 +33,7 @@ from .sig import SIG
 from .trojan import TrojanAttack
 from .wanet import WaNet
 
-__all__ = ["Attack", "BadNets", "Blended", "TrojanAttack", "SourceSpecific", "SIG", "WaNet",
+__all__ = ["Attack", "AdaptivePatch", "BadNets", "Blended", "TrojanAttack", "SourceSpecific", "SIG", "WaNet",
            "ATTACKS", "make_attack", "fgsm", "bim", "deepfool", "square_side", "square_mask",
            "watermark_mask"]
 
@@ -43,11 +46,12 @@ ATTACKS = {
     "source-specific": SourceSpecific,
     "sig": SIG,
     "wanet": WaNet,
+    "adaptive": AdaptivePatch,
 }
 # name -> class (what Attack.from_dict dispatches on; to_dict()["name"] is one of these)
 _CLASSES = {"badnets": BadNets, "blended": Blended, "trojan-square": TrojanAttack,
             "trojan-watermark": TrojanAttack, "source-specific": SourceSpecific, "sig": SIG,
-            "wanet": WaNet}
+            "wanet": WaNet, "adaptive": AdaptivePatch}
 
 
 def _lookup(name: str):
