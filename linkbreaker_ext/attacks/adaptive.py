@@ -135,7 +135,9 @@ class AdaptivePatch(_SquareTrigger):
                         # inputs as the guard reads them (the model is not moved by this loss)
                         xt = stamp(xb[:n_p], torch.sigmoid(theta))
                         acts.clear()
+                        model.eval()  # a batch of triggered samples alone must not move BatchNorm's statistics
                         loss_t = nn.functional.cross_entropy(model(xt), yp[:n_p])
+                        model.train()
                         if self.feature_weight > 0 and stats is not None:
                             # the guard's kind of deviation: mean |z| per view, each z capped so one
                             # hopeless unit does not drown the rest; only the excess over a typical
