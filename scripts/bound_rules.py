@@ -116,10 +116,19 @@ def mahalanobis_ratios(cache: dict, k: float, margin) -> tuple:
                  for s in ("c", "t"))
 
 
+def target_cell(dataset: str, attack: str, before_cda: float, row: dict):
+    """``(cell, has_target, met)``: a table cell "CDA drop / ASR" (points, %) of a model's result
+    ``row``, marked ✗ where its issue #6 target is missed."""
+    from linkbreaker_ext.reproduce import TARGETS
+    drop, asr = 100 * (before_cda - row["cda"]), 100 * row["asr"]
+    goal = TARGETS.get((dataset, attack))
+    hit = goal is None or (drop <= goal[0] and (goal[1] is None or asr <= goal[1]))
+    return f"{drop:.2f} / {asr:.2f}" + ("" if hit else " ✗"), goal is not None, goal is not None and hit
+
+
 def mahalanobis_table():
     """Dev: a bound on the Mahalanobis length of each head's per-layer z vector, alone and on top
     of today's per-layer tail bounds (``results/dev/bound-mahalanobis.md``)."""
-    from linkbreaker_ext.reproduce import TARGETS
     default = CANDIDATES["tail k=4.25 m=0.75"]
     variants = {"per-layer tail (today's default)": (None, None, True)}
     for k, m in ((4.0, None), (5.0, None), (6.0, None), (5.0, 0.5), (5.0, 1.0)):  # m caps k's bound
@@ -147,15 +156,9 @@ def mahalanobis_table():
                       for s, r in zip(("c", "t"), ratios))
             before = metrics.undefended(c["pred_c"], c["y_c"], c["pred_t"], target)
             row = metrics.defended(rc, c["y_c"], rt, c["y_t"], target)
-            drop, asr = 100 * (before["cda"] - row["cda"]), 100 * row["asr"]
-            goal = TARGETS.get((dataset, attack))
-            ok = ""
-            if goal is not None:
-                total += 1
-                hit = drop <= goal[0] and (goal[1] is None or asr <= goal[1])
-                met += hit
-                ok = "" if hit else " ✗"
-            cells.append(f"{drop:.2f} / {asr:.2f}{ok}")
+            cell, counted, hit = target_cell(dataset, attack, before["cda"], row)
+            total, met = total + counted, met + hit
+            cells.append(cell)
         body.append(f"| {name} | {met}/{total} | " + " | ".join(cells) + " |")
     lines = ["# A bound on a Mahalanobis combination of the layers (dev half, seed 0)", "",
              "Each cell: CDA drop (points, hint reading) / ASR (%) on the dev half (1,000 clean and "
@@ -233,15 +236,9 @@ def table(resamples: int):
     for name in CANDIDATES:
         met, total, cells = 0, 0, []
         for dataset, attack, before, rows in models:
-            drop, asr = 100 * (before["cda"] - rows[name]["cda"]), 100 * rows[name]["asr"]
-            goal = TARGETS.get((dataset, attack))
-            ok = ""
-            if goal is not None:
-                total += 1
-                hit = drop <= goal[0] and (goal[1] is None or asr <= goal[1])
-                met += hit
-                ok = "" if hit else " ✗"
-            cells.append(f"{drop:.2f} / {asr:.2f}{ok}")
+            cell, counted, hit = target_cell(dataset, attack, before["cda"], rows[name])
+            total, met = total + counted, met + hit
+            cells.append(cell)
         share, mean_met = choice[name]
         body.append(f"| {name} | {met}/{total} | {mean_met:.2f} | {100 * share:.1f} | " + " | ".join(cells) + " |")
     goals = []

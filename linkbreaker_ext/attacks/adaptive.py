@@ -22,8 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import training
 from ..layers import INPUT, final_linear
-from .base import _check_rate, _poison_fraction
-from .patch import _SquareTrigger, square_mask, square_side
+from .patch import BadNets, square_mask, square_side
 
 
 Z_CAP = 10.0  # largest |z| a single neuron contributes to the evasion loss
@@ -37,8 +36,9 @@ def _views(a: torch.Tensor) -> list:
     return [a.flatten(1)]
 
 
-class AdaptivePatch(_SquareTrigger):
-    """A learned corner patch trained to pass a consistency check on ``layers`` (module names;
+class AdaptivePatch(BadNets):
+    """BadNets' corner patch and poisoning (its ``batch_transform`` stamps the current trigger),
+    with the patch's pixels learned to pass a consistency check on ``layers`` (module names;
     ``"input"``: the pixels). ``size_fraction``: the patch's share of the image (side rounded).
     Training is not resumable (``checkpoint`` is not supported)."""
 
@@ -48,8 +48,7 @@ class AdaptivePatch(_SquareTrigger):
                  pattern=None, poison_rate: float = 0.1, layers=(INPUT, "relu1", "relu2"),
                  feature_weight: float = 1.0, tolerance: float = 1.0, trigger_lr: float = 0.05,
                  momentum: float = 0.9):
-        super().__init__(target, size_fraction, margin, seed, pattern)
-        self.poison_rate = _check_rate(poison_rate, "poison_rate")
+        super().__init__(target, poison_rate, size_fraction, margin, seed, pattern)
         self.layers = [str(n) for n in layers]
         if not feature_weight >= 0:
             raise ValueError(f"feature_weight must be >= 0, got {feature_weight!r}")
@@ -58,10 +57,6 @@ class AdaptivePatch(_SquareTrigger):
         self.feature_weight, self.trigger_lr = float(feature_weight), float(trigger_lr)
         self.tolerance = float(tolerance)
         self.momentum = float(momentum)
-
-    def batch_transform(self, xb: torch.Tensor, yb: torch.Tensor, generator: torch.Generator):
-        """Poison a batch with the current (fixed) trigger, as BadNets does."""
-        return _poison_fraction(self, self.poison_rate, xb, yb, generator)
 
     def train_backdoored(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 5,
                          batch_size: int = 128, lr: float = 3e-3, seed: int = 0, progress: bool = True,
@@ -164,8 +159,6 @@ class AdaptivePatch(_SquareTrigger):
 
     def to_dict(self):
         d = super().to_dict()
-        d.update(poison_rate=self.poison_rate, layers=list(self.layers),
-                 feature_weight=self.feature_weight, tolerance=self.tolerance,
-                 trigger_lr=self.trigger_lr,
-                 momentum=self.momentum)
+        d.update(layers=list(self.layers), feature_weight=self.feature_weight,
+                 tolerance=self.tolerance, trigger_lr=self.trigger_lr, momentum=self.momentum)
         return d
