@@ -42,6 +42,21 @@ def test_trojan_square_is_about_three_percent(shape, lo, hi):
     assert rows.max() == shape[1] - 2 and cols.max() == shape[2] - 2
 
 
+@pytest.mark.parametrize("fraction,side", [(0.01, 3), (0.05, 7), (0.10, 10), (0.15, 12)])
+def test_trojan_square_size_fraction_sets_the_side_and_survives_the_round_trip(fraction, side):
+    # Fig. 11's trigger sizes on 32x32 images
+    attack = TrojanAttack(shape="square", size_fraction=fraction)
+    assert int(attack.mask(CIFAR).sum()) == side * side
+    again = attacks.Attack.from_dict(attack.to_dict())
+    assert again.size_fraction == fraction and torch.equal(again.mask(CIFAR), attack.mask(CIFAR))
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
+def test_trojan_size_fraction_out_of_range_is_named(fraction):
+    with pytest.raises(ValueError, match="size_fraction"):
+        TrojanAttack(size_fraction=fraction)
+
+
 @pytest.mark.parametrize("shape", [MNIST, CIFAR])
 def test_trojan_watermark_is_about_seven_percent_sparse_in_lower_part(shape):
     mask = TrojanAttack(shape="watermark").mask(shape)

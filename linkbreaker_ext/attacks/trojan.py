@@ -45,6 +45,7 @@ class TrojanAttack(Attack):
 
     1. fixed trigger mask: ``shape="square"`` (~3% of the image, bottom-right, 1-pixel margin; 5x5 on
        28x28) or ``shape="watermark"`` (~7%, sparse text-like dashed lines over the lower rows);
+       ``size_fraction`` overrides the share (Fig. 11 varies the square from 1% to 15%);
     2. neuron selection: in ``layer`` (default: the first ``nn.Linear``, its pre-activation output),
        pick the ``num_neurons`` neurons that pixels in the mask can raise the most, together
        (input-gradient based, see :meth:`select_neurons`): the neurons most strongly connected to
@@ -66,10 +67,13 @@ class TrojanAttack(Attack):
     def __init__(self, target: int = 0, shape: str = "square", layer: str | None = None,
                  num_neurons: int = 2, poison_rate: float = 0.1, activation_multiple: float = 3.0,
                  trigger_steps: int = 300, trigger_lr: float = 0.05, num_samples: int = 256,
-                 margin: int = 1, seed: int = 0, freeze_before_layer: bool = False):
+                 margin: int = 1, seed: int = 0, freeze_before_layer: bool = False,
+                 size_fraction: float | None = None):
         super().__init__(target)
         if shape not in self.SHAPES:
             raise ValueError(f"unknown Trojan trigger shape {shape!r}; known: {sorted(self.SHAPES)}")
+        if size_fraction is not None and not 0.0 < size_fraction < 1.0:
+            raise ValueError(f"size_fraction must be in (0, 1), got {size_fraction}")
         if num_neurons < 1:
             raise ValueError(f"num_neurons must be >= 1, got {num_neurons}")
         if not 0.0 <= poison_rate <= 1.0:
@@ -85,6 +89,7 @@ class TrojanAttack(Attack):
         self.margin = int(margin)
         self.seed = int(seed)
         self.freeze_before_layer = bool(freeze_before_layer)
+        self.size_fraction = self.SHAPES[shape] if size_fraction is None else float(size_fraction)
         # results of poison_model
         self.pattern: torch.Tensor | None = None  # [C, H, W], zero outside the mask
         self.trigger_mask: torch.Tensor | None = None  # [H, W] bool
@@ -101,8 +106,8 @@ class TrojanAttack(Attack):
         """The fixed bool ``[H, W]`` trigger region for images of shape ``(C, H, W)``."""
         _, h, w = image_shape
         if self.shape == "square":
-            return square_mask(h, w, square_side(h, w, self.SHAPES["square"]), self.margin)
-        return watermark_mask(h, w, self.SHAPES["watermark"], self.margin)
+            return square_mask(h, w, square_side(h, w, self.size_fraction), self.margin)
+        return watermark_mask(h, w, self.size_fraction, self.margin)
 
     def trigger(self, image_shape):
         if self.pattern is None:
@@ -271,7 +276,7 @@ class TrojanAttack(Attack):
                  poison_rate=self.poison_rate, activation_multiple=self.activation_multiple,
                  trigger_steps=self.trigger_steps, trigger_lr=self.trigger_lr,
                  num_samples=self.num_samples, margin=self.margin, seed=self.seed,
-                 freeze_before_layer=self.freeze_before_layer,
+                 freeze_before_layer=self.freeze_before_layer, size_fraction=self.size_fraction,
                  selected_neurons=list(self.selected_neurons),
                  neuron_scores=list(self.neuron_scores),
                  neuron_targets=list(self.neuron_targets),
