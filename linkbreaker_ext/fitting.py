@@ -126,6 +126,8 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
     tapped = TappedModel(net, layers, private=True)
     calib_idx, fit_idx = stratified_split(y, cfg.calibration_fraction, seed=cfg.seed)
     x_fit, y_fit = x[fit_idx], y[fit_idx]
+    stage_s = {}  # seconds per stage, so Table V's offline time can be attributed
+    t_stage = time.perf_counter()
     if cfg.neighbour_mode == "perturb":  # the paper's Table VIII baseline
         x_nb, y_nb = perturbed_samples(x_fit, y_fit, cfg.neighbours, cfg.neighbour_noise, cfg.seed)
     else:
@@ -134,8 +136,10 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
             cfg.neighbour_step, cfg.neighbour_iters, batch_size=cfg.batch_rows or 4096, seed=cfg.seed,
             progress=progress)
     x_aug, y_aug = torch.cat([x_fit, x_nb]), torch.cat([y_fit, y_nb])
+    stage_s["neighbours"], t_stage = time.perf_counter() - t_stage, time.perf_counter()
     stats = _layer_statistics(tapped, x_aug, y_aug, len(x_fit), blank_input(x), num_classes, cfg,
                               device)
+    stage_s["statistics"], t_stage = time.perf_counter() - t_stage, time.perf_counter()
 
     scores = {k: s["score"] for k, s in stats.items()}
     fills = {k: s["fill"] for k, s in stats.items()}
@@ -176,6 +180,7 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
     chosen, table = search.search_sets(evaluate, stages, cfg.fractions, cfg.tolerance_in,
                                        cfg.tolerance_out, num_classes, progress)
     guard.masks = masks_for(chosen)
+    stage_s["set_search"], t_stage = time.perf_counter() - t_stage, time.perf_counter()
 
     # Credibility criteria on the calibration split, which the search never saw.
     x_cal, y_cal = x[calib_idx], y[calib_idx]
@@ -184,8 +189,9 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
         own = _own_units(guard, x_fit, y_fit)
         guard.profile = _consistency_profile(guard, stats, *own, num_classes)
     calibration = _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own)
+    stage_s["profile_and_calibration"] = time.perf_counter() - t_stage
     guard.diagnostics = {
-        "fit_s": time.perf_counter() - t0, "layers": list(layers), "mask_search": table,
+        "fit_s": time.perf_counter() - t0, "stage_s": stage_s, "layers": list(layers), "mask_search": table,
         "chosen_fractions": {k: v.tolist() for k, v in chosen.items()},
         "kept": {k: m.mean(1).tolist() for k, m in guard.masks.items()},
         "n_fit": len(x_fit), "n_neighbours": len(x_nb), "n_calibration": len(calib_idx),

@@ -56,7 +56,8 @@ def run_linkbreaker(model, val, sets, seed, num_classes, saved=None):
     fc, ft = rc.verdict.cpu() != 0, rt.verdict.cpu() != 0
     return guard, {"after": metrics.defended(rc, yc, rt, yt, target), "auroc": roc_auc(sc, st),
                    "tpr": _rate(ft), "fpr": _rate(fc), "flag_rule": "verdict != 0 (alarm or OOD)",
-                   "timing": {"offline_s": fit_s, "online_ms_per_sample": 1000 * online / len(xc)}}
+                   "timing": {"offline_s": fit_s, "online_ms_per_sample": 1000 * online / len(xc),
+                              "fit_stage_s": guard.diagnostics.get("stage_s")}}
 
 
 def run_baseline(name, model, val, sets, seed, num_classes):
@@ -296,6 +297,11 @@ def write_tables(out: Path, args):
                   f"{tv['neural-cleanse'][0] / tv['linkbreaker'][0]:.2f}x (paper: 18x); STRIP online / "
                   f"LinkBreaker online = {tv['strip'][1] / tv['linkbreaker'][1]:.2f}x (paper: 3.7x). "
                   "Online time of a repairing defense is the repaired model's plain forward."]
+        stages = [r["timing"].get("fit_stage_s") for r in runs["linkbreaker"].get(t_attack, [])]
+        if stages and all(stages):
+            parts = ", ".join(f"{k.replace('_', ' ')} {statistics.mean(st[k] for st in stages):.1f} s"
+                              for k in stages[0])
+            lines += ["", f"LinkBreaker's offline time by stage: {parts}."]
 
     adv = _load(out, DATASET, seeds, args.adversarial_attacks, "adversarial")
     eps = ADV_EPS.get(DATASET, 8 / 255)

@@ -359,6 +359,10 @@ def test_perturbation_samples_are_the_sample_plus_clamped_noise(shared_net, synt
     g = fit(shared_net, synth["x_val"], synth["y_val"], layers=["input"], neighbour_mode="perturb",
             neighbours=2)
     assert g.diagnostics["n_neighbours"] == 2 * g.diagnostics["n_fit"]
+    # the offline time is attributed to its stages, which together stay within the whole fit
+    stages = g.diagnostics["stage_s"]
+    assert set(stages) == {"neighbours", "statistics", "set_search", "profile_and_calibration"}
+    assert all(v >= 0 for v in stages.values()) and sum(stages.values()) <= g.diagnostics["fit_s"]
     with pytest.raises(ValueError, match="neighbour_mode"):
         GuardConfig(neighbour_mode="random")
 
