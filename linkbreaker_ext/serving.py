@@ -312,10 +312,6 @@ class GuardedModule(nn.Module):
         per_layer = []
         for i, u in enumerate(units):
             center, coef = getattr(self, f"center{i}"), getattr(self, f"coef{i}")
-            # CPU: [rows, K, D] temporaries of at most _TEMP elements: they stay in cache and in the
-            # allocator's free lists (fresh multi-MB buffers cost more in page faults than the math).
-            # GPU: one pass per layer; small chunks there cost a launch each (40 chunks at batch
-            # 256 on an H100, measured), and the chunk of batch_rows rows already bounds the memory
             if not u.is_cuda and u.dim() == 2 and not self.sparse[i]:
                 # one shared row, every neuron: per class one [B, D] pass and a BLAS mat-vec, instead
                 # of [B, K, D] temporaries reduced over D (MNIST's pixels at batch 256 on CPU:
@@ -324,6 +320,10 @@ class GuardedModule(nn.Module):
                                  for k in range(center.shape[0])], 1)
                 per_layer.append(d / self.norms[:, i])
                 continue
+            # CPU: [rows, K, D] temporaries of at most _TEMP elements: they stay in cache and in the
+            # allocator's free lists (fresh multi-MB buffers cost more in page faults than the math).
+            # GPU: one pass per layer; small chunks there cost a launch each (40 chunks at batch
+            # 256 on an H100, measured), and the chunk of batch_rows rows already bounds the memory
             step = u.shape[0] if u.is_cuda else max(1, _TEMP // center.numel())
             parts = []
             for s in range(0, u.shape[0], step):

@@ -3,8 +3,8 @@ CDA and ASR before and after the guard.
 
 Each size is its own Trojaned model, made as ``linkbreaker reproduce`` makes the 3 % one
 (``experiment.train_model``): the clean seed-0 model (``runs/cifar10/models/none-0``, the same
-recipe's clean stage), then Liu et al.'s neuron selection, trigger generation and
-``max(1, 15 // 4)`` epochs of retraining with the square of that size. A default guard is fitted on
+recipe's clean stage), then ``experiment.plant_trojan``: Liu et al.'s neuron selection, trigger
+generation and the recipe's 3 epochs of retraining with the square of that size. A default guard is fitted on
 the clean validation split and judged on the held-out half of the test split (2,000 clean +
 2,000 triggered inputs), as the reproduction does.
 
@@ -57,10 +57,9 @@ def trojaned(fraction: float, split: dict) -> tuple[torch.nn.Module, TrojanAttac
                          "trains it")
     t0 = time.time()
     model, meta = experiment.load_model(CLEAN)
-    model = model.to(memory_format=torch.channels_last)  # as train_model trains it (faster on CPU)
     attack = TrojanAttack(target=0, shape="square", size_fraction=fraction, seed=0)
-    attack.poison_model(model, split["x_train"], split["y_train"],
-                        epochs=max(1, experiment.EPOCHS["cifar10"] // 4), seed=0, progress=False)
+    model = experiment.plant_trojan("cifar10", model, attack, split["x_train"], split["y_train"],
+                                    seed=0, progress=False)
     make_s = time.time() - t0
     WORK.mkdir(parents=True, exist_ok=True)
     experiment.save_model(path, model, {**meta, "attack": attack.to_dict(), "make_s": make_s})

@@ -639,3 +639,21 @@ def test_adaptive_patch_errors_name_the_problem():
         AdaptivePatch().train_backdoored(TinyNet(), x, y, epochs=1, progress=False, checkpoint="c.pt")
     with pytest.raises(ValueError, match="feature_weight"):
         AdaptivePatch(feature_weight=-1)
+
+
+@pytest.mark.parametrize("dataset,epochs,expected", [("mnist", 8, 2), ("cifar10", None, 3), ("gtsrb", 2, 1)])
+def test_plant_trojan_retrains_a_quarter_of_the_recipe(monkeypatch, dataset, epochs, expected):
+    # train_model and Fig. 11's script plant the Trojan with the same retraining length
+    from linkbreaker_ext import experiment
+    seen = {}
+
+    def fake_poison(self, model, x, y, epochs, seed, progress):
+        seen.update(epochs=epochs, seed=seed, channels_last=model[0].weight.is_contiguous(
+            memory_format=torch.channels_last))
+        return model
+
+    monkeypatch.setattr(TrojanAttack, "poison_model", fake_poison)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
+    out = experiment.plant_trojan(dataset, net, TrojanAttack(), None, None, epochs, seed=5)
+    assert out is net and seen["epochs"] == expected and seen["seed"] == 5
+    assert seen["channels_last"] == (dataset != "mnist")
