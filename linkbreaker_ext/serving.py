@@ -314,8 +314,8 @@ class GuardedModule(nn.Module):
             center, coef = getattr(self, f"center{i}"), getattr(self, f"coef{i}")
             if not u.is_cuda and u.dim() == 2 and not self.sparse[i]:
                 # one shared row, every neuron: per class one [B, D] pass and a BLAS mat-vec, instead
-                # of [B, K, D] temporaries reduced over D (MNIST's pixels at batch 256 on CPU:
-                # 0.75 ms against 1.15 ms, measured)
+                # of [B, K, D] temporaries reduced over D (the late-only MNIST guard at batch 256 on
+                # CPU: 1.25x the plain net against 1.33x, bench/results/cpu-2026-11-2{6,7}.json)
                 d = torch.stack([torch.mv((u - center[k]).abs_(), coef[k])
                                  for k in range(center.shape[0])], 1)
                 per_layer.append(d / self.norms[:, i])
