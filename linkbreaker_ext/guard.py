@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import ops, safefiles, salient
-from .layers import LATE, TappedModel, evidence_layer, evidence_names, units
+from .layers import LATE, TappedModel, evidence_layer, evidence_names, head_rows, units
 
 FORMAT = "linkbreaker-guard"
 FORMAT_VERSION = 2
@@ -299,11 +299,30 @@ class LinkBreaker:
     # ------------------------------------------------------------------ online
     def head_features(self, x, masks=None):
         """``[B, N, D_late]`` late features of the N heads (masked layers masked, late layer not)."""
-        masks = dict(self.masks, **(masks or {}))
-        hidden = {n: masks[n] for n in self.layers}
-        chunk = max(1, self._batch_rows() // self.num_heads)
-        return torch.cat([self.tapped.features(x[i:i + chunk].to(self.device), hidden, self.fills)
+        hidden, rows = self._hidden_masks(masks)
+        chunk = self._inputs_per_forward(rows)
+        return torch.cat([self.tapped.features(x[i:i + chunk].to(self.device), hidden, self.fills, rows=rows)
                           for i in range(0, len(x), chunk)])
+
+    def _hidden_masks(self, masks=None):
+        """The masked layers' masks (``masks`` overriding some) and their :func:`head_rows`: the
+        guard's own masks' rows are computed once."""
+        hidden = {n: dict(self.masks, **(masks or {}))[n] for n in self.layers}
+        if masks:
+            return hidden, head_rows(hidden)
+        # keyed on the tensors and their in-place version counters: masks replaced or edited
+        # after the fit (the set search assigns them) are seen
+        key = tuple((n, id(m), m._version) for n, m in hidden.items())
+        cached = getattr(self, "_rows", None)
+        if cached is None or cached[0] != key:
+            self._rows = cached = (key, head_rows(hidden))
+        return hidden, cached[1]
+
+    def _inputs_per_forward(self, rows) -> int:
+        """Inputs per batched forward: ``batch_rows`` rows of the model, and the heads' ``[B, N, D]``
+        outputs bounded the same way (shared single rows are views, not copies)."""
+        distinct = rows[0].numel()
+        return max(1, self._batch_rows() // (1 if distinct == 1 else self.num_heads))
 
     def head_confidences(self, x, masks=None, thresholds=None, features=None, with_units=False):
         """Run the N class-restricted heads; returns the op's ``(conf, labels, verdict)`` (the
@@ -311,15 +330,15 @@ class LinkBreaker:
         ``{layer: [B, N, D_unit]}`` (masked layers and the late layer) for the consistency check.
         ``masks`` overrides some layers' masks; ``features`` (from :meth:`head_features`) skips the
         forward through the masked layers."""
+        hidden, rows = self._hidden_masks(masks)
         masks = dict(self.masks, **(masks or {}))
         th = self.thresholds if thresholds is None else thresholds
         late = self.tapped.late
         w, b = late.weight, late.bias
         if b is None:
             b = torch.zeros(w.shape[0], device=w.device, dtype=w.dtype)
-        hidden = {n: masks[n] for n in self.layers}
         n = th.shape[0]
-        chunk = max(1, self._batch_rows() // n)
+        chunk = self._inputs_per_forward(rows)
         total = len(x) if features is None else len(features)
         out, seen = None, []
         for start in range(0, total, chunk):
@@ -328,10 +347,13 @@ class LinkBreaker:
             elif with_units:
                 feats, u = self.tapped.features(x[start:start + chunk].to(self.device), hidden,
                                                 self.fills, with_units=True,
-                                                unit_stat=self.config.consistency_units)
+                                                unit_stat=self.config.consistency_units, rows=rows)
                 seen.append(dict(u, **{LATE: feats.float()}))
             else:
-                feats = self.tapped.features(x[start:start + chunk].to(self.device), hidden, self.fills)
+                feats = self.tapped.features(x[start:start + chunk].to(self.device), hidden, self.fills,
+                                             rows=rows)
+            if feats.dim() == 3 and feats.shape[1] > 1 and feats.stride(1) == 0:
+                feats = feats[:, 0]  # one row shared by every head: the op's [B, D] form, no copy
             # Inputs are validated once in __call__ and masks/thresholds at fit time, so skip the
             # op wrapper's value checks (a host sync on CUDA); a NaN the model itself produces is
             # never a silent label: conf NaN / label -1 / verdict 2 on CUDA, an error on CPU.
@@ -345,7 +367,10 @@ class LinkBreaker:
                                  self.fills[LATE], th)
         if not with_units:
             return out
-        units_ = {k: torch.cat([u[k] for u in seen]) for k in seen[0]} if seen else {}
+        if len(seen) == 1:  # one chunk: keep shared rows as views
+            units_ = seen[0]
+        else:
+            units_ = {k: torch.cat([u[k] for u in seen]) for k in seen[0]} if seen else {}
         return (*out, units_)
 
     def unit_activations(self, x) -> dict:
@@ -374,7 +399,7 @@ class LinkBreaker:
     def _heads_with_deviations(self, x, by_layer: bool = False):
         """``(conf, deviations)`` ``[B, N]`` each (``by_layer``: deviations ``[B, N, L]``), chunk by
         chunk so the heads' neuron values stay bounded in memory for any batch size."""
-        step = max(1, self._batch_rows() // self.num_heads)
+        step = self._inputs_per_forward(self._hidden_masks()[1])  # one head_confidences chunk
         if len(x) == 0:
             conf = self.head_confidences(x)[0]
             return conf, (conf.new_empty(0, self.num_heads, len(self._profile_layers())) if by_layer
@@ -386,10 +411,14 @@ class LinkBreaker:
         conf = torch.empty(len(x), self.num_heads, device=self.device)
         dev = torch.empty(len(x), self.num_heads, *([len(self._profile_layers())] if by_layer else []),
                           device=self.device)
+        # deviations' [inputs, N, D_unit] temporaries: at most batch_rows // N inputs at a time
+        sub = max(1, self._batch_rows() // self.num_heads)
         for i in range(0, len(x), step):
             c, _, _, u = self.head_confidences(x[i:i + step], with_units=True)
             conf[i:i + step] = c
-            dev[i:i + step] = self.deviations_from_units(u, by_layer)
+            for j in range(0, len(c), sub):
+                dev[i + j:i + min(j + sub, len(c))] = self.deviations_from_units(
+                    {k: v[j:j + sub] for k, v in u.items()}, by_layer)
         return conf, dev
 
     def deviations(self, x, by_layer: bool = False) -> torch.Tensor:

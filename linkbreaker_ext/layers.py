@@ -161,6 +161,23 @@ def expand_mask(m: torch.Tensor, a_shape, layer: str) -> torch.Tensor:
     return m.reshape(m.shape[0], *a_shape[1:])
 
 
+def head_rows(masks: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which forward each head needs: heads whose masks agree in every masked layer see the same
+    input and run as one row. Returns ``(first, row)``: ``first`` ``[R]`` one head per distinct row (in
+    order of first appearance), ``row`` ``[N]`` the row head k reads. On natural images every head
+    keeps every hidden neuron (docs/method.md), so R = 1: one forward per input instead of N, with
+    the same outputs (``m * a + (1 - m) * fill == a`` where ``m`` is 1)."""
+    n = next(iter(masks.values())).shape[0] if masks else 1
+    if not masks:
+        return torch.zeros(1, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+    flat = torch.cat([m.detach().reshape(n, -1).float().cpu() for m in masks.values()], 1)
+    _, inverse = torch.unique(flat, dim=0, return_inverse=True)
+    order: dict = {}
+    row = [order.setdefault(u, len(order)) for u in inverse.tolist()]
+    first = [row.index(r) for r in range(len(order))]
+    return torch.tensor(first, dtype=torch.long), torch.tensor(row, dtype=torch.long)
+
+
 class TappedModel:
     """A frozen private copy of the user's model that exposes the masked layers and the late features.
 
@@ -224,23 +241,36 @@ class TappedModel:
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, masks: dict, fills: dict, with_units: bool = False,
-                 unit_stat: str = "mean"):
+                 unit_stat: str = "mean", rows: tuple | None = None):
         """Late features ``[B, N, D_late]`` of the N heads; with ``with_units`` also
         ``{layer: [B, N, D_unit]}``: every masked layer's neuron values *as head k sees them* (after
-        its masking), the evidence the consistency check judges (:func:`unit_views` with ``unit_stat``)."""
+        its masking), the evidence the consistency check judges (:func:`unit_views` with ``unit_stat``).
+        Heads with equal masks share one forward (:func:`head_rows`; ``rows`` passes its result, or
+        ``(arange(N), arange(N))`` to run every head on its own row); with a single row the outputs
+        are broadcast views (stride 0 along the heads), not copies."""
         b = x.shape[0]
-        n = next(iter(masks.values())).shape[0]
+        n = next(iter(masks.values())).shape[0] if masks else 1
+        first, row = rows if rows is not None else head_rows(masks)
+        r = first.numel()
+        if r < n:
+            masks = {name: m[first.to(m.device)] for name, m in masks.items()}
+        row = row.to(x.device)
         seen = {}
+
+        def spread(v):  # [b, r, ...] -> [b, n, ...]: the row each head reads
+            if r == n:
+                return v
+            return v.expand(b, n, *v.shape[2:]) if r == 1 else v[:, row]
 
         def mask(name, a):
             m, fill = masks[name], fills[name]
-            heads = a.reshape(b, n, *a.shape[1:])
+            heads = a.reshape(b, r, *a.shape[1:])
             m = expand_mask(m.to(a.dtype), a.shape, name)
             out = (m * heads + (1 - m) * fill.to(a.dtype).reshape(a.shape[1:])).reshape(a.shape)
             if with_units:
                 for key, u in unit_views(out, name, unit_stat).items():
-                    seen[key] = u.reshape(b, n, -1)
+                    seen[key] = spread(u.reshape(b, r, -1))
             return out
 
-        late = self._run(x.repeat_interleave(n, dim=0), mask).reshape(b, n, -1)
+        late = spread(self._run(x.repeat_interleave(r, dim=0) if r > 1 else x, mask).reshape(b, r, -1))
         return (late, seen) if with_units else late

@@ -16,12 +16,13 @@ What it holds
     the user's model is never touched (it is not even referenced).
 
 The call
-    Each chunk of inputs runs as one batch of ``R`` rows per input: the N class-restricted heads and,
-    when the consistency veto is on, one unmasked row (all-ones mask) whose activations are the
-    ones the veto scores -- one forward instead of the guard's two. A guard fitted with
-    ``use_early=False`` masks nothing before the late layer, so it runs a single unmasked row per
-    input and the fused op shares those features between the heads (``[B, D]`` features): one model
-    forward plus the op. The late masking, heads, softmax and confidence test run in the fused
+    Each chunk of inputs runs as one batch of ``R`` rows per input, one per distinct set of masks
+    over the masked layers (:func:`linkbreaker_ext.layers.head_rows`): heads whose masks agree
+    share a row, and the consistency veto reads each head's values from its row. R = N when every
+    head masks differently (MNIST's class sets); R = 1 when they agree, as on CIFAR-10 and GTSRB,
+    where every head keeps every hidden neuron, and for a guard fitted with ``use_early=False``: one
+    model forward per input, whose late features the fused op shares between the heads (``[B, D]``
+    features). The late masking, heads, softmax and confidence test run in the fused
     ``torch.ops.linkbreaker.guard_head``; the consistency veto and the OOD hint are
     :func:`linkbreaker_ext.guard.vote`, as in ``guard(x)``.
 
@@ -46,7 +47,7 @@ from torch import fx, nn
 from . import ops  # noqa: F401  (registers torch.ops.linkbreaker.guard_head and its fake kernel)
 from .guard import check_input, decide
 from .salient import reduce_layers
-from .layers import INPUT, LATE, evidence_layer, frozen_copy, units
+from .layers import INPUT, LATE, evidence_layer, frozen_copy, head_rows, units
 
 __all__ = ["GuardedModule", "GraphedGuard"]
 
@@ -196,8 +197,13 @@ class GuardedModule(nn.Module):
         self.batch_rows = batch_rows or cfg.batch_rows
         self.check_inputs = check_inputs
         n = self.num_heads
-        # rows per input: the N heads (the veto reads each head's own row), or one shared unmasked row
-        self.rows = n if self.use_early else 1
+        # rows per input: one per distinct set of head masks (the veto reads each head's own row)
+        if self.use_early:
+            first, row = head_rows({name: guard.masks[name] for name in self.layers})
+        else:  # nothing masked before the late layer: one shared unmasked row
+            first, row = torch.zeros(1, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+        self.rows = first.numel()
+        self.register_buffer("head_row", row.to(device))
 
         net = frozen_copy(guard.tapped.net)  # no hooks a call in flight could have left
         shapes = self._probe_shapes(net, guard, device)
@@ -205,7 +211,7 @@ class GuardedModule(nn.Module):
         if self.use_early:
             stages = {}
             for name in self.layers:
-                m = guard.masks[name].float().to(device)
+                m = guard.masks[name].float().to(device)[first.to(device)]
                 if bool((m == 1).all()):  # kept whole by every head (m * a + 0 * fill == a)
                     continue
                 m = _unit_mask(m, shapes[name], name)
@@ -297,14 +303,19 @@ class GuardedModule(nn.Module):
         rows = x.repeat_interleave(r, dim=0) if r > 1 else x
         late, *acts = self.body(rows)
         late = late.reshape(b, r, -1)
-        feats = late[:, :n] if self.use_early else late[:, 0]
+        feats = late[:, 0] if r == 1 else self._spread(late)  # [B, D]: one row shared by every head
         conf, labels, verdict = torch.ops.linkbreaker.guard_head(
             feats.contiguous(), self.late_weight, self.late_bias, self.late_mask, self.late_fill, self.thresholds)
         if not self.consistency:
             return labels, verdict, conf
-        ratio = self._deviations([*acts, (late[:, :n] if self.use_early else late[:, 0]).float()]) / self.bounds
+        acts = [a if r == 1 else self._spread(a) for a in acts]
+        ratio = self._deviations([*acts, feats.float()]) / self.bounds
         labels, verdict = decide(conf, self.thresholds, ratio, self.inconsistent_verdict)
         return labels, verdict, conf
+
+    def _spread(self, v):
+        """``[B, R, ...]`` row values to ``[B, N, ...]``: the row each head reads."""
+        return v if self.rows == self.num_heads else v[:, self.head_row]
 
     def _deviations(self, units):
         """``LinkBreaker.deviations_from_units`` from the heads' unit values per layer (the masked
@@ -322,9 +333,11 @@ class GuardedModule(nn.Module):
                 continue
             # CPU: [rows, K, D] temporaries of at most _TEMP elements: they stay in cache and in the
             # allocator's free lists (fresh multi-MB buffers cost more in page faults than the math).
-            # GPU: one pass per layer; small chunks there cost a launch each (40 chunks at batch
-            # 256 on an H100, measured), and the chunk of batch_rows rows already bounds the memory
-            step = u.shape[0] if u.is_cuda else max(1, _TEMP // center.numel())
+            # GPU: batch_rows // K inputs per pass ([batch_rows, D] temporaries, the bound of the
+            # rows themselves); small chunks there cost a launch each (40 chunks at batch 256 on an
+            # H100, measured)
+            step = (max(1, (self.batch_rows or 8192) // center.shape[0]) if u.is_cuda
+                    else max(1, _TEMP // center.numel()))
             parts = []
             for s in range(0, u.shape[0], step):
                 v = u[s:s + step]

@@ -2,6 +2,7 @@
 a fresh process), compilable, safe under concurrent calls; and the bench command's JSON."""
 import concurrent.futures
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -255,3 +256,66 @@ def test_bench_writes_the_json_schema(tmp_path):
     for key in ("op_vs_reference_b256_n43", "guarded_vs_plain_b1", "guarded_vs_plain_b256",
                 "guarded_late_only_vs_plain_b256", "strip_vs_guarded_b256"):
         assert isinstance(result["ratios"][key], float) and result["ratios"][key] > 0, key
+
+
+def _with_masks(guard, edit):
+    """The same fitted guard with its hidden masks changed by ``edit(name, masks) -> masks``."""
+    masks = {k: (edit(k, v.clone()) if k in guard.layers else v) for k, v in guard.masks.items()}
+    return LinkBreaker(guard.model, guard.layers, guard.late_layer, masks, guard.fills,
+                       guard.thresholds, guard.profile, guard.config, guard.input_shape,
+                       input_range=guard.input_range)
+
+
+def _all_kept(name, m):
+    return torch.ones_like(m)
+
+
+def _first_two_agree(name, m):
+    m[1] = m[0]  # heads 0 and 1 share a row, head 2 has its own
+    m[2] = 1 - m[0]
+    return m
+
+
+@pytest.mark.parametrize("edit, rows", [(_all_kept, 1), (_first_two_agree, 2)])
+def test_heads_with_equal_masks_share_a_forward(edit, rows, guard_deep, synth, monkeypatch):
+    """Heads whose masks agree in every masked layer run as one row; the answers equal running every
+    head on its own row (the unshared path, forced by patching head_rows)."""
+    from linkbreaker_ext import guard as guard_mod, layers, serving
+    guard = _with_masks(guard_deep, edit)
+    x = _inputs(synth)
+    first, row = layers.head_rows({n: guard.masks[n] for n in guard.layers})
+    assert first.numel() == rows and row.numel() == NUM_CLASSES
+    module = GuardedModule(guard)
+    assert module.rows == rows
+    shared, shared_dev = guard(x), guard.deviations(x, by_layer=True)
+    assert_same(module(x), shared)
+    assert_same(GuardedModule(guard, batch_rows=7)(x), shared)
+    # any chunking of the guard's own path too (11 rows: forwards of 11 inputs or 3, deviations in 3s)
+    small = _with_masks(guard_deep, edit)
+    small.config = dataclasses.replace(small.config, batch_rows=11)
+    assert_same((shared.labels, shared.verdict, shared.confidences), small(x))
+
+    def every_head_alone(masks):
+        n = next(iter(masks.values())).shape[0]
+        return torch.arange(n), torch.arange(n)
+
+    monkeypatch.setattr(guard_mod, "head_rows", every_head_alone)
+    monkeypatch.setattr(serving, "head_rows", every_head_alone)
+    alone = _with_masks(guard_deep, edit)  # no cached rows
+    assert GuardedModule(alone).rows == NUM_CLASSES
+    expect = alone(x)
+    assert_same((shared.labels, shared.verdict, shared.confidences), expect)
+    torch.testing.assert_close(shared_dev, alone.deviations(x, by_layer=True), rtol=1e-5, atol=1e-5)
+    assert_same(GuardedModule(alone)(x), expect)
+    assert expect.verdict.unique().numel() >= 2  # not a degenerate comparison
+
+
+def test_shared_rows_follow_masks_edited_after_the_first_call(guard_deep, synth):
+    """The guard caches its masks' rows, keyed on the tensors' versions: an in-place edit is seen."""
+    guard = _with_masks(guard_deep, _all_kept)
+    x = _inputs(synth)
+    guard(x)
+    assert guard._hidden_masks()[1][0].numel() == 1
+    guard.masks[guard.layers[0]][0].zero_()
+    assert guard._hidden_masks()[1][0].numel() == 2
+    assert_same(GuardedModule(guard)(x), guard(x))
