@@ -4,7 +4,11 @@ without pytest.
 Rows (``ms_per_batch``, median of timed calls after a warm-up; CUDA calls synchronised):
 
 * ``plain``: the bare model; ``guarded``: the serving module (:class:`~linkbreaker_ext.serving.
-  GuardedModule`); ``guard-call``: ``LinkBreaker.__call__`` (the Python object path);
+  GuardedModule`) of a guard whose heads keep different hidden neurons (N rows per input, the
+  worst case); ``guarded-shared``: the same guard with every head keeping head 0's hidden neurons
+  (one row per input; the late layer still per head), which is what every guard fitted on real data
+  in ``results/`` looks like (:func:`~linkbreaker_ext.layers.head_rows`); ``guard-call``:
+  ``LinkBreaker.__call__`` (the Python object path);
   ``guarded-late-only``: the serving module of a guard fitted with ``use_early=False`` (only the
   late layer masked: one model forward plus the fused op);
 * ``plain-graph``, ``guarded-graph``, ``op-graph`` (CUDA only): the same calls captured as one CUDA
@@ -133,6 +137,14 @@ def _fit_guard(model, x, y, **overrides):
     return LinkBreaker.fit(model, x, y, 10, **opts)
 
 
+def _shared_hidden(guard):
+    """``guard`` with every head keeping head 0's hidden neurons (its late masks unchanged)."""
+    from .guard import LinkBreaker
+    masks = {k: (v[:1].expand_as(v).clone() if k in guard.layers else v) for k, v in guard.masks.items()}
+    return LinkBreaker(guard.model, guard.layers, guard.late_layer, masks, guard.fills, guard.thresholds,
+                       guard.profile, guard.config, guard.input_shape, input_range=guard.input_range)
+
+
 def _settings(args):
     if args.smoke:  # the test suite's setting: every row kind once, tiny batches, no timing value
         return {"models": ["mnist"], "batches": {"mnist": (1, 256)}, "reps": 1, "warmup": 0,
@@ -193,6 +205,7 @@ def run(args) -> dict:
         x_val, y_val = _random_data(shape, per_class, 10, SEED)
         guard = _fit_guard(model, x_val, y_val, **overrides)
         module = GuardedModule(guard)
+        shared = GuardedModule(_shared_hidden(guard))
         late = None
         if key == "mnist":
             late = GuardedModule(_fit_guard(model, x_val, y_val, use_early=False, **overrides))
@@ -200,6 +213,7 @@ def run(args) -> dict:
             x = _random_data(shape, batch, 1, SEED + 1)[0].to(device)
             add("plain", key, batch, model, x)
             add("guarded", key, batch, module, x)
+            add("guarded-shared", key, batch, shared, x)
             if device.type == "cuda":  # the small-batch serving path: one graph replay per call
                 add("plain-graph", key, batch, _graphed(model, x), x)
                 add("guarded-graph", key, batch, module.cuda_graph(batch), x)
@@ -274,11 +288,16 @@ def _ratios(rows) -> dict:
                                              ("reference-2d", "guard_head", 256)),
         "guarded_vs_plain_b1": ratio(("guarded", "mnist", 1), ("plain", "mnist", 1)),
         "guarded_vs_plain_b256": ratio(("guarded", "mnist", 256), ("plain", "mnist", 256)),
+        "guarded_shared_vs_plain_b1": ratio(("guarded-shared", "mnist", 1), ("plain", "mnist", 1)),
+        "guarded_shared_vs_plain_b256": ratio(("guarded-shared", "mnist", 256), ("plain", "mnist", 256)),
         "guarded_late_only_vs_plain_b256": ratio(("guarded-late-only", "mnist", 256),
                                                  ("plain", "mnist", 256)),
         "strip_vs_guarded_b256": ratio(next((k for k in ms if k[0].startswith("strip-n")
                                              and k[1:] == ("mnist", 256)), None),
                                        ("guarded", "mnist", 256)),
+        "strip_vs_guarded_shared_b256": ratio(next((k for k in ms if k[0].startswith("strip-n")
+                                                    and k[1:] == ("mnist", 256)), None),
+                                              ("guarded-shared", "mnist", 256)),
         "guarded_graph_vs_plain_graph_b1": ratio(("guarded-graph", "mnist", 1), ("plain-graph", "mnist", 1)),
         "guarded_graph_vs_plain_graph_b256": ratio(("guarded-graph", "mnist", 256),
                                                    ("plain-graph", "mnist", 256)),
@@ -290,8 +309,9 @@ def _ratios(rows) -> dict:
         for batch in sorted({r["batch"] for r in rows if r["model"] == model}):
             if model == "mnist" and batch in (1, 256):
                 continue
-            out[f"guarded_vs_plain_{model}_b{batch}"] = ratio(("guarded", model, batch),
-                                                             ("plain", model, batch))
+            for name in ("guarded", "guarded-shared"):
+                out[f"{name.replace('-', '_')}_vs_plain_{model}_b{batch}"] = ratio(
+                    (name, model, batch), ("plain", model, batch))
     return out
 
 
