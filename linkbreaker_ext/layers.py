@@ -184,7 +184,8 @@ class TappedModel:
     ``activations(x)`` -> ``{layer: [B, D_elem]}`` element activations of an unmasked forward (and
     ``"late"``); ``features(x, masks, fills)`` -> ``[B, N, D_late]``: the late features when every masked
     layer's output ``a`` is replaced, per head k, by ``m_k * a + (1 - m_k) * fill``. The N heads run as
-    one batched forward of ``B*N`` rows. A lock serialises calls on the copy (its hooks are per call).
+    one batched forward of ``B*R`` rows, one per distinct head mask (:func:`head_rows`; R = 1 when
+    every head masks alike). A lock serialises calls on the copy (its hooks are per call).
     """
 
     def __init__(self, model: nn.Module, layers, late: str | None = None, private: bool = False):
