@@ -5,7 +5,9 @@
     guard.save("guard.safetensors"); LinkBreaker.load("guard.safetensors", model)
 """
 from .ops import backend_info, guard_head, guard_head_reference
-from .guard import ACCEPT, ALARM, OOD, GuardConfig, GuardResult, LinkBreaker
+from .config import GuardConfig
+from .guard import LinkBreaker
+from .verdict import ACCEPT, ALARM, OOD, GuardResult
 
 __all__ = ["LinkBreaker", "GuardConfig", "GuardResult", "ACCEPT", "ALARM", "OOD",
            "guard_head", "guard_head_reference", "backend_info"]

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from . import attacks, data, metrics, models, safefiles, training
-from .guard import GuardResult, LinkBreaker, decide, score_from_result as guard_score
+from .guard import LinkBreaker
+from .verdict import GuardResult, decide, score_from_result as guard_score
 
 NO_ATTACK = "none"
 MODEL_KEY = "linkbreaker-model"

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import calibrate, salient, search
+from .config import GuardConfig
 from .data import stratified_split
 from .layers import (INPUT, LATE, TappedModel, auto_layers, check_layers, evidence_layer, final_linear,
                      frozen_copy, logits_of, units)
@@ -93,7 +94,6 @@ def _check_fields(config_cls, overrides):
 
 
 def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, progress, **overrides):
-    from .guard import GuardConfig
 
     t0 = time.perf_counter()
     _check_fields(GuardConfig, overrides)
@@ -259,7 +259,6 @@ def recalibrate_guard(guard, x_val, y_val=None, **overrides):
     validation set it was fitted on (the same fit/calibration split is drawn again from its seed).
     Its masks, fills and neuron profile are the guard's, so it equals a refit with these settings
     at a fraction of the cost (no neighbours, statistics or set search)."""
-    from .guard import GuardConfig
 
     _check_fields(GuardConfig, overrides)
     refit = sorted(k for k in set(overrides) - CALIBRATION_FIELDS

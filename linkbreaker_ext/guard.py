@@ -22,128 +22,19 @@ import contextlib
 import dataclasses
 import hashlib
 import math
-import warnings
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from . import ops, safefiles, salient
+from .config import LEGACY_CONFIG, GuardConfig
+from .fitting import fit_guard, recalibrate_guard
 from .layers import LATE, TappedModel, evidence_layer, evidence_names, head_rows, units
+from .serving import GuardedModule
+from .verdict import GuardResult, check_input, decide, score_from_result
 
 FORMAT = "linkbreaker-guard"
 FORMAT_VERSION = 2
-
-ACCEPT, ALARM, OOD = 0, 1, 2
-
-
-@dataclass
-class GuardConfig:
-    """Every setting of the offline phase; recorded in saved guards. ``docs/method.md`` says why."""
-    neighbours: int = 4             # Alg. 1 neighbours per validation sample (0 = off)
-    neighbour_noise: float = 0.2    # std of the Gaussian noise mixed in by Alg. 1
-    neighbour_lambda: float = 0.01  # L1 weight on the mask c
-    neighbour_step: float = 5.0     # forward-backward splitting step alpha
-    neighbour_iters: int = 30
-    neighbour_mode: str = "alg1"    # "alg1": Alg. 1's optimised neighbours; "perturb": x + noise (Table VIII)
-    drop_misclassified: bool = False  # fit only on validation samples the model labels correctly
-    #                                   (resists triggered samples in the "clean" set: results/poisoned-validation.md)
-    hidden_layers: int = 4          # automatic choice: this many hidden layers, plus the input pixels
-    fractions: tuple = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-    search_on_neighbours: bool = False  # judge reliability on the neighbours too (measured: worse)
-    search_per_class: int | None = 100  # fit samples per class the set search evaluates (None: all)
-    reliability_measure: str = "confidence"  # "confidence": mean conf; "rate": share with conf >= 0.5
-    tolerance_in: float = 0.002     # head k may be this much less sure of class k than the whole layer
-    tolerance_out: float = 0.0005   # ... and this much more sure of the other classes
-    min_importance: float = 0.0     # importance at or below this is never salient
-    min_active: float = 0.03        # neurons active on fewer clean samples than this are dormant
-    use_early: bool = True          # mask the masked layers (False: only the late layer)
-    use_late: bool = True
-    fill: str = "blank"             # reference for non-salient neurons: "blank" input's activations or "mean"
-    noise_amplitude: float = 0.0    # fill = reference + amplitude * class-pooled std * N(0,1)
-    mad_k: float = 3.0              # threshold = median - mad_k * 1.4826 * MAD of logit(conf)
-    out_quantile: float | None = 0.995  # ... and at least this quantile of other classes' confidences
-    threshold_floor: float = 0.5    # thresholds never below this (two heads can't both pass 0.5 easily)
-    consistency: bool = True        # the neurons consistency check (veto on inconsistent heads)
-    consistency_mad_k: float = 4.25  # bound = median + k * 1.4826 * MAD of log deviation (at most)
-    #                                 (chosen on the dev half with the "tail" rule: docs/method.md,
-    #                                 "A bound per layer's tail"; 5 with "mad" before)
-    consistency_units: str = "mean+max"  # a channel's value at a hidden conv layer: its spatial
-    #                                 "max" (sees a small trigger), its "mean" (sees a warp), or both,
-    #                                 each view within its own bound (docs/method.md, "Two views")
-    consistency_reduce: str = "per_layer"  # across layers: "per_layer" (every layer within its own
-    #                                 bound), "max" (one bound on the max of normalised deviations) or "mean"
-    consistency_center: str = "pooled"  # each bound's center: the median over every class ("pooled":
-    #                                 deviations are already relative to each class's typical one),
-    #                                 class k's own ("class") or "shrunk" towards the pooled one
-    #                                 (chosen on the dev half: docs/method.md, "Where the bound sits")
-    consistency_bound: str = "tail"  # each bound: "tail" (the lower of "mad" and the calibration
-    #                                 split's largest deviation + consistency_margin MADs: each layer
-    #                                 bounded just past a short clean tail), "mad" (center +
-    #                                 consistency_mad_k MADs, robust to a few bad calibration
-    #                                 samples) or "max" (the calibration split's largest deviation)
-    consistency_margin: float = 0.75  # "tail": MADs (log space) past the calibration split's largest
-    inconsistent_verdict: str = "alarm"  # no credible head but a confident, inconsistent one: "alarm" or "ood"
-    calibration_fraction: float = 0.3  # share of the validation set kept apart for thresholds
-    min_per_class: int = 5
-    seed: int = 0
-    batch_rows: int | None = None   # rows (inputs x heads) per batched forward; None: 256 on CPU
-                                    # (large conv batches fall out of cache: measured 2x slower), 8192 on GPU
-
-    def __post_init__(self):
-        """Refuse settings that would fit silently wrong, naming the field."""
-        def bad(name, why):
-            raise ValueError(f"GuardConfig.{name}={getattr(self, name)!r}: {why}")
-        for name in ("neighbours", "neighbour_iters", "hidden_layers", "min_per_class", "seed"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                bad(name, "must be a non-negative integer")
-        for name in ("use_early", "use_late", "consistency", "search_on_neighbours", "drop_misclassified"):
-            if not isinstance(getattr(self, name), bool):
-                bad(name, "must be True or False")
-        fr = self.fractions
-        if (not isinstance(fr, (tuple, list)) or not fr
-                or not all(isinstance(q, (int, float)) and 0 < q <= 1 for q in fr)
-                or list(fr) != sorted(fr) or fr[-1] != 1):
-            bad("fractions", "must be an ascending sequence in (0, 1] ending with 1.0")
-        for name in ("neighbour_noise", "neighbour_step", "tolerance_in", "tolerance_out",
-                     "min_active", "noise_amplitude", "mad_k", "consistency_mad_k", "consistency_margin"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                bad(name, "must be a finite number >= 0")
-        if not 0 < self.calibration_fraction < 1:
-            bad("calibration_fraction", "must lie in (0, 1)")
-        if not 0 <= self.threshold_floor < 1:
-            bad("threshold_floor", "must lie in [0, 1)")
-        if self.out_quantile is not None and not 0 < self.out_quantile < 1:
-            bad("out_quantile", "must lie in (0, 1) or be None")
-        choices = {"fill": ("blank", "mean"), "reliability_measure": ("confidence", "rate"),
-                   "consistency_reduce": ("per_layer", "max", "mean"),
-                   "consistency_units": ("max", "mean", "mean+max"), "inconsistent_verdict": ("ood", "alarm"),
-                   "consistency_center": ("class", "pooled", "shrunk"), "consistency_bound": ("mad", "max", "tail"),
-                   "neighbour_mode": ("alg1", "perturb")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                bad(name, f"must be one of {allowed}")
-        if self.search_per_class is not None and (not isinstance(self.search_per_class, int)
-                                                  or self.search_per_class < 1):
-            bad("search_per_class", "must be a positive integer or None")
-        if self.batch_rows is not None and (not isinstance(self.batch_rows, int) or self.batch_rows < 1):
-            bad("batch_rows", "must be a positive integer or None")
-
-
-# Settings whose default changed after guards were first saved: a file that lacks the field was
-# fitted (and its profile computed) with this value.
-LEGACY_CONFIG = {"consistency_units": "mean", "consistency_center": "class", "consistency_bound": "mad",
-                 "consistency_mad_k": 5.0}
-
-
-@dataclass
-class GuardResult:
-    labels: torch.Tensor       # int64 [B]; -1 for a trigger alarm
-    verdict: torch.Tensor      # int64 [B]; 0 accept, 1 trigger alarm, 2 out-of-distribution
-    confidences: torch.Tensor  # float32 [B, N]; T(x)_k
-    thresholds: torch.Tensor   # float32 [N]
-    consistency: torch.Tensor | None = None  # float32 [B, N]; deviation / bound (<= 1: consistent)
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -155,73 +46,6 @@ def fingerprint(model: nn.Module) -> str:
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
                  if t.numel() else b"")
     return h.hexdigest()
-
-
-def check_input(x, input_shape, device, value_range=None, finite: bool = True) -> None:
-    """The guard's input contract: a floating ``[B, *input_shape]`` tensor on ``device``, without
-    NaN/Inf (``finite``; a host sync on CUDA). Values far outside the validation set's ``value_range``
-    (0-255 images given to a model fitted on 0-1 images) are almost surely a preprocessing mistake:
-    warned about, since a guard cannot vouch for inputs unlike anything it was fitted on."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-    if tuple(x.shape[1:]) != tuple(input_shape):
-        raise ValueError(f"input shape {tuple(x.shape)} does not match the fitted input shape "
-                         f"[B, {', '.join(map(str, input_shape))}]")
-    if not x.is_floating_point():
-        raise TypeError(f"input must be a floating tensor, got {x.dtype}")
-    if x.device != device:
-        raise ValueError(f"input is on {x.device} but the guard and model are on {device}")
-    if not finite or not x.numel():
-        return
-    # one pass and one host sync for both checks: NaN propagates into aminmax, Inf is an extreme
-    x_min, x_max = (float(v) for v in torch.stack(torch.aminmax(x)).tolist())
-    if not (math.isfinite(x_min) and math.isfinite(x_max)):
-        raise ValueError("input contains NaN or Inf")
-    if value_range is not None:
-        lo, hi = value_range
-        span = max(hi - lo, 1e-6)
-        if x_min < lo - span or x_max > hi + span:
-            warnings.warn(f"input values span [{x_min:.3g}, {x_max:.3g}] but the guard "
-                          f"was fitted on values in [{lo:.3g}, {hi:.3g}]: check the preprocessing "
-                          f"(e.g. 0-255 images given to a model of 0-1 images)", stacklevel=3)
-
-
-def vote(conf: torch.Tensor, credible: torch.Tensor, consistent: torch.Tensor | None = None,
-         confident: torch.Tensor | None = None):
-    """Alg. 3's one-label rule on a credible set ``[B, N]``: (labels, verdict), the op's semantics
-    (accept the one credible head, -1 for an alarm, the most confident head as the hint of an OOD
-    verdict; NaN rows OOD). With ``consistent`` ``[B, N]`` the OOD hint is the most confident head
-    among those consistent with their class, where there is one: a head whose confidence comes
-    from evidence its class never shows is the last one to trust. With ``confident`` ``[B, N]`` (the
-    confidence test alone), an input without a credible head but with a confident one is an alarm:
-    confidence that its class's neurons do not support is the trigger's signature."""
-    count = credible.sum(1)
-    # masked_fill, not boolean indexing: no host sync, so the vote also runs in a captured CUDA graph
-    verdict = torch.full_like(count, OOD).masked_fill(count == 1, ACCEPT).masked_fill(count >= 2, ALARM)
-    if confident is not None:
-        verdict = verdict.masked_fill((count == 0) & confident.any(1), ALARM)
-    ranked = torch.nan_to_num(conf, nan=-1.0)
-    if consistent is not None:
-        ranked = ranked + 2.0 * consistent.any(1, keepdim=True) * consistent  # conf lies in [0, 1]
-    best = ranked.argmax(1)
-    labels = torch.where(verdict == ACCEPT, credible.long().argmax(1),
-                         torch.where(verdict == ALARM, torch.full_like(best, -1), best))
-    bad = ~torch.isfinite(conf).all(1)
-    return labels.masked_fill(bad, -1), verdict.masked_fill(bad, OOD)
-
-
-def decide(conf: torch.Tensor, thresholds: torch.Tensor, ratio: torch.Tensor | None = None,
-           inconsistent_verdict: str = "alarm"):
-    """``(labels, verdict)`` of Alg. 3 with the consistency veto: a head is credible when it passes
-    its confidence threshold and, given its consistency ``ratio`` ``[B, N]``, is consistent
-    (``ratio <= 1``); a confident but inconsistent head gets ``inconsistent_verdict``. Without
-    ``ratio``: the paper's confidence test alone."""
-    confident = conf >= thresholds
-    if ratio is None:
-        return vote(conf, confident)
-    consistent = ratio <= 1
-    return vote(conf, confident & consistent, consistent,
-                confident if inconsistent_verdict == "alarm" else None)
 
 
 @contextlib.contextmanager
@@ -237,19 +61,6 @@ def explain_out_of_memory(what: str, rows: int | None):
             f"(inputs x heads) per batched forward: lower GuardConfig.batch_rows, e.g. "
             f"LinkBreaker.fit(..., batch_rows={lower}) or guard.config.batch_rows = {lower} on a "
             f"fitted guard; peak memory follows batch_rows, not the batch size. Original error: {e}") from e
-
-
-def score_from_result(r: GuardResult) -> torch.Tensor:
-    """``[B]`` continuous trigger score of a guard's result: how far the input is from being credible
-    for its most confident head, in the guard's own units (that head's consistency ratio over its
-    confidence margin, in log), plus one for every extra credible head (several credible heads is
-    the paper's trigger signature). ``docs/method.md`` defines it."""
-    margin = (r.confidences / r.thresholds).clamp_min(1e-6)
-    ratio = r.consistency if r.consistency is not None else torch.ones_like(margin)
-    k = margin.argmax(1, keepdim=True)
-    top = (ratio.gather(1, k).clamp_min(1e-6) / margin.gather(1, k)).squeeze(1)
-    credible = ((margin >= 1) & (ratio <= 1)).sum(1)
-    return top.log() + (credible - 1).clamp_min(0)
 
 
 def _range(value):
@@ -471,7 +282,6 @@ class LinkBreaker:
         """This guard as a self-contained, stateless ``nn.Module`` whose ``forward(x)`` returns
         ``(labels, verdict, confidences)``: exportable (``torch.export``), compilable and safe to call
         from several threads. It holds its own copy of the model and the fitted state as buffers."""
-        from .serving import GuardedModule
         return GuardedModule(self, batch_rows=batch_rows, check_inputs=check_inputs)
 
     # ------------------------------------------------------------------ offline
@@ -486,7 +296,6 @@ class LinkBreaker:
         always the input of the final Linear. ``overrides`` set :class:`GuardConfig` fields. The whole
         fit runs on the model's device; the validation data is moved there chunk by chunk.
         """
-        from .fitting import fit_guard
         rows = overrides.get("batch_rows", getattr(config, "batch_rows", None))
         with explain_out_of_memory("LinkBreaker.fit", rows):
             return fit_guard(cls, model, x_val, y_val, num_classes, layers, config, progress, **overrides)
@@ -496,7 +305,6 @@ class LinkBreaker:
         bounds, verdict: ``fitting.CALIBRATION_FIELDS``), recalibrated on the validation set this
         guard was fitted on. Equal to a refit with those settings, without its cost; this guard is
         unchanged."""
-        from .fitting import recalibrate_guard
         return recalibrate_guard(self, x_val, y_val, **overrides)
 
     # ------------------------------------------------------------------ persistence

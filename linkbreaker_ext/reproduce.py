@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from . import data, experiment, safefiles, training
 from .fitting import CALIBRATION_FIELDS
-from .guard import LEGACY_CONFIG, GuardConfig, LinkBreaker
+from .config import LEGACY_CONFIG, GuardConfig
+from .guard import LinkBreaker
 
 SPLITS = {"heldout": slice(5000, None), "dev": slice(0, 5000)}
 

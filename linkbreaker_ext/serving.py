@@ -45,7 +45,7 @@ import torch
 from torch import fx, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.linkbreaker.guard_head and its fake kernel)
-from .guard import check_input, decide
+from .verdict import check_input, decide
 from .salient import reduce_layers
 from .layers import INPUT, LATE, evidence_layer, frozen_copy, head_rows, units
 

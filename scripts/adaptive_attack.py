@@ -38,7 +38,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from linkbreaker_ext import experiment, metrics, salient  # noqa: E402
-from linkbreaker_ext.guard import ACCEPT, LinkBreaker  # noqa: E402
+from linkbreaker_ext.guard import LinkBreaker  # noqa: E402
+from linkbreaker_ext.verdict import ACCEPT  # noqa: E402
 from linkbreaker_ext.layers import LATE, expand_mask, unit_views  # noqa: E402
 
 HELDOUT = slice(5000, 10000)

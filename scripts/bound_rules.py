@@ -33,7 +33,8 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from linkbreaker_ext import calibrate, data, experiment, metrics, training  # noqa: E402
-from linkbreaker_ext.guard import GuardResult, LinkBreaker  # noqa: E402
+from linkbreaker_ext.guard import LinkBreaker  # noqa: E402
+from linkbreaker_ext.verdict import GuardResult  # noqa: E402
 
 DEV = slice(0, 5000)
 DATASETS = ("mnist", "cifar10", "gtsrb")

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from linkbreaker_ext import LinkBreaker, attacks, data, experiment, metrics, training  # noqa: E402
 from linkbreaker_ext.baselines import roc_auc  # noqa: E402
-from linkbreaker_ext.guard import score_from_result  # noqa: E402
+from linkbreaker_ext.verdict import score_from_result  # noqa: E402
 from linkbreaker_ext.baselines.evaluate import _rate, evaluate_defense  # noqa: E402
 
 DEFENSES = ["linkbreaker", "strip", "scale-up", "ibd-psc", "neural-cleanse", "abs", "fine-pruning"]

@@ -38,7 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from linkbreaker_ext import calibrate, data, experiment, metrics, salient, training  # noqa: E402
-from linkbreaker_ext.guard import GuardResult, LinkBreaker, decide  # noqa: E402
+from linkbreaker_ext.guard import LinkBreaker  # noqa: E402
+from linkbreaker_ext.verdict import GuardResult, decide  # noqa: E402
 from linkbreaker_ext.layers import INPUT, LATE, expand_mask  # noqa: E402
 
 GRID = 4

@@ -108,7 +108,7 @@ def sweep_thresholds(guard, split, rc, yc, rt, yt, target):
     MAD (``class``, the fit's rule) or with the MAD pooled over classes (``pooled``), the fitted
     consistency ratios kept: one more forward of the heads over the calibration split."""
     from linkbreaker_ext import calibrate, metrics
-    from linkbreaker_ext.guard import GuardResult, decide
+    from linkbreaker_ext.verdict import GuardResult, decide
     cfg = guard.config
     y_val = split["y_val"]
     calib_idx, _ = data.stratified_split(y_val, cfg.calibration_fraction, seed=cfg.seed)

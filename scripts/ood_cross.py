@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from linkbreaker_ext import LinkBreaker, data, experiment, metrics  # noqa: E402
 from linkbreaker_ext.baselines import make_defense  # noqa: E402
-from linkbreaker_ext.guard import ACCEPT, ALARM, OOD, score_from_result  # noqa: E402
+from linkbreaker_ext.verdict import ACCEPT, ALARM, OOD, score_from_result  # noqa: E402
 
 HELDOUT = slice(5000, None)
 

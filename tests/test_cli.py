@@ -9,7 +9,8 @@ import torch
 
 from conftest import NUM_CLASSES, SHAPE, add_trigger
 from linkbreaker_ext import cli, data, experiment, plots, reproduce, training
-from linkbreaker_ext.guard import GuardConfig, LinkBreaker
+from linkbreaker_ext.config import GuardConfig
+from linkbreaker_ext.guard import LinkBreaker
 from linkbreaker_ext.models import MnistNet
 
 

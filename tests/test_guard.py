@@ -18,7 +18,8 @@ from conftest import (ACTIVE, FAST, NUM_CLASSES, SHAPE, add_trigger, make_deep_n
 from linkbreaker_ext import (ACCEPT, ALARM, OOD, GuardConfig, GuardResult, LinkBreaker, calibrate,
                              data, guard_head, guard_head_reference, safefiles, search)
 from linkbreaker_ext.fitting import blank_input
-from linkbreaker_ext.guard import FORMAT, FORMAT_VERSION, vote
+from linkbreaker_ext.guard import FORMAT, FORMAT_VERSION
+from linkbreaker_ext.verdict import vote
 from linkbreaker_ext.layers import INPUT, LATE, auto_layers
 
 HAS_CUDA = torch.cuda.is_available()
@@ -209,7 +210,7 @@ def test_score_is_higher_on_trigger_inputs(backdoored_net, synth):
     several credible heads: +1 each), and on a real backdoored net finite scores for every input.
     (This net's corner trigger sits on dormant pixels, which every head erases: its triggered inputs
     are answered with their true labels, not detected, so their scores equal the clean ones'.)"""
-    from linkbreaker_ext.guard import score_from_result
+    from linkbreaker_ext.verdict import score_from_result
     th = torch.full((3,), 0.5)
     conf = torch.tensor([[0.9, 0.1, 0.1], [0.9, 0.1, 0.1], [0.9, 0.9, 0.1]])
     ratio = torch.tensor([[0.5, 2.0, 2.0], [4.0, 2.0, 2.0], [0.5, 0.5, 2.0]])
@@ -1314,7 +1315,7 @@ def test_inputs_far_outside_the_fitted_range_warn(guard_hidden):
 def test_confident_but_inconsistent_head_is_an_alarm_when_configured():
     """vote: no credible head but a confident one -> OOD by default, a trigger alarm with
     ``confident`` given; a credible head still wins; nothing confident stays OOD."""
-    from linkbreaker_ext.guard import ALARM, OOD, vote
+    from linkbreaker_ext.verdict import ALARM, OOD, vote
     conf = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.2, 0.3]])
     confident = conf >= 0.5
     consistent = torch.tensor([[False, True], [True, True], [True, True]])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from linkbreaker_ext import metrics
-from linkbreaker_ext.guard import ACCEPT, ALARM, OOD, GuardResult
+from linkbreaker_ext.verdict import ACCEPT, ALARM, OOD, GuardResult
 
 T = torch.tensor
 TARGET = 0
@@ -80,7 +80,7 @@ def test_auroc_counts_pairs_and_ties():
 
 def test_strict_metrics_count_only_accepted_answers():
     from linkbreaker_ext import metrics
-    from linkbreaker_ext.guard import GuardResult
+    from linkbreaker_ext.verdict import GuardResult
     conf = torch.zeros(4, 3)
     th = torch.full((3,), 0.5)
     clean = GuardResult(torch.tensor([0, 1, 2, -1]), torch.tensor([0, 2, 0, 1]), conf, th)

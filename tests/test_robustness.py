@@ -55,7 +55,7 @@ from torch import nn
 
 from conftest import FAST, NUM_CLASSES, SHAPE, _train, make_images
 from linkbreaker_ext import LinkBreaker, cli, experiment
-from linkbreaker_ext.guard import ACCEPT, ALARM
+from linkbreaker_ext.verdict import ACCEPT, ALARM
 from linkbreaker_ext.models import MnistNet
 from linkbreaker_ext.safefiles import GuardFileError
 

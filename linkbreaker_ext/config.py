@@ -1,0 +1,108 @@
+"""Every setting of a LinkBreaker guard's offline phase (:class:`GuardConfig`), recorded in saved
+guards, and the values older files were fitted with (:data:`LEGACY_CONFIG`). Its own room so that the
+fit (:mod:`linkbreaker_ext.fitting`) and the guard (:mod:`linkbreaker_ext.guard`) both read it without
+importing each other."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class GuardConfig:
+    """Every setting of the offline phase; recorded in saved guards. ``docs/method.md`` says why."""
+    neighbours: int = 4             # Alg. 1 neighbours per validation sample (0 = off)
+    neighbour_noise: float = 0.2    # std of the Gaussian noise mixed in by Alg. 1
+    neighbour_lambda: float = 0.01  # L1 weight on the mask c
+    neighbour_step: float = 5.0     # forward-backward splitting step alpha
+    neighbour_iters: int = 30
+    neighbour_mode: str = "alg1"    # "alg1": Alg. 1's optimised neighbours; "perturb": x + noise (Table VIII)
+    drop_misclassified: bool = False  # fit only on validation samples the model labels correctly
+    #                                   (resists triggered samples in the "clean" set: results/poisoned-validation.md)
+    hidden_layers: int = 4          # automatic choice: this many hidden layers, plus the input pixels
+    fractions: tuple = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    search_on_neighbours: bool = False  # judge reliability on the neighbours too (measured: worse)
+    search_per_class: int | None = 100  # fit samples per class the set search evaluates (None: all)
+    reliability_measure: str = "confidence"  # "confidence": mean conf; "rate": share with conf >= 0.5
+    tolerance_in: float = 0.002     # head k may be this much less sure of class k than the whole layer
+    tolerance_out: float = 0.0005   # ... and this much more sure of the other classes
+    min_importance: float = 0.0     # importance at or below this is never salient
+    min_active: float = 0.03        # neurons active on fewer clean samples than this are dormant
+    use_early: bool = True          # mask the masked layers (False: only the late layer)
+    use_late: bool = True
+    fill: str = "blank"             # reference for non-salient neurons: "blank" input's activations or "mean"
+    noise_amplitude: float = 0.0    # fill = reference + amplitude * class-pooled std * N(0,1)
+    mad_k: float = 3.0              # threshold = median - mad_k * 1.4826 * MAD of logit(conf)
+    out_quantile: float | None = 0.995  # ... and at least this quantile of other classes' confidences
+    threshold_floor: float = 0.5    # thresholds never below this (two heads can't both pass 0.5 easily)
+    consistency: bool = True        # the neurons consistency check (veto on inconsistent heads)
+    consistency_mad_k: float = 4.25  # bound = median + k * 1.4826 * MAD of log deviation (at most)
+    #                                 (chosen on the dev half with the "tail" rule: docs/method.md,
+    #                                 "A bound per layer's tail"; 5 with "mad" before)
+    consistency_units: str = "mean+max"  # a channel's value at a hidden conv layer: its spatial
+    #                                 "max" (sees a small trigger), its "mean" (sees a warp), or both,
+    #                                 each view within its own bound (docs/method.md, "Two views")
+    consistency_reduce: str = "per_layer"  # across layers: "per_layer" (every layer within its own
+    #                                 bound), "max" (one bound on the max of normalised deviations) or "mean"
+    consistency_center: str = "pooled"  # each bound's center: the median over every class ("pooled":
+    #                                 deviations are already relative to each class's typical one),
+    #                                 class k's own ("class") or "shrunk" towards the pooled one
+    #                                 (chosen on the dev half: docs/method.md, "Where the bound sits")
+    consistency_bound: str = "tail"  # each bound: "tail" (the lower of "mad" and the calibration
+    #                                 split's largest deviation + consistency_margin MADs: each layer
+    #                                 bounded just past a short clean tail), "mad" (center +
+    #                                 consistency_mad_k MADs, robust to a few bad calibration
+    #                                 samples) or "max" (the calibration split's largest deviation)
+    consistency_margin: float = 0.75  # "tail": MADs (log space) past the calibration split's largest
+    inconsistent_verdict: str = "alarm"  # no credible head but a confident, inconsistent one: "alarm" or "ood"
+    calibration_fraction: float = 0.3  # share of the validation set kept apart for thresholds
+    min_per_class: int = 5
+    seed: int = 0
+    batch_rows: int | None = None   # rows (inputs x heads) per batched forward; None: 256 on CPU
+                                    # (large conv batches fall out of cache: measured 2x slower), 8192 on GPU
+
+    def __post_init__(self):
+        """Refuse settings that would fit silently wrong, naming the field."""
+        def bad(name, why):
+            raise ValueError(f"GuardConfig.{name}={getattr(self, name)!r}: {why}")
+        for name in ("neighbours", "neighbour_iters", "hidden_layers", "min_per_class", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                bad(name, "must be a non-negative integer")
+        for name in ("use_early", "use_late", "consistency", "search_on_neighbours", "drop_misclassified"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be True or False")
+        fr = self.fractions
+        if (not isinstance(fr, (tuple, list)) or not fr
+                or not all(isinstance(q, (int, float)) and 0 < q <= 1 for q in fr)
+                or list(fr) != sorted(fr) or fr[-1] != 1):
+            bad("fractions", "must be an ascending sequence in (0, 1] ending with 1.0")
+        for name in ("neighbour_noise", "neighbour_step", "tolerance_in", "tolerance_out",
+                     "min_active", "noise_amplitude", "mad_k", "consistency_mad_k", "consistency_margin"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                bad(name, "must be a finite number >= 0")
+        if not 0 < self.calibration_fraction < 1:
+            bad("calibration_fraction", "must lie in (0, 1)")
+        if not 0 <= self.threshold_floor < 1:
+            bad("threshold_floor", "must lie in [0, 1)")
+        if self.out_quantile is not None and not 0 < self.out_quantile < 1:
+            bad("out_quantile", "must lie in (0, 1) or be None")
+        choices = {"fill": ("blank", "mean"), "reliability_measure": ("confidence", "rate"),
+                   "consistency_reduce": ("per_layer", "max", "mean"),
+                   "consistency_units": ("max", "mean", "mean+max"), "inconsistent_verdict": ("ood", "alarm"),
+                   "consistency_center": ("class", "pooled", "shrunk"), "consistency_bound": ("mad", "max", "tail"),
+                   "neighbour_mode": ("alg1", "perturb")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                bad(name, f"must be one of {allowed}")
+        if self.search_per_class is not None and (not isinstance(self.search_per_class, int)
+                                                  or self.search_per_class < 1):
+            bad("search_per_class", "must be a positive integer or None")
+        if self.batch_rows is not None and (not isinstance(self.batch_rows, int) or self.batch_rows < 1):
+            bad("batch_rows", "must be a positive integer or None")
+
+
+# Settings whose default changed after guards were first saved: a file that lacks the field was
+# fitted (and its profile computed) with this value.
+LEGACY_CONFIG = {"consistency_units": "mean", "consistency_center": "class", "consistency_bound": "mad",
+                 "consistency_mad_k": 5.0}

@@ -1,0 +1,101 @@
+"""Alg. 3's decision on the heads' outputs, shared by ``guard(x)`` (:mod:`linkbreaker_ext.guard`) and the
+serving module (:mod:`linkbreaker_ext.serving`): the input contract, the one-label vote with the
+consistency veto, the result type and its continuous trigger score."""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+ACCEPT, ALARM, OOD = 0, 1, 2
+
+
+@dataclass
+class GuardResult:
+    labels: torch.Tensor       # int64 [B]; -1 for a trigger alarm
+    verdict: torch.Tensor      # int64 [B]; 0 accept, 1 trigger alarm, 2 out-of-distribution
+    confidences: torch.Tensor  # float32 [B, N]; T(x)_k
+    thresholds: torch.Tensor   # float32 [N]
+    consistency: torch.Tensor | None = None  # float32 [B, N]; deviation / bound (<= 1: consistent)
+
+
+def check_input(x, input_shape, device, value_range=None, finite: bool = True) -> None:
+    """The guard's input contract: a floating ``[B, *input_shape]`` tensor on ``device``, without
+    NaN/Inf (``finite``; a host sync on CUDA). Values far outside the validation set's ``value_range``
+    (0-255 images given to a model fitted on 0-1 images) are almost surely a preprocessing mistake:
+    warned about, since a guard cannot vouch for inputs unlike anything it was fitted on."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if tuple(x.shape[1:]) != tuple(input_shape):
+        raise ValueError(f"input shape {tuple(x.shape)} does not match the fitted input shape "
+                         f"[B, {', '.join(map(str, input_shape))}]")
+    if not x.is_floating_point():
+        raise TypeError(f"input must be a floating tensor, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"input is on {x.device} but the guard and model are on {device}")
+    if not finite or not x.numel():
+        return
+    # one pass and one host sync for both checks: NaN propagates into aminmax, Inf is an extreme
+    x_min, x_max = (float(v) for v in torch.stack(torch.aminmax(x)).tolist())
+    if not (math.isfinite(x_min) and math.isfinite(x_max)):
+        raise ValueError("input contains NaN or Inf")
+    if value_range is not None:
+        lo, hi = value_range
+        span = max(hi - lo, 1e-6)
+        if x_min < lo - span or x_max > hi + span:
+            warnings.warn(f"input values span [{x_min:.3g}, {x_max:.3g}] but the guard "
+                          f"was fitted on values in [{lo:.3g}, {hi:.3g}]: check the preprocessing "
+                          f"(e.g. 0-255 images given to a model of 0-1 images)", stacklevel=3)
+
+
+def vote(conf: torch.Tensor, credible: torch.Tensor, consistent: torch.Tensor | None = None,
+         confident: torch.Tensor | None = None):
+    """Alg. 3's one-label rule on a credible set ``[B, N]``: (labels, verdict), the op's semantics
+    (accept the one credible head, -1 for an alarm, the most confident head as the hint of an OOD
+    verdict; NaN rows OOD). With ``consistent`` ``[B, N]`` the OOD hint is the most confident head
+    among those consistent with their class, where there is one: a head whose confidence comes
+    from evidence its class never shows is the last one to trust. With ``confident`` ``[B, N]`` (the
+    confidence test alone), an input without a credible head but with a confident one is an alarm:
+    confidence that its class's neurons do not support is the trigger's signature."""
+    count = credible.sum(1)
+    # masked_fill, not boolean indexing: no host sync, so the vote also runs in a captured CUDA graph
+    verdict = torch.full_like(count, OOD).masked_fill(count == 1, ACCEPT).masked_fill(count >= 2, ALARM)
+    if confident is not None:
+        verdict = verdict.masked_fill((count == 0) & confident.any(1), ALARM)
+    ranked = torch.nan_to_num(conf, nan=-1.0)
+    if consistent is not None:
+        ranked = ranked + 2.0 * consistent.any(1, keepdim=True) * consistent  # conf lies in [0, 1]
+    best = ranked.argmax(1)
+    labels = torch.where(verdict == ACCEPT, credible.long().argmax(1),
+                         torch.where(verdict == ALARM, torch.full_like(best, -1), best))
+    bad = ~torch.isfinite(conf).all(1)
+    return labels.masked_fill(bad, -1), verdict.masked_fill(bad, OOD)
+
+
+def decide(conf: torch.Tensor, thresholds: torch.Tensor, ratio: torch.Tensor | None = None,
+           inconsistent_verdict: str = "alarm"):
+    """``(labels, verdict)`` of Alg. 3 with the consistency veto: a head is credible when it passes
+    its confidence threshold and, given its consistency ``ratio`` ``[B, N]``, is consistent
+    (``ratio <= 1``); a confident but inconsistent head gets ``inconsistent_verdict``. Without
+    ``ratio``: the paper's confidence test alone."""
+    confident = conf >= thresholds
+    if ratio is None:
+        return vote(conf, confident)
+    consistent = ratio <= 1
+    return vote(conf, confident & consistent, consistent,
+                confident if inconsistent_verdict == "alarm" else None)
+
+
+def score_from_result(r: GuardResult) -> torch.Tensor:
+    """``[B]`` continuous trigger score of a guard's result: how far the input is from being credible
+    for its most confident head, in the guard's own units (that head's consistency ratio over its
+    confidence margin, in log), plus one for every extra credible head (several credible heads is
+    the paper's trigger signature). ``docs/method.md`` defines it."""
+    margin = (r.confidences / r.thresholds).clamp_min(1e-6)
+    ratio = r.consistency if r.consistency is not None else torch.ones_like(margin)
+    k = margin.argmax(1, keepdim=True)
+    top = (ratio.gather(1, k).clamp_min(1e-6) / margin.gather(1, k)).squeeze(1)
+    credible = ((margin >= 1) & (ratio <= 1)).sum(1)
+    return top.log() + (credible - 1).clamp_min(0)
