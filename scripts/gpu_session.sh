@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU device call (15 device minutes a session): CIFAR-10 seeds 1-2 and source-specific seeds 1-2,
+# One GPU device call (15 device minutes a session): the CUDA bench (issue #8), then CIFAR-10 seeds 1-2,
 # trained, fitted and measured by `linkbreaker reproduce`, a few models per process (15 processes
 # time-sliced one H100 to under one epoch each in 7 minutes; one process trains a CIFAR-10 model in
 # about 6 minutes). Every epoch's checkpoint is packed too, so the next call resumes where this one
@@ -19,6 +19,10 @@ mkdir -p "$OUT" /tmp/logs
 python -m pip install --no-build-isolation --no-deps --no-index -e . -q > /tmp/logs/build.log 2>&1 \
   || { tail -30 /tmp/logs/build.log; exit 1; }
 echo "built at $(el) s"
+# issue #8's GPU rows first (the shared-row guard, graphs included): a minute at most
+timeout 120 python -m linkbreaker_ext.cli bench --device cuda --json "$OUT/bench-cuda.json" \
+  --profile "$OUT/bench-cuda-profile.md" > /tmp/logs/bench.log 2>&1
+echo "bench done at $(el) s"
 # four processes, each a short queue of (attack, seed) runs, most wanted first
 queues=("wanet trojan-square" "badnets blended" "sig none" "source-specific")
 for q in "${queues[@]}"; do
