@@ -657,3 +657,33 @@ def test_plant_trojan_retrains_a_quarter_of_the_recipe(monkeypatch, dataset, epo
     out = experiment.plant_trojan(dataset, net, TrojanAttack(), None, None, epochs, seed=5)
     assert out is net and seen["epochs"] == expected and seen["seed"] == 5
     assert seen["channels_last"] == (dataset != "mnist")
+
+
+def test_a_trojan_starts_from_the_cached_clean_model_of_its_seed(monkeypatch, tmp_path):
+    """model_for plants the Trojan in ``none-<seed>`` when that model is cached (the clean training a
+    Trojan starts from), instead of training a clean model again; without it, it trains one."""
+    from linkbreaker_ext import experiment, models
+    clean = models.build_model("mnist", 10)
+    with torch.no_grad():
+        next(clean.parameters()).fill_(0.25)  # recognisable weights
+    experiment.save_model(tmp_path / "models" / "none-3.safetensors", clean,
+                          {"dataset": "mnist", "num_classes": 10, "seed": 3, "attack": None})
+    seen = {}
+
+    def fake_poison(self, model, x, y, epochs, seed, progress):
+        seen["first"] = next(model.parameters()).detach().clone()
+        seen["seed"] = seed
+        return model
+
+    def no_training(*a, **k):
+        raise AssertionError("a clean model was trained although none-3 is cached")
+
+    monkeypatch.setattr(TrojanAttack, "poison_model", fake_poison)
+    monkeypatch.setattr(experiment, "train_model", no_training)
+    split = {"x_train": torch.zeros(4, 1, 28, 28), "y_train": torch.zeros(4, dtype=torch.long)}
+    model, attack = experiment.model_for("mnist", "trojan-square", 3, split, tmp_path, progress=False)
+    assert isinstance(attack, TrojanAttack) and seen["seed"] == 3
+    assert torch.equal(seen["first"], next(clean.parameters()).detach())
+    assert (tmp_path / "models" / "trojan-square-3.safetensors").is_file()
+    with pytest.raises(AssertionError, match="trained"):  # another seed has no cached clean model
+        experiment.model_for("mnist", "trojan-square", 4, split, tmp_path, progress=False)
