@@ -118,7 +118,8 @@ class LinkBreaker:
     def _hidden_masks(self, masks=None):
         """The masked layers' masks (``masks`` overriding some) and their :func:`head_rows`: the
         guard's own masks' rows are computed once."""
-        hidden = {n: dict(self.masks, **(masks or {}))[n] for n in self.layers}
+        merged = dict(self.masks, **(masks or {}))
+        hidden = {n: merged[n] for n in self.layers}
         if masks:
             return hidden, head_rows(hidden)
         # keyed on the tensors and their in-place version counters: masks replaced or edited
@@ -126,7 +127,7 @@ class LinkBreaker:
         key = tuple((n, id(m), m._version) for n, m in hidden.items())
         cached = getattr(self, "_rows", None)
         if cached is None or cached[0] != key:
-            self._rows = cached = (key, head_rows(hidden))
+            self._rows = cached = (key, tuple(t.to(self.device) for t in head_rows(hidden)))
         return hidden, cached[1]
 
     def _inputs_per_forward(self, rows) -> int:
@@ -149,6 +150,7 @@ class LinkBreaker:
         if b is None:
             b = torch.zeros(w.shape[0], device=w.device, dtype=w.dtype)
         n = th.shape[0]
+        shared = rows[0].numel() == 1
         chunk = self._inputs_per_forward(rows)
         total = len(x) if features is None else len(features)
         out, seen = None, []
@@ -163,7 +165,7 @@ class LinkBreaker:
             else:
                 feats = self.tapped.features(x[start:start + chunk].to(self.device), hidden, self.fills,
                                              rows=rows)
-            if feats.dim() == 3 and feats.shape[1] > 1 and feats.stride(1) == 0:
+            if shared and features is None:
                 feats = feats[:, 0]  # one row shared by every head: the op's [B, D] form, no copy
             # Inputs are validated once in __call__ and masks/thresholds at fit time, so skip the
             # op wrapper's value checks (a host sync on CUDA); a NaN the model itself produces is

@@ -167,9 +167,9 @@ def head_rows(masks: dict) -> tuple[torch.Tensor, torch.Tensor]:
     order of first appearance), ``row`` ``[N]`` the row head k reads. On natural images every head
     keeps every hidden neuron (docs/method.md), so R = 1: one forward per input instead of N, with
     the same outputs (``m * a + (1 - m) * fill == a`` where ``m`` is 1)."""
-    n = next(iter(masks.values())).shape[0] if masks else 1
     if not masks:
-        return torch.zeros(1, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+        return torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    n = next(iter(masks.values())).shape[0]
     flat = torch.cat([m.detach().reshape(n, -1).float().cpu() for m in masks.values()], 1)
     _, inverse = torch.unique(flat, dim=0, return_inverse=True)
     order: dict = {}
@@ -255,7 +255,8 @@ class TappedModel:
         r = first.numel()
         if r < n:
             masks = {name: m[first.to(m.device)] for name, m in masks.items()}
-        row = row.to(x.device)
+        if 1 < r < n:
+            row = row.to(x.device)
         seen = {}
 
         def spread(v):  # [b, r, ...] -> [b, n, ...]: the row each head reads

@@ -193,33 +193,27 @@ class GuardedModule(nn.Module):
         self.input_shape = tuple(guard.input_shape)
         self.input_range = guard.input_range
         self.num_heads = int(guard.num_heads)
-        self.use_early = bool(cfg.use_early)
         self.consistency = bool(cfg.consistency and guard.profile)
         self.reduce = cfg.consistency_reduce
         self.inconsistent_verdict = cfg.inconsistent_verdict
         self.batch_rows = batch_rows or cfg.batch_rows
         self.check_inputs = check_inputs
-        n = self.num_heads
-        # rows per input: one per distinct set of head masks (the veto reads each head's own row)
-        if self.use_early:
-            first, row = head_rows({name: guard.masks[name] for name in self.layers})
-        else:  # nothing masked before the late layer: one shared unmasked row
-            first, row = torch.zeros(1, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+        # rows per input: one per distinct set of head masks (the veto reads each head's own row);
+        # a guard fitted with use_early=False keeps every hidden neuron for every head: one row
+        first, row = head_rows({name: guard.masks[name] for name in self.layers})
         self.rows = first.numel()
         self.register_buffer("head_row", row.to(device))
 
         net = frozen_copy(guard.tapped.net)  # no hooks a call in flight could have left
         shapes = self._probe_shapes(net, guard, device)
-        stages = None
-        if self.use_early:
-            stages = {}
-            for name in self.layers:
-                m = guard.masks[name].float().to(device)[first.to(device)]
-                if bool((m == 1).all()):  # kept whole by every head (m * a + 0 * fill == a)
-                    continue
-                m = _unit_mask(m, shapes[name], name)
-                fill = guard.fills[name].float().to(device).reshape(shapes[name][1:])
-                stages[name] = _Mask(m.contiguous(), ((1 - m) * fill).contiguous())
+        stages = {}
+        for name in self.layers:
+            m = guard.masks[name].float().to(device)[first.to(device)]
+            if bool((m == 1).all()):  # kept whole by every head (m * a + 0 * fill == a)
+                continue
+            m = _unit_mask(m, shapes[name], name)
+            fill = guard.fills[name].float().to(device).reshape(shapes[name][1:])
+            stages[name] = _Mask(m.contiguous(), ((1 - m) * fill).contiguous())
         unit_stages = None
         evidence = guard._profile_layers()  # the profile's order: masked layers (per view), late
         if self.consistency:  # one reading per evidence name: a layer, or one view of it
