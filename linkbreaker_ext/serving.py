@@ -162,8 +162,9 @@ def _profile_terms(center, scale, weight, dense: bool = False):
     over class k's salient neurons only (``index`` None: all neurons, dense, with zero ``coef`` off
     the salient set), ``coef = w / sum(w) / scale``. Same terms as the guard's (zero weights dropped);
     the sum order differs (float ulps). ``dense``: never gather (one row shared by every head: a
-    per-class mat-vec over all neurons beats gathering ``[B, K, D_k]`` from it, 0.06 against 0.6 ms
-    for the MNIST net's 100 late neurons at batch 256 on one CPU thread)."""
+    per-class mat-vec over all neurons beats gathering ``[B, K, D_k]`` from it; with the broadcast
+    below for few neurons, the late-only MNIST guard went from 1.25x to 1.19-1.22x the plain net at
+    batch 256, bench/results/cpu-2026-11-27*.json)."""
     center, scale, weight = center.float(), scale.float(), weight.float()
     coef = weight / weight.sum(1, keepdim=True).clamp_min(1e-12) / scale
     live = weight > 0
@@ -325,7 +326,6 @@ class GuardedModule(nn.Module):
                 # of [B, K, D] temporaries reduced over D (the late-only MNIST guard at batch 256 on
                 # CPU: 1.25x the plain net against 1.33x, bench/results/cpu-2026-11-2{6,7}.json);
                 # a few neurons (a conv layer's channels): the broadcast below is faster
-                # (0.025 against 0.06 ms for 8-16 channels)
                 d = torch.stack([torch.mv((u - center[k]).abs_(), coef[k])
                                  for k in range(center.shape[0])], 1)
                 per_layer.append(d / self.norms[:, i])
