@@ -6,8 +6,8 @@ Rows (``ms_per_batch``, median of timed calls after a warm-up; CUDA calls synchr
 * ``plain``: the bare model; ``guarded``: the serving module (:class:`~linkbreaker_ext.serving.
   GuardedModule`) of a guard whose heads keep different hidden neurons (N rows per input, the
   worst case); ``guarded-shared``: the same guard with every head keeping head 0's hidden neurons
-  (one row per input; the late layer still per head), which is what every guard fitted on real data
-  in ``results/`` looks like (:func:`~linkbreaker_ext.layers.head_rows`); ``guard-call``:
+  (one row per input; the late layer still per head), as MNIST's fitted guards and many CIFAR-10
+  ones are (others have 2-4 distinct rows: :func:`~linkbreaker_ext.layers.head_rows`); ``guard-call``:
   ``LinkBreaker.__call__`` (the Python object path);
   ``guarded-late-only``: the serving module of a guard fitted with ``use_early=False`` (only the
   late layer masked: one model forward plus the fused op);

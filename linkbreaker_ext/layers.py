@@ -164,9 +164,9 @@ def expand_mask(m: torch.Tensor, a_shape, layer: str) -> torch.Tensor:
 def head_rows(masks: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Which forward each head needs: heads whose masks agree in every masked layer see the same
     input and run as one row. Returns ``(first, row)``: ``first`` ``[R]`` one head per distinct row (in
-    order of first appearance), ``row`` ``[N]`` the row head k reads. On natural images every head
-    keeps every hidden neuron (docs/method.md), so R = 1: one forward per input instead of N, with
-    the same outputs (``m * a + (1 - m) * fill == a`` where ``m`` is 1)."""
+    order of first appearance), ``row`` ``[N]`` the row head k reads. On natural images the heads keep
+    (almost) every hidden neuron and on MNIST the same ones (docs/method.md, "Online phase"), so R is
+    1-4 on the guards fitted so far: R forwards per input instead of N, with the same outputs."""
     if not masks:
         return torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
     n = next(iter(masks.values())).shape[0]

@@ -19,10 +19,9 @@ The call
     Each chunk of inputs runs as one batch of ``R`` rows per input, one per distinct set of masks
     over the masked layers (:func:`linkbreaker_ext.layers.head_rows`): heads whose masks agree
     share a row, and the consistency veto reads each head's values from its row. R = N when every
-    head masks differently (MNIST's class sets); R = 1 when they agree, as on CIFAR-10 and GTSRB,
-    where every head keeps every hidden neuron, and for a guard fitted with ``use_early=False``: one
-    model forward per input, whose late features the fused op shares between the heads (``[B, D]``
-    features). The late masking, heads, softmax and confidence test run in the fused
+    head masks differently; R is 1-4 on the guards fitted so far (docs/method.md, "Online phase"),
+    and 1 for a guard fitted with ``use_early=False``. With R = 1 the fused op shares one row's late
+    features between the heads (``[B, D]`` features): one model forward plus the op. The late masking, heads, softmax and confidence test run in the fused
     ``torch.ops.linkbreaker.guard_head``; the consistency veto and the OOD hint are
     :func:`linkbreaker_ext.guard.vote`, as in ``guard(x)``.
 

@@ -199,7 +199,7 @@ def _num(values, fmt):
 CAPABILITIES = [
     # defense, output, model access, clean data used, forwards per input online, source of the row
     ("linkbreaker", "label per input, or alarm / OOD", "white-box (masked layers + final Linear)",
-     "validation set (sets, class profiles, MAD thresholds and bounds)", "N heads in one batched pass of one row per distinct head mask (1 for every guard fitted so far, N at most)"),
+     "validation set (sets, class profiles, MAD thresholds and bounds)", "N heads in one batched pass of one row per distinct head mask (1-4 on the guards fitted so far, N at most)"),
     ("strip", "flag per input", "black-box softmax", "validation half: overlay pool; other half: threshold",
      "100 (superimposed copies)"),
     ("scale-up", "flag per input", "black-box labels", "validation half: per-class SPC stats; other half: threshold",
