@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .verdict import log_odds
+
 MAD_SCALE = 1.4826  # MAD -> standard deviation for a normal distribution
 
 
@@ -115,3 +117,28 @@ def layer_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float, pooled_spread
     all)."""
     return torch.stack([consistency_bounds(dev[..., i], y, mad_k, pooled_spread, center, rule, margin)
                         for i in range(dev.shape[-1])], 1)
+
+
+STABILITY_FLOOR = 0.1  # log-odds: a bound never below this (a head may always lose this much)
+NO_BOUND = 1e30  # a bound that turns no input away
+
+
+def stability_bound(conf: torch.Tensor, conf_neighbour: torch.Tensor, y: torch.Tensor,
+                    thresholds: torch.Tensor, mad_k: float, margin: float) -> torch.Tensor:
+    """A 0-d bound on how far a head's own-class log-odds may fall from an input to its neighbour
+    (the input plus the guard's fixed noise pattern): the lower of ``median + mad_k * 1.4826 * MAD``
+    and ``max + margin * 1.4826 * MAD`` (the consistency bounds' ``"tail"`` rule, here on a
+    difference, which may be negative) of the calibration samples whose own head passes its
+    confidence threshold (the only inputs the test can turn away), pooled over classes (30 % of a
+    2 % split is too few per class for a tail), at least :data:`STABILITY_FLOOR`. When no
+    calibration sample is confident, :data:`NO_BOUND` (finite, so that it can be saved)."""
+    i = torch.arange(len(y))
+    own = conf[i, y]
+    keep = own >= thresholds.to(own.device)[y]
+    drop = (log_odds(own) - log_odds(conf_neighbour[i, y]))[keep]
+    if not len(drop):
+        return torch.tensor(NO_BOUND)
+    med = drop.median()
+    mad = MAD_SCALE * (drop - med).abs().median()
+    bound = torch.minimum(med + mad_k * mad, drop.max() + margin * mad)
+    return bound.clamp_min(STABILITY_FLOOR).float()

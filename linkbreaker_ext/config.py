@@ -54,6 +54,11 @@ class GuardConfig:
     #                                 consistency_mad_k MADs, robust to a few bad calibration
     #                                 samples) or "max" (the calibration split's largest deviation)
     consistency_margin: float = 0.75  # "tail": MADs (log space) past the calibration split's largest
+    stability_noise: float = 0.01   # neighbour stability test: std of one fixed Gaussian pattern added
+    #                                 to every input, as a share of the validation set's value range; a
+    #                                 head whose own-class log-odds fall further on that neighbour than
+    #                                 clean inputs' do (the consistency bounds' rule) is not credible.
+    #                                 0 = off (docs/method.md, "A warp that noise undoes")
     inconsistent_verdict: str = "alarm"  # no credible head but a confident, inconsistent one: "alarm" or "ood"
     calibration_fraction: float = 0.3  # share of the validation set kept apart for thresholds
     min_per_class: int = 5
@@ -77,7 +82,8 @@ class GuardConfig:
                 or list(fr) != sorted(fr) or fr[-1] != 1):
             bad("fractions", "must be an ascending sequence in (0, 1] ending with 1.0")
         for name in ("neighbour_noise", "neighbour_step", "tolerance_in", "tolerance_out",
-                     "min_active", "noise_amplitude", "mad_k", "consistency_mad_k", "consistency_margin"):
+                     "min_active", "noise_amplitude", "mad_k", "consistency_mad_k", "consistency_margin",
+                     "stability_noise"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 bad(name, "must be a finite number >= 0")
@@ -105,4 +111,4 @@ class GuardConfig:
 # Settings whose default changed after guards were first saved: a file that lacks the field was
 # fitted (and its profile computed) with this value.
 LEGACY_CONFIG = {"consistency_units": "mean", "consistency_center": "class", "consistency_bound": "mad",
-                 "consistency_mad_k": 5.0}
+                 "consistency_mad_k": 5.0, "stability_noise": 0.0}

@@ -20,6 +20,7 @@ from .data import stratified_split
 from .layers import (INPUT, LATE, TappedModel, auto_layers, check_layers, evidence_layer, final_linear,
                      frozen_copy, logits_of, units)
 from .neighbours import generate_neighbours, perturbed_samples
+from .verdict import log_odds
 
 
 def as_tensors(x, y):
@@ -203,7 +204,7 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
 
 CALIBRATION_FIELDS = frozenset({"mad_k", "out_quantile", "threshold_floor", "consistency_mad_k",
                                 "consistency_center", "consistency_bound", "consistency_margin",
-                                "consistency_reduce", "inconsistent_verdict"})
+                                "consistency_reduce", "inconsistent_verdict", "stability_noise"})
 """The settings of the last stage alone: a fitted guard takes new values of these by
 :func:`recalibrate_guard`, without the neighbours, statistics and set search of a refit."""
 
@@ -221,7 +222,8 @@ def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
 def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) -> dict:
     """Alg. 3's credibility criteria, set on ``guard`` in place: the confidence thresholds from the
     calibration split, and (with a consistency profile) each class's typical deviation on the fit
-    split, then the per-layer or reduced consistency bounds from the calibration split. Returns the
+    split, then the per-layer or reduced consistency bounds from the calibration split, and the
+    stability test's noise pattern and bound (``cfg.stability_noise > 0``). Returns the
     calibration split's confidences and deviations, so other bounds can be studied without a refit.
     ``own``: :func:`_own_units` of the fit split, when the caller has them already."""
     device = guard.device
@@ -250,8 +252,29 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
             profile["bounds"] = calibrate.consistency_bounds(
                 dev, y_cal, cfg.consistency_mad_k, center=cfg.consistency_center,
                 rule=cfg.consistency_bound, margin=cfg.consistency_margin).to(device)
+    drops = None
+    guard.stability = None
+    if cfg.stability_noise > 0:
+        guard.stability = {"noise": stability_pattern(guard.input_shape, cfg, guard.input_range).to(device),
+                           "bound": torch.tensor(1.0, device=device)}
+        conf_n = guard.head_confidences(guard.neighbour(x_cal),
+                                        thresholds=torch.full((num_classes,), 0.5, device=device))[0].cpu()
+        guard.stability["bound"] = calibrate.stability_bound(
+            conf, conf_n, y_cal, guard.thresholds.cpu(), cfg.consistency_mad_k,
+            cfg.consistency_margin).to(device)
+        drops = (log_odds(conf) - log_odds(conf_n)).float()  # [n_cal, K]
     return {"calibration_conf": conf, "calibration_labels": y_cal, "calibration_deviations": dev,
-            "calibration_deviations_by_layer": by_layer, "layer_bounds": layer_bounds}
+            "calibration_deviations_by_layer": by_layer, "layer_bounds": layer_bounds,
+            "calibration_stability_drops": drops}
+
+
+def stability_pattern(shape, cfg, value_range=None) -> torch.Tensor:
+    """The stability test's one fixed noise pattern: Gaussian, std ``cfg.stability_noise`` times the
+    validation set's value range, drawn from ``cfg.seed`` (the same guard settings give the same
+    pattern, so verdicts are deterministic and a recalibration equals a refit)."""
+    span = 1.0 if value_range is None else max(value_range[1] - value_range[0], 1e-6)
+    g = torch.Generator().manual_seed(1_000_003 + cfg.seed)
+    return torch.randn(tuple(shape), generator=g) * (cfg.stability_noise * span)
 
 
 def recalibrate_guard(guard, x_val, y_val=None, **overrides):

@@ -31,7 +31,7 @@ from .config import LEGACY_CONFIG, GuardConfig
 from .fitting import fit_guard, recalibrate_guard
 from .layers import LATE, TappedModel, evidence_layer, evidence_names, head_rows, units
 from .serving import GuardedModule
-from .verdict import GuardResult, check_input, decide, score_from_result
+from .verdict import GuardResult, check_input, decide, neighbour, score_from_result, stability_ratio
 
 FORMAT = "linkbreaker-guard"
 FORMAT_VERSION = 2
@@ -80,7 +80,8 @@ class LinkBreaker:
     """
 
     def __init__(self, model, layers, late, masks, fills, thresholds, profile, config: GuardConfig,
-                 input_shape, diagnostics=None, tapped: TappedModel | None = None, input_range=None):
+                 input_shape, diagnostics=None, tapped: TappedModel | None = None, input_range=None,
+                 stability=None):
         device = next(model.parameters()).device
         self.model = model
         self.tapped = tapped or TappedModel(model, layers, late)
@@ -94,6 +95,8 @@ class LinkBreaker:
         # consistency profile: per layer center/scale [K, D_unit], norms [K, L], bounds [K]
         # (per_layer: each layer's own bound is folded into its norm, and bounds are 1)
         self.profile = {k: v.float().to(device) for k, v in (profile or {}).items()}
+        # the neighbour stability test: {"noise": [*input_shape], "bound": 0-d} (None: off)
+        self.stability = None if stability is None else {k: v.float().to(device) for k, v in stability.items()}
         self.diagnostics = diagnostics or {}
         # the weights this guard was fitted for, fixed now: a model changed later does not match
         self.model_sha256 = fingerprint(model)
@@ -266,13 +269,33 @@ class LinkBreaker:
             return self._guard(x.float())  # the guard's copy of the model is float32
 
     def _guard(self, x: torch.Tensor) -> GuardResult:
-        if not (self.config.consistency and self.profile):
+        consistency = self.config.consistency and self.profile
+        stable = self.stability is not None and self.config.stability_noise > 0
+        if not (consistency or stable):
             conf, labels, verdict = self.head_confidences(x)
             return GuardResult(labels, verdict, conf, self.thresholds)
-        conf, dev = self._heads_with_deviations(x)
-        ratio = dev / self.profile["bounds"]
+        if consistency:
+            conf, dev = self._heads_with_deviations(x)
+            ratio = dev / self.profile["bounds"]
+        else:
+            conf, ratio = self.head_confidences(x)[0], None
+        if stable:
+            unstable = self.stability_ratios(x, conf)
+            ratio = unstable if ratio is None else torch.maximum(ratio, unstable)
         labels, verdict = decide(conf, self.thresholds, ratio, self.config.inconsistent_verdict)
         return GuardResult(labels, verdict, conf, self.thresholds, ratio)
+
+    def neighbour(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` plus the guard's fixed noise pattern, inside the validation set's value range."""
+        return neighbour(x.to(self.device), self.stability["noise"], self.input_range)
+
+    def stability_ratios(self, x: torch.Tensor, conf: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, N]``: how far each head's own-class log-odds fall from ``x`` to its neighbour,
+        relative to the calibrated bound (<= 1: as stable as clean inputs). ``conf``: the heads'
+        confidences on ``x``, when the caller has them."""
+        if conf is None:
+            conf = self.head_confidences(x)[0]
+        return stability_ratio(conf, self.head_confidences(self.neighbour(x))[0], self.stability["bound"])
 
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> torch.Tensor:
@@ -326,6 +349,7 @@ class LinkBreaker:
         tensors.update({f"masks.{k}": v for k, v in self.masks.items()})
         tensors.update({f"fill.{k}": v for k, v in self.fills.items()})
         tensors.update({f"profile.{k}": v for k, v in self.profile.items()})
+        tensors.update({f"stability.{k}": v for k, v in (self.stability or {}).items()})
         safefiles.write(path, tensors, FORMAT, meta, key=key)
 
     @classmethod
@@ -359,8 +383,13 @@ class LinkBreaker:
                 expected.update({f"profile.{p}.{n}": ("N", f"U:{evidence_layer(n)[0]}")
                                  for p in ("center", "scale", "weight")})
             expected.update({"profile.norms": ("N", len(evidence)), "profile.bounds": ("N",)})
+        stable = "stability.noise" in tensors or "stability.bound" in tensors
+        if stable:
+            expected.update({"stability.noise": tuple(shape), "stability.bound": ()})
         safefiles.check_shapes(tensors, expected, path)
         safefiles.check_tensor_ranges(tensors, path)
+        if stable and not float(tensors["stability.bound"]) > 0:  # a bound <= 0 would invert the test
+            raise Err(f"{path}: stability.bound must be > 0, got {float(tensors['stability.bound']):g}")
         fields = {f.name for f in dataclasses.fields(GuardConfig)}
         raw = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items() if k in fields}
         # settings a file from an earlier release does not record keep the meaning they had then
@@ -368,10 +397,14 @@ class LinkBreaker:
         pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         try:
             config = GuardConfig(**raw)
+            if stable != (config.stability_noise > 0):
+                raise ValueError(f"stability_noise={config.stability_noise} but the file "
+                                 f"{'has' if stable else 'lacks'} the stability test's tensors")
             guard = cls(model, layers, late, pick("masks."), pick("fill."), tensors["thresholds"],
                         pick("profile."), config, shape,
                         diagnostics={"fit_s": meta.get("fit_s") or float("nan")},
-                        input_range=_range(meta.get("input_range")))
+                        input_range=_range(meta.get("input_range")),
+                        stability=pick("stability.") or None)
         except (TypeError, ValueError, RuntimeError) as e:  # layer names the model lacks, ...
             raise Err(f"{path}: guard does not fit this model: {e}") from None
         sha = meta.get("data_sha256")

@@ -21,13 +21,15 @@ The call
     share a row, and the consistency veto reads each head's values from its row. R = N when every
     head masks differently; R is 1-4 on the guards fitted so far (docs/method.md, "Online phase"),
     and 1 for a guard fitted with ``use_early=False``. With R = 1 the fused op shares one row's late
-    features between the heads (``[B, D]`` features): one model forward plus the op. The late masking, heads, softmax and confidence test run in the fused
-    ``torch.ops.linkbreaker.guard_head``; the consistency veto and the OOD hint are
-    :func:`linkbreaker_ext.guard.vote`, as in ``guard(x)``.
+    features between the heads (``[B, D]`` features): one model forward plus the op. With the
+    stability test on (the default), each input's neighbour (the input plus the guard's fixed noise
+    pattern) runs in the same batch: 2R rows per input. The late masking, heads, softmax and
+    confidence test run in the fused ``torch.ops.linkbreaker.guard_head``; the consistency and
+    stability vetoes and the OOD hint are :func:`linkbreaker_ext.verdict.decide`, as in ``guard(x)``.
 
 Memory
     Rows are processed in chunks of ``batch_rows`` (the guard's setting; 256 on CPU, 8192 on GPU),
-    i.e. ``max(1, batch_rows // R)`` inputs per forward, so the peak is the model's activations for
+    i.e. ``max(1, batch_rows // R)`` inputs per forward (``batch_rows // 2R`` with the stability test), so the peak is the model's activations for
     ``batch_rows`` rows plus the ``[B, N]`` outputs, for any batch size.
 
 Export
@@ -44,7 +46,7 @@ import torch
 from torch import fx, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.linkbreaker.guard_head and its fake kernel)
-from .verdict import check_input, decide
+from .verdict import check_input, decide, neighbour, stability_ratio
 from .salient import reduce_layers
 from .layers import INPUT, LATE, evidence_layer, frozen_copy, head_rows, units
 
@@ -194,6 +196,7 @@ class GuardedModule(nn.Module):
         self.input_range = guard.input_range
         self.num_heads = int(guard.num_heads)
         self.consistency = bool(cfg.consistency and guard.profile)
+        self.stable = guard.stability is not None and cfg.stability_noise > 0
         self.reduce = cfg.consistency_reduce
         self.inconsistent_verdict = cfg.inconsistent_verdict
         self.batch_rows = batch_rows or cfg.batch_rows
@@ -242,6 +245,9 @@ class GuardedModule(nn.Module):
                 self.register_buffer(f"coef{i}", coef.to(device))
             self.register_buffer("norms", p["norms"].float().to(device))
             self.register_buffer("bounds", p["bounds"].float().to(device))
+        if self.stable:
+            self.register_buffer("stability_noise", guard.stability["noise"].float().to(device).contiguous())
+            self.register_buffer("stability_bound", guard.stability["bound"].float().to(device))
 
     @staticmethod
     @torch.no_grad()
@@ -269,10 +275,11 @@ class GuardedModule(nn.Module):
                     finite=not torch.compiler.is_compiling())
 
     def chunk_inputs(self, device: torch.device | None = None) -> int:
-        """Inputs per batched forward: ``max(1, batch_rows // rows_per_input)``."""
+        """Inputs per batched forward: ``max(1, batch_rows // rows_per_input)`` (an input and its
+        stability neighbour are two)."""
         device = device or self.thresholds.device
         rows = self.batch_rows or (256 if device.type == "cpu" else 8192)
-        return max(1, rows // self.rows)
+        return max(1, rows // (self.rows * (2 if self.stable else 1)))
 
     def cuda_graph(self, batch_size: int, warmup: int = 3) -> "GraphedGuard":
         """This module captured as one CUDA graph for inputs of exactly ``batch_size``: each call is a
@@ -296,17 +303,25 @@ class GuardedModule(nn.Module):
         return tuple(torch.cat(p) for p in zip(*parts))
 
     def _chunk(self, x):
-        b, n, r = x.shape[0], self.num_heads, self.rows
+        b, r = x.shape[0], self.rows
+        if self.stable:  # the input and its neighbour (stability test) in one forward
+            x = torch.cat([x, neighbour(x, self.stability_noise, self.input_range)])
         rows = x.repeat_interleave(r, dim=0) if r > 1 else x
         late, *acts = self.body(rows)
-        late = late.reshape(b, r, -1)
+        late = late.reshape(x.shape[0], r, -1)
         feats = late[:, 0] if r == 1 else self._spread(late)  # [B, D]: one row shared by every head
         conf, labels, verdict = torch.ops.linkbreaker.guard_head(
             feats.contiguous(), self.late_weight, self.late_bias, self.late_mask, self.late_fill, self.thresholds)
-        if not self.consistency:
+        if not (self.consistency or self.stable):
             return labels, verdict, conf
-        acts = [a if r == 1 else self._spread(a) for a in acts]
-        ratio = self._deviations([*acts, feats.float()]) / self.bounds
+        ratio = None
+        if self.stable:
+            ratio = stability_ratio(conf[:b], conf[b:], self.stability_bound)
+            conf, feats, acts = conf[:b], feats[:b], [a[:b] for a in acts]
+        if self.consistency:
+            acts = [a if r == 1 else self._spread(a) for a in acts]
+            deviation = self._deviations([*acts, feats.float()]) / self.bounds
+            ratio = deviation if ratio is None else torch.maximum(deviation, ratio)
         labels, verdict = decide(conf, self.thresholds, ratio, self.inconsistent_verdict)
         return labels, verdict, conf
 

@@ -88,6 +88,24 @@ def decide(conf: torch.Tensor, thresholds: torch.Tensor, ratio: torch.Tensor | N
                 confident if inconsistent_verdict == "alarm" else None)
 
 
+def log_odds(conf: torch.Tensor) -> torch.Tensor:
+    """Confidences in log-odds (float64; clamped where float32 saturates at 0 or 1)."""
+    return torch.logit(conf.double().clamp(1e-7, 1 - 1e-7))
+
+
+def neighbour(x: torch.Tensor, noise: torch.Tensor, value_range=None) -> torch.Tensor:
+    """The input's neighbour for the stability test: ``x`` plus the guard's fixed noise pattern,
+    kept inside the validation set's value range."""
+    xn = x + noise
+    return xn if value_range is None else xn.clamp(value_range[0], value_range[1])
+
+
+def stability_ratio(conf: torch.Tensor, conf_neighbour: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """``[B, N]``: how far each head's own-class log-odds fall from the input to its neighbour,
+    relative to the calibrated bound (<= 1: as stable as clean inputs; float32)."""
+    return ((log_odds(conf) - log_odds(conf_neighbour)) / bound.double()).float()
+
+
 def score_from_result(r: GuardResult) -> torch.Tensor:
     """``[B]`` continuous trigger score of a guard's result: how far the input is from being credible
     for its most confident head, in the guard's own units (that head's consistency ratio over its

@@ -129,7 +129,7 @@ def test_guard_keeps_clean_accuracy(which, request, synth):
 def test_confidences_match_reference_head(which, request, synth):
     """With the consistency veto off, the guard is exactly the fused op on the features of the
     masked forward: ``guard_head_reference`` on ``tapped.features`` gives the same answers."""
-    guard = with_config(request.getfixturevalue(which), consistency=False)
+    guard = with_config(request.getfixturevalue(which), consistency=False, stability_noise=0.0)
     x = torch.cat([synth["x_test"][:48], add_trigger(synth["x_test"][:16])])
     r = guard(x)
     assert r.consistency is None
@@ -153,7 +153,8 @@ def test_consistency_is_deviation_over_bound_and_vetoes(which, request, synth):
     guard = request.getfixturevalue(which)
     x = torch.cat([synth["x_test"][:60], add_trigger(synth["x_test"][:60])])
     r = guard(x)
-    ratio = guard.deviations(x) / guard.profile["bounds"]
+    # the neurons consistency check and the stability test, each relative to its bound
+    ratio = torch.maximum(guard.deviations(x) / guard.profile["bounds"], guard.stability_ratios(x))
     torch.testing.assert_close(r.consistency, ratio, atol=0, rtol=0)
     confident = r.confidences >= r.thresholds
     labels, verdict = vote(r.confidences, confident & (ratio <= 1), ratio <= 1, confident)
@@ -196,7 +197,7 @@ def test_vote_matches_the_op_reference_on_random_inputs():
 def test_consistency_veto_refuses_an_input_far_from_every_class(which, request):
     guard = request.getfixturevalue(which)
     far = torch.full((4, *SHAPE), 3.0)  # a saturated image, unlike any clean class
-    no_veto = with_config(guard, consistency=False)(far)
+    no_veto = with_config(guard, consistency=False, stability_noise=0.0)(far)
     assert (no_veto.verdict == ACCEPT).all(), "precondition: the confidence test alone accepts it"
     r = guard(far)
     assert (r.consistency > 1).all()
@@ -409,7 +410,7 @@ def test_trigger_on_dormant_pixels_is_erased_for_every_head(which, request, synt
                        guard.tapped.features(xt, masks, guard.fills))
     for a, b in zip(guard.head_confidences(x), guard.head_confidences(xt)):
         assert torch.equal(a, b)
-    no_veto = with_config(guard, consistency=False)
+    no_veto = with_config(guard, consistency=False, stability_noise=0.0)
     assert_same_result(no_veto(x), no_veto(xt))
 
 
@@ -959,7 +960,8 @@ def test_recalibrate_equals_a_refit_with_those_settings(guard_deep, deep_net, sy
     gives (same split, masks and profile; new thresholds, norms and bounds), also after a save and
     load, and leaves the original guard as it was."""
     settings = dict(consistency_center="class", consistency_mad_k=3.0, mad_k=2.0,
-                    inconsistent_verdict="ood", consistency_bound="tail", consistency_margin=0.5)
+                    inconsistent_verdict="ood", consistency_bound="tail", consistency_margin=0.5,
+                    stability_noise=0.03)
     refit = LinkBreaker.fit(deep_net, synth["x_val"], synth["y_val"], NUM_CLASSES,
                             layers=["input", "1", "3"], progress=False, **dict(FAST, **settings))
     before = {k: v.clone() for k, v in guard_deep.profile.items()}
@@ -975,6 +977,8 @@ def test_recalibrate_equals_a_refit_with_those_settings(guard_deep, deep_net, sy
         assert set(new.profile) == set(refit.profile)
         for k, v in refit.profile.items():
             torch.testing.assert_close(new.profile[k], v, rtol=1e-5, atol=1e-6)
+        assert torch.equal(new.stability["noise"], refit.stability["noise"])
+        torch.testing.assert_close(new.stability["bound"], refit.stability["bound"], rtol=1e-5, atol=1e-6)
         x = synth["x_test"][:64]
         a, b = new(x), refit(x)
         assert torch.equal(a.verdict, b.verdict) and torch.equal(a.labels, b.labels)
@@ -1105,8 +1109,8 @@ def test_config_survives_round_trip(shared_net, synth, tmp_path):
 
 def test_guard_without_consistency_round_trips(shared_net, synth, tmp_path):
     g = fit(shared_net, synth["x_val"], synth["y_val"], layers=["input"], consistency=False,
-            neighbours=0)
-    assert g.profile == {} and g(synth["x_test"][:5]).consistency is None
+            neighbours=0, stability_noise=0.0)
+    assert g.profile == {} and g.stability is None and g(synth["x_test"][:5]).consistency is None
     g.save(tmp_path / "g.safetensors")
     loaded = LinkBreaker.load(tmp_path / "g.safetensors", shared_net)
     assert loaded.profile == {}
@@ -1123,7 +1127,8 @@ def test_saved_file_is_plain_safetensors(guard_deep, tmp_path):
     (n,) = struct.unpack("<Q", raw[:8])  # safetensors: u64 header length, JSON header, raw tensor bytes
     header = json.loads(raw[8:8 + n])
     names = ({"thresholds"} | {f"masks.{k}" for k in guard_deep.masks}
-             | {f"fill.{k}" for k in guard_deep.fills} | {f"profile.{k}" for k in guard_deep.profile})
+             | {f"fill.{k}" for k in guard_deep.fills} | {f"profile.{k}" for k in guard_deep.profile}
+             | {"stability.noise", "stability.bound"})
     assert "masks.3" in names and "profile.bounds" in names
     assert set(header) == names | {"__metadata__"}
     with safe_open(str(path), framework="pt") as f:
@@ -1324,3 +1329,85 @@ def test_confident_but_inconsistent_head_is_an_alarm_when_configured():
     assert v.tolist() == [OOD, ACCEPT, OOD]
     labels, v = vote(conf, credible, consistent, confident)
     assert v.tolist() == [ALARM, ACCEPT, OOD] and labels.tolist() == [-1, 0, 1]
+
+
+# ---------------------------------------------------------------- the neighbour stability test
+def _file(path):
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()[FORMAT])
+
+
+def test_stability_ratio_is_the_fall_of_each_heads_log_odds_to_the_fixed_neighbour(guard_deep, synth):
+    """By hand: the neighbour is ``x`` plus the fitted pattern (std ``stability_noise`` times the
+    validation range, drawn from the seed), clamped to that range; the ratio is the fall of every
+    head's own-class log-odds from ``x`` to it, over the calibrated bound."""
+    from linkbreaker_ext.fitting import stability_pattern
+
+    g = guard_deep
+    lo, hi = g.input_range
+    noise = g.stability["noise"]
+    assert torch.equal(noise, stability_pattern(g.input_shape, g.config, g.input_range))
+    assert noise.std().item() == pytest.approx(g.config.stability_noise * (hi - lo), rel=0.1)
+    x = torch.cat([synth["x_test"][:40], add_trigger(synth["x_test"][:8])])
+    conf = g.head_confidences(x)[0].double()
+    conf_n = g.head_confidences((x + noise).clamp(lo, hi))[0].double()
+    logit = lambda c: torch.log(c.clamp(1e-7, 1 - 1e-7)) - torch.log1p(-c.clamp(1e-7, 1 - 1e-7))  # noqa: E731
+    want = (logit(conf) - logit(conf_n)) / g.stability["bound"].double()
+    torch.testing.assert_close(g.stability_ratios(x).double(), want, rtol=1e-5, atol=1e-5)
+    # a bound from the calibration split: clean inputs are (almost all) within it
+    assert 0 < g.stability["bound"].item() < 1e30
+    clean = g.stability_ratios(synth["x_test"])[torch.arange(len(synth["y_test"])), synth["y_test"]]
+    assert (clean <= 1).float().mean() >= 0.9
+
+
+def test_stability_test_turns_away_an_input_whose_neighbour_is_another_class(guard_deep, synth):
+    """An input its head accepts is answered with the alarm once its neighbour (here: a pattern that
+    moves it onto an image of another class) no longer supports that head, and only because of the
+    stability test (the same guard with the test off accepts it)."""
+    g = copy.copy(guard_deep)
+    x, y = synth["x_test"], synth["y_test"]
+    r = g(x)
+    i = int(((r.verdict == ACCEPT) & (r.labels == y)).nonzero()[0])
+    j = int((y != y[i]).nonzero()[0])
+    g.stability = {"noise": (x[j] - x[i]).to(g.device), "bound": guard_deep.stability["bound"]}
+    assert g(x[i:i + 1]).verdict.item() == ALARM
+    assert g.stability_ratios(x[i:i + 1])[0, y[i]] > 1
+    off = with_config(g, stability_noise=0.0)(x[i:i + 1])
+    assert off.verdict.item() == ACCEPT and off.labels.item() == y[i]
+
+
+def test_stability_test_round_trips_and_refuses_tampered_files(guard_deep, deep_net, synth, tmp_path):
+    path = tmp_path / "g.safetensors"
+    guard_deep.save(path)
+    loaded = LinkBreaker.load(path, deep_net)
+    assert torch.equal(loaded.stability["noise"], guard_deep.stability["noise"])
+    assert_same_result(loaded(synth["x_test"][:32]), guard_deep(synth["x_test"][:32]))
+    tensors, meta = _file(path)
+    # a bound <= 0 would turn the test upside down
+    safefiles.write(path, dict(tensors, **{"stability.bound": torch.tensor(-1.0)}), FORMAT, meta)
+    with pytest.raises(safefiles.GuardFileError, match="stability.bound must be > 0"):
+        LinkBreaker.load(path, deep_net)
+    # settings that ask for the test, without its tensors
+    safefiles.write(path, {k: v for k, v in tensors.items() if not k.startswith("stability.")}, FORMAT, meta)
+    with pytest.raises(safefiles.GuardFileError, match="lacks the stability test's tensors"):
+        LinkBreaker.load(path, deep_net)
+    safefiles.write(path, dict(tensors, **{"stability.noise": torch.zeros(3)}), FORMAT, meta)
+    with pytest.raises(safefiles.GuardFileError, match="stability.noise has shape"):
+        LinkBreaker.load(path, deep_net)
+
+
+def test_a_file_from_before_the_stability_test_loads_without_it(guard_deep, deep_net, synth, tmp_path):
+    """A guard saved before ``stability_noise`` existed has no pattern: it loads with the test off and
+    answers as it did; recalibrating it with today's default adds the test."""
+    path = tmp_path / "g.safetensors"
+    guard_deep.save(path)
+    tensors, meta = _file(path)
+    del meta["config"]["stability_noise"]
+    safefiles.write(path, {k: v for k, v in tensors.items() if not k.startswith("stability.")}, FORMAT, meta)
+    old = LinkBreaker.load(path, deep_net)
+    assert old.config.stability_noise == 0.0 and old.stability is None
+    x = synth["x_test"][:48]
+    assert_same_result(old(x), with_config(guard_deep, stability_noise=0.0)(x))
+    new = old.recalibrate(synth["x_val"], synth["y_val"], stability_noise=GuardConfig().stability_noise)
+    assert_same_result(new(x), guard_deep(x))
