@@ -10,7 +10,9 @@ Rows (``ms_per_batch``, median of timed calls after a warm-up; CUDA calls synchr
   ones are (others have 2-4 distinct rows: :func:`~linkbreaker_ext.layers.head_rows`); ``guard-call``:
   ``LinkBreaker.__call__`` (the Python object path);
   ``guarded-late-only``: the serving module of a guard fitted with ``use_early=False`` (only the
-  late layer masked: one model forward plus the fused op);
+  late layer masked: one model forward plus the fused op, per input and per stability neighbour);
+  ``*-no-stability``: the same module with the neighbour stability test off (one forward per input
+  instead of two: what the test costs);
 * ``plain-graph``, ``guarded-graph``, ``op-graph`` (CUDA only): the same calls captured as one CUDA
   graph each (:meth:`~linkbreaker_ext.serving.GuardedModule.cuda_graph` for the guard): the
   small-batch serving path, without per-kernel launch cost;
@@ -142,7 +144,17 @@ def _shared_hidden(guard):
     from .guard import LinkBreaker
     masks = {k: (v[:1].expand_as(v).clone() if k in guard.layers else v) for k, v in guard.masks.items()}
     return LinkBreaker(guard.model, guard.layers, guard.late_layer, masks, guard.fills, guard.thresholds,
-                       guard.profile, guard.config, guard.input_shape, input_range=guard.input_range)
+                       guard.profile, guard.config, guard.input_shape, input_range=guard.input_range,
+                       stability=guard.stability)
+
+
+def _without_stability(guard):
+    """``guard`` with the neighbour stability test off (one forward of the input, not two)."""
+    import copy
+    import dataclasses
+    g = copy.copy(guard)
+    g.config = dataclasses.replace(guard.config, stability_noise=0.0)
+    return g
 
 
 def _settings(args):
@@ -206,14 +218,17 @@ def run(args) -> dict:
         guard = _fit_guard(model, x_val, y_val, **overrides)
         module = GuardedModule(guard)
         shared = GuardedModule(_shared_hidden(guard))
-        late = None
+        shared_unstable = GuardedModule(_without_stability(_shared_hidden(guard)))
+        late = late_unstable = None
         if key == "mnist":
-            late = GuardedModule(_fit_guard(model, x_val, y_val, use_early=False, **overrides))
+            late_guard = _fit_guard(model, x_val, y_val, use_early=False, **overrides)
+            late, late_unstable = GuardedModule(late_guard), GuardedModule(_without_stability(late_guard))
         for batch in s["batches"][key]:
             x = _random_data(shape, batch, 1, SEED + 1)[0].to(device)
             add("plain", key, batch, model, x)
             add("guarded", key, batch, module, x)
             add("guarded-shared", key, batch, shared, x)
+            add("guarded-shared-no-stability", key, batch, shared_unstable, x)
             if device.type == "cuda":  # the small-batch serving path: one graph replay per call
                 add("plain-graph", key, batch, _graphed(model, x), x)
                 add("guarded-graph", key, batch, module.cuda_graph(batch), x)
@@ -223,6 +238,7 @@ def run(args) -> dict:
             add("guard-call", key, batch, guard, x)
             if late is not None:
                 add("guarded-late-only", key, batch, late, x)
+                add("guarded-late-only-no-stability", key, batch, late_unstable, x)
             if key == "mnist" and batch in s["strip_batches"]:
                 strip = make_defense("strip", n_overlays=s["strip_overlays"]).fit(
                     model, x_val, y_val, num_classes=10)
@@ -290,6 +306,10 @@ def _ratios(rows) -> dict:
         "guarded_vs_plain_b256": ratio(("guarded", "mnist", 256), ("plain", "mnist", 256)),
         "guarded_shared_vs_plain_b1": ratio(("guarded-shared", "mnist", 1), ("plain", "mnist", 1)),
         "guarded_shared_vs_plain_b256": ratio(("guarded-shared", "mnist", 256), ("plain", "mnist", 256)),
+        "guarded_shared_no_stability_vs_plain_b256": ratio(("guarded-shared-no-stability", "mnist", 256),
+                                                            ("plain", "mnist", 256)),
+        "guarded_late_only_no_stability_vs_plain_b256": ratio(("guarded-late-only-no-stability", "mnist", 256),
+                                                               ("plain", "mnist", 256)),
         "guarded_late_only_vs_plain_b256": ratio(("guarded-late-only", "mnist", 256),
                                                  ("plain", "mnist", 256)),
         "strip_vs_guarded_b256": ratio(next((k for k in ms if k[0].startswith("strip-n")

@@ -252,10 +252,12 @@ def test_bench_writes_the_json_schema(tmp_path):
         assert isinstance(row["batch"], int) and row["ms_per_batch"] > 0
     names = {(r["name"], r["model"]) for r in result["rows"]}
     assert {("plain", "mnist"), ("guarded", "mnist"), ("guarded-shared", "mnist"), ("guarded-late-only", "mnist"),
+            ("guarded-shared-no-stability", "mnist"), ("guarded-late-only-no-stability", "mnist"),
             ("op", "guard_head"), ("reference", "guard_head")} <= names
     for key in ("op_vs_reference_b256_n43", "guarded_vs_plain_b1", "guarded_vs_plain_b256",
                 "guarded_late_only_vs_plain_b256", "strip_vs_guarded_b256",
-                "guarded_shared_vs_plain_b256", "strip_vs_guarded_shared_b256"):
+                "guarded_shared_vs_plain_b256", "strip_vs_guarded_shared_b256",
+                "guarded_shared_no_stability_vs_plain_b256", "guarded_late_only_no_stability_vs_plain_b256"):
         assert isinstance(result["ratios"][key], float) and result["ratios"][key] > 0, key
 
 
