@@ -116,23 +116,26 @@ def evaluate(model, guard: LinkBreaker, attack, x_test, y_test, n_clean=2000, n_
                          "online_ms_per_sample": 1000 * online_s / max(len(xc), 1)},
               "attack": attack.to_dict() if attack is not None else None,
               "counts": {"clean": len(xc), "triggered": len(xt)}}
-    if rc.consistency is not None:
-        # The same heads and thresholds without the consistency veto (the paper's credibility test
-        # alone), from the same forward passes: the ablation of the check comes for free.
+    if rc.credibility is not None:
+        # The same heads and thresholds without the vetoes (the paper's credibility test alone),
+        # from the same forward passes: the ablation of the checks comes for free.
         plain = [redecided(r) for r in (rc, rt)]
         report["after_without_consistency"] = metrics.defended(plain[0], yc, plain[1], yt, target)
+        if rc.stability is not None and rc.consistency is not None:  # ... and without the stability test
+            neurons = [redecided(r, r.consistency, guard.config.inconsistent_verdict) for r in (rc, rt)]
+            report["after_without_stability"] = metrics.defended(neurons[0], yc, neurons[1], yt, target)
         # ... and with the other verdict for a confident but inconsistent top head
         other = "ood" if guard.config.inconsistent_verdict == "alarm" else "alarm"
-        alt = [redecided(r, r.consistency, other) for r in (rc, rt)]
+        alt = [redecided(r, r.credibility, other) for r in (rc, rt)]
         report[f"after_inconsistent_{other}"] = metrics.defended(alt[0], yc, alt[1], yt, target)
         report["auroc"] = metrics.auroc(guard_score(rc), guard_score(rt))
     return report, (rc, yc, rt, yt)
 
 
 def redecided(r: GuardResult, ratio=None, inconsistent_verdict: str = "alarm") -> GuardResult:
-    """``r``'s heads decided again (:func:`guard.decide`) with consistency ratios ``ratio`` (None:
-    the paper's confidence test alone) and ``inconsistent_verdict``: a decision variant that needs
-    no new forward pass."""
+    """``r``'s heads decided again (:func:`guard.decide`) with veto ratios ``ratio`` (None: the
+    paper's confidence test alone) and ``inconsistent_verdict``: a decision variant that needs no new
+    forward pass. The result carries ``ratio`` as its consistency ratios."""
     labels, verdict = decide(r.confidences, r.thresholds, ratio, inconsistent_verdict)
     return GuardResult(labels, verdict, r.confidences, r.thresholds, ratio)
 

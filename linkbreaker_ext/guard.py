@@ -31,7 +31,8 @@ from .config import LEGACY_CONFIG, GuardConfig
 from .fitting import fit_guard, recalibrate_guard
 from .layers import LATE, TappedModel, evidence_layer, evidence_names, head_rows, units
 from .serving import GuardedModule
-from .verdict import GuardResult, check_input, decide, neighbour, score_from_result, stability_ratio
+from .verdict import (GuardResult, check_input, combined_ratio, decide, neighbour, score_from_result,
+                      stability_ratio)
 
 FORMAT = "linkbreaker-guard"
 FORMAT_VERSION = 2
@@ -279,11 +280,10 @@ class LinkBreaker:
             ratio = dev / self.profile["bounds"]
         else:
             conf, ratio = self.head_confidences(x)[0], None
-        if stable:
-            unstable = self.stability_ratios(x, conf)
-            ratio = unstable if ratio is None else torch.maximum(ratio, unstable)
-        labels, verdict = decide(conf, self.thresholds, ratio, self.config.inconsistent_verdict)
-        return GuardResult(labels, verdict, conf, self.thresholds, ratio)
+        unstable = self.stability_ratios(x, conf) if stable else None
+        labels, verdict = decide(conf, self.thresholds, combined_ratio(ratio, unstable),
+                                 self.config.inconsistent_verdict)
+        return GuardResult(labels, verdict, conf, self.thresholds, ratio, unstable)
 
     def neighbour(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` plus the guard's fixed noise pattern, inside the validation set's value range."""

@@ -221,25 +221,32 @@ def table(dataset: str, split: str, reports: dict, tag: str | None = None) -> st
         "counting only accepted answers (Alg. 3: anything but exactly one credible head is refused). "
         "*CDA drop*: undefended minus guarded CDA on the same clean inputs, in points (hint "
         "reading). *paper*: LinkBreaker after the defense (Tables II and III). *target*: issue #6. "
-        "Rows marked *+ alarm verdict* / *+ OOD verdict* / *- consistency check* are the same fitted "
-        "guard and forward passes with only the decision changed (`inconsistent_verdict`, or the "
-        "paper's confidence test alone): an ablation that costs no refit.",
+        "Rows marked *+ alarm verdict* / *+ OOD verdict* / *- stability test* / *- consistency "
+        "check* / *- both checks* are the same fitted guard and forward passes with only the "
+        "decision changed (`inconsistent_verdict`; the neurons consistency check without the "
+        "neighbour stability test; the paper's confidence test alone, which the *- consistency "
+        "check* rows of guards without the stability test also are): an ablation that costs no refit.",
         "",
         "| attack | model | seeds | CDA undefended | ASR undefended | CDA after | ASR after "
         "| CDA after, accepted only | ASR after, accepted only | CDA drop "
         "| R-Acc | clean alarms | clean OOD | trigger alarms | trigger OOD | paper CDA / ASR | target | verdict |",
         "| --- " * 18 + "|",
     ]
-    # Beside each fitted guard, two variants measured on the same forward passes (same heads,
+    # Beside each fitted guard, variants measured on the same forward passes (same heads,
     # thresholds and bounds; only the decision differs): the other verdict for a confident but
-    # inconsistent head, and the paper's confidence test alone (no consistency veto).
+    # inconsistent head, the consistency check alone (no stability test) and the paper's
+    # confidence test alone (neither veto: "- both checks" where the guard has the stability test).
     variants = [("after", ""), ("after_inconsistent_alarm", " + alarm verdict"),
                 ("after_inconsistent_ood", " + OOD verdict"),
+                ("after_without_stability", " - stability test"),
                 ("after_without_consistency", " - consistency check")]
     for attack_name, reps in reports.items():
         if not reps:
             continue
+        both = all("after_without_stability" in r for r in reps)
         for key, label in variants:
+            if key == "after_without_consistency" and both:
+                label = " - both checks"
             if not all(key in r for r in reps):
                 continue
             view = [dict(r, after=r[key]) for r in reps]

@@ -46,7 +46,7 @@ import torch
 from torch import fx, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.linkbreaker.guard_head and its fake kernel)
-from .verdict import check_input, decide, neighbour, stability_ratio
+from .verdict import check_input, combined_ratio, decide, neighbour, stability_ratio
 from .salient import reduce_layers
 from .layers import INPUT, LATE, evidence_layer, frozen_copy, head_rows, units
 
@@ -314,15 +314,15 @@ class GuardedModule(nn.Module):
             feats.contiguous(), self.late_weight, self.late_bias, self.late_mask, self.late_fill, self.thresholds)
         if not (self.consistency or self.stable):
             return labels, verdict, conf
-        ratio = None
+        deviation = unstable = None
         if self.stable:
-            ratio = stability_ratio(conf[:b], conf[b:], self.stability_bound)
+            unstable = stability_ratio(conf[:b], conf[b:], self.stability_bound)
             conf, feats, acts = conf[:b], feats[:b], [a[:b] for a in acts]
         if self.consistency:
             acts = [a if r == 1 else self._spread(a) for a in acts]
             deviation = self._deviations([*acts, feats.float()]) / self.bounds
-            ratio = deviation if ratio is None else torch.maximum(deviation, ratio)
-        labels, verdict = decide(conf, self.thresholds, ratio, self.inconsistent_verdict)
+        labels, verdict = decide(conf, self.thresholds, combined_ratio(deviation, unstable),
+                                 self.inconsistent_verdict)
         return labels, verdict, conf
 
     def _spread(self, v):

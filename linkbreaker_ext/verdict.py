@@ -19,6 +19,24 @@ class GuardResult:
     confidences: torch.Tensor  # float32 [B, N]; T(x)_k
     thresholds: torch.Tensor   # float32 [N]
     consistency: torch.Tensor | None = None  # float32 [B, N]; deviation / bound (<= 1: consistent)
+    stability: torch.Tensor | None = None    # float32 [B, N]; log-odds fall to the neighbour / bound
+
+    @property
+    def credibility(self) -> torch.Tensor | None:
+        """``[B, N]``: the ratio the veto judges, the larger of the consistency and stability ratios
+        (<= 1: credible if confident); None when the guard has neither."""
+        return combined_ratio(self.consistency, self.stability)
+
+
+def combined_ratio(*ratios):
+    """The element-wise maximum of the ratios that are not None (None if all are)."""
+    present = [r for r in ratios if r is not None]
+    if not present:
+        return None
+    out = present[0]
+    for r in present[1:]:
+        out = torch.maximum(out, r)
+    return out
 
 
 def check_input(x, input_shape, device, value_range=None, finite: bool = True) -> None:
@@ -112,7 +130,7 @@ def score_from_result(r: GuardResult) -> torch.Tensor:
     confidence margin, in log), plus one for every extra credible head (several credible heads is
     the paper's trigger signature). ``docs/method.md`` defines it."""
     margin = (r.confidences / r.thresholds).clamp_min(1e-6)
-    ratio = r.consistency if r.consistency is not None else torch.ones_like(margin)
+    ratio = r.credibility if r.credibility is not None else torch.ones_like(margin)
     k = margin.argmax(1, keepdim=True)
     top = (ratio.gather(1, k).clamp_min(1e-6) / margin.gather(1, k)).squeeze(1)
     credible = ((margin >= 1) & (ratio <= 1)).sum(1)

@@ -2,7 +2,7 @@
 lets through (WaNet), and at what clean cost? Run before the stability test existed, to choose it.
 
 For the **dev** half of the test split (indices 0-4999), ``--n`` clean and ``--n`` triggered inputs,
-the saved guard's answers (hint reading) as they were, then a veto on top: the answer's log-odds
+the saved guard's answers (hint reading) without the stability test, then a veto on top: the answer's log-odds
 under the bare model must not fall from the input to its neighbour (the input plus one fixed
 Gaussian pattern of std ``sigma``) by more than a bound set on the guard's own calibration split
 (the samples the model labels correctly). Bounds: the calibration split's largest fall (``max``),
@@ -13,10 +13,12 @@ veto, the share of clean inputs vetoed, and of clean inputs the guard had right.
 Writes ``results/dev/<dataset>/stability-<attack>-<seed>.json`` and prints one line per bound.
 
     python scripts/stability_study.py --attack wanet --seed 2
+    python scripts/stability_study.py --table   # markdown summary of every saved study
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -48,7 +50,12 @@ def main():
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.01, 0.015, 0.02, 0.03])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--table", action="store_true", help="print a summary of the saved studies and stop")
+    p.add_argument("--rules", nargs="+", default=["max", "max+1.5", "mad4.25", "tail"])
     args = p.parse_args()
+    if args.table:
+        print(table(ROOT / "results" / "dev" / args.dataset, args.rules))
+        return
     torch.set_num_threads(args.threads)
     work = ROOT / "runs" / args.dataset
     split = experiment.split_data(args.dataset, args.data, None, args.seed)
@@ -56,6 +63,8 @@ def main():
     model.eval()
     attack = experiment.attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None
     guard = LinkBreaker.load(work / "guards" / f"{args.attack}-{args.seed}.safetensors", model)
+    # the guard's answers without the stability test (a guard saved since has it: turned off here)
+    guard.config = dataclasses.replace(guard.config, stability_noise=0.0)
     cal, _ = stratified_split(split["y_val"], guard.config.calibration_fraction, seed=guard.config.seed)
     x_cal, y_cal = split["x_val"][cal], split["y_val"][cal]
     xc, yc, xt, _, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], args.n,
@@ -98,6 +107,22 @@ def main():
     dest = ROOT / "results" / "dev" / args.dataset / f"stability-{args.attack}-{args.seed}.json"
     dest.write_text(json.dumps(out, indent=1) + "\n")
     print("wrote", dest)
+
+
+def table(folder: Path, rules) -> str:
+    """One row per saved study and noise level: CDA drop (points) / ASR (%) after the veto, per bound."""
+    head = "| model | sigma | guard CDA / ASR | " + " | ".join(rules) + " |"
+    lines = [head, "|" + " --- |" * (3 + len(rules))]
+    for path in sorted(folder.glob("stability-*.json")):
+        d = json.loads(path.read_text())
+        for sigma in sorted({r["sigma"] for r in d["rows"]}):
+            cells = []
+            for rule in rules:
+                r = next(r for r in d["rows"] if r["sigma"] == sigma and r["rule"] == rule)
+                cells.append(f"{100 * (d['cda_guard'] - r['cda']):.2f} / {100 * r['asr']:.2f}")
+            lines.append(f"| {d['attack']}-{d['seed']} | {sigma} | {100 * d['cda_guard']:.2f} / "
+                         f"{100 * d['asr_guard']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

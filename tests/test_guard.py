@@ -83,6 +83,7 @@ def test_result_types_shapes_and_vote(which, request, synth):
     assert r.verdict.dtype == torch.int64 and r.verdict.shape == (b,)
     assert r.confidences.dtype == torch.float32 and r.confidences.shape == (b, NUM_CLASSES)
     assert r.consistency.dtype == torch.float32 and r.consistency.shape == (b, NUM_CLASSES)
+    assert r.stability.dtype == torch.float32 and r.stability.shape == (b, NUM_CLASSES)
     assert r.thresholds.shape == (NUM_CLASSES,)
     assert guard.num_heads == NUM_CLASSES
     assert set(r.verdict.unique().tolist()) <= {ACCEPT, ALARM, OOD}
@@ -91,7 +92,7 @@ def test_result_types_shapes_and_vote(which, request, synth):
     assert torch.equal(r.labels == -1, r.verdict == ALARM)
     # the verdict follows the number of credible heads (confident AND consistent); an accepted label
     # is the unique credible head
-    credible = (r.confidences >= r.thresholds) & (r.consistency <= 1)
+    credible = (r.confidences >= r.thresholds) & (r.consistency <= 1) & (r.stability <= 1)
     count = credible.sum(1)
     assert (r.verdict[count == 1] == ACCEPT).all()
     assert (r.verdict[count >= 2] == ALARM).all()
@@ -153,9 +154,12 @@ def test_consistency_is_deviation_over_bound_and_vetoes(which, request, synth):
     guard = request.getfixturevalue(which)
     x = torch.cat([synth["x_test"][:60], add_trigger(synth["x_test"][:60])])
     r = guard(x)
-    # the neurons consistency check and the stability test, each relative to its bound
-    ratio = torch.maximum(guard.deviations(x) / guard.profile["bounds"], guard.stability_ratios(x))
-    torch.testing.assert_close(r.consistency, ratio, atol=0, rtol=0)
+    # the neurons consistency check and the stability test, each relative to its bound; the veto
+    # judges the larger
+    torch.testing.assert_close(r.consistency, guard.deviations(x) / guard.profile["bounds"], atol=0, rtol=0)
+    torch.testing.assert_close(r.stability, guard.stability_ratios(x), atol=0, rtol=0)
+    ratio = torch.maximum(r.consistency, r.stability)
+    assert torch.equal(r.credibility, ratio)
     confident = r.confidences >= r.thresholds
     labels, verdict = vote(r.confidences, confident & (ratio <= 1), ratio <= 1, confident)
     assert torch.equal(r.labels, labels) and torch.equal(r.verdict, verdict)
