@@ -124,11 +124,11 @@ NO_BOUND = 1e30  # a bound that turns no input away
 
 
 def stability_bound(conf: torch.Tensor, conf_neighbour: torch.Tensor, y: torch.Tensor,
-                    thresholds: torch.Tensor, mad_k: float, margin: float) -> torch.Tensor:
+                    thresholds: torch.Tensor, mad_k: float, margin: float | None = None) -> torch.Tensor:
     """A 0-d bound on how far a head's own-class log-odds may fall from an input to its neighbour
-    (the input plus the guard's fixed noise pattern): the lower of ``median + mad_k * 1.4826 * MAD``
-    and ``max + margin * 1.4826 * MAD`` (the consistency bounds' ``"tail"`` rule, here on a
-    difference, which may be negative) of the calibration samples whose own head passes its
+    (the input plus the guard's fixed noise pattern): ``median + mad_k * 1.4826 * MAD`` (the paper's
+    MAD rule, here on a difference, which may be negative), and with a ``margin`` at most ``max +
+    margin * 1.4826 * MAD`` (the consistency bounds' ``"tail"`` rule), of the calibration samples whose own head passes its
     confidence threshold (the only inputs the test can turn away), pooled over classes (30 % of a
     2 % split is too few per class for a tail), at least :data:`STABILITY_FLOOR`. When no
     calibration sample is confident, :data:`NO_BOUND` (finite, so that it can be saved)."""
@@ -140,5 +140,7 @@ def stability_bound(conf: torch.Tensor, conf_neighbour: torch.Tensor, y: torch.T
         return torch.tensor(NO_BOUND)
     med = drop.median()
     mad = MAD_SCALE * (drop - med).abs().median()
-    bound = torch.minimum(med + mad_k * mad, drop.max() + margin * mad)
+    bound = med + mad_k * mad
+    if margin is not None:
+        bound = torch.minimum(bound, drop.max() + margin * mad)
     return bound.clamp_min(STABILITY_FLOOR).float()

@@ -59,6 +59,9 @@ class GuardConfig:
     #                                 head whose own-class log-odds fall further on that neighbour than
     #                                 clean inputs' do (the consistency bounds' rule) is not credible.
     #                                 0 = off (docs/method.md, "A warp that noise undoes")
+    stability_bound: str = "mad"    # its bound over the calibration falls: "mad" (median +
+    #                                 consistency_mad_k MADs, chosen on the dev half) or "tail" (the
+    #                                 lower of that and the largest fall + consistency_margin MADs)
     inconsistent_verdict: str = "alarm"  # no credible head but a confident, inconsistent one: "alarm" or "ood"
     calibration_fraction: float = 0.3  # share of the validation set kept apart for thresholds
     min_per_class: int = 5
@@ -97,7 +100,7 @@ class GuardConfig:
                    "consistency_reduce": ("per_layer", "max", "mean"),
                    "consistency_units": ("max", "mean", "mean+max"), "inconsistent_verdict": ("ood", "alarm"),
                    "consistency_center": ("class", "pooled", "shrunk"), "consistency_bound": ("mad", "max", "tail"),
-                   "neighbour_mode": ("alg1", "perturb")}
+                   "neighbour_mode": ("alg1", "perturb"), "stability_bound": ("mad", "tail")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 bad(name, f"must be one of {allowed}")
@@ -111,4 +114,4 @@ class GuardConfig:
 # Settings whose default changed after guards were first saved: a file that lacks the field was
 # fitted (and its profile computed) with this value.
 LEGACY_CONFIG = {"consistency_units": "mean", "consistency_center": "class", "consistency_bound": "mad",
-                 "consistency_mad_k": 5.0, "stability_noise": 0.0}
+                 "consistency_mad_k": 5.0, "stability_noise": 0.0, "stability_bound": "tail"}

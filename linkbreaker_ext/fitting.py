@@ -204,7 +204,8 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
 
 CALIBRATION_FIELDS = frozenset({"mad_k", "out_quantile", "threshold_floor", "consistency_mad_k",
                                 "consistency_center", "consistency_bound", "consistency_margin",
-                                "consistency_reduce", "inconsistent_verdict", "stability_noise"})
+                                "consistency_reduce", "inconsistent_verdict", "stability_noise",
+                                "stability_bound"})
 """The settings of the last stage alone: a fitted guard takes new values of these by
 :func:`recalibrate_guard`, without the neighbours, statistics and set search of a refit."""
 
@@ -261,7 +262,7 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
                                         thresholds=torch.full((num_classes,), 0.5, device=device))[0].cpu()
         guard.stability["bound"] = calibrate.stability_bound(
             conf, conf_n, y_cal, guard.thresholds.cpu(), cfg.consistency_mad_k,
-            cfg.consistency_margin).to(device)
+            cfg.consistency_margin if cfg.stability_bound == "tail" else None).to(device)
         drops = (log_odds(conf) - log_odds(conf_n)).float()  # [n_cal, K]
     return {"calibration_conf": conf, "calibration_labels": y_cal, "calibration_deviations": dev,
             "calibration_deviations_by_layer": by_layer, "layer_bounds": layer_bounds,

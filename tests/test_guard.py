@@ -1415,3 +1415,26 @@ def test_a_file_from_before_the_stability_test_loads_without_it(guard_deep, deep
     assert_same_result(old(x), with_config(guard_deep, stability_noise=0.0)(x))
     new = old.recalibrate(synth["x_val"], synth["y_val"], stability_noise=GuardConfig().stability_noise)
     assert_same_result(new(x), guard_deep(x))
+
+
+def test_stability_bound_rules_on_hand_made_falls():
+    """The bound is the median fall + k MADs of the confident calibration samples ("mad"), capped
+    at the largest fall + margin MADs ("tail"), at least the floor; unconfident samples do not count,
+    and with none confident nothing is turned away."""
+    from linkbreaker_ext.verdict import log_odds
+
+    falls = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 30.0])  # the last sample is not confident
+    conf = torch.full((6, 2), 0.9)
+    conf[5, 0] = 0.2
+    y = torch.zeros(6, dtype=torch.long)
+    conf_n = torch.sigmoid(log_odds(conf) - torch.stack([falls, falls], 1)).float()
+    thresholds = torch.tensor([0.5, 0.5])
+    med, mad = 1.0, 1.4826 * 0.5  # of the five confident falls
+    mad_rule = calibrate.stability_bound(conf, conf_n, y, thresholds, mad_k=4.0)
+    assert mad_rule.item() == pytest.approx(med + 4.0 * mad, rel=1e-4)
+    tail = calibrate.stability_bound(conf, conf_n, y, thresholds, mad_k=4.0, margin=0.5)
+    assert tail.item() == pytest.approx(2.0 + 0.5 * mad, rel=1e-4)
+    flat = torch.full((6, 2), 0.9)  # no fall at all: the floor
+    assert calibrate.stability_bound(flat, flat, y, thresholds, 4.0).item() == pytest.approx(calibrate.STABILITY_FLOOR)
+    nobody = calibrate.stability_bound(conf, conf_n, y, torch.tensor([0.99, 0.99]), 4.0)
+    assert nobody.item() == pytest.approx(calibrate.NO_BOUND)
