@@ -23,8 +23,11 @@ trust.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import os
+import tempfile
 import json
 import re
 import warnings
@@ -134,7 +137,10 @@ def _header(data: bytes) -> dict:
 
 def write(path, tensors: Mapping[str, torch.Tensor], kind: str, meta: dict, key: Key = None) -> Path:
     """Write ``tensors`` and the JSON record ``meta`` (under the metadata entry ``kind``) with a
-    content digest, and with an HMAC-SHA256 when ``key`` (bytes or str) is given."""
+    content digest, and with an HMAC-SHA256 when ``key`` (bytes or str) is given. Atomically: the
+    file is written beside ``path`` and renamed over it, so a reader (another process, or the next
+    run after a crash) sees the old file or the new one, never half of one. New files are readable
+    by their owner only (the temporary file's mode)."""
     from safetensors.torch import save_file
 
     key = _key_bytes(key)
@@ -146,7 +152,15 @@ def write(path, tensors: Mapping[str, torch.Tensor], kind: str, meta: dict, key:
     metadata = {kind: meta_json, kind + DIGEST_SUFFIX: digest}
     if key is not None:
         metadata[kind + HMAC_SUFFIX] = mac
-    save_file(tensors, str(path), metadata=metadata)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
 
 

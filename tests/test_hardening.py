@@ -685,3 +685,25 @@ def test_out_of_memory_names_the_setting_to_lower(guard_deep, synth, monkeypatch
     with pytest.raises(torch.OutOfMemoryError, match=r"batch_rows=None \(8192 on a GPU\).*batch_rows=2048"):
         with guard_mod.explain_out_of_memory("LinkBreaker.fit", None):
             boom()
+
+
+def test_guard_files_are_written_atomically(guard_deep, deep_net, tmp_path, monkeypatch):
+    """A save that fails half-way leaves the previous file intact and no temporary file behind."""
+    from linkbreaker_ext import LinkBreaker
+    import safetensors.torch
+
+    path = tmp_path / "g.safetensors"
+    guard_deep.save(path)
+    before = path.read_bytes()
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        guard_deep.save(path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["g.safetensors"]
+    monkeypatch.undo()
+    assert LinkBreaker.load(path, deep_net).num_heads == guard_deep.num_heads
