@@ -295,7 +295,12 @@ class LinkBreaker:
         confidences on ``x``, when the caller has them."""
         if conf is None:
             conf = self.head_confidences(x)[0]
-        return stability_ratio(conf, self.head_confidences(self.neighbour(x))[0], self.stability["bound"])
+        # neighbours made chunk by chunk (never a second copy of the whole batch), into one output
+        near = torch.empty(len(x), self.num_heads, device=self.device)
+        step = self._inputs_per_forward(self._hidden_masks()[1])
+        for i in range(0, len(x), step):
+            near[i:i + step] = self.head_confidences(self.neighbour(x[i:i + step]))[0]
+        return stability_ratio(conf, near, self.stability["bound"])
 
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> torch.Tensor:
