@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .verdict import log_odds
+from .verdict import stability_falls
 
 MAD_SCALE = 1.4826  # MAD -> standard deviation for a normal distribution
 
@@ -119,23 +119,25 @@ def layer_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float, pooled_spread
                         for i in range(dev.shape[-1])], 1)
 
 
-STABILITY_FLOOR = 0.1  # log-odds: a bound never below this (a head may always lose this much)
+STABILITY_FLOOR = 0.5  # log-odds (GuardConfig.stability_floor): a head may always lose a factor 1.65
+#                       in odds; where most clean falls are 0, as on MNIST, the MAD alone is ~0
 NO_BOUND = 1e30  # a bound that turns no input away
 
 
 def stability_bound(conf: torch.Tensor, conf_neighbour: torch.Tensor, y: torch.Tensor,
-                    thresholds: torch.Tensor, mad_k: float, margin: float | None = None) -> torch.Tensor:
+                    thresholds: torch.Tensor, mad_k: float, margin: float | None = None,
+                    floor: float = STABILITY_FLOOR) -> torch.Tensor:
     """A 0-d bound on how far a head's own-class log-odds may fall from an input to its neighbour
     (the input plus the guard's fixed noise pattern): ``median + mad_k * 1.4826 * MAD`` (the paper's
     MAD rule, here on a difference, which may be negative), and with a ``margin`` at most ``max +
     margin * 1.4826 * MAD`` (the consistency bounds' ``"tail"`` rule), of the calibration samples whose own head passes its
     confidence threshold (the only inputs the test can turn away), pooled over classes (30 % of a
-    2 % split is too few per class for a tail), at least :data:`STABILITY_FLOOR`. When no
+    2 % split is too few per class for a tail), at least ``floor``. When no
     calibration sample is confident, :data:`NO_BOUND` (finite, so that it can be saved)."""
     i = torch.arange(len(y))
     own = conf[i, y]
     keep = own >= thresholds.to(own.device)[y]
-    drop = (log_odds(own) - log_odds(conf_neighbour[i, y]))[keep]
+    drop = stability_falls(own, conf_neighbour[i, y])[keep]
     if not len(drop):
         return torch.tensor(NO_BOUND)
     med = drop.median()
@@ -143,4 +145,4 @@ def stability_bound(conf: torch.Tensor, conf_neighbour: torch.Tensor, y: torch.T
     bound = med + mad_k * mad
     if margin is not None:
         bound = torch.minimum(bound, drop.max() + margin * mad)
-    return bound.clamp_min(STABILITY_FLOOR).float()
+    return bound.clamp_min(floor).float()

@@ -62,6 +62,8 @@ class GuardConfig:
     stability_bound: str = "mad"    # its bound over the calibration falls: "mad" (median +
     #                                 consistency_mad_k MADs, chosen on the dev half) or "tail" (the
     #                                 lower of that and the largest fall + consistency_margin MADs)
+    stability_floor: float = 0.5    # ... and never below this many log-odds (where most clean falls
+    #                                 are 0, as on MNIST, the MAD is ~0: docs/method.md)
     inconsistent_verdict: str = "alarm"  # no credible head but a confident, inconsistent one: "alarm" or "ood"
     calibration_fraction: float = 0.3  # share of the validation set kept apart for thresholds
     min_per_class: int = 5
@@ -86,7 +88,7 @@ class GuardConfig:
             bad("fractions", "must be an ascending sequence in (0, 1] ending with 1.0")
         for name in ("neighbour_noise", "neighbour_step", "tolerance_in", "tolerance_out",
                      "min_active", "noise_amplitude", "mad_k", "consistency_mad_k", "consistency_margin",
-                     "stability_noise"):
+                     "stability_noise", "stability_floor"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 bad(name, "must be a finite number >= 0")
@@ -114,4 +116,5 @@ class GuardConfig:
 # Settings whose default changed after guards were first saved: a file that lacks the field was
 # fitted (and its profile computed) with this value.
 LEGACY_CONFIG = {"consistency_units": "mean", "consistency_center": "class", "consistency_bound": "mad",
-                 "consistency_mad_k": 5.0, "stability_noise": 0.0, "stability_bound": "tail"}
+                 "consistency_mad_k": 5.0, "stability_noise": 0.0, "stability_bound": "tail",
+                 "stability_floor": 0.1}

@@ -106,9 +106,22 @@ def decide(conf: torch.Tensor, thresholds: torch.Tensor, ratio: torch.Tensor | N
                 confident if inconsistent_verdict == "alarm" else None)
 
 
-def log_odds(conf: torch.Tensor) -> torch.Tensor:
-    """Confidences in log-odds (float64; clamped where float32 saturates at 0 or 1)."""
-    return torch.logit(conf.double().clamp(1e-7, 1 - 1e-7))
+def log_odds(conf: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Confidences in log-odds (float64), clamped to ``[eps, 1 - eps]`` (float32 saturates at 0 and 1)."""
+    return torch.logit(conf.double().clamp(eps, 1 - eps))
+
+
+# float32 confidences near 1 move in steps of 6e-8: two saturated confidences one step apart differ
+# by log 2 in log-odds, a "fall" that is rounding, not evidence. Falls are measured on log-odds
+# capped at 1 - 1e-5 (0.6 % rounding at the cap), where a clean MNIST head's odds never fall
+# (docs/method.md, "A warp that noise undoes").
+STABILITY_EPS = 1e-5
+
+
+def stability_falls(conf: torch.Tensor, conf_neighbour: torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` (float64): how far each head's own-class log-odds (capped at
+    :data:`STABILITY_EPS`) fall from the input to its neighbour."""
+    return log_odds(conf, STABILITY_EPS) - log_odds(conf_neighbour, STABILITY_EPS)
 
 
 def neighbour(x: torch.Tensor, noise: torch.Tensor, value_range=None) -> torch.Tensor:
@@ -121,7 +134,7 @@ def neighbour(x: torch.Tensor, noise: torch.Tensor, value_range=None) -> torch.T
 def stability_ratio(conf: torch.Tensor, conf_neighbour: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     """``[B, N]``: how far each head's own-class log-odds fall from the input to its neighbour,
     relative to the calibrated bound (<= 1: as stable as clean inputs; float32)."""
-    return ((log_odds(conf) - log_odds(conf_neighbour)) / bound.double()).float()
+    return (stability_falls(conf, conf_neighbour) / bound.double()).float()
 
 
 def score_from_result(r: GuardResult) -> torch.Tensor:

@@ -965,7 +965,7 @@ def test_recalibrate_equals_a_refit_with_those_settings(guard_deep, deep_net, sy
     load, and leaves the original guard as it was."""
     settings = dict(consistency_center="class", consistency_mad_k=3.0, mad_k=2.0,
                     inconsistent_verdict="ood", consistency_bound="tail", consistency_margin=0.5,
-                    stability_noise=0.03)
+                    stability_noise=0.03, stability_floor=0.7)
     refit = LinkBreaker.fit(deep_net, synth["x_val"], synth["y_val"], NUM_CLASSES,
                             layers=["input", "1", "3"], progress=False, **dict(FAST, **settings))
     before = {k: v.clone() for k, v in guard_deep.profile.items()}
@@ -1356,7 +1356,8 @@ def test_stability_ratio_is_the_fall_of_each_heads_log_odds_to_the_fixed_neighbo
     x = torch.cat([synth["x_test"][:40], add_trigger(synth["x_test"][:8])])
     conf = g.head_confidences(x)[0].double()
     conf_n = g.head_confidences((x + noise).clamp(lo, hi))[0].double()
-    logit = lambda c: torch.log(c.clamp(1e-7, 1 - 1e-7)) - torch.log1p(-c.clamp(1e-7, 1 - 1e-7))  # noqa: E731
+    # log-odds capped at 1 - 1e-5, below float32's rounding near 1
+    logit = lambda c: torch.log(c.clamp(1e-5, 1 - 1e-5)) - torch.log1p(-c.clamp(1e-5, 1 - 1e-5))  # noqa: E731
     want = (logit(conf) - logit(conf_n)) / g.stability["bound"].double()
     torch.testing.assert_close(g.stability_ratios(x).double(), want, rtol=1e-5, atol=1e-5)
     # a bound from the calibration split: clean inputs are (almost all) within it
