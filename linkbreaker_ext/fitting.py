@@ -20,7 +20,7 @@ from .data import stratified_split
 from .layers import (INPUT, LATE, TappedModel, auto_layers, check_layers, evidence_layer, final_linear,
                      frozen_copy, logits_of, units)
 from .neighbours import generate_neighbours, perturbed_samples
-from .verdict import stability_falls
+from .verdict import neighbour, stability_falls
 
 
 def as_tensors(x, y):
@@ -256,13 +256,13 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
     drops = None
     guard.stability = None
     if cfg.stability_noise > 0:
-        guard.stability = {"noise": stability_pattern(guard.input_shape, cfg, guard.input_range).to(device),
-                           "bound": torch.tensor(1.0, device=device)}
-        conf_n = guard.head_confidences(guard.neighbour(x_cal),
+        noise = stability_pattern(guard.input_shape, cfg, guard.input_range).to(device)
+        conf_n = guard.head_confidences(neighbour(x_cal.to(device), noise, guard.input_range),
                                         thresholds=torch.full((num_classes,), 0.5, device=device))[0].cpu()
-        guard.stability["bound"] = calibrate.stability_bound(
+        bound = calibrate.stability_bound(
             conf, conf_n, y_cal, guard.thresholds.cpu(), cfg.consistency_mad_k,
-            cfg.consistency_margin if cfg.stability_bound == "tail" else None, cfg.stability_floor).to(device)
+            cfg.consistency_margin if cfg.stability_bound == "tail" else None, cfg.stability_floor)
+        guard.stability = {"noise": noise, "bound": bound.to(device)}
         drops = stability_falls(conf, conf_n).float()  # [n_cal, K]
     return {"calibration_conf": conf, "calibration_labels": y_cal, "calibration_deviations": dev,
             "calibration_deviations_by_layer": by_layer, "layer_bounds": layer_bounds,

@@ -143,7 +143,8 @@ def score_from_result(r: GuardResult) -> torch.Tensor:
     confidence margin, in log), plus one for every extra credible head (several credible heads is
     the paper's trigger signature). ``docs/method.md`` defines it."""
     margin = (r.confidences / r.thresholds).clamp_min(1e-6)
-    ratio = r.credibility if r.credibility is not None else torch.ones_like(margin)
+    ratio = r.credibility
+    ratio = ratio if ratio is not None else torch.ones_like(margin)
     k = margin.argmax(1, keepdim=True)
     top = (ratio.gather(1, k).clamp_min(1e-6) / margin.gather(1, k)).squeeze(1)
     credible = ((margin >= 1) & (ratio <= 1)).sum(1)
