@@ -172,7 +172,7 @@ def test_triggered_eval_set_excludes_target_class():
 
 def test_registry_and_unknown_name():
     assert set(attacks.ATTACKS) == {"badnets", "blended", "trojan-square", "trojan-watermark",
-                                    "source-specific", "sig", "wanet", "adaptive"}
+                                    "source-specific", "sig", "wanet", "wanet-noise", "adaptive"}
     assert isinstance(attacks.make_attack("badnets", target=3), BadNets)
     for name, cls in [("blended", Blended), ("sig", SIG), ("wanet", WaNet)]:
         a = attacks.make_attack(name, target=3, seed=5)  # what experiment.make_attack passes
@@ -196,7 +196,8 @@ def test_experiment_attacks_take_the_data_sets_settings():
                                     Blended(target=1, alpha=0.15, seed=3),
                                     Blended(target=1, pattern=torch.rand(1, 32, 32)),
                                     SIG(target=4, delta=30, f=4, poison_rate=0.2, seed=7),
-                                    WaNet(target=5, k=3, s=0.7, cross_ratio=1.5, seed=8)])
+                                    WaNet(target=5, k=3, s=0.7, cross_ratio=1.5, seed=8),
+                                    WaNet(target=5, seed=8, noise_std=0.02)])
 def test_to_dict_from_dict_round_trip(attack):
     x = _images(3, CIFAR)
     out = attack.apply(x)
@@ -390,6 +391,28 @@ def test_wanet_batch_transform_poisons_and_cross_samples_keep_labels():
     assert (xp[cross] - warped).abs().mean() < (x[cross] - warped).abs().mean()
     again = attack.batch_transform(x, y, torch.Generator().manual_seed(0))
     assert torch.equal(again[0], xp) and torch.equal(again[1], yp)
+
+
+def test_wanet_noise_variant_adds_noise_to_every_sample_and_keeps_the_trigger():
+    plain, noisy = WaNet(target=4, seed=0), attacks.make_attack("wanet-noise", target=4, seed=0)
+    assert noisy.name == "wanet-noise" and plain.name == "wanet" and noisy.noise_std == 0.03
+    assert torch.equal(noisy.apply(_images(3, CIFAR)), plain.apply(_images(3, CIFAR)))  # same trigger
+    x, y = _images(64, CIFAR), torch.arange(64) % 4
+    xp, yp = plain.batch_transform(x, y, torch.Generator().manual_seed(0))
+    xn, yn = noisy.batch_transform(x, y, torch.Generator().manual_seed(0))
+    assert torch.equal(yp, yn)  # the same samples poisoned
+    untouched = (xp == x).flatten(1).all(1)
+    assert untouched.sum() > 40 and (xn[untouched] != x[untouched]).flatten(1).any(1).float().mean() > 0.9
+    assert xn.min() >= 0 and xn.max() <= 1
+    std = (xn - xp).flatten(1).std(1)  # per-sample noise level: spread over [0, noise_std]
+    assert std.max() < 0.035 and std.max() > 0.02 and std.min() < 0.01
+    d = json.loads(json.dumps(noisy.to_dict()))
+    assert d["name"] == "wanet-noise" and attacks.Attack.from_dict(d).noise_std == 0.03
+    legacy = plain.to_dict()
+    del legacy["noise_std"]  # reports written before the variant existed
+    assert attacks.Attack.from_dict(legacy).noise_std == 0.0
+    with pytest.raises(ValueError, match="noise_std"):
+        WaNet(noise_std=-0.1)
 
 
 def test_wanet_from_dict_keeps_the_field_and_rejects_bad_settings():

@@ -10,7 +10,8 @@ The paper (Sec. III-B, V-A/B/C/E) evaluates two ways of planting a backdoor:
   model so the trigger maps to the target;
 
 plus a **source-specific** backdoor (:class:`SourceSpecific`, STRIP/TaCT style), three triggers that
-cover the whole image (:class:`Blended`, the clean-label :class:`SIG` and the warping :class:`WaNet`),
+cover the whole image (:class:`Blended`, the clean-label :class:`SIG` and the warping :class:`WaNet`,
+whose ``wanet-noise`` variant trains through noise to evade the guard's stability test),
 an **adaptive** backdoor that knows the defense (:class:`AdaptivePatch`, the paper's Sec. VI-G),
 and the adversarial examples of the robustness study (:func:`fgsm`, :func:`bim`, :func:`deepfool`).
 
@@ -46,12 +47,13 @@ ATTACKS = {
     "source-specific": SourceSpecific,
     "sig": SIG,
     "wanet": WaNet,
+    "wanet-noise": functools.partial(WaNet, noise_std=0.03),  # knows the stability test (issue #6)
     "adaptive": AdaptivePatch,
 }
 # name -> class (what Attack.from_dict dispatches on; to_dict()["name"] is one of these)
 _CLASSES = {"badnets": BadNets, "blended": Blended, "trojan-square": TrojanAttack,
             "trojan-watermark": TrojanAttack, "source-specific": SourceSpecific, "sig": SIG,
-            "wanet": WaNet, "adaptive": AdaptivePatch}
+            "wanet": WaNet, "wanet-noise": WaNet, "adaptive": AdaptivePatch}
 
 
 def _lookup(name: str):
