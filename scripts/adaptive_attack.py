@@ -12,6 +12,10 @@ margin, in log space). The gradient flows through head k's own masked forward
 one-label rule): ASR counts a triggered input answered with the target (hint reading, as the
 held-out tables) and, separately, accepted as the target.
 
+Against a guard with the neighbour stability test, the attacker also knows the guard's saved noise
+pattern and bound, and adds a third hinge: head k's log-odds (capped as the guard caps them) may fall
+from ``x + delta`` to its neighbour ``x + delta + pattern`` by at most the bound.
+
 Two controls per budget: ``eps = 0`` (today's non-adaptive numbers on these inputs) and the same
 attack on **clean** inputs of other classes (no trigger): at a budget where the attack also turns
 clean inputs into accepted targets, it is an adversarial-example attack on the guard, not a way
@@ -39,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from linkbreaker_ext import experiment, metrics, salient  # noqa: E402
 from linkbreaker_ext.guard import LinkBreaker  # noqa: E402
-from linkbreaker_ext.verdict import ACCEPT  # noqa: E402
+from linkbreaker_ext.verdict import ACCEPT, STABILITY_EPS, neighbour  # noqa: E402
 from linkbreaker_ext.layers import LATE, expand_mask, unit_views  # noqa: E402
 
 HELDOUT = slice(5000, 10000)
@@ -93,11 +97,35 @@ def check_surrogate(guard, x, k):
               ((mine_dev - theirs_dev).abs() / theirs_dev.clamp_min(1e-6)).max().item())
     if err > 1e-3:
         raise SystemExit(f"the attack's head {k} does not reproduce the guard (error {err:.2e})")
+    if stable(guard):  # the fall in log-odds, to within float32 rounding of confidences near 1
+        with torch.no_grad():
+            near, _ = target_head_terms(guard, neighbour(x, guard.stability["noise"], guard.input_range), k)
+            cap = torch.logit(torch.tensor(1 - STABILITY_EPS))
+            mine = log_odds.clamp(-cap, cap) - near.clamp(-cap, cap)
+            theirs = guard.stability_ratios(x, conf)[:, k].double() * guard.stability["bound"]
+        fall_err = (mine - theirs).abs().max().item()
+        if fall_err > 0.1:
+            raise SystemExit(f"the attack's stability fall does not reproduce the guard's ({fall_err:.3f})")
+        err = max(err, fall_err)
     return err
 
 
+def stable(guard) -> bool:
+    return guard.stability is not None and guard.config.stability_noise > 0
+
+
+def stability_hinge(guard, x, k, log_odds):
+    """Hinge on head ``k``'s stability test: how far its capped log-odds fall from ``x`` to the
+    guard's neighbour of ``x``, beyond the bound less the margin (0 when the test passes)."""
+    near, _ = target_head_terms(guard, neighbour(x, guard.stability["noise"], guard.input_range), k)
+    cap = torch.logit(torch.tensor(1 - STABILITY_EPS))
+    fall = log_odds.clamp(-cap, cap) - near.clamp(-cap, cap)
+    return torch.relu(fall - guard.stability["bound"] + MARGIN)
+
+
 def attack(guard, x, k, eps, steps, lo, hi):
-    """PGD (sign steps of ``2.5 eps / steps``) on the hinge losses of head ``k``'s two tests."""
+    """PGD (sign steps of ``2.5 eps / steps``) on the hinge losses of head ``k``'s tests (confidence,
+    consistency and, where the guard has it, stability)."""
     if eps == 0:
         return x.clone()
     thr = torch.logit(guard.thresholds[k].clamp(1e-6, 1 - 1e-6))
@@ -107,6 +135,8 @@ def attack(guard, x, k, eps, steps, lo, hi):
         delta.requires_grad_(True)
         log_odds, log_ratio = target_head_terms(guard, x + delta, k)
         loss = (torch.relu(thr - log_odds + MARGIN) + torch.relu(log_ratio + MARGIN).sum(1)).sum()
+        if stable(guard):
+            loss = loss + stability_hinge(guard, x + delta, k, log_odds).sum()
         grad, = torch.autograd.grad(loss, delta)
         with torch.no_grad():
             delta = (delta - step * grad.sign()).clamp(-eps, eps)
@@ -152,7 +182,8 @@ def run(dataset, attack_name, n, eps_list, steps, source):
               "step_size": "2.5 * eps / steps", "margin": MARGIN, "surrogate_max_error": err,
               "guard_config": {f: getattr(guard.config, f) for f in ("consistency_bound",
                                                                    "consistency_mad_k",
-                                                                   "consistency_margin")},
+                                                                   "consistency_margin",
+                                                                   "stability_noise")},
               "rows": rows}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{dataset}-{attack_name}-0.json").write_text(json.dumps(report, indent=2))
@@ -167,13 +198,16 @@ def table():
              "guard); *accepted*: an accept verdict for the target. *clean*: the same attack on clean "
              "inputs of other classes (no trigger). *bare*: the unguarded model's answer is the "
              "target. Percentages.", "",
-             "| model | eps | triggered: bare | answered | accepted | alarm | OOD | clean: bare | answered | accepted |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "*stability*: whether the guard had the neighbour stability test (and the attacker its "
+             "hinge); rows without it predate the test.", "",
+             "| model | stability | eps | triggered: bare | answered | accepted | alarm | OOD | clean: bare | answered | accepted |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for path in sorted(OUT.glob("*-0.json")):
         rep = json.loads(path.read_text())
         for r in rep["rows"]:
             t, c = r["triggered"], r["clean"]
-            lines.append(f"| {rep['dataset']} {rep['attack']} | {r['eps_255']:g}/255 | "
+            test = "yes" if rep["guard_config"].get("stability_noise", 0) > 0 else "no"
+            lines.append(f"| {rep['dataset']} {rep['attack']} | {test} | {r['eps_255']:g}/255 | "
                          f"{100 * t['bare_model_target']:.1f} | {100 * t['target_answer']:.1f} | "
                          f"{100 * t['target_accepted']:.1f} | {100 * t['alarm']:.1f} | {100 * t['ood']:.1f} | "
                          f"{100 * c['bare_model_target']:.1f} | {100 * c['target_answer']:.1f} | "
