@@ -5,7 +5,10 @@ of up to one pixel, plus clipped Gaussian noise. Everything lives in the top-lef
 9-11 and columns 9-11 are exactly 0 in every image, so they are *dormant* input pixels on clean data
 and the natural place for a trigger. Most pixels are 0, so the guard's "blank" input is black.
 
-Everything here is session-scoped and seeded, so every test sees the same model and data.
+Everything here is session-scoped and seeded, so every test sees the same model and data. The whole
+session runs on one torch thread: the tensors are tiny (threads only cost), and float results must
+not depend on which test happened to build a shared fixture (a fixture first built inside a
+one-thread module and compared bit for bit with a fit under two threads once failed that way).
 """
 import copy
 
@@ -78,17 +81,21 @@ def synth():
             "x_test": x_test, "y_test": y_test}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """One torch thread for the whole session (see the module docstring)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _train(make, x, y):
     """``make()`` trained for 3 epochs on ``(x, y)``, without touching the global RNG state."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny batches: one thread is much faster than two contended ones
-    try:
-        with torch.random.fork_rng():
-            model = make()
-            training.train_classifier(model, x, y, epochs=3, batch_size=32, lr=1e-2, seed=0,
-                                      progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    with torch.random.fork_rng():
+        model = make()
+        training.train_classifier(model, x, y, epochs=3, batch_size=32, lr=1e-2, seed=0,
+                                  progress=False)
     return model.eval()
 
 
@@ -147,11 +154,3 @@ def guard_deep(deep_net, synth):
     return LinkBreaker.fit(deep_net, synth["x_val"], synth["y_val"], NUM_CLASSES,
                            layers=["input", "1", "3"], progress=False, **FAST)
 
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One torch thread for a module's property-based sweeps (many tiny ops: threads only cost)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

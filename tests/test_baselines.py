@@ -19,8 +19,6 @@ TARGET = 0
 @pytest.fixture(scope="module")
 def backdoored(synth):
     """The conftest net trained with 20 % of every batch triggered and relabelled TARGET."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
 
     def poison(xb, yb, g):
         idx = torch.randperm(len(xb), generator=g)[:len(xb) // 5]
@@ -29,14 +27,11 @@ def backdoored(synth):
         yb[idx] = TARGET
         return xb, yb
 
-    try:
-        with torch.random.fork_rng():
-            model = make_net(seed=0)
-            training.train_classifier(model, synth["x_train"], synth["y_train"], epochs=4,
-                                      batch_size=32, lr=1e-2, seed=0, batch_transform=poison,
-                                      progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    with torch.random.fork_rng():
+        model = make_net(seed=0)
+        training.train_classifier(model, synth["x_train"], synth["y_train"], epochs=4,
+                                  batch_size=32, lr=1e-2, seed=0, batch_transform=poison,
+                                  progress=False)
     keep = synth["y_test"] != TARGET
     xt = add_trigger(synth["x_test"][keep])
     assert (training.predict_logits(model, xt).argmax(1) == TARGET).float().mean() > 0.95

@@ -54,9 +54,6 @@ ARGS = ("features", "weight", "bias", "masks", "noise", "thresholds")
 TOL = 1e-4
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 # =================================================================================== the op
 
 @st.composite

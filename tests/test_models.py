@@ -20,14 +20,6 @@ def keras_count(model):
     return trainable(model) + stats
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------ parameter counts
 
 def test_paper_models_have_the_papers_parameter_counts():

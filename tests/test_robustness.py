@@ -64,9 +64,6 @@ HYP = settings(max_examples=12, deadline=None, database=None, derandomize=True,
 TOL = 1e-5
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def fit(model, x, y, **kw):
     opts = dict(FAST, progress=False, layers=["input", "1"])
     opts.update(kw)
