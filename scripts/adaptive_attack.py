@@ -32,6 +32,7 @@ Writes ``results/adaptive/<dataset>-<attack>-0.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -153,12 +154,14 @@ def judged(guard, x, k):
             "ood": (r.verdict == 2).double().mean().item()}
 
 
-def run(dataset, attack_name, n, eps_list, steps, source):
+def run(dataset, attack_name, n, eps_list, steps, source, without_stability=False):
     work = ROOT / "runs" / dataset
     split = experiment.split_data(dataset, source, None, 0)
     model, meta = experiment.load_model(work / "models" / f"{attack_name}-0.safetensors")
     backdoor = experiment.attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None
     guard = LinkBreaker.load(work / "guards" / f"{attack_name}-0.safetensors", model)
+    if without_stability:  # the same guard with the test switched off: what the test itself adds
+        guard.config = dataclasses.replace(guard.config, stability_noise=0.0)
     xc, yc, xt, _, k = experiment.eval_sets(backdoor, split["x_test"], split["y_test"], 4 * n, n, 0,
                                             HELDOUT)
     xc = xc[yc != k][:n]  # clean inputs of other classes: the attack with no trigger to help it
@@ -186,7 +189,8 @@ def run(dataset, attack_name, n, eps_list, steps, source):
                                                                    "stability_noise")},
               "rows": rows}
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{dataset}-{attack_name}-0.json").write_text(json.dumps(report, indent=2))
+    suffix = "-without-stability" if without_stability else ""
+    (OUT / f"{dataset}-{attack_name}-0{suffix}.json").write_text(json.dumps(report, indent=2))
 
 
 def table():
@@ -199,14 +203,16 @@ def table():
              "inputs of other classes (no trigger). *bare*: the unguarded model's answer is the "
              "target. Percentages.", "",
              "*stability*: whether the guard had the neighbour stability test (and the attacker its "
-             "hinge); rows without it predate the test.", "",
+             "hinge); *no*: rows that predate the test; *switched off*: the same saved guard as the "
+             "*yes* row with the test off (`--without-stability`), the test's own effect.", "",
              "| model | stability | eps | triggered: bare | answered | accepted | alarm | OOD | clean: bare | answered | accepted |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for path in sorted(OUT.glob("*-0.json")):
+    for path in sorted(OUT.glob("*-0.json")) + sorted(OUT.glob("*-0-without-stability.json")):
         rep = json.loads(path.read_text())
         for r in rep["rows"]:
             t, c = r["triggered"], r["clean"]
-            test = "yes" if rep["guard_config"].get("stability_noise", 0) > 0 else "no"
+            test = "yes" if rep["guard_config"].get("stability_noise", 0) > 0 else (
+                "switched off" if path.stem.endswith("without-stability") else "no")
             lines.append(f"| {rep['dataset']} {rep['attack']} | {test} | {r['eps_255']:g}/255 | "
                          f"{100 * t['bare_model_target']:.1f} | {100 * t['target_answer']:.1f} | "
                          f"{100 * t['target_accepted']:.1f} | {100 * t['alarm']:.1f} | {100 * t['ood']:.1f} | "
@@ -225,6 +231,8 @@ def main():
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--without-stability", action="store_true",
+                   help="switch the saved guard's stability test off (the ablation of the test)")
     p.add_argument("--table", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -232,7 +240,8 @@ def main():
         return table()
     torch.manual_seed(0)
     for a in args.attacks:
-        run(args.dataset, a, args.n, [e / 255 for e in args.eps], args.steps, args.data)
+        run(args.dataset, a, args.n, [e / 255 for e in args.eps], args.steps, args.data,
+            args.without_stability)
     table()
 
 
