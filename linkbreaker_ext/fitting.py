@@ -205,7 +205,7 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
 CALIBRATION_FIELDS = frozenset({"mad_k", "out_quantile", "threshold_floor", "consistency_mad_k",
                                 "consistency_center", "consistency_bound", "consistency_margin",
                                 "consistency_reduce", "inconsistent_verdict", "stability_noise",
-                                "stability_bound", "stability_floor"})
+                                "stability_bound", "stability_floor", "stability_quantile"})
 """The settings of the last stage alone: a fitted guard takes new values of these by
 :func:`recalibrate_guard`, without the neighbours, statistics and set search of a refit."""
 
@@ -261,7 +261,8 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
                                         thresholds=torch.full((num_classes,), 0.5, device=device))[0].cpu()
         bound = calibrate.stability_bound(
             conf, conf_n, y_cal, guard.thresholds.cpu(), cfg.consistency_mad_k,
-            cfg.consistency_margin if cfg.stability_bound == "tail" else None, cfg.stability_floor)
+            cfg.consistency_margin if cfg.stability_bound == "tail" else None, cfg.stability_floor,
+            cfg.stability_quantile)
         guard.stability = {"noise": noise, "bound": bound.to(device)}
         drops = stability_falls(conf, conf_n).float()  # [n_cal, K]
     return {"calibration_conf": conf, "calibration_labels": y_cal, "calibration_deviations": dev,

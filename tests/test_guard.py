@@ -1408,13 +1408,16 @@ def test_a_file_from_before_the_stability_test_loads_without_it(guard_deep, deep
     path = tmp_path / "g.safetensors"
     guard_deep.save(path)
     tensors, meta = _file(path)
-    del meta["config"]["stability_noise"]
+    for field in ("stability_noise", "stability_quantile"):
+        del meta["config"][field]
     safefiles.write(path, {k: v for k, v in tensors.items() if not k.startswith("stability.")}, FORMAT, meta)
     old = LinkBreaker.load(path, deep_net)
     assert old.config.stability_noise == 0.0 and old.stability is None
     x = synth["x_test"][:48]
     assert_same_result(old(x), with_config(guard_deep, stability_noise=0.0)(x))
-    new = old.recalibrate(synth["x_val"], synth["y_val"], stability_noise=GuardConfig().stability_noise)
+    assert old.config.stability_quantile is None  # the bound rule of that time
+    new = old.recalibrate(synth["x_val"], synth["y_val"], stability_noise=GuardConfig().stability_noise,
+                          stability_quantile=GuardConfig().stability_quantile)
     assert_same_result(new(x), guard_deep(x))
 
 
@@ -1439,3 +1442,27 @@ def test_stability_bound_rules_on_hand_made_falls():
     assert calibrate.stability_bound(flat, flat, y, thresholds, 4.0).item() == pytest.approx(calibrate.STABILITY_FLOOR)
     nobody = calibrate.stability_bound(conf, conf_n, y, torch.tensor([0.99, 0.99]), 4.0)
     assert nobody.item() == pytest.approx(calibrate.NO_BOUND)
+    # a quantile floor leaves a bell-shaped spread to the MAD rule ...
+    assert calibrate.stability_bound(conf, conf_n, y, thresholds, 4.0, quantile=0.9).item() == \
+        pytest.approx(mad_rule.item())
+
+
+def test_stability_bound_quantile_caps_clean_refusals_on_heavy_tailed_falls():
+    """Most confident falls near 0 and a few large ones (GTSRB's shape): the MAD rule alone would
+    refuse all of the tail; with ``quantile`` q the bound is the q-quantile of those falls, so at
+    most about 1 - q of them are refused."""
+    from linkbreaker_ext.verdict import log_odds
+
+    falls = torch.cat([torch.linspace(0.0, 0.2, 16), torch.tensor([1.0, 2.0, 4.0, 8.0])])
+    conf = torch.full((20, 1), 0.9)
+    conf_n = torch.sigmoid(log_odds(conf) - falls[:, None]).float()
+    y, thresholds = torch.zeros(20, dtype=torch.long), torch.tensor([0.5])
+    mad_rule = calibrate.stability_bound(conf, conf_n, y, thresholds, 4.25, floor=0.0)
+    assert mad_rule.item() < 1.0  # every tail sample would be refused
+    q = calibrate.stability_bound(conf, conf_n, y, thresholds, 4.25, floor=0.0, quantile=0.9)
+    assert q.item() == pytest.approx(torch.quantile(falls.double(), 0.9).item(), rel=1e-3)
+    assert (falls > q).float().mean().item() <= 0.1 + 1e-6
+    top = calibrate.stability_bound(conf, conf_n, y, thresholds, 4.25, floor=0.0, quantile=1.0)
+    assert top.item() == pytest.approx(8.0, rel=1e-3)  # q = 1: the largest confident fall
+    with pytest.raises(ValueError, match="stability_quantile"):
+        GuardConfig(stability_quantile=1.5)
