@@ -164,7 +164,7 @@ def cmd_reproduce(args):
         args.dataset, args.attacks, args.seeds, data_source=args.data,
         work=args.work or f"runs/{args.dataset}", split=args.split, device=_device(args.device),
         settings=settings, n_clean=args.n_clean, n_trigger=args.n_trigger, epochs=args.epochs,
-        results=args.results, progress=not args.quiet, tag=args.tag)
+        results=args.results, progress=not args.quiet, tag=args.tag, trained_only=args.trained_only)
     print(table.read_text())
     print(f"wrote {table} and {sum(map(len, reports.values()))} run reports in "
           f"{args.results}/runs/{args.dataset}/")
@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GuardConfig override, repeatable (e.g. --set neighbours=0)")
     s.add_argument("--epochs", type=int, default=None, help="training epochs for missing models "
                                                              "(default: the data set's recipe)")
+    s.add_argument("--trained-only", action="store_true",
+                   help="skip (attack, seed) runs whose model is not trained yet instead of training it")
     s.add_argument("--n-clean", type=_positive, default=2000)
     s.add_argument("--n-trigger", type=_positive, default=2000)
     s.set_defaults(func=cmd_reproduce)

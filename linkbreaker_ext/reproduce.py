@@ -282,16 +282,22 @@ def _row(dataset, attack_name, reps, label="", with_target=True) -> str:
 def reproduce(dataset: str, attacks, seeds, *, data_source="../shared/data", work=None,
               split: str = "heldout", device="cpu", settings: dict | None = None,
               n_clean: int = 2000, n_trigger: int = 2000, epochs: int | None = None,
-              results="results", progress: bool = True, tag: str | None = None):
+              results="results", progress: bool = True, tag: str | None = None,
+              trained_only: bool = False):
     """Run every (attack, seed), write the per-run reports and the table; returns
-    ``(reports {attack: [report]}, table path)``."""
+    ``(reports {attack: [report]}, table path)``. ``trained_only``: skip the runs whose model is not
+    in ``work`` yet instead of training it (a table from what is there while training goes on)."""
     data.spec(dataset)  # unknown data set: a clear error before any work
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
     work = Path(work or Path("runs") / dataset)
     runs_dir = Path(results) / "runs" / dataset
     reports = {a: [] for a in attacks}
-    jobs = [(a, s) for a in attacks for s in seeds]
+    jobs = [(a, s) for a in attacks for s in seeds
+            if not trained_only or (work / "models" / f"{a}-{s}.safetensors").is_file()]
+    if not jobs:
+        raise ValueError(f"no trained model in {work / 'models'} for attacks {list(attacks)} and "
+                         f"seeds {list(seeds)}")
     bar = tqdm(jobs, desc=f"reproduce {dataset}", unit="run", disable=not progress)
     for attack_name, seed in bar:
         bar.set_postfix_str(f"{attack_name} seed {seed}")

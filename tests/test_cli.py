@@ -382,6 +382,24 @@ def test_reproduce_recalibrates_saved_guards_for_new_last_stage_defaults(tiny_re
     assert fresh["badnets"][0]["kept"] == rep["kept"] and set(rep["kept"]) == {"input", "1", "late"}
 
 
+def test_reproduce_trained_only_skips_untrained_models(tiny_reproduce, tmp_path):
+    work, results = tmp_path / "work", tmp_path / "results"
+    (work / "models").mkdir(parents=True)
+    (work / "models" / "badnets-1.safetensors").write_bytes(b"")  # model_for is stubbed: presence only
+    argv = ["reproduce", "--dataset", "mnist", "--attacks", "badnets", "none", "--seeds", "0", "1",
+            "--data", "nowhere", "--work", str(work), "--results", str(results), "--device", "cpu",
+            "--quiet", "--n-clean", "30", "--n-trigger", "30", "--set", "neighbours=0",
+            "--set", "fractions=(0.3, 1.0)", "--trained-only"]
+    assert cli.main(argv) == 0
+    assert tiny_reproduce == [("badnets", 1)]  # only the run whose model exists
+    table = (results / "mnist-heldout.md").read_text()
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| badnets |")]
+    assert rows == ["badnets"] and "| none " not in table
+    with pytest.raises(ValueError, match="no trained model"):
+        reproduce.reproduce("mnist", ["none"], [0], data_source="nowhere", work=work,
+                            results=results, progress=False, trained_only=True)
+
+
 def test_reproduce_dev_split_and_targets(tiny_reproduce, tmp_path):
     reports, path = reproduce.reproduce("mnist", ["badnets"], [3], data_source="nowhere",
                                         work=tmp_path / "w", split="dev", device="cpu",
