@@ -100,9 +100,7 @@ def check_surrogate(guard, x, k):
         raise SystemExit(f"the attack's head {k} does not reproduce the guard (error {err:.2e})")
     if stable(guard):  # the fall in log-odds, to within float32 rounding of confidences near 1
         with torch.no_grad():
-            near, _ = target_head_terms(guard, neighbour(x, guard.stability["noise"], guard.input_range), k)
-            cap = torch.logit(torch.tensor(1 - STABILITY_EPS))
-            mine = log_odds.clamp(-cap, cap) - near.clamp(-cap, cap)
+            mine = stability_fall(guard, x, k, log_odds)
             theirs = guard.stability_ratios(x, conf)[:, k].double() * guard.stability["bound"]
         fall_err = (mine - theirs).abs().max().item()
         if fall_err > 0.1:
@@ -115,13 +113,18 @@ def stable(guard) -> bool:
     return guard.stability is not None and guard.config.stability_noise > 0
 
 
-def stability_hinge(guard, x, k, log_odds):
-    """Hinge on head ``k``'s stability test: how far its capped log-odds fall from ``x`` to the
-    guard's neighbour of ``x``, beyond the bound less the margin (0 when the test passes)."""
+def stability_fall(guard, x, k, log_odds):
+    """How far head ``k``'s log-odds (``log_odds`` on ``x``), capped as the guard caps them, fall
+    from ``x`` to the guard's neighbour of ``x``; differentiable in ``x``."""
     near, _ = target_head_terms(guard, neighbour(x, guard.stability["noise"], guard.input_range), k)
     cap = torch.logit(torch.tensor(1 - STABILITY_EPS))
-    fall = log_odds.clamp(-cap, cap) - near.clamp(-cap, cap)
-    return torch.relu(fall - guard.stability["bound"] + MARGIN)
+    return log_odds.clamp(-cap, cap) - near.clamp(-cap, cap)
+
+
+def stability_hinge(guard, x, k, log_odds):
+    """Hinge on head ``k``'s stability test: its fall beyond the bound less the margin (0 when the
+    test passes)."""
+    return torch.relu(stability_fall(guard, x, k, log_odds) - guard.stability["bound"] + MARGIN)
 
 
 def attack(guard, x, k, eps, steps, lo, hi):
