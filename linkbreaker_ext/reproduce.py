@@ -1,10 +1,11 @@
 """``linkbreaker reproduce``: one command per results table.
 
 For every (attack, seed): the data split of :func:`experiment.split_data` (a stratified 2% of the
-training split as the clean validation set), the cached model of :func:`experiment.model_for`
+training split as the clean validation set; GTSRB's comes from the test split's unused tail, see
+:data:`experiment.VAL_FROM_TEST_TAIL`), the cached model of :func:`experiment.model_for`
 (trained, resumably, if absent), the guard fitted on the validation set with ``seed=seed``, and
 :func:`experiment.evaluate` on one half of the test split: ``heldout`` = indices 5000-end (the
-reported numbers), ``dev`` = indices 0-4999 (where the method was designed). Each run writes
+reported numbers; 5000-9999 on GTSRB), ``dev`` = indices 0-4999 (where the method was designed). Each run writes
 ``<work>/reports/<split>-<attack>-<seed>.json`` (an existing report made with the same guard
 configuration, defaults included, is reused, so an interrupted run resumes; one made under other
 defaults is measured again) and a copy under ``<results>/runs/<dataset>/``; the table, mean ± std over seeds beside
@@ -21,7 +22,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import data, experiment, safefiles, training
-from .fitting import CALIBRATION_FIELDS
+from .fitting import CALIBRATION_FIELDS, data_fingerprint
 from .config import LEGACY_CONFIG, GuardConfig
 from .guard import LinkBreaker
 
@@ -95,6 +96,8 @@ def _saved_guard(path: Path, model, target: GuardConfig, d: dict):
         saved = LinkBreaker.load(path, model)
     except safefiles.GuardFileError:
         return None, None
+    if saved.data_sha256 not in (None, data_fingerprint(d["x_val"], d["y_val"])):  # another validation set
+        return None, None
     changed = sorted(f.name for f in dataclasses.fields(GuardConfig)
                      if getattr(saved.config, f.name) != getattr(target, f.name))
     if not set(changed) <= CALIBRATION_FIELDS:
@@ -129,7 +132,9 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
         if report.get("settings", {}) != _jsonable(settings):
             raise ValueError(f"{path} was made with the guard settings {report.get('settings')}, not "
                              f"{_jsonable(settings)}: remove it or use another --work folder")
-        if recorded_config(report.get("guard_config"), seed) == config:
+        # ... and so is one whose validation set came from elsewhere (reports before the field: "train")
+        if (recorded_config(report.get("guard_config"), seed) == config
+                and report.get("validation", "train") == experiment.validation_source(dataset)):
             return report
     pool = SPLITS[split]
     d = experiment.split_data(dataset, data_source, None, seed)
@@ -159,6 +164,7 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
         "thresholds": guard.thresholds.tolist(),
         "settings": _jsonable(settings),
         "guard_config": config,
+        "validation": experiment.validation_source(dataset), "validation_size": len(d["y_val"]),
         "device": str(device),
     })
     if recalibrated is not None:

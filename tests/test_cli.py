@@ -443,3 +443,48 @@ def test_reproduce_rejects_bad_settings(capsys):
     assert "unknown GuardConfig field 'bogus'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="field=value"):
         reproduce.parse_settings(["neighbours"])
+
+
+def test_split_data_takes_the_validation_set_from_the_test_tail_where_named(monkeypatch):
+    """GTSRB's validation set comes from the test split's tail (its training split repeats each sign
+    over ~30 frames): the model's training set is unchanged, the test split stops at the tail, and
+    the two never share a sample."""
+    g = torch.Generator().manual_seed(0)
+    splits = {"train": (torch.rand(200, 1, 4, 4, generator=g), torch.arange(200) % 4),
+              "test": (torch.rand(60, 1, 4, 4, generator=g), torch.arange(60) % 4)}
+    monkeypatch.setattr(data, "load_split", lambda name, split, source=None: splits[split])
+    plain = experiment.split_data("mnist", "nowhere", 0.1, seed=3)
+    assert experiment.validation_source("mnist") == "train"
+    assert len(plain["y_val"]) == 20 and len(plain["y_test"]) == 60
+    monkeypatch.setitem(experiment.VAL_FROM_TEST_TAIL, "mnist", 40)
+    tail = experiment.split_data("mnist", "nowhere", 0.1, seed=3)
+    assert experiment.validation_source("mnist") == "test[40:]"
+    assert torch.equal(tail["x_train"], plain["x_train"]) and torch.equal(tail["y_train"], plain["y_train"])
+    assert torch.equal(tail["x_val"], splits["test"][0][40:]) and torch.equal(tail["y_val"], splits["test"][1][40:])
+    assert torch.equal(tail["x_test"], splits["test"][0][:40]) and len(tail["y_test"]) == 40
+
+
+def test_reproduce_measures_again_when_the_validation_set_moves(tiny_reproduce, tmp_path, monkeypatch,
+                                                                 synth):
+    """A cached report and a saved guard from another validation set are not reused: the report
+    records where its validation set came from, and the guard is refitted on the new one."""
+    kw = dict(data_source="nowhere", split="heldout", device="cpu", settings={"neighbours": 0},
+              n_clean=30, n_trigger=30, results=tmp_path / "r", progress=False)
+    first, _ = reproduce.reproduce("mnist", ["badnets"], [0], work=tmp_path / "w", **kw)
+    assert first["badnets"][0]["validation"] == "train"
+    assert first["badnets"][0]["validation_size"] == len(synth["y_val"])
+    fits = []
+    real_fit = reproduce.LinkBreaker.fit.__func__
+    monkeypatch.setattr(reproduce.LinkBreaker, "fit",
+                        classmethod(lambda cls, *a, **k: fits.append(1) or real_fit(cls, *a, **k)))
+    again, _ = reproduce.reproduce("mnist", ["badnets"], [0], work=tmp_path / "w", **kw)
+    assert fits == [] and again["badnets"][0] == first["badnets"][0]  # same source: cached
+    # the validation set now comes from elsewhere (a subset stands in for the test tail)
+    moved = {k: v.clone() for k, v in synth.items()}
+    moved["x_val"], moved["y_val"] = moved["x_val"][::2], moved["y_val"][::2]
+    monkeypatch.setattr(experiment, "split_data", lambda *a, **k: {k_: v.clone() for k_, v in moved.items()})
+    monkeypatch.setattr(experiment, "validation_source", lambda dataset: "test[150:]")
+    new, _ = reproduce.reproduce("mnist", ["badnets"], [0], work=tmp_path / "w", **kw)
+    assert fits == [1]  # the saved guard's fingerprint is not this validation set's: refitted
+    assert new["badnets"][0]["validation"] == "test[150:]"
+    assert new["badnets"][0]["validation_size"] == len(moved["y_val"])
