@@ -164,7 +164,8 @@ def cmd_reproduce(args):
         args.dataset, args.attacks, args.seeds, data_source=args.data,
         work=args.work or f"runs/{args.dataset}", split=args.split, device=_device(args.device),
         settings=settings, n_clean=args.n_clean, n_trigger=args.n_trigger, epochs=args.epochs,
-        results=args.results, progress=not args.quiet, tag=args.tag, trained_only=args.trained_only)
+        results=args.results, progress=not args.quiet, tag=args.tag, trained_only=args.trained_only,
+        validation=args.validation)
     print(table.read_text())
     print(f"wrote {table} and {sum(map(len, reports.values()))} run reports in "
           f"{args.results}/runs/{args.dataset}/")
@@ -253,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "(default: the data set's recipe)")
     s.add_argument("--trained-only", action="store_true",
                    help="skip (attack, seed) runs whose model is not trained yet instead of training it")
+    s.add_argument("--validation", choices=experiment.VALIDATION_SOURCES, default="train",
+                   help="the guard's validation set: a draw from the training split the model never "
+                        "trained on (default), or the test split's unread tail (GTSRB: new tracks; "
+                        "use with --tag)")
     s.add_argument("--n-clean", type=_positive, default=2000)
     s.add_argument("--n-trigger", type=_positive, default=2000)
     s.set_defaults(func=cmd_reproduce)

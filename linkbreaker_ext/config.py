@@ -70,6 +70,10 @@ class GuardConfig:
     #                                 (heavy-tailed on GTSRB, where the MAD rule alone refused 6 %:
     #                                 docs/method.md, "Heavy-tailed falls"); None: the MAD rule alone
     inconsistent_verdict: str = "alarm"  # no credible head but a confident, inconsistent one: "alarm" or "ood"
+    ood_hint: str = "nearest"       # an OOD verdict's label hint when no head is consistent with its
+    #                                 class: "nearest" (the head nearest to its bounds, smallest veto
+    #                                 ratio) or "confident" (the most confident, which hands a trigger
+    #                                 its target: docs/method.md, "Which head an OOD verdict names")
     calibration_fraction: float = 0.3  # share of the validation set kept apart for thresholds
     min_per_class: int = 5
     seed: int = 0
@@ -109,6 +113,7 @@ class GuardConfig:
         choices = {"fill": ("blank", "mean"), "reliability_measure": ("confidence", "rate"),
                    "consistency_reduce": ("per_layer", "max", "mean"),
                    "consistency_units": ("max", "mean", "mean+max"), "inconsistent_verdict": ("ood", "alarm"),
+                   "ood_hint": ("nearest", "confident"),
                    "consistency_center": ("class", "pooled", "shrunk"), "consistency_bound": ("mad", "max", "tail"),
                    "neighbour_mode": ("alg1", "perturb"), "stability_bound": ("mad", "tail")}
         for name, allowed in choices.items():
@@ -125,4 +130,4 @@ class GuardConfig:
 # fitted (and its profile computed) with this value.
 LEGACY_CONFIG = {"consistency_units": "mean", "consistency_center": "class", "consistency_bound": "mad",
                  "consistency_mad_k": 5.0, "stability_noise": 0.0, "stability_bound": "tail",
-                 "stability_floor": 0.1, "stability_quantile": None}
+                 "stability_floor": 0.1, "stability_quantile": None, "ood_hint": "confident"}

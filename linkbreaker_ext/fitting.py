@@ -204,7 +204,7 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
 
 CALIBRATION_FIELDS = frozenset({"mad_k", "out_quantile", "threshold_floor", "consistency_mad_k",
                                 "consistency_center", "consistency_bound", "consistency_margin",
-                                "consistency_reduce", "inconsistent_verdict", "stability_noise",
+                                "consistency_reduce", "inconsistent_verdict", "ood_hint", "stability_noise",
                                 "stability_bound", "stability_floor", "stability_quantile"})
 """The settings of the last stage alone: a fitted guard takes new values of these by
 :func:`recalibrate_guard`, without the neighbours, statistics and set search of a refit."""

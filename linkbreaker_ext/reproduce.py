@@ -1,11 +1,11 @@
 """``linkbreaker reproduce``: one command per results table.
 
 For every (attack, seed): the data split of :func:`experiment.split_data` (a stratified 2% of the
-training split as the clean validation set; GTSRB's comes from the test split's unused tail, see
-:data:`experiment.VAL_FROM_TEST_TAIL`), the cached model of :func:`experiment.model_for`
+training split as the clean validation set, or with ``validation="test-tail"`` GTSRB's unread test
+images, :data:`experiment.TEST_TAIL`), the cached model of :func:`experiment.model_for`
 (trained, resumably, if absent), the guard fitted on the validation set with ``seed=seed``, and
 :func:`experiment.evaluate` on one half of the test split: ``heldout`` = indices 5000-end (the
-reported numbers; 5000-9999 on GTSRB), ``dev`` = indices 0-4999 (where the method was designed). Each run writes
+reported numbers; 5000-9999 with the test tail as validation set), ``dev`` = indices 0-4999 (where the method was designed). Each run writes
 ``<work>/reports/<split>-<attack>-<seed>.json`` (an existing report made with the same guard
 configuration, defaults included, is reused, so an interrupted run resumes; one made under other
 defaults is measured again) and a copy under ``<results>/runs/<dataset>/``; the table, mean ± std over seeds beside
@@ -118,9 +118,11 @@ def report_name(split: str, attack_name: str, seed: int, tag: str | None) -> str
 
 def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, split: str = "heldout",
             device="cpu", settings: dict | None = None, n_clean: int = 2000, n_trigger: int = 2000,
-            epochs: int | None = None, progress: bool = False, tag: str | None = None) -> dict:
+            epochs: int | None = None, progress: bool = False, tag: str | None = None,
+            validation: str = "train") -> dict:
     """One run's report (cached in ``<work>/reports``; a ``tag`` names a variant, e.g. an ablation's
-    settings, whose reports and guards sit beside the default's and share its models)."""
+    settings, whose reports and guards sit beside the default's and share its models;
+    ``validation``: where the guard's validation set comes from, :func:`experiment.split_data`)."""
     settings = dict(settings or {})
     path = Path(work) / "reports" / f"{report_name(split, attack_name, seed, tag)}.json"
     # the whole configuration the guard would be fitted with (defaults included): a report made
@@ -134,10 +136,10 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
                              f"{_jsonable(settings)}: remove it or use another --work folder")
         # ... and so is one whose validation set came from elsewhere (reports before the field: "train")
         if (recorded_config(report.get("guard_config"), seed) == config
-                and report.get("validation", "train") == experiment.validation_source(dataset)):
+                and report.get("validation", "train") == validation):
             return report
     pool = SPLITS[split]
-    d = experiment.split_data(dataset, data_source, None, seed)
+    d = experiment.split_data(dataset, data_source, None, seed, validation=validation)
     model, attack = experiment.model_for(dataset, attack_name, seed, d, work, epochs, progress)
     model = model.to(device).eval()
     guards = Path(work) / "guards"
@@ -164,7 +166,7 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
         "thresholds": guard.thresholds.tolist(),
         "settings": _jsonable(settings),
         "guard_config": config,
-        "validation": experiment.validation_source(dataset), "validation_size": len(d["y_val"]),
+        "validation": validation, "validation_size": len(d["y_val"]),
         "device": str(device),
     })
     if recalibrated is not None:
@@ -216,7 +218,7 @@ def _verdict(target, reps, suffix):
     return text, "met (" + ", ".join(slack) + ")"
 
 
-def table(dataset: str, split: str, reports: dict, tag: str | None = None) -> str:
+def table(dataset: str, split: str, reports: dict, tag: str | None = None, validation: str = "train") -> str:
     """The markdown table for ``{attack: [report per seed]}``."""
     lines = [
         f"# LinkBreaker on {dataset} ({split} half of the test split)",
@@ -227,9 +229,10 @@ def table(dataset: str, split: str, reports: dict, tag: str | None = None) -> st
         "counting only accepted answers (Alg. 3: anything but exactly one credible head is refused). "
         "*CDA drop*: undefended minus guarded CDA on the same clean inputs, in points (hint "
         "reading). *paper*: LinkBreaker after the defense (Tables II and III). *target*: issue #6. "
-        "Rows marked *+ alarm verdict* / *+ OOD verdict* / *- stability test* / *- consistency "
-        "check* / *- both checks* are the same fitted guard and forward passes with only the "
-        "decision changed (`inconsistent_verdict`; the neurons consistency check without the "
+        "Rows marked *+ alarm verdict* / *+ OOD verdict* / *+ confident hint* / *+ nearest hint* / "
+        "*- stability test* / *- consistency check* / *- both checks* are the same fitted guard and "
+        "forward passes with only the decision changed (`inconsistent_verdict`; `ood_hint`, the "
+        "label an OOD verdict without a consistent head suggests; the neurons consistency check without the "
         "neighbour stability test; the paper's confidence test alone, which the *- consistency "
         "check* rows of guards without the stability test also are): an ablation that costs no refit.",
         "",
@@ -244,6 +247,7 @@ def table(dataset: str, split: str, reports: dict, tag: str | None = None) -> st
     # confidence test alone (neither veto: "- both checks" where the guard has the stability test).
     variants = [("after", ""), ("after_inconsistent_alarm", " + alarm verdict"),
                 ("after_inconsistent_ood", " + OOD verdict"),
+                ("after_ood_hint_confident", " + confident hint"), ("after_ood_hint_nearest", " + nearest hint"),
                 ("after_without_stability", " - stability test"),
                 ("after_without_consistency", " - consistency check")]
     for attack_name, reps in reports.items():
@@ -265,7 +269,8 @@ def table(dataset: str, split: str, reports: dict, tag: str | None = None) -> st
     lines += ["", f"Guard settings (GuardConfig overrides): {', '.join(sorted(settings))}.",
               f"Per-run reports: `runs/{dataset}/{split}-<attack>-<seed>{'-' + tag if tag else ''}.json`. "
               f"Regenerate: `linkbreaker reproduce --dataset {dataset} --split {split} "
-              f"--attacks {' '.join(reports)} --seeds {seeds}{sets}{' --tag ' + tag if tag else ''}`."]
+              f"--attacks {' '.join(reports)} --seeds {seeds}{sets}{' --tag ' + tag if tag else ''}"
+              f"{'' if validation == 'train' else ' --validation ' + validation}`."]
     return "\n".join(lines) + "\n"
 
 
@@ -289,7 +294,7 @@ def reproduce(dataset: str, attacks, seeds, *, data_source="../shared/data", wor
               split: str = "heldout", device="cpu", settings: dict | None = None,
               n_clean: int = 2000, n_trigger: int = 2000, epochs: int | None = None,
               results="results", progress: bool = True, tag: str | None = None,
-              trained_only: bool = False):
+              trained_only: bool = False, validation: str = "train"):
     """Run every (attack, seed), write the per-run reports and the table; returns
     ``(reports {attack: [report]}, table path)``. ``trained_only``: skip the runs whose model is not
     in ``work`` yet instead of training it (a table from what is there while training goes on)."""
@@ -309,12 +314,12 @@ def reproduce(dataset: str, attacks, seeds, *, data_source="../shared/data", wor
         bar.set_postfix_str(f"{attack_name} seed {seed}")
         rep = run_one(dataset, attack_name, seed, data_source=data_source, work=work, split=split,
                       device=device, settings=settings, n_clean=n_clean, n_trigger=n_trigger,
-                      epochs=epochs, progress=progress, tag=tag)
+                      epochs=epochs, progress=progress, tag=tag, validation=validation)
         reports[attack_name].append(rep)
         runs_dir.mkdir(parents=True, exist_ok=True)
         name = report_name(split, attack_name, seed, tag)
         shutil.copyfile(work / "reports" / f"{name}.json", runs_dir / f"{name}.json")
     out = Path(results) / f"{dataset}-{split}{'-' + tag if tag else ''}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table(dataset, split, reports, tag))
+    out.write_text(table(dataset, split, reports, tag, validation))
     return reports, out

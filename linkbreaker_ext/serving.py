@@ -199,6 +199,7 @@ class GuardedModule(nn.Module):
         self.stable = guard.stability is not None and cfg.stability_noise > 0
         self.reduce = cfg.consistency_reduce
         self.inconsistent_verdict = cfg.inconsistent_verdict
+        self.ood_hint = cfg.ood_hint
         self.batch_rows = batch_rows or cfg.batch_rows
         self.check_inputs = check_inputs
         # rows per input: one per distinct set of head masks (the veto reads each head's own row);
@@ -322,7 +323,7 @@ class GuardedModule(nn.Module):
             acts = [a if r == 1 else self._spread(a) for a in acts]
             deviation = self._deviations([*acts, feats.float()]) / self.bounds
         labels, verdict = decide(conf, self.thresholds, combined_ratio(deviation, unstable),
-                                 self.inconsistent_verdict)
+                                 self.inconsistent_verdict, self.ood_hint)
         return labels, verdict, conf
 
     def _spread(self, v):

@@ -69,12 +69,14 @@ def check_input(x, input_shape, device, value_range=None, finite: bool = True) -
 
 
 def vote(conf: torch.Tensor, credible: torch.Tensor, consistent: torch.Tensor | None = None,
-         confident: torch.Tensor | None = None):
+         confident: torch.Tensor | None = None, nearest: torch.Tensor | None = None):
     """Alg. 3's one-label rule on a credible set ``[B, N]``: (labels, verdict), the op's semantics
     (accept the one credible head, -1 for an alarm, the most confident head as the hint of an OOD
     verdict; NaN rows OOD). With ``consistent`` ``[B, N]`` the OOD hint is the most confident head
     among those consistent with their class, where there is one: a head whose confidence comes
-    from evidence its class never shows is the last one to trust. With ``confident`` ``[B, N]`` (the
+    from evidence its class never shows is the last one to trust. Where there is none, the most
+    confident head, or with ``nearest`` ``[B, N]`` (the veto ratios) the head nearest to
+    consistency: a trigger's target head is confident and far from its bounds. With ``confident`` ``[B, N]`` (the
     confidence test alone), an input without a credible head but with a confident one is an alarm:
     confidence that its class's neurons do not support is the trigger's signature."""
     count = credible.sum(1)
@@ -84,7 +86,10 @@ def vote(conf: torch.Tensor, credible: torch.Tensor, consistent: torch.Tensor | 
         verdict = verdict.masked_fill((count == 0) & confident.any(1), ALARM)
     ranked = torch.nan_to_num(conf, nan=-1.0)
     if consistent is not None:
-        ranked = ranked + 2.0 * consistent.any(1, keepdim=True) * consistent  # conf lies in [0, 1]
+        some = consistent.any(1, keepdim=True)
+        ranked = ranked + 2.0 * some * consistent  # conf lies in [0, 1]
+        if nearest is not None:  # no consistent head: the smallest ratio ranks first (NaN last)
+            ranked = torch.where(some, ranked, -torch.nan_to_num(nearest.float(), nan=float("inf")))
     best = ranked.argmax(1)
     labels = torch.where(verdict == ACCEPT, credible.long().argmax(1),
                          torch.where(verdict == ALARM, torch.full_like(best, -1), best))
@@ -93,17 +98,19 @@ def vote(conf: torch.Tensor, credible: torch.Tensor, consistent: torch.Tensor | 
 
 
 def decide(conf: torch.Tensor, thresholds: torch.Tensor, ratio: torch.Tensor | None = None,
-           inconsistent_verdict: str = "alarm"):
+           inconsistent_verdict: str = "alarm", ood_hint: str = "nearest"):
     """``(labels, verdict)`` of Alg. 3 with the consistency veto: a head is credible when it passes
     its confidence threshold and, given its consistency ``ratio`` ``[B, N]``, is consistent
-    (``ratio <= 1``); a confident but inconsistent head gets ``inconsistent_verdict``. Without
+    (``ratio <= 1``); a confident but inconsistent head gets ``inconsistent_verdict``; ``ood_hint``
+    (``"nearest"`` or ``"confident"``) picks the hint of an OOD verdict without a consistent head. Without
     ``ratio``: the paper's confidence test alone."""
     confident = conf >= thresholds
     if ratio is None:
         return vote(conf, confident)
     consistent = ratio <= 1
     return vote(conf, confident & consistent, consistent,
-                confident if inconsistent_verdict == "alarm" else None)
+                confident if inconsistent_verdict == "alarm" else None,
+                ratio if ood_hint == "nearest" else None)
 
 
 def log_odds(conf: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

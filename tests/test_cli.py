@@ -233,9 +233,9 @@ def tiny_reproduce(monkeypatch, synth, shared_net, backdoored_net):
     the session's trained nets (counting the calls), and the held-out/dev halves are cut at 150."""
     calls = []
 
-    def split_data(dataset, source, val_fraction=None, seed=0):
+    def split_data(dataset, source, val_fraction=None, seed=0, validation="train"):
         # None: the data set's own validation share (experiment.val_fraction: 2 % on MNIST)
-        assert (dataset, source, val_fraction) == ("mnist", "nowhere", None)
+        assert (dataset, source, val_fraction, validation) == ("mnist", "nowhere", None, "train")
         return {k: v.clone() for k, v in synth.items()}
 
     def model_for(dataset, attack_name, seed, split, work, epochs=None, progress=True):
@@ -295,7 +295,8 @@ def test_reproduce_writes_reports_and_table(tiny_reproduce, synth, shared_net, b
     header = rows.pop("attack")
     # each attack, plus the decision variants measured on the same forward passes
     assert set(rows) == {f"{a}{v}" for a in ("badnets", "none")
-                         for v in ("", " + OOD verdict", " - stability test", " - both checks")}
+                         for v in ("", " + OOD verdict", " + confident hint", " - stability test",
+                                   " - both checks")}
     col = {h: i for i, h in enumerate(header)}
     assert rows["badnets - both checks"][col["ASR after, accepted only"]] != ""
     assert rows["badnets"][col["paper CDA / ASR"]] == "98.06 / 2"  # the paper's MNIST BadNets cell
@@ -445,20 +446,22 @@ def test_reproduce_rejects_bad_settings(capsys):
         reproduce.parse_settings(["neighbours"])
 
 
-def test_split_data_takes_the_validation_set_from_the_test_tail_where_named(monkeypatch):
-    """GTSRB's validation set comes from the test split's tail (its training split repeats each sign
-    over ~30 frames): the model's training set is unchanged, the test split stops at the tail, and
-    the two never share a sample."""
+def test_split_data_validates_on_the_test_tail_on_request(monkeypatch):
+    """``validation="test-tail"`` (GTSRB: signs from new tracks) takes the test split's unread tail:
+    the model's training set is unchanged, the test split stops at the tail, and the two never share
+    a sample; a data set without a tail is refused by name."""
     g = torch.Generator().manual_seed(0)
     splits = {"train": (torch.rand(200, 1, 4, 4, generator=g), torch.arange(200) % 4),
               "test": (torch.rand(60, 1, 4, 4, generator=g), torch.arange(60) % 4)}
     monkeypatch.setattr(data, "load_split", lambda name, split, source=None: splits[split])
     plain = experiment.split_data("mnist", "nowhere", 0.1, seed=3)
-    assert experiment.validation_source("mnist") == "train"
     assert len(plain["y_val"]) == 20 and len(plain["y_test"]) == 60
-    monkeypatch.setitem(experiment.VAL_FROM_TEST_TAIL, "mnist", 40)
-    tail = experiment.split_data("mnist", "nowhere", 0.1, seed=3)
-    assert experiment.validation_source("mnist") == "test[40:]"
+    with pytest.raises(ValueError, match="no unread tail"):
+        experiment.split_data("mnist", "nowhere", 0.1, seed=3, validation="test-tail")
+    with pytest.raises(ValueError, match="validation must be one of"):
+        experiment.split_data("mnist", "nowhere", 0.1, seed=3, validation="test")
+    monkeypatch.setitem(experiment.TEST_TAIL, "mnist", 40)
+    tail = experiment.split_data("mnist", "nowhere", 0.1, seed=3, validation="test-tail")
     assert torch.equal(tail["x_train"], plain["x_train"]) and torch.equal(tail["y_train"], plain["y_train"])
     assert torch.equal(tail["x_val"], splits["test"][0][40:]) and torch.equal(tail["y_val"], splits["test"][1][40:])
     assert torch.equal(tail["x_test"], splits["test"][0][:40]) and len(tail["y_test"]) == 40
@@ -479,12 +482,14 @@ def test_reproduce_measures_again_when_the_validation_set_moves(tiny_reproduce, 
                         classmethod(lambda cls, *a, **k: fits.append(1) or real_fit(cls, *a, **k)))
     again, _ = reproduce.reproduce("mnist", ["badnets"], [0], work=tmp_path / "w", **kw)
     assert fits == [] and again["badnets"][0] == first["badnets"][0]  # same source: cached
-    # the validation set now comes from elsewhere (a subset stands in for the test tail)
+    # the validation set now comes from the test tail (a subset of the synthetic one stands in)
     moved = {k: v.clone() for k, v in synth.items()}
     moved["x_val"], moved["y_val"] = moved["x_val"][::2], moved["y_val"][::2]
-    monkeypatch.setattr(experiment, "split_data", lambda *a, **k: {k_: v.clone() for k_, v in moved.items()})
-    monkeypatch.setattr(experiment, "validation_source", lambda dataset: "test[150:]")
-    new, _ = reproduce.reproduce("mnist", ["badnets"], [0], work=tmp_path / "w", **kw)
+    monkeypatch.setattr(experiment, "split_data",
+                        lambda *a, validation="train", **k: {k_: v.clone() for k_, v in moved.items()})
+    new, table = reproduce.reproduce("mnist", ["badnets"], [0], work=tmp_path / "w", validation="test-tail",
+                                     **kw)
     assert fits == [1]  # the saved guard's fingerprint is not this validation set's: refitted
-    assert new["badnets"][0]["validation"] == "test[150:]"
+    assert new["badnets"][0]["validation"] == "test-tail"
     assert new["badnets"][0]["validation_size"] == len(moved["y_val"])
+    assert "--validation test-tail" in table.read_text()

@@ -104,13 +104,15 @@ def test_result_types_shapes_and_vote(which, request, synth):
     assert (r.verdict[(count == 0) & ~confident] == OOD).all()
     acc = r.verdict == ACCEPT
     assert torch.equal(r.labels[acc], credible[acc].int().argmax(1))
-    # an OOD input is labelled with its most confident head (paper Fig. 9), among the heads
-    # consistent with their class where there is one
+    # an OOD input is labelled with its most confident head (paper Fig. 9) among the heads
+    # consistent with their class where there is one, else with the head nearest to its bounds
+    # (ood_hint="nearest": the smallest veto ratio), not the most confident
     ood = r.verdict == OOD
-    consistent = r.consistency <= 1
-    ranked = torch.where(consistent.any(1, keepdim=True) & ~consistent, -1.0, r.confidences)
+    consistent = r.credibility <= 1
+    some = consistent.any(1, keepdim=True)
+    ranked = torch.where(some, torch.where(consistent, r.confidences, -1.0), -r.credibility)
     assert torch.equal(r.labels[ood], ranked[ood].argmax(1))
-    assert (ood & consistent.any(1)).any()  # the hint rule is exercised
+    assert (ood & some[:, 0]).any()  # the hint rule is exercised (the fallback: test_ood_hint_...)
 
 
 @pytest.mark.parametrize("which", GUARDS)
@@ -161,10 +163,10 @@ def test_consistency_is_deviation_over_bound_and_vetoes(which, request, synth):
     ratio = torch.maximum(r.consistency, r.stability)
     assert torch.equal(r.credibility, ratio)
     confident = r.confidences >= r.thresholds
-    labels, verdict = vote(r.confidences, confident & (ratio <= 1), ratio <= 1, confident)
+    labels, verdict = vote(r.confidences, confident & (ratio <= 1), ratio <= 1, confident, ratio)
     assert torch.equal(r.labels, labels) and torch.equal(r.verdict, verdict)
     ood_guard = with_config(guard, inconsistent_verdict="ood")(x)
-    labels, verdict = vote(r.confidences, confident & (ratio <= 1), ratio <= 1)
+    labels, verdict = vote(r.confidences, confident & (ratio <= 1), ratio <= 1, None, ratio)
     assert torch.equal(ood_guard.labels, labels) and torch.equal(ood_guard.verdict, verdict)
     # the veto only ever removes heads: with it, at most as many credible heads as without
     conf_only = (r.confidences >= r.thresholds).sum(1)
@@ -1333,6 +1335,28 @@ def test_confident_but_inconsistent_head_is_an_alarm_when_configured():
     assert v.tolist() == [OOD, ACCEPT, OOD]
     labels, v = vote(conf, credible, consistent, confident)
     assert v.tolist() == [ALARM, ACCEPT, OOD] and labels.tolist() == [-1, 0, 1]
+
+
+def test_ood_hint_without_a_consistent_head_is_the_head_nearest_to_its_bounds():
+    """vote/decide: an OOD verdict names the most confident consistent head; with none, the head
+    with the smallest veto ratio (``ood_hint="nearest"``, the default) rather than the most
+    confident one (``"confident"``: the trigger's target, confident and far past its bounds); NaN
+    ratios rank last."""
+    from linkbreaker_ext.verdict import decide
+    conf = torch.tensor([[0.95, 0.30, 0.20], [0.95, 0.30, 0.20], [0.95, 0.30, 0.20]])
+    thresholds = torch.tensor([0.99, 0.99, 0.99])  # nothing confident: every row is OOD
+    ratio = torch.tensor([[3.0, 1.4, 2.0],            # none consistent: head 1 is nearest
+                          [3.0, 0.9, 0.5],            # heads 1 and 2 consistent: the more confident
+                          [3.0, float("nan"), 2.0]])  # NaN ranks last: head 2
+    labels, verdict = decide(conf, thresholds, ratio)
+    assert verdict.tolist() == [OOD, OOD, OOD] and labels.tolist() == [1, 1, 2]
+    labels, _ = decide(conf, thresholds, ratio, ood_hint="confident")
+    assert labels.tolist() == [0, 1, 0]
+    # accepted answers and alarms do not depend on the hint rule
+    thresholds = torch.tensor([0.9, 0.25, 0.99])  # head 0 confident everywhere, head 1 too
+    for hint in ("nearest", "confident"):
+        labels, verdict = decide(conf, thresholds, ratio, ood_hint=hint)
+        assert verdict.tolist() == [ALARM, ACCEPT, ALARM] and labels.tolist() == [-1, 1, -1]
 
 
 # ---------------------------------------------------------------- the neighbour stability test

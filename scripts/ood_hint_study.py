@@ -1,0 +1,88 @@
+"""Dev study (issue #6): should an out-of-distribution verdict carry a label hint when none of the
+heads is consistent with its class?
+
+The OOD verdict carries the most confident head among those consistent with their class (the
+paper's Fig. 9 hint, restricted); when no head is consistent it falls back to the most confident
+head overall. On GTSRB every held-out ASR miss is such a fallback: triggered signs whose target head
+fails its (per-class, few-sample) confidence threshold and every consistency bound, so the verdict
+is OOD and the hint is the target. This study re-decides the saved guards' answers on the dev half
+(no refit, one forward per input) with the fallback and without it (no hint: the input is refused),
+and with the hint moved to the head nearest to consistency, and reports CDA and ASR under the hint
+reading for each.
+
+    python scripts/ood_hint_study.py --dataset gtsrb --runs badnets-0 none-0
+    # writes results/dev/ood-hint/<dataset>-<run>.json and prints one line per run
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from linkbreaker_ext import experiment, metrics  # noqa: E402
+from linkbreaker_ext.guard import LinkBreaker  # noqa: E402
+from linkbreaker_ext.verdict import OOD  # noqa: E402
+
+DEV = slice(0, 5000)
+
+
+def no_consistent_head(r) -> torch.Tensor:
+    """``[B]``: an OOD verdict none of whose heads is consistent (the vote's fallback hint)."""
+    return (r.verdict == OOD) & ~(r.credibility <= 1).any(1)
+
+
+def without_fallback(r):
+    """``r`` with the fallback hint removed (label -1: the input is refused outright)."""
+    return dataclasses.replace(r, labels=r.labels.masked_fill(no_consistent_head(r), -1))
+
+
+def nearest_consistent(r):
+    """``r`` with the fallback hint moved to the head nearest to consistency (the smallest veto
+    ratio): the head whose own evidence best supports its class, rather than the most confident."""
+    return dataclasses.replace(r, labels=torch.where(no_consistent_head(r), r.credibility.argmin(1), r.labels))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--dataset", default="gtsrb")
+    p.add_argument("--runs", nargs="+", required=True, help="<attack>-<seed> under runs/<dataset>/")
+    p.add_argument("--guards", default="guards", help="folder of saved guards under runs/<dataset>/")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    work = ROOT / "runs" / args.dataset
+    for run in args.runs:
+        attack_name, seed = run.rsplit("-", 1)
+        seed = int(seed)
+        split = experiment.split_data(args.dataset, args.data, None, seed)
+        model, meta = experiment.load_model(work / "models" / f"{run}.safetensors")
+        attack = experiment.attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None
+        guard = LinkBreaker.load(work / args.guards / f"{run}.safetensors", model)
+        xc, yc, xt, yt, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], args.n,
+                                                      args.n, seed, DEV)
+        rc, rt = guard(xc), guard(xt)
+        with_hint = metrics.defended(rc, yc, rt, yt, target)
+        without = metrics.defended(without_fallback(rc), yc, without_fallback(rt), yt, target)
+        nearest = metrics.defended(nearest_consistent(rc), yc, nearest_consistent(rt), yt, target)
+        out = {"dataset": args.dataset, "run": run, "guards": args.guards, "split": "dev", "n": args.n,
+               "fallback_hint": with_hint, "no_fallback": without, "nearest_consistent": nearest,
+               "clean_ood_without_consistent_head": no_consistent_head(rc).float().mean().item(),
+               "trigger_ood_without_consistent_head": no_consistent_head(rt).float().mean().item()}
+        path = ROOT / "results" / "dev" / "ood-hint" / f"{args.dataset}-{run}{'' if args.guards == 'guards' else '-' + args.guards}.json"
+        path.write_text(json.dumps(out, indent=2))
+        print(f"{args.dataset} {run} ({args.guards}): CDA {100 * with_hint['cda']:.2f} -> {100 * without['cda']:.2f}, "
+              f"ASR {100 * with_hint['asr']:.2f} -> {100 * without['asr']:.2f}; nearest consistent instead: "
+              f"CDA {100 * nearest['cda']:.2f}, ASR {100 * nearest['asr']:.2f}; OOD without a consistent head: "
+              f"clean {100 * out['clean_ood_without_consistent_head']:.2f} %, triggered "
+              f"{100 * out['trigger_ood_without_consistent_head']:.2f} %", flush=True)
+
+
+if __name__ == "__main__":
+    main()
