@@ -42,10 +42,10 @@ def without_fallback(r):
     return dataclasses.replace(r, labels=r.labels.masked_fill(no_consistent_head(r), -1))
 
 
-def nearest_consistent(r):
-    """``r`` with the fallback hint moved to the head nearest to consistency (the smallest veto
-    ratio): the head whose own evidence best supports its class, rather than the most confident."""
-    return dataclasses.replace(r, labels=torch.where(no_consistent_head(r), r.credibility.argmin(1), r.labels))
+def with_hint(r, ood_hint):
+    """``r`` decided again with the guard's own vetoes and ``ood_hint`` ("confident": the most
+    confident head; "nearest": the head nearest to consistency, the smallest veto ratio)."""
+    return experiment.redecided(r, r.credibility, "alarm", ood_hint)
 
 
 def main():
@@ -67,18 +67,18 @@ def main():
         guard = LinkBreaker.load(work / args.guards / f"{run}.safetensors", model)
         xc, yc, xt, yt, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], args.n,
                                                       args.n, seed, DEV)
-        rc, rt = guard(xc), guard(xt)
-        with_hint = metrics.defended(rc, yc, rt, yt, target)
+        rc, rt = (with_hint(guard(x), "confident") for x in (xc, xt))  # the rule before the study
+        confident = metrics.defended(rc, yc, rt, yt, target)
         without = metrics.defended(without_fallback(rc), yc, without_fallback(rt), yt, target)
-        nearest = metrics.defended(nearest_consistent(rc), yc, nearest_consistent(rt), yt, target)
+        nearest = metrics.defended(with_hint(rc, "nearest"), yc, with_hint(rt, "nearest"), yt, target)
         out = {"dataset": args.dataset, "run": run, "guards": args.guards, "split": "dev", "n": args.n,
-               "fallback_hint": with_hint, "no_fallback": without, "nearest_consistent": nearest,
+               "fallback_hint": confident, "no_fallback": without, "nearest_consistent": nearest,
                "clean_ood_without_consistent_head": no_consistent_head(rc).float().mean().item(),
                "trigger_ood_without_consistent_head": no_consistent_head(rt).float().mean().item()}
         path = ROOT / "results" / "dev" / "ood-hint" / f"{args.dataset}-{run}{'' if args.guards == 'guards' else '-' + args.guards}.json"
         path.write_text(json.dumps(out, indent=2))
-        print(f"{args.dataset} {run} ({args.guards}): CDA {100 * with_hint['cda']:.2f} -> {100 * without['cda']:.2f}, "
-              f"ASR {100 * with_hint['asr']:.2f} -> {100 * without['asr']:.2f}; nearest consistent instead: "
+        print(f"{args.dataset} {run} ({args.guards}): CDA {100 * confident['cda']:.2f} -> {100 * without['cda']:.2f}, "
+              f"ASR {100 * confident['asr']:.2f} -> {100 * without['asr']:.2f}; nearest consistent instead: "
               f"CDA {100 * nearest['cda']:.2f}, ASR {100 * nearest['asr']:.2f}; OOD without a consistent head: "
               f"clean {100 * out['clean_ood_without_consistent_head']:.2f} %, triggered "
               f"{100 * out['trigger_ood_without_consistent_head']:.2f} %", flush=True)
