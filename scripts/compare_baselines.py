@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from linkbreaker_ext import LinkBreaker, attacks, data, experiment, metrics, training  # noqa: E402
 from linkbreaker_ext.baselines import roc_auc  # noqa: E402
+from linkbreaker_ext.guard import fingerprint  # noqa: E402
 from linkbreaker_ext.verdict import score_from_result  # noqa: E402
 from linkbreaker_ext.baselines.evaluate import _rate, evaluate_defense  # noqa: E402
 
@@ -147,7 +148,8 @@ def main():
                            poisoning=POISONING.get(attack_name, "data"), before=before,
                            split="heldout", counts={"clean": len(xc), "triggered": len(xt)},
                            attack_settings=attack.to_dict() if attack is not None else None,
-                           wall_s=time.perf_counter() - t0, threads=args.threads)
+                           wall_s=time.perf_counter() - t0, threads=args.threads,
+                           model_sha256=fingerprint(model))  # which model: models get retrained
                 path.write_text(json.dumps(rep, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
                 a = rep["after"]
                 print(f"{attack_name} seed {seed} {name}: CDA {a['cda']:.4f} ASR {a['asr']:.4f} "
