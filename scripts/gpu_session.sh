@@ -3,17 +3,18 @@
 #   1. the CUDA bench with today's default guard (shared rows + the stability test; issue #8);
 #   2. issue #6's "fit time <= 10 s on one GPU": a CIFAR-10 guard fitted on CUDA from the clean
 #      seed-0 model (carried: runs/cifar10/models/none-0.safetensors, 1.2 MB), timed by the fit itself;
-#   3. the noise-trained WaNet (wanet-noise, the attacker who knows the stability test) for seeds 1-2,
-#      one model per process (15 processes time-sliced one H100 to under one
-#      epoch each in 7 minutes; one process trains a CIFAR-10 model in about 6 minutes). Every epoch's
-#      checkpoint is packed, so the next call resumes where this one stopped.
+#   3. CIFAR-10 models named in QUEUES ("attack:seed" pairs, e.g. QUEUES="wanet-noise:3"), one per
+#      process (15 processes time-sliced one H100 to under one epoch each in 7 minutes; one process
+#      trains a CIFAR-10 model in about 6 minutes). Every epoch's checkpoint is packed, so the next
+#      call resumes where this one stopped. Empty by default: wanet-noise seeds 1-2, the earlier
+#      queue, were trained on CPU in session 22.
 # Run from the repository root with the data carried in .device/data (git-ignored):
 #
 #   mkdir -p .device/data && cp -r ../shared/data/cifar10 .device/data/
 #   device run: bash scripts/gpu_session.sh   (carry: .device/data, runs/cifar10/models/none-0.safetensors)
 #
 # Unpack $OUT/cifar10-runs.tar into runs/cifar10/ here; then `linkbreaker reproduce --dataset cifar10
-# --attacks wanet-noise --seeds 0 1 2` on CPU rebuilds the table from the cached reports.
+# --attacks <attack> --seeds <seeds>` on CPU rebuilds the table from the cached reports.
 set -u
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 OUT=${OUT:-/tmp/out}
@@ -33,7 +34,7 @@ timeout 180 python -m linkbreaker_ext.cli fit --data .device/data --device cuda 
   > /tmp/logs/fit.log 2>&1
 echo "fit done at $(el) s"
 # two processes, each one (attack, seed) run
-queues=("wanet-noise:1" "wanet-noise:2")
+read -r -a queues <<< "${QUEUES:-}"
 for q in "${queues[@]}"; do
   OMP_NUM_THREADS=2 python -m linkbreaker_ext.cli reproduce --dataset cifar10 --attacks ${q%%:*} \
     --seeds ${q##*:} --data .device/data --device cuda --quiet --results "/tmp/res/${q/:/-}" \
