@@ -31,25 +31,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from linkbreaker_ext import experiment, metrics  # noqa: E402
+from ted_study import layer_outputs  # noqa: E402  (scripts/, the script's own folder)
 
 DEV = slice(0, 5000)
-
-
-@torch.no_grad()
-def feature_maps(model, x, names, batch=250):
-    """``{name: [B, C, H*W]}`` outputs of the named modules, and the labels the model predicts."""
-    maps = {n: [] for n in names}
-    preds = []
-    mods = dict(model.named_modules())
-    hooks = [mods[n].register_forward_hook(lambda mod, i, o, n=n: maps[n].append(o.flatten(2)))
-             for n in names]
-    try:
-        for i in range(0, len(x), batch):
-            preds.append(model(x[i:i + batch]).argmax(1))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: torch.cat(v) for n, v in maps.items()}, torch.cat(preds)
 
 
 def gram_features(f, order):
@@ -101,9 +85,8 @@ def main():
     xc, yc, xt, yt, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], args.n,
                                                   args.n, args.seed, DEV)
     names = args.layers or [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
-    fv, pv = feature_maps(model, split["x_val"], names)
-    fc, pc = feature_maps(model, xc, names)
-    ft, pt = feature_maps(model, xt, names)
+    maps = lambda x: layer_outputs(model, x, names, lambda o: o.flatten(2), batch=250)  # noqa: E731
+    (fv, pv), (fc, pc), (ft, pt) = maps(split["x_val"]), maps(xc), maps(xt)
     hit = pt == target
     ref_y = split["y_val"]
     rows, best = {}, {}

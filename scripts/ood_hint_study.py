@@ -42,10 +42,10 @@ def without_fallback(r):
     return dataclasses.replace(r, labels=r.labels.masked_fill(no_consistent_head(r), -1))
 
 
-def with_hint(r, ood_hint):
-    """``r`` decided again with the guard's own vetoes and ``ood_hint`` ("confident": the most
-    confident head; "nearest": the head nearest to consistency, the smallest veto ratio)."""
-    return experiment.redecided(r, r.credibility, "alarm", ood_hint)
+def with_hint(r, verdict, ood_hint):
+    """``r`` decided again with the guard's own vetoes and verdict and ``ood_hint`` ("confident":
+    the most confident head; "nearest": the head nearest to consistency, the smallest veto ratio)."""
+    return experiment.redecided(r, r.credibility, verdict, ood_hint)
 
 
 def main():
@@ -67,10 +67,11 @@ def main():
         guard = LinkBreaker.load(work / args.guards / f"{run}.safetensors", model)
         xc, yc, xt, yt, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], args.n,
                                                       args.n, seed, DEV)
-        rc, rt = (with_hint(guard(x), "confident") for x in (xc, xt))  # the rule before the study
+        verdict = guard.config.inconsistent_verdict
+        rc, rt = (with_hint(guard(x), verdict, "confident") for x in (xc, xt))  # the rule before the study
         confident = metrics.defended(rc, yc, rt, yt, target)
         without = metrics.defended(without_fallback(rc), yc, without_fallback(rt), yt, target)
-        nearest = metrics.defended(with_hint(rc, "nearest"), yc, with_hint(rt, "nearest"), yt, target)
+        nearest = metrics.defended(with_hint(rc, verdict, "nearest"), yc, with_hint(rt, verdict, "nearest"), yt, target)
         out = {"dataset": args.dataset, "run": run, "guards": args.guards, "split": "dev", "n": args.n,
                "fallback_hint": confident, "no_fallback": without, "nearest_consistent": nearest,
                "clean_ood_without_consistent_head": no_consistent_head(rc).float().mean().item(),

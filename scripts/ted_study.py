@@ -33,22 +33,28 @@ DEV = slice(0, 5000)
 
 
 @torch.no_grad()
-def layer_features(model, x, batch=500):
-    """``{relu name: [B, C]}`` channel means of every ReLU's output (L2-normalised) and the labels
-    the model predicts."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
-    feats = {n: [] for n in names}
+def layer_outputs(model, x, names, view, batch=500):
+    """``({name: view(output)}, predicted labels)``: the named modules' outputs on ``x``, each
+    reduced by ``view`` batch by batch, from one hooked forward per batch."""
+    outs = {n: [] for n in names}
     preds = []
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: feats[n].append(
-        nn.functional.normalize(o.flatten(2).mean(2) if o.dim() == 4 else o, dim=1)))
-        for n, m in model.named_modules() if n in names]
+    mods = dict(model.named_modules())
+    hooks = [mods[n].register_forward_hook(lambda mod, i, o, n=n: outs[n].append(view(o))) for n in names]
     try:
         for i in range(0, len(x), batch):
             preds.append(model(x[i:i + batch]).argmax(1))
     finally:
         for h in hooks:
             h.remove()
-    return {n: torch.cat(v) for n, v in feats.items()}, torch.cat(preds)
+    return {n: torch.cat(v) for n, v in outs.items()}, torch.cat(preds)
+
+
+def layer_features(model, x, batch=500):
+    """``{relu name: [B, C]}`` channel means of every ReLU's output (L2-normalised) and the labels
+    the model predicts."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
+    return layer_outputs(model, x, names, lambda o: nn.functional.normalize(
+        o.flatten(2).mean(2) if o.dim() == 4 else o, dim=1), batch)
 
 
 def class_rank(f, ref, ref_y, pred):
