@@ -42,6 +42,22 @@ def without_fallback(r):
     return dataclasses.replace(r, labels=r.labels.masked_fill(no_consistent_head(r), -1))
 
 
+def fallback_detail(r, label):
+    """Where the fallback hint (the most confident head) was ``label`` (the target on triggered
+    inputs, the true class on clean ones): quantiles of that head's veto ratio and confidence."""
+    sel = no_consistent_head(r)
+    label = torch.as_tensor(label).expand(len(r.labels))
+    sel = sel & (r.labels == label)
+    rows = torch.nonzero(sel).flatten()
+    q = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0])
+    if not len(rows):
+        return {"n": 0}
+    ratio = r.credibility[rows, label[rows]].float()
+    conf = r.confidences[rows, label[rows]].float()
+    return {"n": len(rows), "quantiles": q.tolist(), "ratio": ratio.quantile(q).tolist(),
+            "confidence": conf.quantile(q).tolist()}
+
+
 def with_hint(r, verdict, ood_hint):
     """``r`` decided again with the guard's own vetoes and verdict and ``ood_hint`` ("confident":
     the most confident head; "nearest": the head nearest to consistency, the smallest veto ratio)."""
@@ -74,6 +90,7 @@ def main():
         nearest = metrics.defended(with_hint(rc, verdict, "nearest"), yc, with_hint(rt, verdict, "nearest"), yt, target)
         out = {"dataset": args.dataset, "run": run, "guards": args.guards, "split": "dev", "n": args.n,
                "fallback_hint": confident, "no_fallback": without, "nearest_consistent": nearest,
+               "fallback": {"trigger": fallback_detail(rt, target), "clean_hint_right": fallback_detail(rc, yc)},
                "clean_ood_without_consistent_head": no_consistent_head(rc).float().mean().item(),
                "trigger_ood_without_consistent_head": no_consistent_head(rt).float().mean().item()}
         path = ROOT / "results" / "dev" / "ood-hint" / f"{args.dataset}-{run}{'' if args.guards == 'guards' else '-' + args.guards}.json"
