@@ -125,28 +125,36 @@ NO_BOUND = 1e30  # a bound that turns no input away
 
 
 def stability_bound(conf: torch.Tensor, conf_neighbour: torch.Tensor, y: torch.Tensor,
-                    thresholds: torch.Tensor, mad_k: float, margin: float | None = None,
+                    thresholds: torch.Tensor, mad_k: float | None, margin: float | None = None,
                     floor: float = STABILITY_FLOOR, quantile: float | None = None) -> torch.Tensor:
     """A 0-d bound on how far a head's own-class log-odds may fall from an input to its neighbour
-    (the input plus the guard's fixed noise pattern): ``median + mad_k * 1.4826 * MAD`` (the paper's
+    (the input plus the guard's fixed noise pattern; ``conf_neighbour`` ``[n, K]``, or ``[M, n, K]``
+    for M patterns, whose mean fall counts): ``median + mad_k * 1.4826 * MAD`` (the paper's
     MAD rule, here on a difference, which may be negative), and with a ``margin`` at most ``max +
     margin * 1.4826 * MAD`` (the consistency bounds' ``"tail"`` rule), of the calibration samples whose own head passes its
     confidence threshold (the only inputs the test can turn away), pooled over classes (30 % of a
     2 % split is too few per class for a tail), at least the ``quantile`` of those falls (the MAD
     rule presumes a bell-shaped spread; on heavy-tailed falls it would refuse far more clean inputs
-    than it means to) and at least ``floor``. When no calibration sample is confident,
-    :data:`NO_BOUND` (finite, so that it can be saved)."""
+    than it means to) and at least ``floor``. ``mad_k=None`` drops the MAD rule: the bound is then
+    the ``quantile`` alone (at least ``floor``), the rule for falls averaged over several
+    neighbours, which are skewed (docs/method.md, "Several neighbours"). When no calibration sample
+    is confident, :data:`NO_BOUND` (finite, so that it can be saved)."""
     i = torch.arange(len(y))
     own = conf[i, y]
     keep = own >= thresholds.to(own.device)[y]
-    drop = stability_falls(own, conf_neighbour[i, y])[keep]
+    drop = stability_falls(own, conf_neighbour[..., i, y])[keep]  # [M, n] neighbours: their mean fall
     if not len(drop):
         return torch.tensor(NO_BOUND)
-    med = drop.median()
-    mad = MAD_SCALE * (drop - med).abs().median()
-    bound = med + mad_k * mad
-    if margin is not None:
-        bound = torch.minimum(bound, drop.max() + margin * mad)
-    if quantile is not None:
-        bound = torch.maximum(bound, torch.quantile(drop, quantile))
+    if mad_k is None:
+        if quantile is None:
+            raise ValueError("stability_bound: the quantile rule (mad_k=None) needs a quantile")
+        bound = torch.quantile(drop, quantile)
+    else:
+        med = drop.median()
+        mad = MAD_SCALE * (drop - med).abs().median()
+        bound = med + mad_k * mad
+        if margin is not None:
+            bound = torch.minimum(bound, drop.max() + margin * mad)
+        if quantile is not None:
+            bound = torch.maximum(bound, torch.quantile(drop, quantile))
     return bound.clamp_min(floor).float()

@@ -59,9 +59,13 @@ class GuardConfig:
     #                                 head whose own-class log-odds fall further on that neighbour than
     #                                 clean inputs' do (the consistency bounds' rule) is not credible.
     #                                 0 = off (docs/method.md, "A warp that noise undoes")
+    stability_draws: int = 1        # fixed noise patterns of that std; a head's fall is the mean over
+    #                                 them (one pattern's fall is noisy: docs/method.md, "Several
+    #                                 neighbours"); each costs one more forward per head mask
     stability_bound: str = "mad"    # its bound over the calibration falls: "mad" (median +
-    #                                 consistency_mad_k MADs, chosen on the dev half) or "tail" (the
-    #                                 lower of that and the largest fall + consistency_margin MADs)
+    #                                 consistency_mad_k MADs, chosen on the dev half), "tail" (the
+    #                                 lower of that and the largest fall + consistency_margin MADs) or
+    #                                 "quantile" (stability_quantile of the falls alone)
     stability_floor: float = 0.5    # ... and never below this many log-odds (where most clean falls
     #                                 are 0, as on MNIST, the MAD is ~0: docs/method.md)
     stability_quantile: float | None = 0.995  # ... nor below this quantile of the confident
@@ -101,6 +105,11 @@ class GuardConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 bad(name, "must be a finite number >= 0")
+        if not isinstance(self.stability_draws, int) or isinstance(self.stability_draws, bool) \
+                or self.stability_draws < 1:
+            bad("stability_draws", "must be a positive integer")
+        if self.stability_bound == "quantile" and self.stability_quantile is None:
+            bad("stability_quantile", 'must be set with stability_bound="quantile" (it is the bound)')
         if not 0 < self.calibration_fraction < 1:
             bad("calibration_fraction", "must lie in (0, 1)")
         if not 0 <= self.threshold_floor < 1:
@@ -115,7 +124,7 @@ class GuardConfig:
                    "consistency_units": ("max", "mean", "mean+max"), "inconsistent_verdict": ("ood", "alarm"),
                    "ood_hint": ("nearest", "confident"),
                    "consistency_center": ("class", "pooled", "shrunk"), "consistency_bound": ("mad", "max", "tail"),
-                   "neighbour_mode": ("alg1", "perturb"), "stability_bound": ("mad", "tail")}
+                   "neighbour_mode": ("alg1", "perturb"), "stability_bound": ("mad", "tail", "quantile")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 bad(name, f"must be one of {allowed}")
@@ -130,4 +139,5 @@ class GuardConfig:
 # fitted (and its profile computed) with this value.
 LEGACY_CONFIG = {"consistency_units": "mean", "consistency_center": "class", "consistency_bound": "mad",
                  "consistency_mad_k": 5.0, "stability_noise": 0.0, "stability_bound": "tail",
-                 "stability_floor": 0.1, "stability_quantile": None, "ood_hint": "confident"}
+                 "stability_floor": 0.1, "stability_quantile": None, "ood_hint": "confident",
+                 "stability_draws": 1}

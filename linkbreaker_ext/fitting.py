@@ -204,7 +204,7 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
 
 CALIBRATION_FIELDS = frozenset({"mad_k", "out_quantile", "threshold_floor", "consistency_mad_k",
                                 "consistency_center", "consistency_bound", "consistency_margin",
-                                "consistency_reduce", "inconsistent_verdict", "ood_hint", "stability_noise",
+                                "consistency_reduce", "inconsistent_verdict", "ood_hint", "stability_noise", "stability_draws",
                                 "stability_bound", "stability_floor", "stability_quantile"})
 """The settings of the last stage alone: a fitted guard takes new values of these by
 :func:`recalibrate_guard`, without the neighbours, statistics and set search of a refit."""
@@ -259,8 +259,11 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
         noise = stability_pattern(guard.input_shape, cfg, guard.input_range).to(device)
         conf_n = guard.head_confidences(neighbour(x_cal.to(device), noise, guard.input_range),
                                         thresholds=torch.full((num_classes,), 0.5, device=device))[0].cpu()
+        if cfg.stability_draws > 1:
+            conf_n = conf_n.reshape(cfg.stability_draws, len(x_cal), -1)
         bound = calibrate.stability_bound(
-            conf, conf_n, y_cal, guard.thresholds.cpu(), cfg.consistency_mad_k,
+            conf, conf_n, y_cal, guard.thresholds.cpu(),
+            None if cfg.stability_bound == "quantile" else cfg.consistency_mad_k,
             cfg.consistency_margin if cfg.stability_bound == "tail" else None, cfg.stability_floor,
             cfg.stability_quantile)
         guard.stability = {"noise": noise, "bound": bound.to(device)}
@@ -271,12 +274,14 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
 
 
 def stability_pattern(shape, cfg, value_range=None) -> torch.Tensor:
-    """The stability test's one fixed noise pattern: Gaussian, std ``cfg.stability_noise`` times the
-    validation set's value range, drawn from ``cfg.seed`` (the same guard settings give the same
-    pattern, so verdicts are deterministic and a recalibration equals a refit)."""
+    """The stability test's fixed noise pattern (``[*shape]``), or ``cfg.stability_draws`` of them
+    (``[M, *shape]``, the first the same as the one): Gaussian, std ``cfg.stability_noise`` times
+    the validation set's value range, drawn from ``cfg.seed`` (the same guard settings give the same
+    patterns, so verdicts are deterministic and a recalibration equals a refit)."""
     span = 1.0 if value_range is None else max(value_range[1] - value_range[0], 1e-6)
     g = torch.Generator().manual_seed(1_000_003 + cfg.seed)
-    return torch.randn(tuple(shape), generator=g) * (cfg.stability_noise * span)
+    m = cfg.stability_draws
+    return torch.randn((m, *shape) if m > 1 else tuple(shape), generator=g) * (cfg.stability_noise * span)
 
 
 def recalibrate_guard(guard, x_val, y_val=None, **overrides):

@@ -96,7 +96,7 @@ class LinkBreaker:
         # consistency profile: per layer center/scale [K, D_unit], norms [K, L], bounds [K]
         # (per_layer: each layer's own bound is folded into its norm, and bounds are 1)
         self.profile = {k: v.float().to(device) for k, v in (profile or {}).items()}
-        # the neighbour stability test: {"noise": [*input_shape], "bound": 0-d} (None: off)
+        # the neighbour stability test: {"noise": [*input_shape] or [M, *input_shape], "bound": 0-d} (None: off)
         self.stability = None if stability is None else {k: v.float().to(device) for k, v in stability.items()}
         self.diagnostics = diagnostics or {}
         # the weights this guard was fitted for, fixed now: a model changed later does not match
@@ -286,7 +286,8 @@ class LinkBreaker:
         return GuardResult(labels, verdict, conf, self.thresholds, ratio, unstable)
 
     def neighbour(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` plus the guard's fixed noise pattern, inside the validation set's value range."""
+        """``x`` plus the guard's fixed noise pattern, inside the validation set's value range
+        (``[M * B, ...]``, pattern-major, with ``stability_draws`` = M > 1)."""
         return neighbour(x.to(self.device), self.stability["noise"], self.input_range)
 
     def stability_ratios(self, x: torch.Tensor, conf: torch.Tensor | None = None) -> torch.Tensor:
@@ -296,11 +297,13 @@ class LinkBreaker:
         if conf is None:
             conf = self.head_confidences(x)[0]
         # neighbours made chunk by chunk (never a second copy of the whole batch), into one output
-        near = torch.empty(len(x), self.num_heads, device=self.device)
-        step = self._inputs_per_forward(self._hidden_masks()[1])
+        m = self.config.stability_draws
+        near = torch.empty(m, len(x), self.num_heads, device=self.device)
+        step = max(1, self._inputs_per_forward(self._hidden_masks()[1]) // m)
         for i in range(0, len(x), step):
-            near[i:i + step] = self.head_confidences(self.neighbour(x[i:i + step]))[0]
-        return stability_ratio(conf, near, self.stability["bound"])
+            xs = x[i:i + step]
+            near[:, i:i + step] = self.head_confidences(self.neighbour(xs))[0].reshape(m, len(xs), -1)
+        return stability_ratio(conf, near if m > 1 else near[0], self.stability["bound"])
 
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> torch.Tensor:
@@ -390,7 +393,9 @@ class LinkBreaker:
             expected.update({"profile.norms": ("N", len(evidence)), "profile.bounds": ("N",)})
         stable = "stability.noise" in tensors or "stability.bound" in tensors
         if stable:
-            expected.update({"stability.noise": tuple(shape), "stability.bound": ()})
+            draws = meta["config"].get("stability_draws", LEGACY_CONFIG["stability_draws"])
+            draws = draws if isinstance(draws, int) and draws > 1 else None  # GuardConfig names a bad one
+            expected.update({"stability.noise": (draws, *shape) if draws else tuple(shape), "stability.bound": ()})
         safefiles.check_shapes(tensors, expected, path)
         safefiles.check_tensor_ranges(tensors, path)
         if stable and not float(tensors["stability.bound"]) > 0:  # a bound <= 0 would invert the test

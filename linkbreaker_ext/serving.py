@@ -22,14 +22,14 @@ The call
     head masks differently; R is 1-4 on the guards fitted so far (docs/method.md, "Online phase"),
     and 1 for a guard fitted with ``use_early=False``. With R = 1 the fused op shares one row's late
     features between the heads (``[B, D]`` features): one model forward plus the op. With the
-    stability test on (the default), each input's neighbour (the input plus the guard's fixed noise
-    pattern) runs in the same batch: 2R rows per input. The late masking, heads, softmax and
+    stability test on (the default), each input's M neighbours (the input plus each of the guard's
+    ``stability_draws`` fixed noise patterns) run in the same batch: (1 + M)R rows per input. The late masking, heads, softmax and
     confidence test run in the fused ``torch.ops.linkbreaker.guard_head``; the consistency and
     stability vetoes and the OOD hint are :func:`linkbreaker_ext.verdict.decide`, as in ``guard(x)``.
 
 Memory
     Rows are processed in chunks of ``batch_rows`` (the guard's setting; 256 on CPU, 8192 on GPU),
-    i.e. ``max(1, batch_rows // R)`` inputs per forward (``batch_rows // 2R`` with the stability test), so the peak is the model's activations for
+    i.e. ``max(1, batch_rows // R)`` inputs per forward (``batch_rows // (1 + M)R`` with the stability test), so the peak is the model's activations for
     ``batch_rows`` rows plus the ``[B, N]`` outputs, for any batch size.
 
 Export
@@ -197,6 +197,7 @@ class GuardedModule(nn.Module):
         self.num_heads = int(guard.num_heads)
         self.consistency = bool(cfg.consistency and guard.profile)
         self.stable = guard.stability is not None and cfg.stability_noise > 0
+        self.draws = cfg.stability_draws  # neighbours per input (stability test)
         self.reduce = cfg.consistency_reduce
         self.inconsistent_verdict = cfg.inconsistent_verdict
         self.ood_hint = cfg.ood_hint
@@ -280,7 +281,7 @@ class GuardedModule(nn.Module):
         stability neighbour are two)."""
         device = device or self.thresholds.device
         rows = self.batch_rows or (256 if device.type == "cpu" else 8192)
-        return max(1, rows // (self.rows * (2 if self.stable else 1)))
+        return max(1, rows // (self.rows * (1 + self.draws if self.stable else 1)))
 
     def cuda_graph(self, batch_size: int, warmup: int = 3) -> "GraphedGuard":
         """This module captured as one CUDA graph for inputs of exactly ``batch_size``: each call is a
@@ -305,7 +306,7 @@ class GuardedModule(nn.Module):
 
     def _chunk(self, x):
         b, r = x.shape[0], self.rows
-        if self.stable:  # the input and its neighbour (stability test) in one forward
+        if self.stable:  # the input and its neighbour(s) (stability test) in one forward
             x = torch.cat([x, neighbour(x, self.stability_noise, self.input_range)])
         rows = x.repeat_interleave(r, dim=0) if r > 1 else x
         late, *acts = self.body(rows)
@@ -317,7 +318,8 @@ class GuardedModule(nn.Module):
             return labels, verdict, conf
         deviation = unstable = None
         if self.stable:
-            unstable = stability_ratio(conf[:b], conf[b:], self.stability_bound)
+            near = conf[b:] if self.draws == 1 else conf[b:].reshape(self.draws, b, -1)
+            unstable = stability_ratio(conf[:b], near, self.stability_bound)
             conf, feats, acts = conf[:b], feats[:b], [a[:b] for a in acts]
         if self.consistency:
             acts = [a if r == 1 else self._spread(a) for a in acts]

@@ -127,20 +127,26 @@ STABILITY_EPS = 1e-5
 
 def stability_falls(conf: torch.Tensor, conf_neighbour: torch.Tensor) -> torch.Tensor:
     """``[B, N]`` (float64): how far each head's own-class log-odds (capped at
-    :data:`STABILITY_EPS`) fall from the input to its neighbour."""
-    return log_odds(conf, STABILITY_EPS) - log_odds(conf_neighbour, STABILITY_EPS)
+    :data:`STABILITY_EPS`) fall from the input to its neighbour; with several neighbours
+    (``conf_neighbour`` of shape ``[M, B, N]``), the mean of the M falls."""
+    near = log_odds(conf_neighbour, STABILITY_EPS)
+    if conf_neighbour.dim() == conf.dim() + 1:
+        near = near.mean(0)
+    return log_odds(conf, STABILITY_EPS) - near
 
 
 def neighbour(x: torch.Tensor, noise: torch.Tensor, value_range=None) -> torch.Tensor:
     """The input's neighbour for the stability test: ``x`` plus the guard's fixed noise pattern,
-    kept inside the validation set's value range."""
-    xn = x + noise
+    kept inside the validation set's value range. With M patterns (``noise`` of shape ``[M,
+    *input_shape]``), the M neighbours of every input, pattern-major: ``[M * B, ...]``."""
+    xn = (x.unsqueeze(0) + noise.unsqueeze(1)).flatten(0, 1) if noise.dim() == x.dim() else x + noise
     return xn if value_range is None else xn.clamp(value_range[0], value_range[1])
 
 
 def stability_ratio(conf: torch.Tensor, conf_neighbour: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-    """``[B, N]``: how far each head's own-class log-odds fall from the input to its neighbour,
-    relative to the calibrated bound (<= 1: as stable as clean inputs; float32)."""
+    """``[B, N]``: how far each head's own-class log-odds fall from the input to its neighbour(s)
+    (``[B, N]`` or ``[M, B, N]``: :func:`stability_falls`), relative to the calibrated bound (<= 1:
+    as stable as clean inputs; float32)."""
     return (stability_falls(conf, conf_neighbour) / bound.double()).float()
 
 

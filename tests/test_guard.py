@@ -967,7 +967,7 @@ def test_recalibrate_equals_a_refit_with_those_settings(guard_deep, deep_net, sy
     load, and leaves the original guard as it was."""
     settings = dict(consistency_center="class", consistency_mad_k=3.0, mad_k=2.0,
                     inconsistent_verdict="ood", consistency_bound="tail", consistency_margin=0.5,
-                    stability_noise=0.03, stability_floor=0.7)
+                    stability_noise=0.03, stability_floor=0.7, stability_draws=2)
     refit = LinkBreaker.fit(deep_net, synth["x_val"], synth["y_val"], NUM_CLASSES,
                             layers=["input", "1", "3"], progress=False, **dict(FAST, **settings))
     before = {k: v.clone() for k, v in guard_deep.profile.items()}
@@ -1390,6 +1390,46 @@ def test_stability_ratio_is_the_fall_of_each_heads_log_odds_to_the_fixed_neighbo
     assert (clean <= 1).float().mean() >= 0.9
 
 
+def test_several_neighbours_judge_the_mean_fall_and_survive_save_and_export(guard_deep, deep_net, synth,
+                                                                           tmp_path):
+    """With ``stability_draws`` = M, the guard keeps M fixed patterns (the first is the single
+    pattern's), a head's fall is the mean of its M falls (by hand), the bound is calibrated on that
+    mean, and the saved file, ``as_module`` and a chunked call all give the same answers."""
+    from linkbreaker_ext.fitting import stability_pattern
+    from linkbreaker_ext.verdict import stability_falls
+
+    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_draws=3)
+    lo, hi = g.input_range
+    noise = g.stability["noise"]
+    assert noise.shape == (3, *g.input_shape)
+    torch.testing.assert_close(noise[0], stability_pattern(g.input_shape, guard_deep.config, g.input_range))
+    assert not torch.equal(noise[1], noise[2])
+    x = torch.cat([synth["x_test"][:40], add_trigger(synth["x_test"][:8])])
+    conf = g.head_confidences(x)[0]
+    falls = torch.stack([stability_falls(conf, g.head_confidences((x + n).clamp(lo, hi))[0]) for n in noise])
+    want = falls.mean(0) / g.stability["bound"].double()
+    ratio = g.stability_ratios(x)
+    torch.testing.assert_close(ratio.double(), want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ratio, guard_deep.stability_ratios(x) * guard_deep.stability["bound"] / g.stability["bound"])
+    # chunked (one input per forward), saved and loaded, and exported: the same answers
+    r = g(x)
+    assert_same_result(with_config(g, batch_rows=g.num_heads)(x), r)
+    path = tmp_path / "g.safetensors"
+    g.save(path)
+    loaded = LinkBreaker.load(path, deep_net)
+    assert loaded.config.stability_draws == 3 and torch.equal(loaded.stability["noise"], noise)
+    assert_same_result(loaded(x), r)
+    labels, verdict, _ = g.as_module()(x)
+    assert torch.equal(labels, r.labels) and torch.equal(verdict, r.verdict)
+    # a pattern count that disagrees with the settings is refused, naming the tensor
+    tensors, meta = _file(path)
+    safefiles.write(path, dict(tensors, **{"stability.noise": noise[:2]}), FORMAT, meta)
+    with pytest.raises(safefiles.GuardFileError, match="stability.noise has shape"):
+        LinkBreaker.load(path, deep_net)
+    with pytest.raises(ValueError, match="stability_draws"):
+        GuardConfig(stability_draws=0)
+
+
 def test_stability_test_turns_away_an_input_whose_neighbour_is_another_class(guard_deep, synth):
     """An input its head accepts is answered with the alarm once its neighbour (here: a pattern that
     moves it onto an image of another class) no longer supports that head, and only because of the
@@ -1490,3 +1530,25 @@ def test_stability_bound_quantile_caps_clean_refusals_on_heavy_tailed_falls():
     assert top.item() == pytest.approx(8.0, rel=1e-3)  # q = 1: the largest confident fall
     with pytest.raises(ValueError, match="stability_quantile"):
         GuardConfig(stability_quantile=1.5)
+
+
+def test_stability_bound_quantile_rule_ignores_the_mad_and_averages_several_neighbours():
+    """``mad_k=None`` ("quantile"): the bound is the quantile of the confident falls even where the
+    MAD rule is looser (a long right tail), at least the floor; with ``[M, n, K]`` neighbours the
+    falls are the mean of the M falls; the rule cannot run without a quantile."""
+    from linkbreaker_ext.verdict import log_odds
+
+    falls = torch.cat([torch.linspace(0.0, 2.0, 18), torch.tensor([6.0, 9.0])])
+    conf = torch.full((20, 1), 0.9)
+    y, thresholds = torch.zeros(20, dtype=torch.long), torch.tensor([0.5])
+    # two neighbours whose falls are falls -/+ 1: their mean is `falls`
+    near = torch.stack([torch.sigmoid(log_odds(conf) - (falls + d)[:, None]).float() for d in (-1.0, 1.0)])
+    q = calibrate.stability_bound(conf, near, y, thresholds, None, floor=0.0, quantile=0.9)
+    assert q.item() == pytest.approx(torch.quantile(falls.double(), 0.9).item(), rel=1e-3)
+    mad_rule = calibrate.stability_bound(conf, near, y, thresholds, 4.25, floor=0.0, quantile=0.9)
+    assert mad_rule.item() > q.item() + 0.5
+    assert calibrate.stability_bound(conf, near, y, thresholds, None, floor=5.0, quantile=0.9).item() == 5.0
+    with pytest.raises(ValueError, match="needs a quantile"):
+        calibrate.stability_bound(conf, near, y, thresholds, None)
+    with pytest.raises(ValueError, match="stability_quantile"):
+        GuardConfig(stability_bound="quantile", stability_quantile=None)
