@@ -320,7 +320,8 @@ class GuardedModule(nn.Module):
         if self.stable:
             near = conf[b:] if self.draws == 1 else conf[b:].reshape(self.draws, b, -1)
             unstable = stability_ratio(conf[:b], near, self.stability_bound)
-            conf, feats, acts = conf[:b], feats[:b], [a[:b] for a in acts]
+            # a copy: a view of the first b rows would keep the neighbours' rows alive in the outputs
+            conf, feats, acts = conf[:b].clone(), feats[:b], [a[:b] for a in acts]
         if self.consistency:
             acts = [a if r == 1 else self._spread(a) for a in acts]
             deviation = self._deviations([*acts, feats.float()]) / self.bounds

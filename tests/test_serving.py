@@ -190,7 +190,8 @@ def test_concurrent_guarded_and_plain_calls(deep_net, module, synth):
 def test_peak_memory_is_bounded_by_the_chunk(guard_deep):
     """A call's peak of live CPU memory (profiler allocation trace) does not grow with the batch
     beyond the outputs: the rows run in chunks of ``batch_rows``."""
-    m = GuardedModule(guard_deep, batch_rows=64)
+    # 32 rows per input and forward, whatever the stability neighbours per input (1 + draws)
+    m = GuardedModule(guard_deep, batch_rows=32 * (1 + guard_deep.config.stability_draws))
     small = benchmark.peak_bytes(m, torch.rand(100, *guard_deep.input_shape))
     large = benchmark.peak_bytes(m, torch.rand(2000, *guard_deep.input_shape))
     outputs = 2000 * (8 + 8 + 4 * NUM_CLASSES)  # labels, verdict, confidences
