@@ -30,13 +30,14 @@ from linkbreaker_ext import experiment  # noqa: E402
 from linkbreaker_ext.guard import LinkBreaker  # noqa: E402
 
 DEV = slice(0, 5000)
-# (stability_noise, stability_draws, stability_bound); the first is the reference
-SETTINGS = [(0.01, 1, "mad"), (0.05, 1, "tail"), (0.05, 2, "tail"), (0.05, 4, "tail"), (0.05, 4, "quantile")]
+# (stability_noise, stability_draws, stability_bound, stability_floor); the first is the reference
+SETTINGS = [(0.01, 1, "mad", 0.5), (0.05, 1, "tail", 0.5), (0.05, 2, "tail", 0.5), (0.05, 4, "tail", 0.5),
+            (0.05, 4, "quantile", 0.5)]
 
 
 def name(setting) -> str:
-    s, m, rule = setting
-    return f"{s}/{m}/{rule}"
+    s, m, rule, floor = setting
+    return f"{s}/{m}/{rule}" + ("" if floor == 0.5 else f"/floor{floor:g}")
 
 
 def main():
@@ -47,6 +48,8 @@ def main():
     p.add_argument("--data", default="../shared/data")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--floors", type=float, nargs="*", default=[],
+                   help="also 4 draws at 0.05, tail bound, with these stability_floor values")
     p.add_argument("--table", action="store_true", help="print a summary of the saved studies and stop")
     args = p.parse_args()
     if args.table:
@@ -63,15 +66,15 @@ def main():
     out = {"dataset": args.dataset, "attack": args.attack, "seed": args.seed, "n": args.n,
            "asr_bare": (model(xt).argmax(1) == target).float().mean().item(), "rows": []}
     reference = None
-    for setting in SETTINGS:
-        noise, draws, rule = setting
+    for setting in SETTINGS + [(0.05, 4, "tail", f) for f in args.floors]:
+        noise, draws, rule, floor = setting
         g = saved.recalibrate(split["x_val"], split["y_val"], stability_noise=noise,
-                              stability_draws=draws, stability_bound=rule)
+                              stability_draws=draws, stability_bound=rule, stability_floor=floor)
         cda = (g(xc).labels == yc).float().mean().item()
         asr = (g(xt).labels == target).float().mean().item()
         reference = cda if reference is None else reference
         row = {"setting": name(setting), "stability_noise": noise, "stability_draws": draws,
-               "stability_bound": rule, "bound": g.stability["bound"].item(), "cda": cda, "asr": asr,
+               "stability_bound": rule, "stability_floor": floor, "bound": g.stability["bound"].item(), "cda": cda, "asr": asr,
                "drop_vs_reference": reference - cda}
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
@@ -82,10 +85,11 @@ def main():
 
 def table(folder: Path) -> str:
     """One row per saved study: CDA drop against the reference setting (points) / ASR (%)."""
+    studies = [json.loads(p.read_text()) for p in sorted(folder.glob("*/stability-draws-*.json"))]
     names = [name(s) for s in SETTINGS]
+    names += sorted({r["setting"] for d in studies for r in d["rows"]} - set(names))
     lines = ["| model (dev) | " + " | ".join(names) + " |", "|" + " --- |" * (1 + len(names))]
-    for path in sorted(folder.glob("*/stability-draws-*.json")):
-        d = json.loads(path.read_text())
+    for d in studies:
         rows = {r["setting"]: r for r in d["rows"]}
         cells = [f"{100 * rows[n]['drop_vs_reference']:.2f} / {100 * rows[n]['asr']:.2f}" if n in rows else "-"
                  for n in names]

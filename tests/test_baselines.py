@@ -245,3 +245,22 @@ def test_model_is_never_modified_in_place(net, synth):
     assert _unchanged(net, before)
     assert not net._forward_hooks and all(not m._forward_hooks for m in net.modules())
     assert torch.equal(net(synth["x_val"][:4]), copy_before(synth["x_val"][:4]))
+
+
+def test_abs_stimulates_a_residual_net_at_its_feature_layer():
+    """A ResNet's last conv feeds an addition with its block's input, which a batch grown through the
+    stimulation hook cannot meet: ABS stimulates the net's ``feature_layer`` (the last stage's
+    output, one score per channel), and a layer inside a block is refused with a clear error."""
+    from linkbreaker_ext.models.resnet import ResNet20
+
+    torch.manual_seed(0)
+    net = ResNet20(num_classes=3).eval()
+    x, y = torch.rand(6, 3, 32, 32), torch.tensor([0, 0, 1, 1, 2, 2])
+    d = ABS(n_values=2)
+    name, module = d._module(net)
+    assert name == "layer3"
+    scores, labels = d.stimulate(net, module, x, y, 3)
+    assert scores.shape == labels.shape == (64,) and torch.isfinite(scores).all()
+    inner = dict(net.named_modules())["layer3.2.conv2"]
+    with pytest.raises(ValueError, match="choose another layer"):
+        d.stimulate(net, inner, x, y, 3)

@@ -20,7 +20,8 @@ def last_conv(model: nn.Module) -> str:
 class ABS(ModelDefense):
     """A faithful but simplified ABS. Steps:
 
-    1. **Stimulation analysis** on ``layer`` (default: the last ``Conv2d``; a neuron = a channel, as in
+    1. **Stimulation analysis** on ``layer`` (default: the model's ``feature_layer`` where it names one,
+       as residual nets do, else the last ``Conv2d``; a neuron = a channel, as in
        ABS): for ``images_per_class`` clean images per class, every channel ``f`` and ``n_values``
        stimulation values ``v`` in ``[0, max_multiple * max clean activation]``, the channel's map is
        set to ``v`` and the rest of the network runs (one batch per chunk of channels, through a
@@ -61,7 +62,9 @@ class ABS(ModelDefense):
 
     def _module(self, net):
         modules = dict(net.named_modules())
-        name = self.layer or last_conv(net)
+        # a residual net's last conv feeds an addition with its block's input, which a batch grown
+        # through a hook cannot meet: such models name their last per-sample feature map instead
+        name = self.layer or getattr(net, "feature_layer", None) or last_conv(net)
         if name not in modules:
             raise ValueError(f"model has no module named {name!r}")
         return name, modules[name]
@@ -100,6 +103,10 @@ class ABS(ModelDefense):
             h = module.register_forward_hook(stim)
             try:
                 z = net(x).float()
+            except RuntimeError as e:  # a later layer mixes the grown batch with the original one
+                raise ValueError(f"ABS cannot stimulate {type(module).__name__} output here: a later "
+                                 f"layer combines it with earlier values per sample ({e}); choose "
+                                 f"another layer (layer=...)") from None
             finally:
                 h.remove()
             if z.shape[0] != m * nc * self.n_values:

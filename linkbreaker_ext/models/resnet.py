@@ -84,6 +84,8 @@ class ResNet20(nn.Module):
     trainable parameters plus 1,376 BatchNorm running statistics = 276,587, the count Keras reports
     and the paper's GTSRB model has."""
 
+    feature_layer = "layer3"  # the last feature map whose later layers work per sample (ABS stimulates it)
+
     def __init__(self, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1)
@@ -112,6 +114,8 @@ class ResNet(nn.Module):
     """ResNet18/50/101 adapted to 32x32 inputs (the common CIFAR adaptation, e.g. kuangliu's
     pytorch-cifar and BackdoorBench): a 3x3 stride-1 stem with 64 channels and no max-pool, so the
     four stages see 32, 16, 8 and 4 pixels instead of an ImageNet stem's 8 ... 1."""
+
+    feature_layer = "layer4"  # the last feature map whose later layers work per sample (ABS stimulates it)
 
     def __init__(self, block, num_blocks, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
