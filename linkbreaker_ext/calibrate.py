@@ -119,8 +119,8 @@ def layer_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float, pooled_spread
                         for i in range(dev.shape[-1])], 1)
 
 
-STABILITY_FLOOR = 0.5  # log-odds (GuardConfig.stability_floor): a head may always lose a factor 1.65
-#                       in odds; where most clean falls are 0, as on MNIST, the MAD alone is ~0
+STABILITY_FLOOR = 2.0  # log-odds (GuardConfig.stability_floor): a head may always lose a factor 7.4
+#                       in odds; where most clean falls are near 0, as on MNIST, the MAD alone is ~0
 NO_BOUND = 1e30  # a bound that turns no input away
 
 

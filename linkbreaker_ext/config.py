@@ -68,8 +68,10 @@ class GuardConfig:
     #                                 consistency_mad_k MADs; the default with one pattern at 0.01) or
     #                                 "quantile" (stability_quantile of the falls alone: stronger
     #                                 against a noise-trained warp, costlier on clean inputs)
-    stability_floor: float = 0.5    # ... and never below this many log-odds (where most clean falls
-    #                                 are 0, as on MNIST, the MAD is ~0: docs/method.md)
+    stability_floor: float = 2.0    # ... and never below this many log-odds (where most clean falls
+    #                                 are near 0, as on MNIST, the MAD is ~0 and the tail short: a
+    #                                 fall of a factor e^2 in odds is not evidence; docs/method.md,
+    #                                 "MNIST, and float32 near 1" and "Several neighbours")
     stability_quantile: float | None = 0.995  # ... nor below this quantile of the confident
     #                                 calibration falls, so the test refuses at most about 1 - q of
     #                                 clean inputs the model is sure of, whatever the falls' shape
