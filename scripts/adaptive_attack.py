@@ -115,10 +115,11 @@ def stable(guard) -> bool:
 
 def stability_fall(guard, x, k, log_odds):
     """How far head ``k``'s log-odds (``log_odds`` on ``x``), capped as the guard caps them, fall
-    from ``x`` to the guard's neighbour of ``x``; differentiable in ``x``."""
+    from ``x`` to the guard's neighbours of ``x`` (their mean, with several); differentiable in ``x``."""
     near, _ = target_head_terms(guard, neighbour(x, guard.stability["noise"], guard.input_range), k)
     cap = torch.logit(torch.tensor(1 - STABILITY_EPS))
-    return log_odds.clamp(-cap, cap) - near.clamp(-cap, cap)
+    near = near.clamp(-cap, cap).reshape(-1, len(x)).mean(0)  # [M * B] pattern-major -> [B]
+    return log_odds.clamp(-cap, cap) - near
 
 
 def stability_hinge(guard, x, k, log_odds):

@@ -36,6 +36,9 @@ for name, ds in [(n, "mnist") for n in ("none-0", "badnets-1", "blended-2", "tro
     split = experiment.split_data(ds, "../shared/data", None, int(s))
     model, meta = experiment.load_model(ROOT / "runs" / ds / "models" / f"{name}.safetensors")
     g = LinkBreaker.load(ROOT / "runs" / ds / "guards" / f"{name}.safetensors", model)
+    # the one-neighbour test this study was made for (std 0.01, MAD rule), whatever the saved default
+    g = g.recalibrate(split["x_val"], split["y_val"], stability_noise=0.01, stability_draws=1,
+                      stability_bound="mad", stability_floor=0.5)
     ci, _ = stratified_split(split["y_val"], g.config.calibration_fraction, seed=g.config.seed)
     x, y = split["x_val"][ci], split["y_val"][ci]
     conf = g.head_confidences(x)[0]; near = g.head_confidences(g.neighbour(x))[0]
