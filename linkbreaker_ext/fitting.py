@@ -259,8 +259,7 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
         noise = stability_pattern(guard.input_shape, cfg, guard.input_range).to(device)
         conf_n = guard.head_confidences(neighbour(x_cal.to(device), noise, guard.input_range),
                                         thresholds=torch.full((num_classes,), 0.5, device=device))[0].cpu()
-        if cfg.stability_draws > 1:
-            conf_n = conf_n.reshape(cfg.stability_draws, len(x_cal), -1)
+        conf_n = conf_n.reshape(cfg.stability_draws, len(x_cal), -1)  # [M, n_cal, K], pattern-major
         bound = calibrate.stability_bound(
             conf, conf_n, y_cal, guard.thresholds.cpu(),
             None if cfg.stability_bound == "quantile" else cfg.consistency_mad_k,

@@ -303,7 +303,7 @@ class LinkBreaker:
         for i in range(0, len(x), step):
             xs = x[i:i + step]
             near[:, i:i + step] = self.head_confidences(self.neighbour(xs))[0].reshape(m, len(xs), -1)
-        return stability_ratio(conf, near if m > 1 else near[0], self.stability["bound"])
+        return stability_ratio(conf, near, self.stability["bound"])
 
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> torch.Tensor:

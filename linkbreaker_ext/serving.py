@@ -318,8 +318,7 @@ class GuardedModule(nn.Module):
             return labels, verdict, conf
         deviation = unstable = None
         if self.stable:
-            near = conf[b:] if self.draws == 1 else conf[b:].reshape(self.draws, b, -1)
-            unstable = stability_ratio(conf[:b], near, self.stability_bound)
+            unstable = stability_ratio(conf[:b], conf[b:].reshape(self.draws, b, -1), self.stability_bound)
             # a copy: a view of the first b rows would keep the neighbours' rows alive in the outputs
             conf, feats, acts = conf[:b].clone(), feats[:b], [a[:b] for a in acts]
         if self.consistency:
