@@ -1,5 +1,8 @@
 """The credibility criteria of Alg. 3, one per class, from the MAD of clean calibration samples that
-the salient-set search never saw (sets chosen on the same samples would look optimistic).
+the salient-set search never saw (sets chosen on the same samples could look optimistic), except
+the confidence thresholds, which by default use the whole validation set: per class, the
+calibration split is too few samples for a MAD, and the fit split's confidences measured no
+higher (``GuardConfig.threshold_split``).
 
 * a **confidence threshold** (the paper's): a lower bound on head k's confidence in class k;
 * a **consistency bound** (ours, after Beatrix's robust deviations and TED's layer-wise view): an

@@ -202,7 +202,7 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
     return guard
 
 
-CALIBRATION_FIELDS = frozenset({"mad_k", "out_quantile", "threshold_floor", "consistency_mad_k",
+CALIBRATION_FIELDS = frozenset({"mad_k", "out_quantile", "threshold_floor", "threshold_split", "consistency_mad_k",
                                 "consistency_center", "consistency_bound", "consistency_margin",
                                 "consistency_reduce", "inconsistent_verdict", "ood_hint", "stability_noise", "stability_draws",
                                 "stability_bound", "stability_floor", "stability_quantile"})
@@ -222,15 +222,20 @@ def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
 
 def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) -> dict:
     """Alg. 3's credibility criteria, set on ``guard`` in place: the confidence thresholds from the
-    calibration split, and (with a consistency profile) each class's typical deviation on the fit
+    calibration split or the whole validation set (``cfg.threshold_split``), and (with a consistency profile) each class's typical deviation on the fit
     split, then the per-layer or reduced consistency bounds from the calibration split, and the
     stability test's noise pattern and bound (``cfg.stability_noise > 0``). Returns the
     calibration split's confidences and deviations, so other bounds can be studied without a refit.
     ``own``: :func:`_own_units` of the fit split, when the caller has them already."""
     device = guard.device
-    conf = guard.head_confidences(x_cal, thresholds=torch.full((num_classes,), 0.5, device=device))[0].cpu()
+    half = torch.full((num_classes,), 0.5, device=device)
+    conf = guard.head_confidences(x_cal, thresholds=half)[0].cpu()
+    conf_th, y_th = conf, y_cal
+    if cfg.threshold_split == "all":
+        conf_th = torch.cat([conf, guard.head_confidences(x_fit, thresholds=half)[0].cpu()])
+        y_th = torch.cat([y_cal.cpu(), y_fit.cpu()])
     guard.thresholds = calibrate.confidence_thresholds(
-        conf, y_cal, cfg.mad_k, cfg.out_quantile, cfg.threshold_floor).to(device)
+        conf_th, y_th, cfg.mad_k, cfg.out_quantile, cfg.threshold_floor).to(device)
     dev = by_layer = layer_bounds = None
     if cfg.consistency and guard.profile:
         profile = {k: v for k, v in guard.profile.items() if k not in ("norms", "bounds")}
@@ -258,7 +263,7 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
     if cfg.stability_noise > 0:
         noise = stability_pattern(guard.input_shape, cfg, guard.input_range).to(device)
         conf_n = guard.head_confidences(neighbour(x_cal.to(device), noise, guard.input_range),
-                                        thresholds=torch.full((num_classes,), 0.5, device=device))[0].cpu()
+                                        thresholds=half)[0].cpu()
         conf_n = conf_n.reshape(cfg.stability_draws, len(x_cal), -1)  # [M, n_cal, K], pattern-major
         bound = calibrate.stability_bound(
             conf, conf_n, y_cal, guard.thresholds.cpu(),

@@ -967,7 +967,8 @@ def test_recalibrate_equals_a_refit_with_those_settings(guard_deep, deep_net, sy
     load, and leaves the original guard as it was."""
     settings = dict(consistency_center="class", consistency_mad_k=3.0, mad_k=2.0,
                     inconsistent_verdict="ood", consistency_bound="tail", consistency_margin=0.5,
-                    stability_noise=0.03, stability_floor=0.7, stability_draws=2)
+                    stability_noise=0.03, stability_floor=0.7, stability_draws=2,
+                    threshold_split="calibration")
     refit = LinkBreaker.fit(deep_net, synth["x_val"], synth["y_val"], NUM_CLASSES,
                             layers=["input", "1", "3"], progress=False, **dict(FAST, **settings))
     before = {k: v.clone() for k, v in guard_deep.profile.items()}
@@ -993,6 +994,27 @@ def test_recalibrate_equals_a_refit_with_those_settings(guard_deep, deep_net, sy
     for k, v in before.items():
         assert torch.equal(guard_deep.profile[k], v)
     assert guard_deep.config.consistency_center == "pooled"
+
+
+def test_confidence_thresholds_come_from_the_split_the_config_names(guard_deep, synth):
+    """``threshold_split="all"`` (the default) sets each class's threshold from the confidences of
+    the whole validation set, ``"calibration"`` from its calibration split alone (the paper's
+    reading); the rest of the calibration follows the thresholds it is given."""
+    from linkbreaker_ext.data import stratified_split
+    assert guard_deep.config.threshold_split == "all"
+    x, y = synth["x_val"].float(), synth["y_val"].long()
+    cfg = guard_deep.config
+    cal, fit = stratified_split(y, cfg.calibration_fraction, seed=cfg.seed)
+    conf = guard_deep.head_confidences(x, thresholds=torch.full((NUM_CLASSES,), 0.5))[0]
+    def expected(idx):
+        return calibrate.confidence_thresholds(conf[idx], y[idx], cfg.mad_k, cfg.out_quantile,
+                                               cfg.threshold_floor)
+    torch.testing.assert_close(guard_deep.thresholds, expected(torch.cat([cal, fit])))
+    paper = guard_deep.recalibrate(x, y, threshold_split="calibration")
+    torch.testing.assert_close(paper.thresholds, expected(cal))
+    assert not torch.allclose(paper.thresholds, guard_deep.thresholds)  # more samples, other MADs
+    with pytest.raises(ValueError, match="threshold_split"):
+        GuardConfig(threshold_split="fit")
 
 
 def test_recalibrate_redraws_the_split_after_dropping_misclassified_samples(backdoored_net, synth):
