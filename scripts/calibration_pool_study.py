@@ -10,7 +10,8 @@ better estimate of the same quantile at no cost in bias. The confidence threshol
 (3-14 calibration samples per GTSRB class) but the fit split chose the sets for their confidence on
 it, so their pooling is measured, not presumed.
 
-For each saved guard: the quantiles of the confident falls on the calibration split, the fit split
+For each saved guard: the own-class confidences on each split (median log-odds, share under the
+calibration split's thresholds), the quantiles of the confident falls on the calibration split, the fit split
 and the clean dev inputs; then the guard's answers on the dev half (``--n`` clean + ``--n``
 triggered inputs, hint reading) decided again (no new forward) with each variant's bound and
 thresholds.
@@ -57,6 +58,15 @@ def quantiles(f):
     return [round(v, 2) for v in torch.quantile(f, torch.tensor(QUANTILES, dtype=f.dtype)).tolist()]
 
 
+def own_confidence(conf, y, thresholds):
+    """Is the fit split optimistic? The median own-class log-odds (capped at 1 - 1e-7) and the share
+    of samples under their class's calibration-split threshold."""
+    i = torch.arange(len(y))
+    own = conf[i, y]
+    return {"median_log_odds": round(torch.logit(own.double().clamp(1e-7, 1 - 1e-7)).median().item(), 3),
+            "under_threshold": round((own < thresholds[y]).float().mean().item(), 4)}
+
+
 def bound_from(guard, conf, near, y, thresholds):
     """The guard's own stability rule (its settings) on these samples."""
     cfg = guard.config
@@ -82,17 +92,18 @@ def study(dataset, run, data, n):
     conf_all = torch.cat([heads["cal"][0], heads["fit"][0]])
     near_all = torch.cat([heads["cal"][1], heads["fit"][1]], 1)
     y_all = torch.cat([labels["cal"], labels["fit"]])
-    th_cal = guard.thresholds.cpu()
-    th_all = calibrate.confidence_thresholds(conf_all, y_all, cfg.mad_k, cfg.out_quantile, cfg.threshold_floor)
-    settings = {"calibration split": (th_cal, guard.stability["bound"].cpu()),
+    th_cal, th_all = (calibrate.confidence_thresholds(c, yy, cfg.mad_k, cfg.out_quantile, cfg.threshold_floor)
+                      for c, yy in ((heads["cal"][0], labels["cal"]), (conf_all, y_all)))
+    settings = {"calibration split": (th_cal, bound_from(guard, *heads["cal"], labels["cal"], th_cal)),
                 "stability on all": (th_cal, bound_from(guard, conf_all, near_all, y_all, th_cal)),
                 "thresholds on all": (th_all, bound_from(guard, *heads["cal"], labels["cal"], th_all)),
                 "both on all": (th_all, bound_from(guard, conf_all, near_all, y_all, th_all))}
 
     xc, yc, xt, yt, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], n, n, seed, DEV)
     rc, rt = guard(xc), guard(xt)
-    old = guard.stability["bound"].cpu().double()
+    old = guard.stability["bound"].cpu().double()  # the saved guard's: its ratios times it are falls
     out = {"dataset": dataset, "run": run, "split": "dev", "n": n,
+           "own_confidence": {k: own_confidence(heads[k][0], labels[k], th_cal) for k in heads},
            "falls_quantiles": {"q": list(QUANTILES),
                                **{k: quantiles(own_falls(*heads[k], labels[k], th_cal)) for k in heads}},
            "variants": {}}
