@@ -35,11 +35,12 @@ class GuardConfig:
     mad_k: float = 3.0              # threshold = median - mad_k * 1.4826 * MAD of logit(conf)
     out_quantile: float | None = 0.995  # ... and at least this quantile of other classes' confidences
     threshold_floor: float = 0.5    # thresholds never below this (two heads can't both pass 0.5 easily)
-    threshold_split: str = "all"    # the samples the confidence thresholds are calibrated on: "all" the
-    #                                 validation set, or its "calibration" split (30 %: 3-14 samples per
-    #                                 GTSRB class, so the per-class MAD was rough and 10-14 % of clean signs
-    #                                 were refused; the fit split's confidences, which chose the salient sets,
-    #                                 measured no higher: docs/method.md, "Thresholds from the whole set")
+    threshold_split: str = "all"    # the samples the confidence thresholds are calibrated on: "all"
+    #                                 the validation set, or its "calibration" split (30 %: 3-14 samples
+    #                                 per GTSRB class, so the per-class MAD was rough and 10-14 % of
+    #                                 clean signs were refused; the fit split's confidences, which
+    #                                 chose the salient sets, measured no higher: docs/method.md,
+    #                                 "Thresholds from the whole validation set")
     consistency: bool = True        # the neurons consistency check (veto on inconsistent heads)
     consistency_mad_k: float = 4.25  # bound = median + k * 1.4826 * MAD of log deviation (at most)
     #                                 (chosen on the dev half with the "tail" rule: docs/method.md,

@@ -205,3 +205,15 @@ def load_model(path):
     model = models.build_model(meta["dataset"], meta["num_classes"])
     model.load_state_dict(state)
     return model.eval(), meta
+
+
+def saved_run(dataset: str, run: str, data_source, work, guards: str = "guards"):
+    """``(split, model, attack, guard, seed)`` of a reproduced run ``<attack>-<seed>`` cached under
+    ``work`` (``runs/<dataset>``): its data split, its model and attack, and the guard ``reproduce``
+    saved beside it (folder ``guards``), so dev studies re-judge exactly what the tables measured."""
+    seed = int(run.rsplit("-", 1)[1])
+    split = split_data(dataset, data_source, None, seed)
+    model, meta = load_model(Path(work) / "models" / f"{run}.safetensors")
+    attack = attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None
+    guard = LinkBreaker.load(Path(work) / guards / f"{run}.safetensors", model)
+    return split, model, attack, guard, seed

@@ -222,8 +222,9 @@ def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
 
 def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) -> dict:
     """Alg. 3's credibility criteria, set on ``guard`` in place: the confidence thresholds from the
-    calibration split or the whole validation set (``cfg.threshold_split``), and (with a consistency profile) each class's typical deviation on the fit
-    split, then the per-layer or reduced consistency bounds from the calibration split, and the
+    calibration split or the whole validation set (``cfg.threshold_split``), and (with a
+    consistency profile) each class's typical deviation on the fit split, then the per-layer or
+    reduced consistency bounds from the calibration split, and the
     stability test's noise pattern and bound (``cfg.stability_noise > 0``). Returns the
     calibration split's confidences and deviations, so other bounds can be studied without a refit.
     ``own``: :func:`_own_units` of the fit split, when the caller has them already."""

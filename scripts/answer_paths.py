@@ -24,7 +24,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from linkbreaker_ext import experiment, training  # noqa: E402
-from linkbreaker_ext.guard import LinkBreaker  # noqa: E402
 from linkbreaker_ext.verdict import ACCEPT, ALARM  # noqa: E402
 
 DEV = slice(0, 5000)
@@ -88,12 +87,8 @@ def main():
     out_dir = ROOT / "results" / "dev" / "answer-paths"
     out_dir.mkdir(parents=True, exist_ok=True)
     for run in args.runs:
-        attack_name, seed = run.rsplit("-", 1)
-        seed = int(seed)
-        split = experiment.split_data(args.dataset, args.data, None, seed)
-        model, meta = experiment.load_model(work / "models" / f"{run}.safetensors")
-        attack = experiment.attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None
-        guard = LinkBreaker.load(work / args.guards / f"{run}.safetensors", model)
+        split, model, attack, guard, seed = experiment.saved_run(args.dataset, run, args.data, work,
+                                                                 args.guards)
         xc, yc, xt, _, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], args.n,
                                                      args.n, seed, DEV)
         model_right = (training.predict_logits(model, xc).argmax(1) == yc).tolist()

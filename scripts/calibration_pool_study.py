@@ -32,7 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from linkbreaker_ext import calibrate, experiment, metrics  # noqa: E402
 from linkbreaker_ext.data import stratified_split  # noqa: E402
-from linkbreaker_ext.guard import LinkBreaker  # noqa: E402
 from linkbreaker_ext.verdict import GuardResult, combined_ratio, decide, stability_falls  # noqa: E402
 
 DEV = slice(0, 5000)
@@ -77,13 +76,7 @@ def bound_from(guard, conf, near, y, thresholds):
 
 
 def study(dataset, run, data, n):
-    attack_name, seed = run.rsplit("-", 1)
-    seed = int(seed)
-    work = ROOT / "runs" / dataset
-    split = experiment.split_data(dataset, data, None, seed)
-    model, meta = experiment.load_model(work / "models" / f"{run}.safetensors")
-    attack = experiment.attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None
-    guard = LinkBreaker.load(work / "guards" / f"{run}.safetensors", model)
+    split, _, attack, guard, seed = experiment.saved_run(dataset, run, data, ROOT / "runs" / dataset)
     cfg = guard.config
     x, y = split["x_val"].float(), split["y_val"].long()
     cal, fit = stratified_split(y, cfg.calibration_fraction, seed=cfg.seed)

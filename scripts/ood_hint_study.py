@@ -26,7 +26,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from linkbreaker_ext import experiment, metrics  # noqa: E402
-from linkbreaker_ext.guard import LinkBreaker  # noqa: E402
 from linkbreaker_ext.verdict import OOD  # noqa: E402
 
 DEV = slice(0, 5000)
@@ -75,12 +74,7 @@ def main():
     torch.set_num_threads(1)
     work = ROOT / "runs" / args.dataset
     for run in args.runs:
-        attack_name, seed = run.rsplit("-", 1)
-        seed = int(seed)
-        split = experiment.split_data(args.dataset, args.data, None, seed)
-        model, meta = experiment.load_model(work / "models" / f"{run}.safetensors")
-        attack = experiment.attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None
-        guard = LinkBreaker.load(work / args.guards / f"{run}.safetensors", model)
+        split, _, attack, guard, seed = experiment.saved_run(args.dataset, run, args.data, work, args.guards)
         xc, yc, xt, yt, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], args.n,
                                                       args.n, seed, DEV)
         verdict = guard.config.inconsistent_verdict

@@ -1000,12 +1000,12 @@ def test_confidence_thresholds_come_from_the_split_the_config_names(guard_deep, 
     """``threshold_split="all"`` (the default) sets each class's threshold from the confidences of
     the whole validation set, ``"calibration"`` from its calibration split alone (the paper's
     reading); the rest of the calibration follows the thresholds it is given."""
-    from linkbreaker_ext.data import stratified_split
     assert guard_deep.config.threshold_split == "all"
     x, y = synth["x_val"].float(), synth["y_val"].long()
     cfg = guard_deep.config
-    cal, fit = stratified_split(y, cfg.calibration_fraction, seed=cfg.seed)
+    cal, fit = data.stratified_split(y, cfg.calibration_fraction, seed=cfg.seed)
     conf = guard_deep.head_confidences(x, thresholds=torch.full((NUM_CLASSES,), 0.5))[0]
+
     def expected(idx):
         return calibrate.confidence_thresholds(conf[idx], y[idx], cfg.mad_k, cfg.out_quantile,
                                                cfg.threshold_floor)
