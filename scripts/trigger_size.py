@@ -11,7 +11,7 @@ the clean validation split and judged on the held-out half of the test split (2,
     python scripts/trigger_size.py --fractions 0.01 0.05 0.10 0.15
     python scripts/trigger_size.py --table     # results/trigger-size/cifar10.{md,png,json}
 
-The table adds the reproduction's own 3 % model (``results/runs/cifar10/heldout-trojan-square-0.json``)
+The table adds the reproduction's own 3 % model (``results/seeds/runs/cifar10/heldout-trojan-square-0.json``)
 as a marked reference row unless 3 % was measured here too.
 
 Models and guards go to ``runs/cifar10/trigger-size/``, reports to
@@ -38,7 +38,7 @@ HELDOUT = slice(5000, 10000)
 OUT = ROOT / "results" / "trigger-size"
 WORK = ROOT / "runs" / "cifar10" / "trigger-size"
 CLEAN = ROOT / "runs" / "cifar10" / "models" / "none-0.safetensors"
-REPRODUCTION = ROOT / "results" / "runs" / "cifar10" / "heldout-trojan-square-0.json"
+REPRODUCTION = ROOT / "results" / "seeds" / "runs" / "cifar10" / "heldout-trojan-square-0.json"
 PAPER = "ASR after LinkBreaker below 9 % at every size (Fig. 11: 1, 5, 10 and 15 %)"
 
 
@@ -102,7 +102,7 @@ def _reproduction_row() -> dict | None:
     attack = TrojanAttack.from_dict(r["attack_config"])
     side = int(attack.mask((3, 32, 32)).sum()) ** 0.5
     return dict(r, size_fraction=attack.size_fraction, side=int(side), size_share=side * side / 1024,
-                source="the reproduction's model (`results/runs/cifar10/heldout-trojan-square-0.json`)")
+                source="the reproduction's model (`results/seeds/runs/cifar10/heldout-trojan-square-0.json`)")
 
 
 def table() -> None:
