@@ -20,7 +20,7 @@ from .data import stratified_split
 from .layers import (INPUT, LATE, TappedModel, auto_layers, check_layers, evidence_layer, final_linear,
                      frozen_copy, logits_of, units)
 from .neighbours import generate_neighbours, perturbed_samples
-from .verdict import neighbour, stability_falls
+from .verdict import input_contrast, stability_falls
 
 
 def as_tensors(x, y):
@@ -205,7 +205,7 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
 CALIBRATION_FIELDS = frozenset({"mad_k", "out_quantile", "threshold_floor", "threshold_split", "consistency_mad_k",
                                 "consistency_center", "consistency_bound", "consistency_margin",
                                 "consistency_reduce", "inconsistent_verdict", "ood_hint", "stability_noise", "stability_draws",
-                                "stability_bound", "stability_floor", "stability_quantile"})
+                                "stability_contrast", "stability_bound", "stability_floor", "stability_quantile"})
 """The settings of the last stage alone: a fitted guard takes new values of these by
 :func:`recalibrate_guard`, without the neighbours, statistics and set search of a refit."""
 
@@ -262,16 +262,18 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
     drops = None
     guard.stability = None
     if cfg.stability_noise > 0:
-        noise = stability_pattern(guard.input_shape, cfg, guard.input_range).to(device)
-        conf_n = guard.head_confidences(neighbour(x_cal.to(device), noise, guard.input_range),
-                                        thresholds=half)[0].cpu()
+        guard.stability = {"noise": stability_pattern(guard.input_shape, cfg, guard.input_range).to(device)}
+        if cfg.stability_contrast > 0:  # the reference contrast, from the whole validation set
+            guard.stability["contrast"] = torch.quantile(
+                input_contrast(torch.cat([x_fit, x_cal]).float()), cfg.stability_contrast).to(device)
+        conf_n = guard.head_confidences(guard.neighbour(x_cal), thresholds=half)[0].cpu()
         conf_n = conf_n.reshape(cfg.stability_draws, len(x_cal), -1)  # [M, n_cal, K], pattern-major
         bound = calibrate.stability_bound(
             conf, conf_n, y_cal, guard.thresholds.cpu(),
             None if cfg.stability_bound == "quantile" else cfg.consistency_mad_k,
             cfg.consistency_margin if cfg.stability_bound == "tail" else None, cfg.stability_floor,
             cfg.stability_quantile)
-        guard.stability = {"noise": noise, "bound": bound.to(device)}
+        guard.stability["bound"] = bound.to(device)
         drops = stability_falls(conf, conf_n).float()  # [n_cal, K]
     return {"calibration_conf": conf, "calibration_labels": y_cal, "calibration_deviations": dev,
             "calibration_deviations_by_layer": by_layer, "layer_bounds": layer_bounds,

@@ -96,7 +96,8 @@ class LinkBreaker:
         # consistency profile: per layer center/scale [K, D_unit], norms [K, L], bounds [K]
         # (per_layer: each layer's own bound is folded into its norm, and bounds are 1)
         self.profile = {k: v.float().to(device) for k, v in (profile or {}).items()}
-        # the neighbour stability test: {"noise": [*input_shape] or [M, *input_shape], "bound": 0-d} (None: off)
+        # the neighbour stability test: {"noise": [*input_shape] or [M, *input_shape], "bound": 0-d,
+        # "contrast": 0-d, the reference contrast (absent: the same noise for every input)} (None: off)
         self.stability = None if stability is None else {k: v.float().to(device) for k, v in stability.items()}
         self.diagnostics = diagnostics or {}
         # the weights this guard was fitted for, fixed now: a model changed later does not match
@@ -288,7 +289,8 @@ class LinkBreaker:
     def neighbour(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` plus the guard's fixed noise pattern, inside the validation set's value range
         (``[M * B, ...]``, pattern-major, with ``stability_draws`` = M > 1)."""
-        return neighbour(x.to(self.device), self.stability["noise"], self.input_range)
+        return neighbour(x.to(self.device), self.stability["noise"], self.input_range,
+                         self.stability.get("contrast"))
 
     def stability_ratios(self, x: torch.Tensor, conf: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, N]``: how far each head's own-class log-odds fall from ``x`` to its neighbour,
@@ -396,10 +398,13 @@ class LinkBreaker:
             draws = meta["config"].get("stability_draws", LEGACY_CONFIG["stability_draws"])
             draws = draws if isinstance(draws, int) and draws > 1 else None  # GuardConfig names a bad one
             expected.update({"stability.noise": (draws, *shape) if draws else tuple(shape), "stability.bound": ()})
+            if "stability.contrast" in tensors:
+                expected["stability.contrast"] = ()
         safefiles.check_shapes(tensors, expected, path)
         safefiles.check_tensor_ranges(tensors, path)
-        if stable and not float(tensors["stability.bound"]) > 0:  # a bound <= 0 would invert the test
-            raise Err(f"{path}: stability.bound must be > 0, got {float(tensors['stability.bound']):g}")
+        for name in ("bound", "contrast"):  # a bound <= 0 would invert the test, a contrast <= 0 divide by 0
+            if f"stability.{name}" in tensors and not float(tensors[f"stability.{name}"]) > 0:
+                raise Err(f"{path}: stability.{name} must be > 0, got {float(tensors[f'stability.{name}']):g}")
         fields = {f.name for f in dataclasses.fields(GuardConfig)}
         raw = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items() if k in fields}
         # settings a file from an earlier release does not record keep the meaning they had then
@@ -410,6 +415,10 @@ class LinkBreaker:
             if stable != (config.stability_noise > 0):
                 raise ValueError(f"stability_noise={config.stability_noise} but the file "
                                  f"{'has' if stable else 'lacks'} the stability test's tensors")
+            scaled = "stability.contrast" in tensors
+            if stable and scaled != (config.stability_contrast > 0):
+                raise ValueError(f"stability_contrast={config.stability_contrast} but the file "
+                                 f"{'has' if scaled else 'lacks'} the reference contrast")
             guard = cls(model, layers, late, pick("masks."), pick("fill."), tensors["thresholds"],
                         pick("profile."), config, shape,
                         diagnostics={"fit_s": meta.get("fit_s") or float("nan")},

@@ -250,6 +250,8 @@ class GuardedModule(nn.Module):
         if self.stable:
             self.register_buffer("stability_noise", guard.stability["noise"].float().to(device).contiguous())
             self.register_buffer("stability_bound", guard.stability["bound"].float().to(device))
+            contrast = guard.stability.get("contrast")  # None: the same noise for every input
+            self.register_buffer("stability_contrast", None if contrast is None else contrast.float().to(device))
 
     @staticmethod
     @torch.no_grad()
@@ -307,7 +309,7 @@ class GuardedModule(nn.Module):
     def _chunk(self, x):
         b, r = x.shape[0], self.rows
         if self.stable:  # the input and its neighbour(s) (stability test) in one forward
-            x = torch.cat([x, neighbour(x, self.stability_noise, self.input_range)])
+            x = torch.cat([x, neighbour(x, self.stability_noise, self.input_range, self.stability_contrast)])
         rows = x.repeat_interleave(r, dim=0) if r > 1 else x
         late, *acts = self.body(rows)
         late = late.reshape(x.shape[0], r, -1)

@@ -135,12 +135,27 @@ def stability_falls(conf: torch.Tensor, conf_neighbour: torch.Tensor) -> torch.T
     return log_odds(conf, STABILITY_EPS) - near
 
 
-def neighbour(x: torch.Tensor, noise: torch.Tensor, value_range=None) -> torch.Tensor:
+def neighbour(x: torch.Tensor, noise: torch.Tensor, value_range=None,
+              contrast: torch.Tensor | None = None) -> torch.Tensor:
     """The input's neighbour for the stability test: ``x`` plus the guard's fixed noise pattern,
     kept inside the validation set's value range. With M patterns (``noise`` of shape ``[M,
-    *input_shape]``), the M neighbours of every input, pattern-major: ``[M * B, ...]``."""
-    xn = (x.unsqueeze(0) + noise.unsqueeze(1)).flatten(0, 1) if noise.dim() == x.dim() else x + noise
+    *input_shape]``), the M neighbours of every input, pattern-major: ``[M * B, ...]``. With a
+    reference ``contrast`` (0-d), an input whose own contrast (:func:`input_contrast`) is lower gets the
+    pattern scaled down by their ratio: a dark, flat image is not drowned by noise that a
+    well-lit one shrugs off (docs/method.md, "Noise to the input's contrast")."""
+    if noise.dim() == x.dim():  # M patterns, [M, 1, *input_shape] against the batch
+        noise = noise.unsqueeze(1)
+    if contrast is not None:
+        noise = noise * (input_contrast(x) / contrast).clamp(max=1.0).view(-1, *([1] * (x.dim() - 1)))
+    xn = x + noise
+    xn = xn.flatten(0, 1) if xn.dim() > x.dim() else xn
     return xn if value_range is None else xn.clamp(value_range[0], value_range[1])
+
+
+def input_contrast(x: torch.Tensor) -> torch.Tensor:
+    """``[B]``: each input's contrast, the standard deviation of all its values (pixels and
+    channels)."""
+    return x.flatten(1).std(1)
 
 
 def stability_ratio(conf: torch.Tensor, conf_neighbour: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ held-out tables) and, separately, accepted as the target.
 
 Against a guard with the neighbour stability test, the attacker also knows the guard's saved noise
 pattern and bound, and adds a third hinge: head k's log-odds (capped as the guard caps them) may fall
-from ``x + delta`` to its neighbour ``x + delta + pattern`` by at most the bound.
+from ``x + delta`` to its neighbours (``x + delta`` plus each pattern, scaled to its contrast as the
+guard scales it, differentiably) by at most the bound.
 
 Two controls per budget: ``eps = 0`` (today's non-adaptive numbers on these inputs) and the same
 attack on **clean** inputs of other classes (no trigger): at a budget where the attack also turns
@@ -44,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from linkbreaker_ext import experiment, metrics, salient  # noqa: E402
 from linkbreaker_ext.guard import LinkBreaker  # noqa: E402
-from linkbreaker_ext.verdict import ACCEPT, STABILITY_EPS, neighbour  # noqa: E402
+from linkbreaker_ext.verdict import ACCEPT, STABILITY_EPS  # noqa: E402
 from linkbreaker_ext.layers import LATE, expand_mask, unit_views  # noqa: E402
 
 HELDOUT = slice(5000, 10000)
@@ -116,7 +117,7 @@ def stable(guard) -> bool:
 def stability_fall(guard, x, k, log_odds):
     """How far head ``k``'s log-odds (``log_odds`` on ``x``), capped as the guard caps them, fall
     from ``x`` to the guard's neighbours of ``x`` (their mean, with several); differentiable in ``x``."""
-    near, _ = target_head_terms(guard, neighbour(x, guard.stability["noise"], guard.input_range), k)
+    near, _ = target_head_terms(guard, guard.neighbour(x), k)
     cap = torch.logit(torch.tensor(1 - STABILITY_EPS))
     near = near.clamp(-cap, cap).reshape(-1, len(x)).mean(0)  # [M * B] pattern-major -> [B]
     return log_odds.clamp(-cap, cap) - near

@@ -1395,6 +1395,7 @@ def test_stability_ratio_is_the_fall_of_each_heads_log_odds_to_the_fixed_neighbo
     from linkbreaker_ext.fitting import stability_pattern
 
     g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_draws=1)  # one pattern
+    assert "contrast" not in g.stability  # the default: the same noise for every input
     lo, hi = g.input_range
     noise = g.stability["noise"]
     assert noise.shape == g.input_shape
@@ -1455,6 +1456,65 @@ def test_several_neighbours_judge_the_mean_fall_and_survive_save_and_export(guar
         LinkBreaker.load(path, deep_net)
     with pytest.raises(ValueError, match="stability_draws"):
         GuardConfig(stability_draws=0)
+
+
+def scaled_neighbour(g, x, noise):
+    """By hand: ``x`` plus ``noise`` times min(1, x's pixel std / the guard's reference contrast),
+    clamped to the validation range."""
+    scale = (x.flatten(1).std(1) / g.stability["contrast"]).clamp(max=1).view(-1, 1, 1, 1)
+    return (x + noise * scale).clamp(*g.input_range)
+
+
+def test_the_neighbour_noise_shrinks_for_inputs_of_low_contrast_and_never_grows(guard_deep, synth):
+    """With ``stability_contrast`` = q > 0, the reference contrast is the q quantile of the
+    whole validation set's pixel stds; an input of lower contrast gets the patterns scaled down by
+    the ratio (by hand), one of higher contrast gets them whole, and the bound is calibrated on
+    those neighbours."""
+    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_contrast=0.5)
+    fixed = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_contrast=0.0)
+    ref = torch.quantile(synth["x_val"].flatten(1).std(1), 0.5)
+    torch.testing.assert_close(g.stability["contrast"].cpu(), ref)
+    x = synth["x_test"][:20]
+    flat = 0.5 + 0.2 * (x - x.mean())  # the same images at a fifth of their contrast
+    assert (flat.flatten(1).std(1) < ref).all()
+    m = g.config.stability_draws
+    for xs in (x, flat):
+        want = torch.cat([scaled_neighbour(g, xs, n) for n in g.stability["noise"]])
+        torch.testing.assert_close(g.neighbour(xs), want)
+    high = x[x.flatten(1).std(1) >= ref]
+    assert len(high) and torch.equal(g.neighbour(high), fixed.neighbour(high))
+    moved = lambda guard, xs: (guard.neighbour(xs).reshape(m, *xs.shape) - xs).abs().mean()  # noqa: E731
+    assert moved(g, flat) < 0.5 * moved(fixed, flat)
+    # calibrated on those neighbours: the calibration split's falls are the scaled ones'
+    drops, fixed_drops = (h.diagnostics["calibration_stability_drops"] for h in (g, fixed))
+    assert not torch.equal(drops, fixed_drops)
+    assert "contrast" not in fixed.stability
+
+
+def test_a_saved_reference_contrast_round_trips_and_a_bad_one_is_refused(guard_deep, deep_net, synth,
+                                                                        tmp_path):
+    """The reference contrast is saved, loaded and served (``as_module``) with the same answers; a
+    file whose reference is not positive, or that lacks it while its settings name one, is refused."""
+    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_contrast=0.5)
+    path = tmp_path / "g.safetensors"
+    g.save(path)
+    loaded = LinkBreaker.load(path, deep_net)
+    assert torch.equal(loaded.stability["contrast"], g.stability["contrast"])
+    r = g(synth["x_test"])
+    assert_same_result(loaded(synth["x_test"]), r)
+    module = g.as_module()  # the served module scales its neighbours too
+    assert torch.equal(module.stability_contrast, g.stability["contrast"])
+    labels, verdict, _ = module(synth["x_test"])
+    assert torch.equal(labels, r.labels) and torch.equal(verdict, r.verdict)
+    tensors, meta = _file(path)
+    safefiles.write(path, dict(tensors, **{"stability.contrast": torch.tensor(0.0)}), FORMAT, meta)
+    with pytest.raises(safefiles.GuardFileError, match="stability.contrast must be > 0"):
+        LinkBreaker.load(path, deep_net)
+    safefiles.write(path, {k: v for k, v in tensors.items() if k != "stability.contrast"}, FORMAT, meta)
+    with pytest.raises(safefiles.GuardFileError, match="lacks the reference contrast"):
+        LinkBreaker.load(path, deep_net)
+    with pytest.raises(ValueError, match="stability_contrast"):
+        GuardConfig(stability_contrast=1.5)
 
 
 def test_stability_test_turns_away_an_input_whose_neighbour_is_another_class(guard_deep, synth):
