@@ -126,6 +126,18 @@ def test_export_save_load_round_trip(module, guard_deep, synth, tmp_path):
     assert "linkbreaker.guard_head.default" in ops
 
 
+def test_a_guard_with_contrast_scaled_neighbours_exports(guard_deep, synth):
+    """``stability_contrast`` > 0: the reference contrast travels as a buffer of the exported
+    program, whose answers are the guard's."""
+    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_contrast=0.5)
+    x = _inputs(synth)
+    expected = g.as_module()(x)
+    assert_same(expected, g(x))
+    ep = torch.export.export(g.as_module(), (x,))
+    assert "stability_contrast" in dict(ep.named_buffers())
+    assert_identical(ep.module()(x), expected)
+
+
 def test_exported_program_runs_in_a_fresh_process(module, synth, tmp_path):
     x = _inputs(synth)
     expected = module(x)
