@@ -37,6 +37,11 @@ OUT = ROOT / "results" / "dev" / "stability-contrast"
 SETTINGS = ["0.05:0", "0.05:0.5", "0.05:0.75", "0.05:0:quantile", "0.05:0.5:quantile"]
 
 
+def order(setting: str) -> int:
+    """A setting's column: its place in SETTINGS, others after them."""
+    return SETTINGS.index(setting) if setting in SETTINGS else len(SETTINGS)
+
+
 def judge(guard, xc, yc, xt, target, right) -> dict:
     r = guard(xc)
     i = torch.arange(len(yc))
@@ -89,7 +94,7 @@ def main():
                    **judge(g, xc, yc, xt if attack is not None else None, target, right)}
             out["rows"] = [r for r in out["rows"] if r["setting"] != setting] + [row]  # a re-run replaces its row
             print(args.dataset, run, json.dumps(row), flush=True)
-        out["rows"].sort(key=lambda r: SETTINGS.index(r["setting"]) if r["setting"] in SETTINGS else len(SETTINGS))
+        out["rows"].sort(key=lambda r: order(r["setting"]))
         path.write_text(json.dumps(out, indent=1) + "\n")
 
 
@@ -99,8 +104,8 @@ def table() -> str:
     studies = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
     if not studies:
         raise SystemExit(f"no studies in {OUT}")
-    names = list(dict.fromkeys(r["setting"] for d in studies for r in d["rows"]))
-    head = "| model (dev) | " + " | ".join(n for n in names) + " |"
+    names = sorted({r["setting"] for d in studies for r in d["rows"]}, key=order)
+    head = "| model (dev) | " + " | ".join(names) + " |"
     lines = ["Settings: stability_noise : stability_contrast (0 = the same noise for every input) [: "
              "stability_bound, tail unless named].", "",
              "CDA change against the first column (points) / ASR (%) / clean inputs refused by the "
