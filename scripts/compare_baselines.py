@@ -11,7 +11,8 @@ Every defense fits on the same clean validation set (2 % of the training split, 
 input-level detectors hold out half of it to set their threshold at 1 % false rejection. Evaluation
 uses 2,000 clean and 2,000 triggered inputs from the held-out test half (indices 5000-9999), as
 reproduce_mnist.py does. One JSON per (attack, seed, defense) goes to <out>/runs/ (skipped when it
-exists, so an interrupted run resumes); the markdown tables are rebuilt from those JSONs.
+exists, so an interrupted run resumes); the markdown tables are rebuilt from all of the data set's
+JSONs there, this call's and earlier ones' (``--tables-only``: rebuild, run nothing).
 Scoring rules: an input flagged by a detector is an error on clean data and not an attack success
 (the same rule as LinkBreaker's alarms); a repaired model is scored by its labels.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -35,6 +37,9 @@ from linkbreaker_ext.baselines.evaluate import _rate, evaluate_defense  # noqa: 
 
 DEFENSES = ["linkbreaker", "strip", "scale-up", "ibd-psc", "neural-cleanse", "abs", "fine-pruning"]
 DETECTORS = ["linkbreaker", "strip", "scale-up", "ibd-psc"]
+ATTACKS = {"mnist": ["badnets", "trojan-square", "blended", "none"],
+           "cifar10": ["trojan-square", "wanet", "badnets", "blended", "sig", "source-specific", "none"],
+           "gtsrb": ["trojan-watermark", "badnets", "none"]}
 POISONING = {"badnets": "data", "blended": "data", "trojan-square": "model", "trojan-watermark": "model", "none": "clean"}
 
 
@@ -102,7 +107,8 @@ def main():
                    help="load <work>/guards/<attack>-<seed>.safetensors (saved by reproduce) if present")
     p.add_argument("--out", default="results/baselines")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--attacks", nargs="+", default=["badnets", "trojan-square", "blended", "none"])
+    p.add_argument("--attacks", nargs="+", default=None,
+                   help="default: the data set's reproduction attacks (the tables' row order)")
     p.add_argument("--defenses", nargs="+", default=DEFENSES, choices=DEFENSES)
     p.add_argument("--adversarial-attacks", nargs="*", default=["none", "badnets"])
     p.add_argument("--adversarial-n", type=int, default=500)
@@ -111,6 +117,7 @@ def main():
                    help="rebuild the markdown tables from the per-run JSONs that exist; run nothing")
     args = p.parse_args()
     args.work = args.work or f"runs/{args.dataset}"
+    args.attacks = args.attacks or ATTACKS[args.dataset]
     if args.tables_only:
         return write_tables(Path(args.out), args)
     DATASET = args.dataset
@@ -174,6 +181,28 @@ def main():
 
 # ----------------------------------------------------------------------------------------- tables
 
+def present_runs(out: Path, dataset: str, attack_order) -> tuple[list, list, list]:
+    """``(attacks, seeds, adversarial attacks)`` of every per-run JSON under ``<out>/runs/`` for
+    ``dataset``: the tables cover all of them, not only this call's, so a partial run (one attack, one
+    defense) never drops the other rows. Attacks come in ``attack_order`` first, then the rest sorted."""
+    pattern = re.compile(rf"^{re.escape(dataset)}-(.+)-(\d+)-(.+)\.json$")
+    found, seeds, adv = set(), set(), set()
+    for f in (out / "runs").glob(f"{dataset}-*.json"):
+        m = pattern.match(f.name)
+        if not m:
+            continue
+        attack, seed, suffix = m.group(1), int(m.group(2)), m.group(3)
+        if suffix == "adversarial":
+            adv.add(attack)
+        elif suffix in DEFENSES:
+            found.add(attack)
+        else:
+            continue
+        seeds.add(seed)
+    order = [a for a in attack_order if a in found] + sorted(found - set(attack_order))
+    return order, sorted(seeds), [a for a in order if a in adv] + sorted(adv - set(order))
+
+
 def _load(out: Path, dataset, seeds, attacks_, suffix):
     reps = {}
     for a in attacks_:
@@ -218,16 +247,21 @@ CAPABILITIES = [
 
 
 def write_tables(out: Path, args):
-    seeds, attacks_ = args.seeds, args.attacks
+    """``<out>/<dataset>.md`` from every per-run JSON present for the data set (:func:`present_runs`)."""
     DATASET = args.dataset
+    attacks_, seeds, adv_attacks = present_runs(out, DATASET, args.attacks)
+    if not attacks_:
+        raise SystemExit(f"no per-run JSON for {DATASET} under {out / 'runs'}")
     runs = {d: _load(out, DATASET, seeds, attacks_, d) for d in DEFENSES}
-    reuse = " --reuse-guards" if args.reuse_guards else ""
-    if list(args.defenses) != DEFENSES:
-        reuse += f" --defenses {' '.join(args.defenses)}"
+    threads = sorted({r.get("threads", args.threads) for d in runs.values() for reps in d.values() for r in reps})
+    reused = any(r.get("guard_reused") for reps in runs["linkbreaker"].values() for r in reps)
+    reuse = " --reuse-guards" if reused or args.reuse_guards else ""
+    adv_flag = f" --adversarial-attacks {' '.join(adv_attacks)}" if adv_attacks else " --adversarial-attacks"
     lines = [f"# Baselines beside LinkBreaker on {DATASET.upper()}", "",
              f"Generated by `python scripts/compare_baselines.py --dataset {DATASET} --data {args.data} "
-             f"--seeds {' '.join(map(str, seeds))} --attacks {' '.join(attacks_)}{reuse}` "
-             f"({args.threads} thread(s)); per-run JSON in `runs/`. "
+             f"--seeds {' '.join(map(str, seeds))} --attacks {' '.join(attacks_)}{reuse}{adv_flag}` "
+             f"({'/'.join(map(str, threads))} thread(s); the tables cover every per-run JSON in `runs/`, "
+             "so a call for one attack or defense adds its rows; `--tables-only` rebuilds them). "
              "Held-out test half (indices 5000-9999): 2,000 clean and 2,000 triggered inputs (true class "
              "!= target 0). A detector's flag counts as an error on clean inputs and as no attack success "
              "on triggered ones; a repaired model is scored by its labels. Percentages; mean ± sd over seeds "
@@ -286,8 +320,9 @@ def write_tables(out: Path, args):
               "| --- | --- | --- | --- | --- |"]
     lines += [f"| {' | '.join(row)} |" for row in CAPABILITIES]
 
-    t_attack = attacks_[0]
-    lines += ["", f"## Table V (time, {t_attack} model, one run, same machine, {args.threads} thread(s))", "",
+    timed = [a for a in attacks_ if all(a in runs[d] for d in ("linkbreaker", "neural-cleanse", "strip"))]
+    t_attack = (timed or attacks_)[0]  # the first model that every timed ratio can be read on
+    lines += ["", f"## Table V (time, {t_attack} model, one run, same machine, {'/'.join(map(str, threads))} thread(s))", "",
               "| defense | offline s | online ms / input |", "| --- | --- | --- |"]
     tv = {}
     for d in DEFENSES:
@@ -307,7 +342,7 @@ def write_tables(out: Path, args):
                               for k in stages[0])
             lines += ["", f"LinkBreaker's offline time by stage: {parts}."]
 
-    adv = _load(out, DATASET, seeds, args.adversarial_attacks, "adversarial")
+    adv = _load(out, DATASET, seeds, adv_attacks, "adversarial")
     eps = ADV_EPS.get(DATASET, 8 / 255)
     if adv:
         lines += ["", "## Table VI (adversarial examples that fool the bare model)", "",

@@ -264,3 +264,25 @@ def test_abs_stimulates_a_residual_net_at_its_feature_layer():
     inner = dict(net.named_modules())["layer3.2.conv2"]
     with pytest.raises(ValueError, match="choose another layer"):
         d.stimulate(net, inner, x, y, 3)
+
+
+def test_comparison_tables_cover_every_saved_run(tmp_path):
+    """scripts/compare_baselines.py rebuilds its tables from every per-run JSON present, so a call
+    for one attack or one defense adds rows instead of dropping the others' (hyphenated attack and
+    defense names parse)."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "compare_baselines", Path(__file__).resolve().parents[1] / "scripts" / "compare_baselines.py")
+    cb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cb)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for name in ("cifar10-trojan-square-0-neural-cleanse", "cifar10-source-specific-2-ibd-psc",
+                 "cifar10-badnets-0-adversarial", "cifar10-badnets-1-strip", "mnist-blended-0-strip",
+                 "cifar10-wanet-0-notes"):
+        (runs / f"{name}.json").write_text("{}")
+    attacks_, seeds, adv = cb.present_runs(tmp_path, "cifar10", ["badnets", "wanet", "trojan-square"])
+    assert attacks_ == ["badnets", "trojan-square", "source-specific"]  # given order first, then sorted
+    assert seeds == [0, 1, 2]
+    assert adv == ["badnets"]
