@@ -78,12 +78,13 @@ AUGMENT = {"mnist": False, "cifar10": "crop_flip", "gtsrb": "crop"}  # no mirror
 
 
 def train_model(dataset: str, attack, x, y, epochs: int | None = None, seed: int = 0,
-                progress: bool = True, checkpoint=None):
+                progress: bool = True, checkpoint=None, arch: str | None = None):
     """A clean model, a data-poisoned one (BadNets, Blended, source-specific) or a Trojaned one (clean
     training, then Liu et al.'s neuron selection, trigger generation and retraining). ``checkpoint``
-    (a path) makes the training resumable epoch by epoch."""
+    (a path) makes the training resumable epoch by epoch. ``arch``: a key of ``models.MODELS``
+    (default: the paper's architecture for the data set)."""
     torch.manual_seed(seed)
-    model = models.build_model(dataset, data.spec(dataset).num_classes)
+    model = models.build_model(dataset, data.spec(dataset).num_classes, arch)
     if dataset != "mnist":  # measured 2.6x faster for the conv nets on CPU
         model = model.to(memory_format=torch.channels_last)
     epochs = EPOCHS.get(dataset, 10) if epochs is None else epochs
@@ -168,12 +169,17 @@ def redecided(r: GuardResult, ratio=None, inconsistent_verdict: str = "alarm",
 
 
 def model_for(dataset: str, attack_name: str, seed: int, split: dict, work, epochs: int | None = None,
-              progress: bool = True):
+              progress: bool = True, arch: str | None = None):
     """The cached model ``<work>/models/<attack>-<seed>.safetensors``, trained (resumably) if absent.
-    Returns ``(model, attack)``."""
+    ``arch`` (default: the data set's paper architecture) must match a cached model's: one work
+    folder per architecture. Returns ``(model, attack)``."""
+    arch = arch or models.DEFAULT_ARCH.get(dataset)
     path = Path(work) / "models" / f"{attack_name}-{seed}.safetensors"
     if path.is_file():
         model, meta = load_model(path)
+        if model_arch(meta) != arch:
+            raise ValueError(f"{path} is a {model_arch(meta)} model, not {arch}: give each architecture "
+                             "its own work folder (--work)")
         return model, (attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None)
     attack = make_attack(attack_name, target=0, seed=seed, dataset=dataset)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,12 +188,16 @@ def model_for(dataset: str, attack_name: str, seed: int, split: dict, work, epoc
     if isinstance(attack, attacks.TrojanAttack) and clean.is_file():
         # the clean model of this seed is the clean training a Trojan starts from (same data, seed
         # and recipe): plant the Trojan in it instead of training it again (20-30 CPU-minutes)
-        model = plant_trojan(dataset, load_model(clean)[0], attack, split["x_train"], split["y_train"],
+        clean_model, clean_meta = load_model(clean)
+        if model_arch(clean_meta) != arch:
+            raise ValueError(f"{clean} is a {model_arch(clean_meta)} model, not {arch}: give each "
+                             "architecture its own work folder (--work)")
+        model = plant_trojan(dataset, clean_model, attack, split["x_train"], split["y_train"],
                              epochs, seed, progress)
     else:
         model = train_model(dataset, attack, split["x_train"], split["y_train"], epochs, seed, progress,
-                            checkpoint=None if dataset == "mnist" else ckpt)
-    save_model(path, model, {"dataset": dataset, "num_classes": data.spec(dataset).num_classes,
+                            checkpoint=None if dataset == "mnist" else ckpt, arch=arch)
+    save_model(path, model, {"dataset": dataset, "arch": arch, "num_classes": data.spec(dataset).num_classes,
                              "seed": seed, "val_fraction": val_fraction(dataset),
                              "attack": attack.to_dict() if attack else None})
     ckpt.unlink(missing_ok=True)
@@ -199,10 +209,16 @@ def save_model(path, model, meta: dict):
     safefiles.write(path, model.state_dict(), MODEL_KEY, meta)
 
 
+def model_arch(meta: dict) -> str | None:
+    """The architecture a saved model's metadata names (files written before ``arch`` was recorded
+    hold the data set's paper architecture)."""
+    return meta.get("arch") or models.DEFAULT_ARCH.get(meta["dataset"])
+
+
 def load_model(path):
     """``(model, meta)`` from :func:`save_model`'s file (no pickle involved)."""
     state, meta = safefiles.read(path, MODEL_KEY, "linkbreaker model", "model")
-    model = models.build_model(meta["dataset"], meta["num_classes"])
+    model = models.build_model(meta["dataset"], meta["num_classes"], meta.get("arch"))
     model.load_state_dict(state)
     return model.eval(), meta
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import data, experiment, safefiles, training
+from . import data, experiment, models, safefiles, training
 from .fitting import CALIBRATION_FIELDS, data_fingerprint
 from .config import LEGACY_CONFIG, GuardConfig
 from .guard import LinkBreaker
@@ -119,11 +119,13 @@ def report_name(split: str, attack_name: str, seed: int, tag: str | None) -> str
 def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, split: str = "heldout",
             device="cpu", settings: dict | None = None, n_clean: int = 2000, n_trigger: int = 2000,
             epochs: int | None = None, progress: bool = False, tag: str | None = None,
-            validation: str = "train") -> dict:
+            validation: str = "train", arch: str | None = None) -> dict:
     """One run's report (cached in ``<work>/reports``; a ``tag`` names a variant, e.g. an ablation's
     settings, whose reports and guards sit beside the default's and share its models;
-    ``validation``: where the guard's validation set comes from, :func:`experiment.split_data`)."""
+    ``validation``: where the guard's validation set comes from, :func:`experiment.split_data`;
+    ``arch``: the model architecture, default the data set's paper one, one ``work`` per architecture)."""
     settings = dict(settings or {})
+    arch = arch or models.DEFAULT_ARCH.get(dataset)
     path = Path(work) / "reports" / f"{report_name(split, attack_name, seed, tag)}.json"
     # the whole configuration the guard would be fitted with (defaults included): a report made
     # under other defaults is stale and is measured again
@@ -131,6 +133,9 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
     config = _jsonable(dataclasses.asdict(target))
     if path.is_file():
         report = json.loads(path.read_text())
+        if report.get("arch", models.DEFAULT_ARCH.get(dataset)) != arch:
+            raise ValueError(f"{path} was made with a {report.get('arch', models.DEFAULT_ARCH.get(dataset))} "
+                             f"model, not {arch}: give each architecture its own --work folder")
         if report.get("settings", {}) != _jsonable(settings):
             raise ValueError(f"{path} was made with the guard settings {report.get('settings')}, not "
                              f"{_jsonable(settings)}: remove it or use another --work folder")
@@ -140,7 +145,7 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
             return report
     pool = SPLITS[split]
     d = experiment.split_data(dataset, data_source, None, seed, validation=validation)
-    model, attack = experiment.model_for(dataset, attack_name, seed, d, work, epochs, progress)
+    model, attack = experiment.model_for(dataset, attack_name, seed, d, work, epochs, progress, arch)
     model = model.to(device).eval()
     guards = Path(work) / "guards"
     guard_path = guards / f"{attack_name}-{seed}{'-' + tag if tag else ''}.safetensors"
@@ -158,7 +163,7 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
     x_pool, y_pool = d["x_test"][pool], d["y_test"][pool]
     report.update({
         "dataset": dataset, "attack": attack_name, "attack_config": report.get("attack"),
-        "model": type(model).__name__, "defense": "linkbreaker", "seed": seed, "split": split,
+        "model": type(model).__name__, "arch": arch, "defense": "linkbreaker", "seed": seed, "split": split,
         "clean_model_cda": training.accuracy(model, x_pool, y_pool),
         "clean_pool": len(y_pool),
         "layers": list(guard.layers), "late_layer": guard.late_layer,
@@ -281,9 +286,9 @@ def _row(dataset, attack_name, reps, label="", with_target=True) -> str:
     paper = PAPER.get((dataset, attack_name))
     paper_text = f"{paper[0]:g} / {paper[1]:g}" if paper else "-"
     target, verdict = _target_cells(dataset, attack_name, reps)
-    models = ", ".join(sorted({r.get("model", "?") for r in reps}))
+    names = ", ".join(sorted({r.get("model", "?") for r in reps}))
     seeds = " ".join(str(r["seed"]) for r in reps)
-    return (f"| {attack_name}{label} | {models} | {seeds} | {_pct([r['clean_model_cda'] for r in reps])} "
+    return (f"| {attack_name}{label} | {names} | {seeds} | {_pct([r['clean_model_cda'] for r in reps])} "
             f"| {b('asr')} | {a('cda')} | {a('asr')} | {a('cda_strict')} | {a('asr_strict')} "
             f"| {drop} | {a('r_acc')} "
             f"| {a('alarm_rate_clean')} | {a('ood_rate_clean')} | {a('alarm_rate_trigger')} "
@@ -294,7 +299,7 @@ def reproduce(dataset: str, attacks, seeds, *, data_source="../shared/data", wor
               split: str = "heldout", device="cpu", settings: dict | None = None,
               n_clean: int = 2000, n_trigger: int = 2000, epochs: int | None = None,
               results="results", progress: bool = True, tag: str | None = None,
-              trained_only: bool = False, validation: str = "train"):
+              trained_only: bool = False, validation: str = "train", arch: str | None = None):
     """Run every (attack, seed), write the per-run reports and the table; returns
     ``(reports {attack: [report]}, table path)``. ``trained_only``: skip the runs whose model is not
     in ``work`` yet instead of training it (a table from what is there while training goes on)."""
@@ -314,7 +319,7 @@ def reproduce(dataset: str, attacks, seeds, *, data_source="../shared/data", wor
         bar.set_postfix_str(f"{attack_name} seed {seed}")
         rep = run_one(dataset, attack_name, seed, data_source=data_source, work=work, split=split,
                       device=device, settings=settings, n_clean=n_clean, n_trigger=n_trigger,
-                      epochs=epochs, progress=progress, tag=tag, validation=validation)
+                      epochs=epochs, progress=progress, tag=tag, validation=validation, arch=arch)
         reports[attack_name].append(rep)
         runs_dir.mkdir(parents=True, exist_ok=True)
         name = report_name(split, attack_name, seed, tag)

@@ -102,6 +102,34 @@ def test_save_load_model_round_trip(tmp_path):
     assert torch.equal(model.eval()(x), loaded(x))
 
 
+def test_model_files_record_their_architecture(tmp_path):
+    """A model of another architecture than the data set's paper one (Table VII's ResNets) loads as
+    what it is, and a cached model or report of one architecture is never reused for another."""
+    from linkbreaker_ext import models
+    torch.manual_seed(0)
+    model = models.build_model("cifar10", 10, arch="resnet20")
+    experiment.save_model(tmp_path / "models" / "none-0.safetensors", model,
+                          {"dataset": "cifar10", "arch": "resnet20", "num_classes": 10, "seed": 0,
+                           "attack": None})
+    loaded, meta = experiment.load_model(tmp_path / "models" / "none-0.safetensors")
+    assert isinstance(loaded, models.ResNet20) and experiment.model_arch(meta) == "resnet20"
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(model.eval()(x), loaded(x))
+    got, _ = experiment.model_for("cifar10", "none", 0, {}, tmp_path, arch="resnet20", progress=False)
+    assert isinstance(got, models.ResNet20)
+    with pytest.raises(ValueError, match="resnet20 model, not cifarnet.*own work folder"):
+        experiment.model_for("cifar10", "none", 0, {}, tmp_path, progress=False)
+    # files written before the field hold the data set's paper architecture
+    experiment.save_model(tmp_path / "old.safetensors", models.build_model("cifar10", 10),
+                          {"dataset": "cifar10", "num_classes": 10, "seed": 0, "attack": None})
+    old, meta = experiment.load_model(tmp_path / "old.safetensors")
+    assert isinstance(old, models.CifarNet) and experiment.model_arch(meta) == "cifarnet"
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "heldout-none-0.json").write_text(json.dumps({"arch": "resnet20"}))
+    with pytest.raises(ValueError, match="resnet20 model, not cifarnet"):
+        reproduce.run_one("cifar10", "none", 0, data_source="nowhere", work=tmp_path)
+
+
 def test_load_model_rejects_other_files(tmp_path):
     from safetensors.torch import save_file
 
@@ -238,7 +266,8 @@ def tiny_reproduce(monkeypatch, synth, shared_net, backdoored_net):
         assert (dataset, source, val_fraction, validation) == ("mnist", "nowhere", None, "train")
         return {k: v.clone() for k, v in synth.items()}
 
-    def model_for(dataset, attack_name, seed, split, work, epochs=None, progress=True):
+    def model_for(dataset, attack_name, seed, split, work, epochs=None, progress=True, arch=None):
+        assert arch == "mnistnet"  # the data set's paper architecture unless --arch names one
         calls.append((attack_name, seed))
         if attack_name == "none":
             return copy.deepcopy(shared_net), None
