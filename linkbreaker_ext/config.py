@@ -68,6 +68,11 @@ class GuardConfig:
     stability_draws: int = 4        # fixed noise patterns of that std; a head's fall is the mean over
     #                                 them (one pattern's fall is noisy: docs/method.md, "Several
     #                                 neighbours"); each costs one more forward per head mask
+    stability_jitter: float = 0.0   # > 0: each neighbour is also resampled through a fixed random
+    #                                 displacement of up to this many pixels per pixel and axis
+    #                                 (image inputs), before its noise: a trigger that needs exact
+    #                                 geometry, such as WaNet's warp, breaks where clean content holds
+    #                                 (docs/method.md, "A geometric neighbour"). 0 = noise only
     stability_contrast: float = 0.0  # > 0: the patterns shrink, for an input of lower contrast
     #                                 (pixel std) than this quantile of the validation set's, by
     #                                 the ratio of the two, never grow. 0 = the same noise for every
@@ -100,6 +105,11 @@ class GuardConfig:
     batch_rows: int | None = None   # rows (inputs x heads) per batched forward; None: 256 on CPU
                                     # (large conv batches fall out of cache: measured 2x slower), 8192 on GPU
 
+    @property
+    def stability_test(self) -> bool:
+        """Whether the neighbour stability test runs: its neighbours differ from the input."""
+        return self.stability_noise > 0 or self.stability_jitter > 0
+
     def __post_init__(self):
         """Refuse settings that would fit silently wrong, naming the field."""
         def bad(name, why):
@@ -117,7 +127,7 @@ class GuardConfig:
             bad("fractions", "must be an ascending sequence in (0, 1] ending with 1.0")
         for name in ("neighbour_noise", "neighbour_step", "tolerance_in", "tolerance_out",
                      "min_active", "noise_amplitude", "mad_k", "consistency_mad_k", "consistency_margin",
-                     "stability_noise", "stability_floor"):
+                     "stability_noise", "stability_floor", "stability_jitter"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 bad(name, "must be a finite number >= 0")
@@ -160,4 +170,5 @@ class GuardConfig:
 LEGACY_CONFIG = {"consistency_units": "mean", "consistency_center": "class", "consistency_bound": "mad",
                  "consistency_mad_k": 5.0, "stability_noise": 0.0, "stability_bound": "tail",
                  "stability_floor": 0.1, "stability_quantile": None, "ood_hint": "confident",
-                 "stability_draws": 1, "threshold_split": "calibration"}
+                 "stability_draws": 1, "threshold_split": "calibration",
+                 "stability_jitter": 0.0}

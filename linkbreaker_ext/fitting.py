@@ -205,7 +205,8 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
 CALIBRATION_FIELDS = frozenset({"mad_k", "out_quantile", "threshold_floor", "threshold_split", "consistency_mad_k",
                                 "consistency_center", "consistency_bound", "consistency_margin",
                                 "consistency_reduce", "inconsistent_verdict", "ood_hint", "stability_noise", "stability_draws",
-                                "stability_contrast", "stability_bound", "stability_floor", "stability_quantile"})
+                                "stability_contrast", "stability_jitter", "stability_bound", "stability_floor",
+                                "stability_quantile"})
 """The settings of the last stage alone: a fitted guard takes new values of these by
 :func:`recalibrate_guard`, without the neighbours, statistics and set search of a refit."""
 
@@ -225,7 +226,7 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
     calibration split or the whole validation set (``cfg.threshold_split``), and (with a
     consistency profile) each class's typical deviation on the fit split, then the per-layer or
     reduced consistency bounds from the calibration split, and the
-    stability test's noise pattern and bound (``cfg.stability_noise > 0``). Returns the
+    stability test's noise pattern and bound (``cfg.stability_test``). Returns the
     calibration split's confidences and deviations, so other bounds can be studied without a refit.
     ``own``: :func:`_own_units` of the fit split, when the caller has them already."""
     device = guard.device
@@ -261,8 +262,10 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
                 rule=cfg.consistency_bound, margin=cfg.consistency_margin).to(device)
     drops = None
     guard.stability = None
-    if cfg.stability_noise > 0:
+    if cfg.stability_test:
         guard.stability = {"noise": stability_pattern(guard.input_shape, cfg, guard.input_range).to(device)}
+        if cfg.stability_jitter > 0:
+            guard.stability["jitter"] = jitter_grids(guard.input_shape, cfg).to(device)
         if cfg.stability_contrast > 0:  # the reference contrast, from the whole validation set
             guard.stability["contrast"] = torch.quantile(
                 input_contrast(torch.cat([x_fit, x_cal]).float()), cfg.stability_contrast).to(device)
@@ -289,6 +292,22 @@ def stability_pattern(shape, cfg, value_range=None) -> torch.Tensor:
     g = torch.Generator().manual_seed(1_000_003 + cfg.seed)
     m = cfg.stability_draws
     return torch.randn((m, *shape) if m > 1 else tuple(shape), generator=g) * (cfg.stability_noise * span)
+
+
+def jitter_grids(shape, cfg) -> torch.Tensor:
+    """The stability test's fixed displacement fields as ``grid_sample`` grids, ``[M, H, W, 2]``
+    (M = ``cfg.stability_draws``): every pixel moved by a uniform random amount of up to
+    ``cfg.stability_jitter`` pixels per axis, drawn from ``cfg.seed`` (deterministic, like the noise
+    patterns). Image inputs ``[C, H, W]`` only."""
+    if len(shape) != 3 or min(shape[1:]) < 2:
+        raise ValueError(f"stability_jitter={cfg.stability_jitter} resamples images [C, H, W] with H, W "
+                         f">= 2; these inputs are {list(shape)}: set stability_jitter=0")
+    _, h, w = shape
+    g = torch.Generator().manual_seed(2_000_003 + cfg.seed)
+    gy, gx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    pixel = torch.tensor([2 / (w - 1), 2 / (h - 1)])  # one pixel in grid units (align_corners=True)
+    shift = (torch.rand(cfg.stability_draws, h, w, 2, generator=g) * 2 - 1) * cfg.stability_jitter * pixel
+    return (torch.stack([gx, gy], -1) + shift).clamp(-1, 1)
 
 
 def recalibrate_guard(guard, x_val, y_val=None, **overrides):

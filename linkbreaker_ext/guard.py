@@ -272,7 +272,7 @@ class LinkBreaker:
 
     def _guard(self, x: torch.Tensor) -> GuardResult:
         consistency = self.config.consistency and self.profile
-        stable = self.stability is not None and self.config.stability_noise > 0
+        stable = self.stability is not None and self.config.stability_test
         if not (consistency or stable):
             conf, labels, verdict = self.head_confidences(x)
             return GuardResult(labels, verdict, conf, self.thresholds)
@@ -287,10 +287,11 @@ class LinkBreaker:
         return GuardResult(labels, verdict, conf, self.thresholds, ratio, unstable)
 
     def neighbour(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` plus the guard's fixed noise pattern, inside the validation set's value range
+        """``x`` (resampled through the guard's fixed displacement grids, with ``stability_jitter``)
+        plus the guard's fixed noise pattern, inside the validation set's value range
         (``[M * B, ...]``, pattern-major, with ``stability_draws`` = M > 1)."""
         return neighbour(x.to(self.device), self.stability["noise"], self.input_range,
-                         self.stability.get("contrast"))
+                         self.stability.get("contrast"), self.stability.get("jitter"))
 
     def stability_ratios(self, x: torch.Tensor, conf: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, N]``: how far each head's own-class log-odds fall from ``x`` to its neighbour,
@@ -400,11 +401,18 @@ class LinkBreaker:
             expected.update({"stability.noise": (draws, *shape) if draws else tuple(shape), "stability.bound": ()})
             if "stability.contrast" in tensors:
                 expected["stability.contrast"] = ()
+            if "stability.jitter" in tensors:  # one sampling grid per neighbour, images only
+                if len(shape) != 3:
+                    raise Err(f"{path}: stability.jitter resamples images [C, H, W], but the guard's "
+                              f"inputs are {shape}")
+                expected["stability.jitter"] = (draws or 1, *shape[1:], 2)
         safefiles.check_shapes(tensors, expected, path)
         safefiles.check_tensor_ranges(tensors, path)
         for name in ("bound", "contrast"):  # a bound <= 0 would invert the test, a contrast <= 0 divide by 0
             if f"stability.{name}" in tensors and not float(tensors[f"stability.{name}"]) > 0:
                 raise Err(f"{path}: stability.{name} must be > 0, got {float(tensors[f'stability.{name}']):g}")
+        if "stability.jitter" in tensors and not bool((tensors["stability.jitter"].abs() <= 1).all()):
+            raise Err(f"{path}: stability.jitter holds sampling grids, which must lie in [-1, 1]")
         fields = {f.name for f in dataclasses.fields(GuardConfig)}
         raw = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items() if k in fields}
         # settings a file from an earlier release does not record keep the meaning they had then
@@ -412,9 +420,14 @@ class LinkBreaker:
         pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         try:
             config = GuardConfig(**raw)
-            if stable != (config.stability_noise > 0):
-                raise ValueError(f"stability_noise={config.stability_noise} but the file "
+            if stable != config.stability_test:
+                raise ValueError(f"stability_noise={config.stability_noise}, stability_jitter="
+                                 f"{config.stability_jitter} but the file "
                                  f"{'has' if stable else 'lacks'} the stability test's tensors")
+            jittered = "stability.jitter" in tensors
+            if stable and jittered != (config.stability_jitter > 0):
+                raise ValueError(f"stability_jitter={config.stability_jitter} but the file "
+                                 f"{'has' if jittered else 'lacks'} the displacement grids")
             scaled = "stability.contrast" in tensors
             if stable and scaled != (config.stability_contrast > 0):
                 raise ValueError(f"stability_contrast={config.stability_contrast} but the file "

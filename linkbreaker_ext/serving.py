@@ -196,7 +196,7 @@ class GuardedModule(nn.Module):
         self.input_range = guard.input_range
         self.num_heads = int(guard.num_heads)
         self.consistency = bool(cfg.consistency and guard.profile)
-        self.stable = guard.stability is not None and cfg.stability_noise > 0
+        self.stable = guard.stability is not None and cfg.stability_test
         self.draws = cfg.stability_draws  # neighbours per input (stability test)
         self.reduce = cfg.consistency_reduce
         self.inconsistent_verdict = cfg.inconsistent_verdict
@@ -252,6 +252,8 @@ class GuardedModule(nn.Module):
             self.register_buffer("stability_bound", guard.stability["bound"].float().to(device))
             contrast = guard.stability.get("contrast")  # None: the same noise for every input
             self.register_buffer("stability_contrast", None if contrast is None else contrast.float().to(device))
+            jitter = guard.stability.get("jitter")  # None: the noise alone makes the neighbours
+            self.register_buffer("stability_jitter", None if jitter is None else jitter.float().to(device))
 
     @staticmethod
     @torch.no_grad()
@@ -309,7 +311,8 @@ class GuardedModule(nn.Module):
     def _chunk(self, x):
         b, r = x.shape[0], self.rows
         if self.stable:  # the input and its neighbour(s) (stability test) in one forward
-            x = torch.cat([x, neighbour(x, self.stability_noise, self.input_range, self.stability_contrast)])
+            x = torch.cat([x, neighbour(x, self.stability_noise, self.input_range, self.stability_contrast,
+                                        self.stability_jitter)])
         rows = x.repeat_interleave(r, dim=0) if r > 1 else x
         late, *acts = self.body(rows)
         late = late.reshape(x.shape[0], r, -1)

@@ -8,6 +8,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 ACCEPT, ALARM, OOD = 0, 1, 2
 
@@ -136,18 +137,26 @@ def stability_falls(conf: torch.Tensor, conf_neighbour: torch.Tensor) -> torch.T
 
 
 def neighbour(x: torch.Tensor, noise: torch.Tensor, value_range=None,
-              contrast: torch.Tensor | None = None) -> torch.Tensor:
+              contrast: torch.Tensor | None = None, jitter: torch.Tensor | None = None) -> torch.Tensor:
     """The input's neighbour for the stability test: ``x`` plus the guard's fixed noise pattern,
     kept inside the validation set's value range. With M patterns (``noise`` of shape ``[M,
     *input_shape]``), the M neighbours of every input, pattern-major: ``[M * B, ...]``. With a
     reference ``contrast`` (0-d), an input whose own contrast (:func:`input_contrast`) is lower gets the
     pattern scaled down by their ratio: a dark, flat image is not drowned by noise that a
-    well-lit one shrugs off (docs/method.md, "Noise to the input's contrast")."""
+    well-lit one shrugs off (docs/method.md, "Noise to the input's contrast"). With ``jitter``
+    (``[M, H, W, 2]`` sampling grids), the m-th neighbour is the input resampled through the m-th
+    grid (bilinear, edges repeated), then its noise added (docs/method.md, "A geometric neighbour")."""
     if noise.dim() == x.dim():  # M patterns, [M, 1, *input_shape] against the batch
         noise = noise.unsqueeze(1)
     if contrast is not None:
         noise = noise * (input_contrast(x) / contrast).clamp(max=1.0).view(-1, *([1] * (x.dim() - 1)))
-    xn = x + noise
+    base = x
+    if jitter is not None:  # [M, B, *input_shape], pattern-major like the noise
+        m, b = jitter.shape[0], x.shape[0]
+        grids = jitter.to(x.dtype).unsqueeze(1).expand(m, b, *jitter.shape[1:]).flatten(0, 1)
+        base = F.grid_sample(x.repeat(m, 1, 1, 1), grids, mode="bilinear", padding_mode="border",
+                             align_corners=True).view(m, *x.shape)
+    xn = base + noise
     xn = xn.flatten(0, 1) if xn.dim() > x.dim() else xn
     return xn if value_range is None else xn.clamp(value_range[0], value_range[1])
 

@@ -111,7 +111,7 @@ def check_surrogate(guard, x, k):
 
 
 def stable(guard) -> bool:
-    return guard.stability is not None and guard.config.stability_noise > 0
+    return guard.stability is not None and guard.config.stability_test
 
 
 def stability_fall(guard, x, k, log_odds):
