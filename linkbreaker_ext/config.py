@@ -64,7 +64,8 @@ class GuardConfig:
     #                                 to every input, as a share of the validation set's value range; a
     #                                 head whose own-class log-odds fall further on that neighbour than
     #                                 clean inputs' do (the consistency bounds' rule) is not credible.
-    #                                 0 = off (docs/method.md, "A warp that noise undoes")
+    #                                 0 = no noise; the test is off when stability_jitter is 0 too
+    #                                 (docs/method.md, "A warp that noise undoes")
     stability_draws: int = 4        # fixed noise patterns of that std; a head's fall is the mean over
     #                                 them (one pattern's fall is noisy: docs/method.md, "Several
     #                                 neighbours"); each costs one more forward per head mask

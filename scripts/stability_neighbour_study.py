@@ -44,7 +44,8 @@ DEV = slice(0, 5000)
 STUDIES = {
     "contrast": (["0.05:0", "0.05:0.5", "0.05:0.75", "0.05:0:quantile", "0.05:0.5:quantile"],
                  "The stability test's noise scaled to each input's contrast (dev)"),
-    "jitter": (["0.05:0", "0.05:0:tail:0.5", "0:0:tail:0.5", "0.05:0:tail:1", "0.05:0:quantile:0.5"],
+    "jitter": (["0.05:0", "0.05:0:tail:0.5", "0.05:0:tail:1", "0:0:tail:0.5", "0:0:tail:0.3",
+                "0:0:quantile:0.5"],
                "A geometric neighbour: the stability test's inputs resampled through a fixed jitter (dev)"),
 }
 

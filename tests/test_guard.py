@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import (ACTIVE, FAST, NUM_CLASSES, SHAPE, add_trigger, make_deep_net, make_images,
                       make_net)
 from linkbreaker_ext import (ACCEPT, ALARM, OOD, GuardConfig, GuardResult, LinkBreaker, calibrate,
-                             data, guard_head, guard_head_reference, safefiles, search)
+                             data, fitting, guard_head, guard_head_reference, safefiles, search)
 from linkbreaker_ext.fitting import blank_input
 from linkbreaker_ext.guard import FORMAT, FORMAT_VERSION
-from linkbreaker_ext.verdict import vote
+from linkbreaker_ext.verdict import neighbour, vote
 from linkbreaker_ext.layers import INPUT, LATE, auto_layers
 
 HAS_CUDA = torch.cuda.is_available()
@@ -1515,6 +1515,67 @@ def test_a_saved_reference_contrast_round_trips_and_a_bad_one_is_refused(guard_d
         LinkBreaker.load(path, deep_net)
     with pytest.raises(ValueError, match="stability_contrast"):
         GuardConfig(stability_contrast=1.5)
+
+
+def test_jittered_neighbours_resample_the_input_through_fixed_grids(guard_deep, synth):
+    """With ``stability_jitter`` = a > 0, the m-th neighbour is the input resampled (bilinear, edges
+    repeated) through the m-th fixed grid, every pixel moved by at most a pixels per axis, then its
+    noise pattern added (by hand, and a whole-pixel grid reproduces a shifted image); the grids come
+    from the seed, and the bound is calibrated on these neighbours."""
+    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_jitter=0.5)
+    plain = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_jitter=0.0)
+    _, h, w = SHAPE
+    m = g.config.stability_draws
+    grids = g.stability["jitter"].cpu()
+    assert grids.shape == (m, h, w, 2) and "jitter" not in plain.stability
+    gy, gx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    moved = (grids - torch.stack([gx, gy], -1)) * torch.tensor([(w - 1) / 2, (h - 1) / 2])
+    assert moved.abs().max() <= 0.5 + 1e-5 and moved.abs().mean() > 0.1  # pixels
+    x = synth["x_test"][:20]
+    want = torch.cat([(torch.nn.functional.grid_sample(x, grid.expand(len(x), -1, -1, -1), mode="bilinear",
+                                                       padding_mode="border", align_corners=True)
+                       + n).clamp(*g.input_range) for grid, n in zip(grids, g.stability["noise"].cpu())])
+    torch.testing.assert_close(g.neighbour(x).cpu(), want)
+    # a grid moving every pixel by exactly one to the right reads each pixel's left neighbour
+    one = (torch.stack([gx, gy], -1) - torch.tensor([2 / (w - 1), 0.0])).clamp(-1, 1)
+    shifted = neighbour(x, torch.zeros(1, *SHAPE), None, None, one[None])
+    torch.testing.assert_close(shifted[..., 1:], x[..., :-1])
+    assert torch.equal(g.stability["jitter"], guard_deep.recalibrate(
+        synth["x_val"], synth["y_val"], stability_jitter=0.5).stability["jitter"])  # from the seed
+    assert not torch.equal(g.diagnostics["calibration_stability_drops"],
+                           plain.diagnostics["calibration_stability_drops"])
+    # the jitter alone makes a stability test, without noise
+    alone = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_jitter=0.5, stability_noise=0.0)
+    assert alone.config.stability_test and alone(x).stability is not None
+    assert not guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_noise=0.0).config.stability_test
+
+
+def test_jitter_grids_round_trip_and_bad_ones_are_refused(guard_deep, deep_net, synth, tmp_path):
+    """The grids are saved, loaded and served (``as_module``) with the same answers; a file whose
+    grids leave [-1, 1], or that lacks them while its settings name a jitter, is refused; inputs
+    that are not images cannot be jittered."""
+    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_jitter=0.5)
+    path = tmp_path / "g.safetensors"
+    g.save(path)
+    loaded = LinkBreaker.load(path, deep_net)
+    assert torch.equal(loaded.stability["jitter"], g.stability["jitter"])
+    r = g(synth["x_test"])
+    assert_same_result(loaded(synth["x_test"]), r)
+    module = g.as_module()
+    assert torch.equal(module.stability_jitter, g.stability["jitter"])
+    labels, verdict, _ = module(synth["x_test"])
+    assert torch.equal(labels, r.labels) and torch.equal(verdict, r.verdict)
+    tensors, meta = _file(path)
+    safefiles.write(path, dict(tensors, **{"stability.jitter": 1.5 * tensors["stability.jitter"]}), FORMAT, meta)
+    with pytest.raises(safefiles.GuardFileError, match="must lie in \\[-1, 1\\]"):
+        LinkBreaker.load(path, deep_net)
+    safefiles.write(path, {k: v for k, v in tensors.items() if k != "stability.jitter"}, FORMAT, meta)
+    with pytest.raises(safefiles.GuardFileError, match="lacks the displacement grids"):
+        LinkBreaker.load(path, deep_net)
+    with pytest.raises(ValueError, match="stability_jitter"):
+        GuardConfig(stability_jitter=-1.0)
+    with pytest.raises(ValueError, match="stability_jitter=0.5 resamples images"):
+        fitting.jitter_grids((10,), GuardConfig(stability_jitter=0.5))
 
 
 def test_stability_test_turns_away_an_input_whose_neighbour_is_another_class(guard_deep, synth):

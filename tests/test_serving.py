@@ -138,6 +138,18 @@ def test_a_guard_with_contrast_scaled_neighbours_exports(guard_deep, synth):
     assert_identical(ep.module()(x), expected)
 
 
+def test_a_guard_with_jittered_neighbours_exports(guard_deep, synth):
+    """``stability_jitter`` > 0: the displacement grids travel as a buffer of the exported program
+    (the resampling is part of its graph), whose answers are the guard's."""
+    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_jitter=0.5)
+    x = _inputs(synth)
+    expected = g.as_module()(x)
+    assert_same(expected, g(x))
+    ep = torch.export.export(g.as_module(), (x,))
+    assert "stability_jitter" in dict(ep.named_buffers())
+    assert_identical(ep.module()(x), expected)
+
+
 def test_exported_program_runs_in_a_fresh_process(module, synth, tmp_path):
     x = _inputs(synth)
     expected = module(x)
