@@ -6,6 +6,8 @@ tail (``experiment.TEST_TAIL``, where there is one).
 
     python scripts/validation_gap.py --dataset gtsrb --run none-0
     # writes results/dev/<dataset>/validation-gap-<run>.json
+    python scripts/validation_gap.py --dataset cifar10 --run none-0 --work runs/cifar10-e40 --tag e40
+    # another training recipe's model (its own work folder): validation-gap-<run>-<tag>.json
 """
 from __future__ import annotations
 
@@ -34,13 +36,17 @@ def main():
     p.add_argument("--dataset", default="gtsrb")
     p.add_argument("--run", default="none-0", help="<attack>-<seed> under runs/<dataset>/models/")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--work", default=None, help="models folder's parent (default: runs/<dataset>)")
+    p.add_argument("--tag", default=None, help="suffix of the JSON's name (another recipe's model)")
     args = p.parse_args()
     torch.set_num_threads(1)
     seed = int(args.run.rsplit("-", 1)[1])
     split = experiment.split_data(args.dataset, args.data, None, seed)
-    model, _ = experiment.load_model(ROOT / "runs" / args.dataset / "models" / f"{args.run}.safetensors")
+    work = Path(args.work) if args.work else ROOT / "runs" / args.dataset
+    model, meta = experiment.load_model(work / "models" / f"{args.run}.safetensors")
     model.eval()
-    out = {"dataset": args.dataset, "run": args.run,
+    out = {"dataset": args.dataset, "run": args.run, "work": str(args.work or f"runs/{args.dataset}"),
+           "arch": experiment.model_arch(meta),
            "validation": summary(model, split["x_val"], split["y_val"]),
            "test_dev": summary(model, split["x_test"][:5000], split["y_test"][:5000])}
     start = experiment.TEST_TAIL.get(args.dataset)
@@ -49,7 +55,8 @@ def main():
     for k in ("validation", "test_dev", "test_tail"):
         if k in out:
             print(f"{k}: n={out[k]['n']} accuracy {100 * out[k]['accuracy']:.2f} %")
-    path = ROOT / "results" / "dev" / args.dataset / f"validation-gap-{args.run}.json"
+    name = f"validation-gap-{args.run}{'-' + args.tag if args.tag else ''}.json"
+    path = ROOT / "results" / "dev" / args.dataset / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
 
