@@ -223,8 +223,10 @@ def _verdict(target, reps, suffix):
     return text, "met (" + ", ".join(slack) + ")"
 
 
-def table(dataset: str, split: str, reports: dict, tag: str | None = None, validation: str = "train") -> str:
-    """The markdown table for ``{attack: [report per seed]}``."""
+def table(dataset: str, split: str, reports: dict, tag: str | None = None, validation: str = "train",
+          options: str = "") -> str:
+    """The markdown table for ``{attack: [report per seed]}``; ``options``: the rest of the command
+    line that regenerates it (another architecture, recipe or folders)."""
     lines = [
         f"# LinkBreaker on {dataset} ({split} half of the test split)",
         "",
@@ -275,7 +277,7 @@ def table(dataset: str, split: str, reports: dict, tag: str | None = None, valid
               f"Per-run reports: `runs/{dataset}/{split}-<attack>-<seed>{'-' + tag if tag else ''}.json`. "
               f"Regenerate: `linkbreaker reproduce --dataset {dataset} --split {split} "
               f"--attacks {' '.join(reports)} --seeds {seeds}{sets}{' --tag ' + tag if tag else ''}"
-              f"{'' if validation == 'train' else ' --validation ' + validation}`."]
+              f"{'' if validation == 'train' else ' --validation ' + validation}{options}`."]
     return "\n".join(lines) + "\n"
 
 
@@ -326,5 +328,9 @@ def reproduce(dataset: str, attacks, seeds, *, data_source="../shared/data", wor
         shutil.copyfile(work / "reports" / f"{name}.json", runs_dir / f"{name}.json")
     out = Path(results) / f"{dataset}-{split}{'-' + tag if tag else ''}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table(dataset, split, reports, tag, validation))
+    options = "".join(f" --{name} {value}" for name, value in (
+        ("arch", arch), ("epochs", epochs),
+        ("work", work if work != Path("runs") / dataset else None),
+        ("results", results if str(results) != "results" else None)) if value is not None)
+    out.write_text(table(dataset, split, reports, tag, validation, options))
     return reports, out
