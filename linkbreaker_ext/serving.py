@@ -23,7 +23,8 @@ The call
     and 1 for a guard fitted with ``use_early=False``. With R = 1 the fused op shares one row's late
     features between the heads (``[B, D]`` features): one model forward plus the op. With the
     stability test on (the default), each input's M neighbours (the input plus each of the guard's
-    ``stability_draws`` fixed noise patterns) run in the same batch: (1 + M)R rows per input. The late masking, heads, softmax and
+    ``stability_draws`` fixed noise patterns, resampled first through its fixed displacement grids
+    with ``stability_jitter``) run in the same batch: (1 + M)R rows per input. The late masking, heads, softmax and
     confidence test run in the fused ``torch.ops.linkbreaker.guard_head``; the consistency and
     stability vetoes and the OOD hint are :func:`linkbreaker_ext.verdict.decide`, as in ``guard(x)``.
 
