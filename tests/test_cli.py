@@ -43,6 +43,11 @@ def test_parser_subcommands():
                       "--set", "neighbours=0", "--set", "fractions=(0.5, 1.0)", "--n-clean", "7"])
     assert (a.seeds, a.split, a.device, a.data, a.work, a.n_clean) == ([4, 5], "dev", "cpu", "d", "w", 7)
     assert reproduce.parse_settings(a.set) == {"neighbours": 0, "fractions": (0.5, 1.0)}
+    assert a.arch is None  # the data set's paper architecture
+    assert p.parse_args(["reproduce", "--dataset", "gtsrb", "--attacks", "none", "--arch", "resnet18"]).arch == "resnet18"
+    assert p.parse_args(["train", "--out", "m", "--arch", "resnet20"]).arch == "resnet20"
+    with pytest.raises(SystemExit):  # an architecture the project does not have
+        p.parse_args(["reproduce", "--dataset", "gtsrb", "--attacks", "none", "--arch", "vgg"])
     assert reproduce.parse_settings(["fill=mean", "out_quantile=None", "fractions=[0.5]"]) == {
         "fill": "mean", "out_quantile": None, "fractions": (0.5,)}
 
