@@ -176,10 +176,7 @@ def model_for(dataset: str, attack_name: str, seed: int, split: dict, work, epoc
     arch = arch or models.DEFAULT_ARCH.get(dataset)
     path = Path(work) / "models" / f"{attack_name}-{seed}.safetensors"
     if path.is_file():
-        model, meta = load_model(path)
-        if model_arch(meta) != arch:
-            raise ValueError(f"{path} is a {model_arch(meta)} model, not {arch}: give each architecture "
-                             "its own work folder (--work)")
+        model, meta = _load_cached(path, arch)
         return model, (attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None)
     attack = make_attack(attack_name, target=0, seed=seed, dataset=dataset)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,11 +185,7 @@ def model_for(dataset: str, attack_name: str, seed: int, split: dict, work, epoc
     if isinstance(attack, attacks.TrojanAttack) and clean.is_file():
         # the clean model of this seed is the clean training a Trojan starts from (same data, seed
         # and recipe): plant the Trojan in it instead of training it again (20-30 CPU-minutes)
-        clean_model, clean_meta = load_model(clean)
-        if model_arch(clean_meta) != arch:
-            raise ValueError(f"{clean} is a {model_arch(clean_meta)} model, not {arch}: give each "
-                             "architecture its own work folder (--work)")
-        model = plant_trojan(dataset, clean_model, attack, split["x_train"], split["y_train"],
+        model = plant_trojan(dataset, _load_cached(clean, arch)[0], attack, split["x_train"], split["y_train"],
                              epochs, seed, progress)
     else:
         model = train_model(dataset, attack, split["x_train"], split["y_train"], epochs, seed, progress,
@@ -202,6 +195,16 @@ def model_for(dataset: str, attack_name: str, seed: int, split: dict, work, epoc
                              "attack": attack.to_dict() if attack else None})
     ckpt.unlink(missing_ok=True)
     return model, attack
+
+
+def _load_cached(path, arch: str):
+    """:func:`load_model` of a cached model, refused when it is of another architecture than the
+    run asks for."""
+    model, meta = load_model(path)
+    if model_arch(meta) != arch:
+        raise ValueError(f"{path} is a {model_arch(meta)} model, not {arch}: give each architecture "
+                         "its own work folder (--work)")
+    return model, meta
 
 
 def save_model(path, model, meta: dict):

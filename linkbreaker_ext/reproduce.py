@@ -133,9 +133,10 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
     config = _jsonable(dataclasses.asdict(target))
     if path.is_file():
         report = json.loads(path.read_text())
-        if report.get("arch", models.DEFAULT_ARCH.get(dataset)) != arch:
-            raise ValueError(f"{path} was made with a {report.get('arch', models.DEFAULT_ARCH.get(dataset))} "
-                             f"model, not {arch}: give each architecture its own --work folder")
+        made_with = report.get("arch", models.DEFAULT_ARCH.get(dataset))  # older reports: the default
+        if made_with != arch:
+            raise ValueError(f"{path} was made with a {made_with} model, not {arch}: give each "
+                             "architecture its own --work folder")
         if report.get("settings", {}) != _jsonable(settings):
             raise ValueError(f"{path} was made with the guard settings {report.get('settings')}, not "
                              f"{_jsonable(settings)}: remove it or use another --work folder")

@@ -9,8 +9,9 @@ Here the same fall is measured, on the bare model and its own answer, for other 
 * ``blur``, ``down2`` (half resolution and back), ``shift1`` (one pixel), ``bright`` (+0.1),
   ``contrast`` (x0.8), ``noise<s>`` (Gaussian, std s): corruptions of the kind TeCo (CVPR 2023)
   compares, whose robustness differs between clean and triggered inputs;
-* ``jitter<a>``: every pixel displaced by a fixed random amount of up to ``a`` pixels per axis
-  (bilinear): WaNet's noise mode teaches the model that its warp plus such a jitter is no trigger;
+* ``jitter<a>``: the guard's jittered neighbour (``stability_jitter=a``, one grid, no noise): every
+  pixel displaced by a fixed random amount of up to ``a`` pixels per axis (bilinear); WaNet's noise
+  mode teaches the model that its warp plus such a jitter is no trigger;
 * ``spread``: the standard deviation of a sample's falls over the corruptions (TeCo's idea:
   triggered inputs resist some corruptions and not others).
 
@@ -38,6 +39,9 @@ sys.path.insert(0, str(ROOT))
 from linkbreaker_ext import experiment  # noqa: E402
 from linkbreaker_ext.data import stratified_split  # noqa: E402
 from linkbreaker_ext.metrics import auroc  # noqa: E402
+from linkbreaker_ext.config import GuardConfig  # noqa: E402
+from linkbreaker_ext.fitting import jitter_grids  # noqa: E402
+from linkbreaker_ext.verdict import neighbour  # noqa: E402
 
 DEV = slice(0, 5000)
 ROWS = 250
@@ -65,22 +69,10 @@ def corruptions(x):
     }
     for s in (0.03, 0.06):
         out[f"noise{s}"] = (x + torch.randn(x.shape[1:], generator=g) * s).clamp(0, 1)
-    for a in (0.5, 1.0):
-        out[f"jitter{a}"] = jitter(x, a, g)
+    for a in (0.5, 1.0):  # the guard's own jittered neighbour (one grid, no noise)
+        grids = jitter_grids(x.shape[1:], GuardConfig(stability_jitter=a, stability_draws=1))
+        out[f"jitter{a}"] = neighbour(x, torch.zeros(x.shape[1:]), None, None, grids)
     return out
-
-
-def jitter(x, pixels: float, generator):
-    """A fixed random displacement of up to ``pixels`` per pixel and axis, bilinear resampling:
-    the geometric counterpart of the noise neighbour (WaNet's noise mode trains its "cross"
-    samples, the trigger's warp plus such a jitter of up to half a pixel, to keep their labels)."""
-    _, _, h, w = x.shape
-    gy, gx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
-    step = torch.tensor([2 / (w - 1), 2 / (h - 1)])  # one pixel in grid units (align_corners=True)
-    shift = (torch.rand(h, w, 2, generator=generator) * 2 - 1) * pixels * step
-    grid = (torch.stack([gx, gy], -1) + shift).clamp(-1, 1)
-    return F.grid_sample(x, grid.expand(len(x), -1, -1, -1), mode="bilinear", padding_mode="border",
-                         align_corners=True)
 
 
 def falls(model, x, eps_list):

@@ -1491,21 +1491,28 @@ def test_the_neighbour_noise_shrinks_for_inputs_of_low_contrast_and_never_grows(
     assert "contrast" not in fixed.stability
 
 
+def assert_neighbour_state_round_trips(g, name, path, net, synth):
+    """``g.stability[name]`` (what shapes the stability neighbours) is saved and loaded unchanged, the
+    loaded guard answers as ``g`` does, and ``as_module`` serves it as the buffer
+    ``stability_<name>`` with the same answers."""
+    g.save(path)
+    loaded = LinkBreaker.load(path, net)
+    assert torch.equal(loaded.stability[name], g.stability[name])
+    r = g(synth["x_test"])
+    assert_same_result(loaded(synth["x_test"]), r)
+    module = g.as_module()
+    assert torch.equal(getattr(module, f"stability_{name}"), g.stability[name])
+    labels, verdict, _ = module(synth["x_test"])
+    assert torch.equal(labels, r.labels) and torch.equal(verdict, r.verdict)
+
+
 def test_a_saved_reference_contrast_round_trips_and_a_bad_one_is_refused(guard_deep, deep_net, synth,
                                                                         tmp_path):
     """The reference contrast is saved, loaded and served (``as_module``) with the same answers; a
     file whose reference is not positive, or that lacks it while its settings name one, is refused."""
     g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_contrast=0.5)
     path = tmp_path / "g.safetensors"
-    g.save(path)
-    loaded = LinkBreaker.load(path, deep_net)
-    assert torch.equal(loaded.stability["contrast"], g.stability["contrast"])
-    r = g(synth["x_test"])
-    assert_same_result(loaded(synth["x_test"]), r)
-    module = g.as_module()  # the served module scales its neighbours too
-    assert torch.equal(module.stability_contrast, g.stability["contrast"])
-    labels, verdict, _ = module(synth["x_test"])
-    assert torch.equal(labels, r.labels) and torch.equal(verdict, r.verdict)
+    assert_neighbour_state_round_trips(g, "contrast", path, deep_net, synth)
     tensors, meta = _file(path)
     safefiles.write(path, dict(tensors, **{"stability.contrast": torch.tensor(0.0)}), FORMAT, meta)
     with pytest.raises(safefiles.GuardFileError, match="stability.contrast must be > 0"):
@@ -1556,15 +1563,7 @@ def test_jitter_grids_round_trip_and_bad_ones_are_refused(guard_deep, deep_net, 
     that are not images cannot be jittered."""
     g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_jitter=0.5)
     path = tmp_path / "g.safetensors"
-    g.save(path)
-    loaded = LinkBreaker.load(path, deep_net)
-    assert torch.equal(loaded.stability["jitter"], g.stability["jitter"])
-    r = g(synth["x_test"])
-    assert_same_result(loaded(synth["x_test"]), r)
-    module = g.as_module()
-    assert torch.equal(module.stability_jitter, g.stability["jitter"])
-    labels, verdict, _ = module(synth["x_test"])
-    assert torch.equal(labels, r.labels) and torch.equal(verdict, r.verdict)
+    assert_neighbour_state_round_trips(g, "jitter", path, deep_net, synth)
     tensors, meta = _file(path)
     safefiles.write(path, dict(tensors, **{"stability.jitter": 1.5 * tensors["stability.jitter"]}), FORMAT, meta)
     with pytest.raises(safefiles.GuardFileError, match="must lie in \\[-1, 1\\]"):

@@ -126,27 +126,17 @@ def test_export_save_load_round_trip(module, guard_deep, synth, tmp_path):
     assert "linkbreaker.guard_head.default" in ops
 
 
-def test_a_guard_with_contrast_scaled_neighbours_exports(guard_deep, synth):
-    """``stability_contrast`` > 0: the reference contrast travels as a buffer of the exported
-    program, whose answers are the guard's."""
-    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_contrast=0.5)
+@pytest.mark.parametrize("setting", ["stability_contrast", "stability_jitter"])
+def test_a_guard_with_shaped_neighbours_exports(guard_deep, synth, setting):
+    """``stability_contrast`` > 0 (a reference contrast) or ``stability_jitter`` > 0 (displacement
+    grids, the resampling part of the graph): what shapes the neighbours travels as a buffer of the
+    exported program, whose answers are the guard's."""
+    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], **{setting: 0.5})
     x = _inputs(synth)
     expected = g.as_module()(x)
     assert_same(expected, g(x))
     ep = torch.export.export(g.as_module(), (x,))
-    assert "stability_contrast" in dict(ep.named_buffers())
-    assert_identical(ep.module()(x), expected)
-
-
-def test_a_guard_with_jittered_neighbours_exports(guard_deep, synth):
-    """``stability_jitter`` > 0: the displacement grids travel as a buffer of the exported program
-    (the resampling is part of its graph), whose answers are the guard's."""
-    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_jitter=0.5)
-    x = _inputs(synth)
-    expected = g.as_module()(x)
-    assert_same(expected, g(x))
-    ep = torch.export.export(g.as_module(), (x,))
-    assert "stability_jitter" in dict(ep.named_buffers())
+    assert setting in dict(ep.named_buffers())
     assert_identical(ep.module()(x), expected)
 
 
