@@ -78,34 +78,36 @@ AUGMENT = {"mnist": False, "cifar10": "crop_flip", "gtsrb": "crop"}  # no mirror
 
 
 def train_model(dataset: str, attack, x, y, epochs: int | None = None, seed: int = 0,
-                progress: bool = True, checkpoint=None, arch: str | None = None):
+                progress: bool = True, checkpoint=None, arch: str | None = None, recipe: str = "adam"):
     """A clean model, a data-poisoned one (BadNets, Blended, source-specific) or a Trojaned one (clean
     training, then Liu et al.'s neuron selection, trigger generation and retraining). ``checkpoint``
     (a path) makes the training resumable epoch by epoch. ``arch``: a key of ``models.MODELS``
-    (default: the paper's architecture for the data set)."""
+    (default: the paper's architecture for the data set); ``recipe``: a key of
+    ``training.RECIPES``."""
     torch.manual_seed(seed)
     model = models.build_model(dataset, data.spec(dataset).num_classes, arch)
     if dataset != "mnist":  # measured 2.6x faster for the conv nets on CPU
         model = model.to(memory_format=torch.channels_last)
     epochs = EPOCHS.get(dataset, 10) if epochs is None else epochs
     kw = dict(epochs=epochs, seed=seed, progress=progress, augment=AUGMENT.get(dataset, False),
-              checkpoint=checkpoint)
+              checkpoint=checkpoint, recipe=recipe)
     if attack is None:
         return training.train_classifier(model, x, y, desc="train clean", **kw)
     if isinstance(attack, attacks.TrojanAttack):
         training.train_classifier(model, x, y, desc="train clean", **kw)
-        return plant_trojan(dataset, model, attack, x, y, epochs, seed, progress)
+        return plant_trojan(dataset, model, attack, x, y, epochs, seed, progress, recipe)
     return attack.train_backdoored(model, x, y, desc=f"train {attack.name}", **kw)
 
 
 def plant_trojan(dataset: str, model, attack, x, y, epochs: int | None = None, seed: int = 0,
-                 progress: bool = True):
+                 progress: bool = True, recipe: str = "adam"):
     """Liu et al.'s Trojan planted in a trained clean ``model`` (changed in place and returned), with
     the recipe's retraining: a quarter of the clean training's epochs, at least one."""
     epochs = EPOCHS.get(dataset, 10) if epochs is None else epochs
     if dataset != "mnist":  # as train_model trains the conv nets (faster on CPU)
         model = model.to(memory_format=torch.channels_last)
-    return attack.poison_model(model, x, y, epochs=max(1, epochs // 4), seed=seed, progress=progress)
+    return attack.poison_model(model, x, y, epochs=max(1, epochs // 4), seed=seed, progress=progress,
+                               recipe=recipe)
 
 
 def eval_sets(attack, x_test, y_test, n_clean: int = 2000, n_trigger: int = 2000, seed: int = 0,
@@ -169,14 +171,14 @@ def redecided(r: GuardResult, ratio=None, inconsistent_verdict: str = "alarm",
 
 
 def model_for(dataset: str, attack_name: str, seed: int, split: dict, work, epochs: int | None = None,
-              progress: bool = True, arch: str | None = None):
+              progress: bool = True, arch: str | None = None, recipe: str = "adam"):
     """The cached model ``<work>/models/<attack>-<seed>.safetensors``, trained (resumably) if absent.
-    ``arch`` (default: the data set's paper architecture) must match a cached model's: one work
-    folder per architecture. Returns ``(model, attack)``."""
+    ``arch`` (default: the data set's paper architecture) and the training ``recipe`` must match a
+    cached model's: one work folder per architecture and recipe. Returns ``(model, attack)``."""
     arch = arch or models.DEFAULT_ARCH.get(dataset)
     path = Path(work) / "models" / f"{attack_name}-{seed}.safetensors"
     if path.is_file():
-        model, meta = _load_cached(path, arch)
+        model, meta = _load_cached(path, arch, recipe)
         return model, (attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None)
     attack = make_attack(attack_name, target=0, seed=seed, dataset=dataset)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,25 +187,28 @@ def model_for(dataset: str, attack_name: str, seed: int, split: dict, work, epoc
     if isinstance(attack, attacks.TrojanAttack) and clean.is_file():
         # the clean model of this seed is the clean training a Trojan starts from (same data, seed
         # and recipe): plant the Trojan in it instead of training it again (20-30 CPU-minutes)
-        model = plant_trojan(dataset, _load_cached(clean, arch)[0], attack, split["x_train"], split["y_train"],
-                             epochs, seed, progress)
+        model = plant_trojan(dataset, _load_cached(clean, arch, recipe)[0], attack, split["x_train"],
+                             split["y_train"], epochs, seed, progress, recipe)
     else:
         model = train_model(dataset, attack, split["x_train"], split["y_train"], epochs, seed, progress,
-                            checkpoint=None if dataset == "mnist" else ckpt, arch=arch)
-    save_model(path, model, {"dataset": dataset, "arch": arch, "num_classes": data.spec(dataset).num_classes,
+                            checkpoint=None if dataset == "mnist" else ckpt, arch=arch, recipe=recipe)
+    save_model(path, model, {"dataset": dataset, "arch": arch, "recipe": recipe, "num_classes": data.spec(dataset).num_classes,
                              "seed": seed, "val_fraction": val_fraction(dataset),
                              "attack": attack.to_dict() if attack else None})
     ckpt.unlink(missing_ok=True)
     return model, attack
 
 
-def _load_cached(path, arch: str):
-    """:func:`load_model` of a cached model, refused when it is of another architecture than the
-    run asks for."""
+def _load_cached(path, arch: str, recipe: str = "adam"):
+    """:func:`load_model` of a cached model, refused when it is of another architecture or training
+    recipe than the run asks for."""
     model, meta = load_model(path)
     if model_arch(meta) != arch:
         raise ValueError(f"{path} is a {model_arch(meta)} model, not {arch}: give each architecture "
                          "its own work folder (--work)")
+    if model_recipe(meta) != recipe:
+        raise ValueError(f"{path} was trained with the {model_recipe(meta)} recipe, not {recipe}: give "
+                         "each training recipe its own work folder (--work)")
     return model, meta
 
 
@@ -216,6 +221,12 @@ def model_arch(meta: dict) -> str | None:
     """The architecture a saved model's metadata names (files written before ``arch`` was recorded
     hold the data set's paper architecture)."""
     return meta.get("arch") or models.DEFAULT_ARCH.get(meta["dataset"])
+
+
+def model_recipe(meta: dict) -> str:
+    """The training recipe a saved model's metadata names (files written before ``recipe`` was
+    recorded were all trained with Adam)."""
+    return meta.get("recipe", "adam")
 
 
 def load_model(path):

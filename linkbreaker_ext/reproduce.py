@@ -119,11 +119,12 @@ def report_name(split: str, attack_name: str, seed: int, tag: str | None) -> str
 def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, split: str = "heldout",
             device="cpu", settings: dict | None = None, n_clean: int = 2000, n_trigger: int = 2000,
             epochs: int | None = None, progress: bool = False, tag: str | None = None,
-            validation: str = "train", arch: str | None = None) -> dict:
+            validation: str = "train", arch: str | None = None, recipe: str = "adam") -> dict:
     """One run's report (cached in ``<work>/reports``; a ``tag`` names a variant, e.g. an ablation's
     settings, whose reports and guards sit beside the default's and share its models;
     ``validation``: where the guard's validation set comes from, :func:`experiment.split_data`;
-    ``arch``: the model architecture, default the data set's paper one, one ``work`` per architecture)."""
+    ``arch``: the model architecture, default the data set's paper one; ``recipe``: the training
+    recipe, ``training.RECIPES``; one ``work`` per architecture and recipe)."""
     settings = dict(settings or {})
     arch = arch or models.DEFAULT_ARCH.get(dataset)
     path = Path(work) / "reports" / f"{report_name(split, attack_name, seed, tag)}.json"
@@ -137,6 +138,9 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
         if made_with != arch:
             raise ValueError(f"{path} was made with a {made_with} model, not {arch}: give each "
                              "architecture its own --work folder")
+        if report.get("recipe", "adam") != recipe:  # older reports: Adam, the only recipe then
+            raise ValueError(f"{path} was made with a model of the {report.get('recipe', 'adam')} "
+                             f"recipe, not {recipe}: give each recipe its own --work folder")
         if report.get("settings", {}) != _jsonable(settings):
             raise ValueError(f"{path} was made with the guard settings {report.get('settings')}, not "
                              f"{_jsonable(settings)}: remove it or use another --work folder")
@@ -146,7 +150,7 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
             return report
     pool = SPLITS[split]
     d = experiment.split_data(dataset, data_source, None, seed, validation=validation)
-    model, attack = experiment.model_for(dataset, attack_name, seed, d, work, epochs, progress, arch)
+    model, attack = experiment.model_for(dataset, attack_name, seed, d, work, epochs, progress, arch, recipe)
     model = model.to(device).eval()
     guards = Path(work) / "guards"
     guard_path = guards / f"{attack_name}-{seed}{'-' + tag if tag else ''}.safetensors"
@@ -164,7 +168,7 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
     x_pool, y_pool = d["x_test"][pool], d["y_test"][pool]
     report.update({
         "dataset": dataset, "attack": attack_name, "attack_config": report.get("attack"),
-        "model": type(model).__name__, "arch": arch, "defense": "linkbreaker", "seed": seed, "split": split,
+        "model": type(model).__name__, "arch": arch, "recipe": recipe, "defense": "linkbreaker", "seed": seed, "split": split,
         "clean_model_cda": training.accuracy(model, x_pool, y_pool),
         "clean_pool": len(y_pool),
         "layers": list(guard.layers), "late_layer": guard.late_layer,
@@ -302,7 +306,8 @@ def reproduce(dataset: str, attacks, seeds, *, data_source="../shared/data", wor
               split: str = "heldout", device="cpu", settings: dict | None = None,
               n_clean: int = 2000, n_trigger: int = 2000, epochs: int | None = None,
               results="results", progress: bool = True, tag: str | None = None,
-              trained_only: bool = False, validation: str = "train", arch: str | None = None):
+              trained_only: bool = False, validation: str = "train", arch: str | None = None,
+              recipe: str = "adam"):
     """Run every (attack, seed), write the per-run reports and the table; returns
     ``(reports {attack: [report]}, table path)``. ``trained_only``: skip the runs whose model is not
     in ``work`` yet instead of training it (a table from what is there while training goes on)."""
@@ -322,7 +327,8 @@ def reproduce(dataset: str, attacks, seeds, *, data_source="../shared/data", wor
         bar.set_postfix_str(f"{attack_name} seed {seed}")
         rep = run_one(dataset, attack_name, seed, data_source=data_source, work=work, split=split,
                       device=device, settings=settings, n_clean=n_clean, n_trigger=n_trigger,
-                      epochs=epochs, progress=progress, tag=tag, validation=validation, arch=arch)
+                      epochs=epochs, progress=progress, tag=tag, validation=validation, arch=arch,
+                      recipe=recipe)
         reports[attack_name].append(rep)
         runs_dir.mkdir(parents=True, exist_ok=True)
         name = report_name(split, attack_name, seed, tag)
@@ -330,7 +336,7 @@ def reproduce(dataset: str, attacks, seeds, *, data_source="../shared/data", wor
     out = Path(results) / f"{dataset}-{split}{'-' + tag if tag else ''}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     options = "".join(f" --{name} {value}" for name, value in (
-        ("arch", arch), ("epochs", epochs),
+        ("arch", arch), ("recipe", recipe if recipe != "adam" else None), ("epochs", epochs),
         ("work", work if work != Path("runs") / dataset else None),
         ("results", results if str(results) != "results" else None)) if value is not None)
     out.write_text(table(dataset, split, reports, tag, validation, options))

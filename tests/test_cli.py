@@ -135,6 +135,36 @@ def test_model_files_record_their_architecture(tmp_path):
         reproduce.run_one("cifar10", "none", 0, data_source="nowhere", work=tmp_path)
 
 
+def test_model_files_record_their_training_recipe(tmp_path):
+    """A model trained with the SGD recipe is never reused by a run that asks for Adam, nor the
+    reverse; files and reports written before the field were Adam's."""
+    from linkbreaker_ext import models
+    model = models.build_model("cifar10", 10)
+    experiment.save_model(tmp_path / "models" / "none-0.safetensors", model,
+                          {"dataset": "cifar10", "recipe": "sgd", "num_classes": 10, "seed": 0, "attack": None})
+    got, _ = experiment.model_for("cifar10", "none", 0, {}, tmp_path, recipe="sgd", progress=False)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(model.eval()(x), got(x))  # the same recipe: the cached model is reused
+    assert experiment.model_recipe(experiment.load_model(tmp_path / "models" / "none-0.safetensors")[1]) == "sgd"
+    with pytest.raises(ValueError, match="sgd recipe, not adam.*own work folder"):
+        experiment.model_for("cifar10", "none", 0, {}, tmp_path, progress=False)
+    old = tmp_path / "old"
+    experiment.save_model(old / "models" / "none-0.safetensors", model,
+                          {"dataset": "cifar10", "num_classes": 10, "seed": 0, "attack": None})
+    assert experiment.model_recipe(experiment.load_model(old / "models" / "none-0.safetensors")[1]) == "adam"
+    with pytest.raises(ValueError, match="adam recipe, not sgd"):
+        experiment.model_for("cifar10", "none", 0, {}, old, recipe="sgd", progress=False)
+    (old / "reports").mkdir()
+    (old / "reports" / "heldout-none-0.json").write_text(json.dumps({"arch": "cifarnet"}))
+    with pytest.raises(ValueError, match="adam recipe, not sgd"):
+        reproduce.run_one("cifar10", "none", 0, data_source="nowhere", work=old, recipe="sgd")
+    p = cli.build_parser()
+    assert p.parse_args(["train", "--out", "m"]).recipe == "adam"
+    assert p.parse_args(["reproduce", "--dataset", "cifar10", "--attacks", "none", "--recipe", "sgd"]).recipe == "sgd"
+    with pytest.raises(SystemExit):
+        p.parse_args(["train", "--out", "m", "--recipe", "rmsprop"])
+
+
 def test_load_model_rejects_other_files(tmp_path):
     from safetensors.torch import save_file
 
@@ -271,8 +301,10 @@ def tiny_reproduce(monkeypatch, synth, shared_net, backdoored_net):
         assert (dataset, source, val_fraction, validation) == ("mnist", "nowhere", None, "train")
         return {k: v.clone() for k, v in synth.items()}
 
-    def model_for(dataset, attack_name, seed, split, work, epochs=None, progress=True, arch=None):
+    def model_for(dataset, attack_name, seed, split, work, epochs=None, progress=True, arch=None,
+                  recipe="adam"):
         assert arch == "mnistnet"  # the data set's paper architecture unless --arch names one
+        assert recipe == "adam"  # the project's recipe unless --recipe names another
         calls.append((attack_name, seed))
         if attack_name == "none":
             return copy.deepcopy(shared_net), None

@@ -148,3 +148,27 @@ def test_crop_only_augmentation_never_mirrors():
         from linkbreaker_ext import training
         training.train_classifier(torch.nn.Linear(2, 2), torch.zeros(4, 2), torch.zeros(4).long(),
                                   augment="mirror", progress=False)
+
+
+def test_sgd_recipe_trains_and_decays_weights_only():
+    """The SGD recipe (issue #6's accuracy target) learns a separable toy problem, applies weight decay
+    to weight matrices and kernels but not to BatchNorm and biases, and skips frozen parameters; an
+    unknown recipe is refused by name."""
+    from linkbreaker_ext import training
+    torch.manual_seed(0)
+    x = torch.randn(256, 4)
+    y = (x[:, 0] > 0).long()
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    before = training.accuracy(net, x, y)
+    training.train_classifier(net, x, y, epochs=4, batch_size=32, recipe="sgd", progress=False)
+    assert training.accuracy(net, x, y) > max(before, 0.9)
+    net[0].bias.requires_grad_(False)
+    opt, lr = training.make_optimizer(net, "sgd")
+    assert lr == training.RECIPES["sgd"]["lr"] and isinstance(opt, torch.optim.SGD)
+    decayed, plain = opt.param_groups
+    assert {id(p) for p in decayed["params"]} == {id(net[0].weight), id(net[3].weight)}
+    assert decayed["weight_decay"] == 5e-4 and plain["weight_decay"] == 0.0
+    assert id(net[0].bias) not in {id(p) for g in opt.param_groups for p in g["params"]}
+    assert training.make_optimizer(net, "adam", lr=0.5)[1] == 0.5
+    with pytest.raises(ValueError, match="unknown training recipe 'rmsprop'.*adam"):
+        training.train_classifier(net, x, y, recipe="rmsprop", progress=False)

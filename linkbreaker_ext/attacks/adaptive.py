@@ -59,9 +59,10 @@ class AdaptivePatch(BadNets):
         self.momentum = float(momentum)
 
     def train_backdoored(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 5,
-                         batch_size: int = 128, lr: float = 3e-3, seed: int = 0, progress: bool = True,
-                         augment=False, checkpoint=None, desc: str | None = None) -> nn.Module:
-        """Train ``model`` (Adam, one-cycle, as :func:`training.train_classifier`) and the trigger
+                         batch_size: int = 128, lr: float | None = None, seed: int = 0,
+                         progress: bool = True, augment=False, checkpoint=None, desc: str | None = None,
+                         recipe: str = "adam") -> nn.Module:
+        """Train ``model`` (``recipe``'s optimiser, one-cycle, as :func:`training.train_classifier`) and the trigger
         (Adam at ``trigger_lr`` on its logits) jointly; the learned trigger is kept (``to_dict``
         saves it)."""
         if checkpoint is not None:
@@ -79,7 +80,7 @@ class AdaptivePatch(BadNets):
         start = start.expand(c, side, side) if start.dim() == 2 else start
         theta = torch.logit(start.float().clamp(0.1, 0.9)).to(device).requires_grad_(True)
         g = torch.Generator().manual_seed(seed)
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        opt, lr = training.make_optimizer(model, recipe, lr)
         opt_t = torch.optim.Adam([theta], lr=self.trigger_lr)
         steps = epochs * ((len(x) + batch_size - 1) // batch_size)
         schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
