@@ -26,9 +26,13 @@ Inputs: the held-out half of the test split (indices 5000-9999), ``--n`` trigger
 true class is not the target and ``--n`` clean ones, drawn as ``experiment.eval_sets`` draws them.
 
     python scripts/adaptive_attack.py --dataset cifar10 --attacks badnets blended wanet
+    python scripts/adaptive_attack.py --dataset cifar10 --attacks wanet-noise --guard-tag jitter
     python scripts/adaptive_attack.py --table          # results/adaptive/adaptive.md
 
-Writes ``results/adaptive/<dataset>-<attack>-0.json``.
+Writes ``results/adaptive/<dataset>-<attack>-0[-<tag>].json``. ``--guard-tag`` attacks a variant guard
+that ``linkbreaker reproduce --tag`` saved beside the default (``<attack>-0-<tag>.safetensors``), e.g. the
+stability test's geometric neighbours (``--tag jitter --set stability_noise=0.0 --set
+stability_jitter=0.5``): the attacker differentiates through the guard's own resampling grids.
 """
 from __future__ import annotations
 
@@ -159,14 +163,15 @@ def judged(guard, x, k):
             "ood": (r.verdict == 2).double().mean().item()}
 
 
-def run(dataset, attack_name, n, eps_list, steps, source, without_stability=False):
+def run(dataset, attack_name, n, eps_list, steps, source, without_stability=False, guard_tag=None):
     work = ROOT / "runs" / dataset
     split = experiment.split_data(dataset, source, None, 0)
     model, meta = experiment.load_model(work / "models" / f"{attack_name}-0.safetensors")
     backdoor = experiment.attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None
-    guard = LinkBreaker.load(work / "guards" / f"{attack_name}-0.safetensors", model)
+    tag = f"-{guard_tag}" if guard_tag else ""
+    guard = LinkBreaker.load(work / "guards" / f"{attack_name}-0{tag}.safetensors", model)
     if without_stability:  # the same guard with the test switched off: what the test itself adds
-        guard.config = dataclasses.replace(guard.config, stability_noise=0.0)
+        guard.config = dataclasses.replace(guard.config, stability_noise=0.0, stability_jitter=0.0)
     xc, yc, xt, _, k = experiment.eval_sets(backdoor, split["x_test"], split["y_test"], 4 * n, n, 0,
                                             HELDOUT)
     xc = xc[yc != k][:n]  # clean inputs of other classes: the attack with no trigger to help it
@@ -191,10 +196,12 @@ def run(dataset, attack_name, n, eps_list, steps, source, without_stability=Fals
               "guard_config": {f: getattr(guard.config, f) for f in ("consistency_bound",
                                                                    "consistency_mad_k",
                                                                    "consistency_margin",
-                                                                   "stability_noise")},
+                                                                   "stability_noise",
+                                                                   "stability_jitter")},
+              "guard_tag": guard_tag,
               "rows": rows}
     OUT.mkdir(parents=True, exist_ok=True)
-    suffix = "-without-stability" if without_stability else ""
+    suffix = tag + ("-without-stability" if without_stability else "")
     (OUT / f"{dataset}-{attack_name}-0{suffix}.json").write_text(json.dumps(report, indent=2))
 
 
@@ -208,16 +215,23 @@ def table():
              "inputs of other classes (no trigger). *bare*: the unguarded model's answer is the "
              "target. Percentages.", "",
              "*stability*: whether the guard had the neighbour stability test (and the attacker its "
-             "hinge); *no*: rows that predate the test; *switched off*: the same saved guard as the "
-             "*yes* row with the test off (`--without-stability`), the test's own effect.", "",
+             "hinge): *noise*, the default Gaussian neighbours; *jitter*, the geometric neighbours "
+             "of the `jitter` variant guard (`--guard-tag jitter`); *no*: rows that predate the "
+             "test; *switched off*: the same saved guard as a test row with the test off "
+             "(`--without-stability`), the test's own effect.", "",
              "| model | stability | eps | triggered: bare | answered | accepted | alarm | OOD | clean: bare | answered | accepted |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for path in sorted(OUT.glob("*-0.json")) + sorted(OUT.glob("*-0-without-stability.json")):
+    for path in sorted(OUT.glob("*-0*.json"), key=lambda q: (q.stem.endswith("without-stability"), q.stem)):
         rep = json.loads(path.read_text())
+        if "rows" not in rep:  # the Fig. 14 training runs share the folder
+            continue
+        cfg = rep["guard_config"]
+        tests = [name for name, field in (("noise", "stability_noise"), ("jitter", "stability_jitter"))
+                 if cfg.get(field, 0) > 0]
+        test = " + ".join(tests) if tests else (
+            "switched off" if path.stem.endswith("without-stability") else "no")
         for r in rep["rows"]:
             t, c = r["triggered"], r["clean"]
-            test = "yes" if rep["guard_config"].get("stability_noise", 0) > 0 else (
-                "switched off" if path.stem.endswith("without-stability") else "no")
             lines.append(f"| {rep['dataset']} {rep['attack']} | {test} | {r['eps_255']:g}/255 | "
                          f"{100 * t['bare_model_target']:.1f} | {100 * t['target_answer']:.1f} | "
                          f"{100 * t['target_accepted']:.1f} | {100 * t['alarm']:.1f} | {100 * t['ood']:.1f} | "
@@ -238,6 +252,8 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--without-stability", action="store_true",
                    help="switch the saved guard's stability test off (the ablation of the test)")
+    p.add_argument("--guard-tag", default=None,
+                   help="attack the variant guard <attack>-0-<tag>.safetensors (linkbreaker reproduce --tag)")
     p.add_argument("--table", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -246,7 +262,7 @@ def main():
     torch.manual_seed(0)
     for a in args.attacks:
         run(args.dataset, a, args.n, [e / 255 for e in args.eps], args.steps, args.data,
-            args.without_stability)
+            args.without_stability, args.guard_tag)
     table()
 
 
