@@ -286,3 +286,15 @@ def test_comparison_tables_cover_every_saved_run(tmp_path):
     assert attacks_ == ["badnets", "trojan-square", "source-specific"]  # given order first, then sorted
     assert seeds == [0, 1, 2]
     assert adv == ["badnets"]
+    # Table V compares timings measured in one call: a defense added to a model later does not make
+    # that model the timing one
+    one = {"call": "2026-01-01T00:00Z"}
+    later = {"call": "2026-02-01T00:00Z"}
+    runs_ = {"linkbreaker": {"badnets": [one], "wanet": [one]}, "strip": {"badnets": [one], "wanet": [one]},
+             "neural-cleanse": {"badnets": [later], "wanet": [one]}}
+    assert cb.timing_attack(runs_, ["badnets", "wanet"]) == "wanet"
+    runs_["neural-cleanse"]["badnets"] = [one]
+    assert cb.timing_attack(runs_, ["badnets", "wanet"]) == "badnets"
+    del runs_["neural-cleanse"]["wanet"]
+    runs_["neural-cleanse"]["badnets"] = [later]  # no model timed in one call: the first complete one
+    assert cb.timing_attack(runs_, ["wanet", "badnets"]) == "badnets"
