@@ -670,15 +670,16 @@ def test_plant_trojan_retrains_a_quarter_of_the_recipe(monkeypatch, dataset, epo
     from linkbreaker_ext import experiment
     seen = {}
 
-    def fake_poison(self, model, x, y, epochs, seed, progress):
-        seen.update(epochs=epochs, seed=seed, channels_last=model[0].weight.is_contiguous(
+    def fake_poison(self, model, x, y, epochs, seed, progress, recipe):
+        seen.update(epochs=epochs, seed=seed, recipe=recipe, channels_last=model[0].weight.is_contiguous(
             memory_format=torch.channels_last))
         return model
 
     monkeypatch.setattr(TrojanAttack, "poison_model", fake_poison)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
-    out = experiment.plant_trojan(dataset, net, TrojanAttack(), None, None, epochs, seed=5)
+    out = experiment.plant_trojan(dataset, net, TrojanAttack(), None, None, epochs, seed=5, recipe="sgd")
     assert out is net and seen["epochs"] == expected and seen["seed"] == 5
+    assert seen["recipe"] == "sgd"  # the retraining uses the clean training's recipe
     assert seen["channels_last"] == (dataset != "mnist")
 
 
@@ -693,9 +694,9 @@ def test_a_trojan_starts_from_the_cached_clean_model_of_its_seed(monkeypatch, tm
                           {"dataset": "mnist", "num_classes": 10, "seed": 3, "attack": None})
     seen = {}
 
-    def fake_poison(self, model, x, y, epochs, seed, progress):
+    def fake_poison(self, model, x, y, epochs, seed, progress, recipe):
         seen["first"] = next(model.parameters()).detach().clone()
-        seen["seed"] = seed
+        seen["seed"], seen["recipe"] = seed, recipe
         return model
 
     def no_training(*a, **k):
@@ -705,7 +706,7 @@ def test_a_trojan_starts_from_the_cached_clean_model_of_its_seed(monkeypatch, tm
     monkeypatch.setattr(experiment, "train_model", no_training)
     split = {"x_train": torch.zeros(4, 1, 28, 28), "y_train": torch.zeros(4, dtype=torch.long)}
     model, attack = experiment.model_for("mnist", "trojan-square", 3, split, tmp_path, progress=False)
-    assert isinstance(attack, TrojanAttack) and seen["seed"] == 3
+    assert isinstance(attack, TrojanAttack) and seen["seed"] == 3 and seen["recipe"] == "adam"
     assert torch.equal(seen["first"], next(clean.parameters()).detach())
     assert (tmp_path / "models" / "trojan-square-3.safetensors").is_file()
     with pytest.raises(AssertionError, match="trained"):  # another seed has no cached clean model
