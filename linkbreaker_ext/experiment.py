@@ -200,16 +200,22 @@ def model_for(dataset: str, attack_name: str, seed: int, split: dict, work, epoc
 
 
 def _load_cached(path, arch: str, recipe: str = "adam"):
-    """:func:`load_model` of a cached model, refused when it is of another architecture or training
-    recipe than the run asks for."""
+    """:func:`load_model` of a cached model, refused when :func:`check_made_with` refuses it."""
     model, meta = load_model(path)
-    if model_arch(meta) != arch:
-        raise ValueError(f"{path} is a {model_arch(meta)} model, not {arch}: give each architecture "
-                         "its own work folder (--work)")
-    if model_recipe(meta) != recipe:
-        raise ValueError(f"{path} was trained with the {model_recipe(meta)} recipe, not {recipe}: give "
-                         "each training recipe its own work folder (--work)")
+    check_made_with(path, meta, arch, recipe)
     return model, meta
+
+
+def check_made_with(path, meta: dict, arch: str, recipe: str):
+    """Refuse a cached model or report (``meta``: its metadata, with ``dataset``) made with another
+    architecture or training recipe than the run asks for: one work folder per architecture and
+    recipe."""
+    if model_arch(meta) != arch:
+        raise ValueError(f"{path} was made with a {model_arch(meta)} model, not {arch}: give each "
+                         "architecture its own work folder (--work)")
+    if model_recipe(meta) != recipe:
+        raise ValueError(f"{path} was made with the {model_recipe(meta)} recipe, not {recipe}: give "
+                         "each training recipe its own work folder (--work)")
 
 
 def save_model(path, model, meta: dict):
@@ -218,14 +224,14 @@ def save_model(path, model, meta: dict):
 
 
 def model_arch(meta: dict) -> str | None:
-    """The architecture a saved model's metadata names (files written before ``arch`` was recorded
-    hold the data set's paper architecture)."""
+    """The architecture a saved model's (or report's) metadata names (files written before ``arch``
+    was recorded hold the data set's paper architecture)."""
     return meta.get("arch") or models.DEFAULT_ARCH.get(meta["dataset"])
 
 
 def model_recipe(meta: dict) -> str:
-    """The training recipe a saved model's metadata names (files written before ``recipe`` was
-    recorded were all trained with Adam)."""
+    """The training recipe a saved model's (or report's) metadata names (files written before
+    ``recipe`` was recorded were all trained with Adam)."""
     return meta.get("recipe", "adam")
 
 

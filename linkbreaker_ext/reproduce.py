@@ -134,13 +134,7 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
     config = _jsonable(dataclasses.asdict(target))
     if path.is_file():
         report = json.loads(path.read_text())
-        made_with = report.get("arch", models.DEFAULT_ARCH.get(dataset))  # older reports: the default
-        if made_with != arch:
-            raise ValueError(f"{path} was made with a {made_with} model, not {arch}: give each "
-                             "architecture its own --work folder")
-        if report.get("recipe", "adam") != recipe:  # older reports: Adam, the only recipe then
-            raise ValueError(f"{path} was made with a model of the {report.get('recipe', 'adam')} "
-                             f"recipe, not {recipe}: give each recipe its own --work folder")
+        experiment.check_made_with(path, {"dataset": dataset, **report}, arch, recipe)
         if report.get("settings", {}) != _jsonable(settings):
             raise ValueError(f"{path} was made with the guard settings {report.get('settings')}, not "
                              f"{_jsonable(settings)}: remove it or use another --work folder")
