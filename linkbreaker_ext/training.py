@@ -74,8 +74,10 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
     steps = epochs * ((len(x) + batch_size - 1) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
     first = 0
+    made_with = {"recipe": recipe, "epochs": epochs, "lr": lr, "batch_size": batch_size}
     if checkpoint is not None and os.path.isfile(checkpoint):
         state = torch.load(checkpoint, weights_only=True)  # tensors and plain containers only
+        _check_resumable(checkpoint, state, made_with)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         schedule.load_state_dict(state["schedule"])
@@ -105,10 +107,25 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
                 tmp = f"{checkpoint}.tmp"
                 torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
                             "schedule": schedule.state_dict(), "generator": g.get_state(),
-                            "epoch": epoch + 1}, tmp)
+                            "epoch": epoch + 1, "made_with": made_with}, tmp)
                 os.replace(tmp, checkpoint)
     model.eval()
     return model
+
+
+def _check_resumable(path, state: dict, made_with: dict) -> None:
+    """Refuse to resume a checkpoint of another run: another recipe's optimiser state, or another
+    length, whose one-cycle schedule would stop early or overrun. Checkpoints from before the
+    record are judged by their optimiser (Adam has one parameter group, SGD two)."""
+    saved = state.get("made_with")
+    if saved is None:
+        groups = len(state["opt"].get("param_groups", []))
+        saved = {"recipe": "adam" if groups == 1 else "sgd"}
+    diff = {k: (saved[k], made_with[k]) for k in saved if k in made_with and saved[k] != made_with[k]}
+    if diff:
+        what = ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in diff.items())
+        raise ValueError(f"checkpoint {path} belongs to another training run ({what}): resume it with "
+                         f"its own settings, or delete it (or use another --work) to train afresh")
 
 
 @torch.no_grad()

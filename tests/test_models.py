@@ -172,3 +172,33 @@ def test_sgd_recipe_trains_and_decays_weights_only():
     assert training.make_optimizer(net, "adam", lr=0.5)[1] == 0.5
     with pytest.raises(ValueError, match="unknown training recipe 'rmsprop'.*adam"):
         training.train_classifier(net, x, y, recipe="rmsprop", progress=False)
+
+
+def test_a_checkpoint_resumes_only_the_run_that_wrote_it(tmp_path):
+    """A finished checkpoint resumes to the same weights without training; one written with another
+    recipe or length is refused by name (another optimiser's state, or a one-cycle schedule that
+    would stop early or overrun), including checkpoints written before runs were recorded."""
+    from linkbreaker_ext import training
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    ckpt = tmp_path / "run.ckpt"
+
+    def net():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    first = training.train_classifier(net(), x, y, epochs=2, batch_size=16, progress=False, checkpoint=ckpt)
+    again = training.train_classifier(net(), x, y, epochs=2, batch_size=16, progress=False, checkpoint=ckpt)
+    for a, b in zip(first.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="another training run.*recipe='adam' there, 'sgd' here"):
+        training.train_classifier(net(), x, y, epochs=2, batch_size=16, recipe="sgd", progress=False,
+                                  checkpoint=ckpt)
+    with pytest.raises(ValueError, match="epochs=2 there, 3 here"):
+        training.train_classifier(net(), x, y, epochs=3, batch_size=16, progress=False, checkpoint=ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    del state["made_with"]  # a checkpoint from before the record: its optimiser tells the recipe
+    torch.save(state, ckpt)
+    with pytest.raises(ValueError, match="recipe='adam' there, 'sgd' here"):
+        training.train_classifier(net(), x, y, epochs=2, batch_size=16, recipe="sgd", progress=False,
+                                  checkpoint=ckpt)
+    training.train_classifier(net(), x, y, epochs=2, batch_size=16, progress=False, checkpoint=ckpt)
