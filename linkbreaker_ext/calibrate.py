@@ -18,30 +18,21 @@ MAD_SCALE = 1.4826  # MAD -> standard deviation for a normal distribution
 
 
 def confidence_thresholds(conf: torch.Tensor, y: torch.Tensor, mad_k: float, out_quantile,
-                          floor: float, pooled_spread: bool = False,
-                          own_extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                          floor: float, pooled_spread: bool = False) -> torch.Tensor:
     """``[K]``: ``median - mad_k * 1.4826 * MAD`` of class k's own-head confidences **in log-odds**
     (near 1 the probability-scale MAD is ~0), raised to the ``out_quantile`` of other classes'
     confidences in head k unless that refuses more than ``1 - out_quantile`` of class k; at least
     ``floor``. ``pooled_spread``: the MAD around each class's own median is taken over all classes'
     samples together (as :func:`consistency_bounds` can): a class whose few calibration samples
-    happen to agree does not get a threshold that refuses its next sample. ``own_extra``: more
-    ``(conf, y)`` samples (the noisy copies of ``GuardConfig.threshold_noisy_copies``) that count
-    for their own class only, never as other classes' confidences in head k: noise can itself
-    read as a trigger (a Blended model takes Gaussian noise for its blend and sends noisy copies of
-    every class to the target), which would raise the target's threshold over its clean inputs."""
+    happen to agree does not get a threshold that refuses its next sample."""
     n = conf.shape[1]
     logit = torch.logit(conf.clamp(1e-7, 1 - 1e-7).double())
     th = torch.full((n,), float(floor), dtype=torch.float64)
-    own_logit, own_y = logit, y
-    if own_extra is not None:
-        own_logit = torch.cat([logit, torch.logit(own_extra[0].clamp(1e-7, 1 - 1e-7).double())])
-        own_y = torch.cat([y, own_extra[1]])
-    own = own_logit[torch.arange(len(own_y)), own_y]
-    meds = {k: own[own_y == k].median() for k in range(n) if (own_y == k).any()}
-    pooled = (own - torch.stack([meds[int(c)] for c in own_y])).abs().median() if pooled_spread and meds else None
+    own = logit[torch.arange(len(y)), y]
+    meds = {k: own[y == k].median() for k in range(n) if (y == k).any()}
+    pooled = (own - torch.stack([meds[int(c)] for c in y])).abs().median() if pooled_spread and meds else None
     for k in range(n):
-        s = own[own_y == k]
+        s = logit[y == k, k]
         if not len(s):
             continue
         med = meds[k]

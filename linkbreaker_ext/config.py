@@ -41,13 +41,6 @@ class GuardConfig:
     #                                 clean signs were refused; the fit split's confidences, which
     #                                 chose the salient sets, measured no higher: docs/method.md,
     #                                 "Thresholds from the whole validation set")
-    threshold_noisy_copies: bool = False  # the thresholds also see every sample's stability
-    #                                 neighbours (its M noisy copies, label kept): a validation set
-    #                                 the model finds easy (GTSRB's are frames of training tracks)
-    #                                 under-states how far a clean confidence moves, and its MAD
-    #                                 threshold refuses 9-12 % of clean test signs (docs/method.md,
-    #                                 "Thresholds that also see noisy copies"). Needs the stability
-    #                                 test's neighbours
     consistency: bool = True        # the neurons consistency check (veto on inconsistent heads)
     consistency_mad_k: float = 4.25  # bound = median + k * 1.4826 * MAD of log deviation (at most)
     #                                 (chosen on the dev half with the "tail" rule: docs/method.md,
@@ -125,8 +118,7 @@ class GuardConfig:
         for name in ("neighbours", "neighbour_iters", "hidden_layers", "min_per_class", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, "must be a non-negative integer")
-        for name in ("use_early", "use_late", "consistency", "search_on_neighbours", "drop_misclassified",
-                     "threshold_noisy_copies"):
+        for name in ("use_early", "use_late", "consistency", "search_on_neighbours", "drop_misclassified"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be True or False")
         fr = self.fractions
@@ -146,9 +138,6 @@ class GuardConfig:
         if not isinstance(self.stability_contrast, (int, float)) or isinstance(self.stability_contrast, bool) \
                 or not 0 <= self.stability_contrast <= 1:
             bad("stability_contrast", "must lie in [0, 1] (a quantile; 0 = off)")
-        if self.threshold_noisy_copies and not self.stability_test:
-            bad("threshold_noisy_copies", "needs the stability test's neighbours: set stability_noise > 0 "
-                "or stability_jitter > 0, or threshold_noisy_copies=False")
         if self.stability_bound == "quantile" and self.stability_quantile is None:
             bad("stability_quantile", 'must be set with stability_bound="quantile" (it is the bound)')
         if not 0 < self.calibration_fraction < 1:

@@ -206,7 +206,7 @@ CALIBRATION_FIELDS = frozenset({"mad_k", "out_quantile", "threshold_floor", "thr
                                 "consistency_center", "consistency_bound", "consistency_margin",
                                 "consistency_reduce", "inconsistent_verdict", "ood_hint", "stability_noise", "stability_draws",
                                 "stability_contrast", "stability_jitter", "stability_bound", "stability_floor",
-                                "stability_quantile", "threshold_noisy_copies"})
+                                "stability_quantile"})
 """The settings of the last stage alone: a fitted guard takes new values of these by
 :func:`recalibrate_guard`, without the neighbours, statistics and set search of a refit."""
 
@@ -231,37 +231,13 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
     ``own``: :func:`_own_units` of the fit split, when the caller has them already."""
     device = guard.device
     half = torch.full((num_classes,), 0.5, device=device)
-
-    def heads(x):
-        return guard.head_confidences(x, thresholds=half)[0].cpu()
-
-    def noisy(x):  # [M, n, K], pattern-major
-        return heads(guard.neighbour(x)).reshape(cfg.stability_draws, len(x), -1)
-
-    guard.stability = None
-    if cfg.stability_test:  # the patterns first: the thresholds may see the noisy copies too
-        guard.stability = {"noise": stability_pattern(guard.input_shape, cfg, guard.input_range).to(device)}
-        if cfg.stability_jitter > 0:
-            guard.stability["jitter"] = jitter_grids(guard.input_shape, cfg).to(device)
-        if cfg.stability_contrast > 0:  # the reference contrast, from the whole validation set
-            guard.stability["contrast"] = torch.quantile(
-                input_contrast(torch.cat([x_fit, x_cal]).float()), cfg.stability_contrast).to(device)
-    conf = heads(x_cal)
-    conf_n = noisy(x_cal) if cfg.stability_test else None
-    pool, pool_y = [conf], [y_cal.cpu()]
+    conf = guard.head_confidences(x_cal, thresholds=half)[0].cpu()
+    conf_th, y_th = conf, y_cal
     if cfg.threshold_split == "all":
-        pool.append(heads(x_fit))
-        pool_y.append(y_fit.cpu())
-    extra = None
-    if cfg.threshold_noisy_copies:  # for their own class only (calibrate.confidence_thresholds)
-        extra = [conf_n.flatten(0, 1)], [y_cal.cpu().repeat(cfg.stability_draws)]
-        if cfg.threshold_split == "all":
-            extra[0].append(noisy(x_fit).flatten(0, 1))
-            extra[1].append(y_fit.cpu().repeat(cfg.stability_draws))
-        extra = torch.cat(extra[0]), torch.cat(extra[1])
+        conf_th = torch.cat([conf, guard.head_confidences(x_fit, thresholds=half)[0].cpu()])
+        y_th = torch.cat([y_cal.cpu(), y_fit.cpu()])
     guard.thresholds = calibrate.confidence_thresholds(
-        torch.cat(pool), torch.cat(pool_y), cfg.mad_k, cfg.out_quantile, cfg.threshold_floor,
-        own_extra=extra).to(device)
+        conf_th, y_th, cfg.mad_k, cfg.out_quantile, cfg.threshold_floor).to(device)
     dev = by_layer = layer_bounds = None
     if cfg.consistency and guard.profile:
         profile = {k: v for k, v in guard.profile.items() if k not in ("norms", "bounds")}
@@ -285,7 +261,16 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
                 dev, y_cal, cfg.consistency_mad_k, center=cfg.consistency_center,
                 rule=cfg.consistency_bound, margin=cfg.consistency_margin).to(device)
     drops = None
+    guard.stability = None
     if cfg.stability_test:
+        guard.stability = {"noise": stability_pattern(guard.input_shape, cfg, guard.input_range).to(device)}
+        if cfg.stability_jitter > 0:
+            guard.stability["jitter"] = jitter_grids(guard.input_shape, cfg).to(device)
+        if cfg.stability_contrast > 0:  # the reference contrast, from the whole validation set
+            guard.stability["contrast"] = torch.quantile(
+                input_contrast(torch.cat([x_fit, x_cal]).float()), cfg.stability_contrast).to(device)
+        conf_n = guard.head_confidences(guard.neighbour(x_cal), thresholds=half)[0].cpu()
+        conf_n = conf_n.reshape(cfg.stability_draws, len(x_cal), -1)  # [M, n_cal, K], pattern-major
         bound = calibrate.stability_bound(
             conf, conf_n, y_cal, guard.thresholds.cpu(),
             None if cfg.stability_bound == "quantile" else cfg.consistency_mad_k,

@@ -4,20 +4,20 @@ The paper's MAD confidence test refuses 8.6-11.4 % of clean GTSRB test signs and
 CIFAR-10 images (Alg. 3's reading: no credible head). Its per-class threshold, median - 3 MADs of
 the class's own-head log-odds on the validation set, is fitted to samples that the model finds easy:
 GTSRB's validation signs are frames of training tracks (99.9 % accuracy on them, 97.5 % on test
-signs). Two ways to widen it, compared on the saved guards' dev answers (no refit, no new forward
-for the decision: the same confidences and veto ratios, decided again with each variant's
-thresholds; the stability bound stays the saved one):
+signs). Two ways to widen it, compared on the saved guards' dev answers (no refit; the same
+confidences and veto ratios, decided again with each variant's thresholds; the stability bound
+stays the saved one):
 
-* **noisy copies** (``GuardConfig.threshold_noisy_copies``): the validation samples' own-head
-  confidences *and* those of their M noisy neighbours (the guard's own fixed stability patterns,
-  labels kept) pooled per class, for their own class only. The paper grows the small validation
-  set with neighbours (Alg. 1) for the set search; Alg. 1's neighbours are optimised to keep the
-  confidence, plain noise shows how far a clean confidence moves. *As samples*: the copies also
-  count as other classes' confidences in head k (the threshold's out-quantile raise);
-* **a wider MAD multiple** (``mad_k`` 4 and 5 instead of 3) on the validation samples alone.
+* **noisy copies**: the validation samples' confidences pooled with those of their M noisy
+  neighbours (the guard's own fixed stability patterns, labels kept). The paper grows its small
+  validation set with neighbours (Alg. 1) for the set search; Alg. 1's are optimised to keep the
+  confidence, plain noise shows how far a clean confidence moves;
+* **a wider MAD multiple** (``mad_k`` 4, 5, 6 instead of 3) on the validation samples alone.
 
-Reported per variant: CDA (hint / accepted only), ASR (hint / accepted only), clean OOD and alarm
-shares, the median threshold.
+Refusing is selective prediction, so each variant is also read as a coverage (clean inputs
+accepted) and the accuracy of the accepted answers, beside the bare model's accuracy on the same
+share of its most confident inputs (:func:`bare_selective`). Forwards are cached under
+``runs/<dataset>/threshold-pool/`` (tensors only), so a new variant costs no forward.
 
     python scripts/threshold_pool_study.py --dataset gtsrb --runs badnets-0 none-0 trojan-watermark-0
     python scripts/threshold_pool_study.py --table   # markdown summary of the saved studies
@@ -33,15 +33,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from linkbreaker_ext import calibrate, experiment, metrics  # noqa: E402
+from linkbreaker_ext import calibrate, experiment, metrics, training  # noqa: E402
 from linkbreaker_ext.verdict import GuardResult, decide  # noqa: E402
 
 DEV = slice(0, 5000)
-# name -> (noisy copies: None, "own" (their own class only, the option) or "all" (as ordinary
-# samples, also in other classes' heads), mad_k; None: the guard's own)
-VARIANTS = {"today": (None, None), "noisy copies": ("own", None), "noisy copies as samples": ("all", None),
-            "mad_k 4": (None, 4.0), "mad_k 5": (None, 5.0)}
-KEYS = ("cda", "cda_strict", "asr", "asr_strict", "ood_rate_clean", "alarm_rate_clean")
+# name -> (pool the noisy copies with the validation samples, mad_k; None: the guard's own)
+VARIANTS = {"today": (False, None), "noisy copies": (True, None),
+            "mad_k 4": (False, 4.0), "mad_k 5": (False, 5.0), "mad_k 6": (False, 6.0)}
+KEYS = ("cda", "cda_strict", "asr", "asr_strict", "ood_rate_clean", "alarm_rate_clean", "accept_accuracy_clean")
 
 
 def validation_confidences(guard, x):
@@ -53,14 +52,12 @@ def validation_confidences(guard, x):
     return conf, near.reshape(-1, len(x), conf.shape[1])
 
 
-def thresholds_for(guard, conf, near, y, noisy, mad_k):
+def thresholds_for(guard, conf, near, y, noisy: bool, mad_k):
     cfg = guard.config
-    copies = (near.flatten(0, 1), y.repeat(near.shape[0]))
-    if noisy == "all":
-        conf, y = torch.cat([conf, copies[0]]), torch.cat([y, copies[1]])
+    if noisy:
+        conf, y = torch.cat([conf, near.flatten(0, 1)]), torch.cat([y, y.repeat(near.shape[0])])
     return calibrate.confidence_thresholds(conf, y, cfg.mad_k if mad_k is None else mad_k,
-                                           cfg.out_quantile, cfg.threshold_floor,
-                                           own_extra=copies if noisy == "own" else None)
+                                           cfg.out_quantile, cfg.threshold_floor)
 
 
 def forwards(dataset, run, data, n):
@@ -68,9 +65,14 @@ def forwards(dataset, run, data, n):
     guard's dev answers; cached under runs/<dataset>/threshold-pool/ (tensors only), so that a new
     variant costs no forward."""
     cache = ROOT / "runs" / dataset / "threshold-pool" / f"{run}-n{n}.pt"
-    split, _, attack, guard, seed = experiment.saved_run(dataset, run, data, ROOT / "runs" / dataset)
+    split, model, attack, guard, seed = experiment.saved_run(dataset, run, data, ROOT / "runs" / dataset)
     if cache.is_file():
-        return guard, torch.load(cache, weights_only=True)
+        out = torch.load(cache, weights_only=True)
+        if "model_clean" not in out:  # caches from before the bare model's selective baseline
+            xc = experiment.eval_sets(attack, split["x_test"], split["y_test"], n, n, seed, DEV)[0]
+            out["model_clean"] = training.predict_logits(model, xc).softmax(1)
+            torch.save(out, cache)
+        return guard, out
     if guard.config.threshold_split != "all":
         raise SystemExit(f"{run}: the guard's thresholds come from {guard.config.threshold_split!r}; "
                          "this study compares against thresholds from the whole validation set")
@@ -79,11 +81,20 @@ def forwards(dataset, run, data, n):
     xc, yc, xt, yt, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], n, n, seed, DEV)
     rc, rt = guard(xc), guard(xt)
     out = {"conf": conf, "near": near, "y": y, "yc": yc, "yt": yt, "target": torch.tensor(target),
+           "model_clean": training.predict_logits(model, xc).softmax(1),
            **{f"{k}_{name}": getattr(r, name).cpu() for k, r in (("clean", rc), ("trig", rt))
               for name in ("confidences", "credibility")}}
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, cache)
     return guard, out
+
+
+def bare_selective(f, coverage: float) -> float:
+    """The bare model as a selective classifier at the same coverage: the accuracy of its answers
+    on the ``coverage`` share of clean inputs it is most confident about (softmax maximum)."""
+    top, pred = f["model_clean"].max(1)
+    keep = top.argsort(descending=True)[:max(1, round(coverage * len(top)))]
+    return (pred[keep] == f["yc"][keep]).float().mean().item()
 
 
 def study(dataset, run, data, n):
@@ -98,34 +109,40 @@ def study(dataset, run, data, n):
         decided = [GuardResult(*decide(f[f"{k}_confidences"], th, f[f"{k}_credibility"], cfg.inconsistent_verdict,
                                        cfg.ood_hint), f[f"{k}_confidences"], th) for k in ("clean", "trig")]
         m = metrics.defended(decided[0], f["yc"], decided[1], f["yt"], int(f["target"]))
+        coverage = 1 - m["ood_rate_clean"] - m["alarm_rate_clean"]
         out["variants"][name] = {**{k: round(100 * m[k], 2) for k in KEYS},
+                                 "bare_selective_accuracy": round(100 * bare_selective(f, coverage), 2),
                                  "threshold_median": round(float(th.median()), 4)}
     return out
 
 
 def table(folder: Path) -> str:
-    """One row per saved study: today's numbers, then each variant's change against them, in
-    points: CDA hint / accepted only, ASR hint / accepted only, clean OOD."""
-    names = list(VARIANTS)[1:]
-    rows = ["| model | today: CDA (hint / accepted), ASR (hint / accepted), clean OOD | "
-            + " | ".join(f"{v}: change" for v in names) + " |",
-            "| --- | --- | " + " | ".join("---" for _ in names) + " |"]
-    fields = ("cda", "cda_strict", "asr", "asr_strict", "ood_rate_clean")
-    means = {v: [] for v in names}
+    """One row per saved study, one cell per variant: the change in hint-reading CDA and in ASR
+    (hint) against today's thresholds, in points, then the clean inputs accepted (coverage) and the
+    accuracy of those accepted answers, in %, beside the bare model's at the same coverage
+    (:func:`bare_selective`): refusing is selective prediction, and a wider threshold buys
+    coverage with accuracy."""
+    names = list(VARIANTS)
+    rows = ["| model | " + " | ".join(f"{v}: CDA change, ASR change, coverage, accepted accuracy (bare model at that coverage)" for v in names) + " |",
+            "| --- | " + " | ".join("---" for _ in names) + " |"]
+    sums = {v: [] for v in names}
     for path in sorted(folder.glob("*.json")):
         s = json.loads(path.read_text())
         ref = s["variants"]["today"]
         cells = []
         for v in names:
-            d = [s["variants"][v][k] - ref[k] for k in fields]
-            means[v].append(d)
-            cells.append("{:+.2f} / {:+.2f}, {:+.2f} / {:+.2f}, {:+.2f}".format(*d))
-        rows.append(f"| {s['dataset']} {s['run']} | {ref['cda']:.2f} / {ref['cda_strict']:.2f}, "
-                    f"{ref['asr']:.2f} / {ref['asr_strict']:.2f}, {ref['ood_rate_clean']:.2f} | " + " | ".join(cells) + " |")
-    if any(means.values()):
-        cells = ["{:+.2f} / {:+.2f}, {:+.2f} / {:+.2f}, {:+.2f}".format(*torch.tensor(means[v]).mean(0).tolist())
+            r = s["variants"][v]
+            row = [r["cda"] - ref["cda"], r["asr"] - ref["asr"],
+                   100 - r["ood_rate_clean"] - r["alarm_rate_clean"], r["accept_accuracy_clean"],
+                   r["bare_selective_accuracy"]]
+            sums[v].append(row)
+            cells.append("{:+.2f}, {:+.2f}, {:.1f}, {:.2f} ({:.2f})".format(*row))
+        rows.append(f"| {s['dataset']} {s['run']} | " + " | ".join(cells) + " |")
+    for ds in sorted({json.loads(p.read_text())["dataset"] for p in folder.glob("*.json")}):
+        picked = [i for i, p in enumerate(sorted(folder.glob("*.json"))) if json.loads(p.read_text())["dataset"] == ds]
+        cells = ["{:+.2f}, {:+.2f}, {:.1f}, {:.2f} ({:.2f})".format(*torch.tensor([sums[v][i] for i in picked]).mean(0).tolist())
                  for v in names]
-        rows.append("| mean change | | " + " | ".join(cells) + " |")
+        rows.append(f"| mean, {ds} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

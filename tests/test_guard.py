@@ -832,32 +832,6 @@ def test_confidence_thresholds_pool_the_spread_over_classes():
         assert pooled[k].item() == pytest.approx(torch.sigmoid(torch.tensor(med - 1.4826)).item(), abs=1e-5)
 
 
-def test_extra_samples_count_for_their_own_class_only():
-    """``own_extra`` (noisy copies) widen their own class's MAD, but are never read as another
-    class's confidence in head k: noisy copies that a Blended model sends to its target must not
-    raise the target's threshold over its clean inputs."""
-    conf = torch.zeros(10, 2)
-    conf[:5, 0] = _conf_from_logits([3.0, 3.0, 3.0, 3.0, 3.0])  # MAD 0: threshold at the median
-    conf[5:, 1] = _conf_from_logits([4.0, 5.0, 6.0, 7.0, 8.0])
-    conf[5:, 0] = _conf_from_logits([-3.0] * 5)
-    conf[:5, 1] = _conf_from_logits([-3.0] * 5)
-    y = torch.tensor([0] * 5 + [1] * 5)
-    extra = torch.zeros(8, 2)
-    extra[:, 0] = _conf_from_logits([1.0] * 4 + [5.0] * 4)  # class 0's copies, spread out
-    extra[:, 1] = _conf_from_logits([6.0] * 8)  # ... and confident in head 1
-    y_extra = torch.zeros(8, dtype=torch.long)
-    plain = calibrate.confidence_thresholds(conf, y, 1.0, 0.5, 0.0)
-    wide = calibrate.confidence_thresholds(conf, y, 1.0, 0.5, 0.0, own_extra=(extra, y_extra))
-    # class 0: 13 own samples in log-odds, 3 x5, 1 x4, 5 x4: median 3, MAD 2
-    assert plain[0].item() == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item(), abs=1e-5)
-    assert wide[0].item() == pytest.approx(torch.sigmoid(torch.tensor(3.0 - 2 * 1.4826)).item(), abs=1e-5)
-    # class 1: the copies' confidence 6 in head 1 is not another class's evidence there
-    assert plain[1].item() == pytest.approx(torch.sigmoid(torch.tensor(6.0 - 1.4826)).item(), abs=1e-5)
-    torch.testing.assert_close(wide[1], plain[1])
-    pooled_in = calibrate.confidence_thresholds(torch.cat([conf, extra]), torch.cat([y, y_extra]), 1.0, 0.5, 0.0)
-    assert pooled_in[1] > plain[1]  # what pooling them as ordinary samples would have done
-
-
 def test_consistency_bounds_mad_in_log_space():
     dev = torch.ones(8, 3)
     dev[:5, 0] = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]).exp()  # log: median 2, MAD 1
@@ -1041,32 +1015,6 @@ def test_confidence_thresholds_come_from_the_split_the_config_names(guard_deep, 
     assert not torch.allclose(paper.thresholds, guard_deep.thresholds)  # more samples, other MADs
     with pytest.raises(ValueError, match="threshold_split"):
         GuardConfig(threshold_split="fit")
-
-
-def test_thresholds_can_also_see_the_noisy_copies(guard_deep, synth):
-    """``threshold_noisy_copies`` pools every validation sample's stability neighbours (label
-    kept) with each class's own samples for the MAD thresholds (not as other classes'
-    confidences: noise may read as a trigger): on these the heads are less sure, so here no
-    class's threshold rises, and with lower thresholds the inputs refused as OOD can only fall. The
-    stability bound (its confident calibration samples) moves little."""
-    x, y = synth["x_val"].float(), synth["y_val"].long()
-    cfg = guard_deep.config
-    assert cfg.stability_test and not cfg.threshold_noisy_copies
-    half = torch.full((NUM_CLASSES,), 0.5)
-    conf = guard_deep.head_confidences(x, thresholds=half)[0]
-    near = guard_deep.head_confidences(guard_deep.neighbour(x), thresholds=half)[0]
-    assert near.shape[0] == cfg.stability_draws * len(x)
-    expected = calibrate.confidence_thresholds(conf, y, cfg.mad_k, cfg.out_quantile, cfg.threshold_floor,
-                                               own_extra=(near, y.repeat(cfg.stability_draws)))
-    wide = guard_deep.recalibrate(x, y, threshold_noisy_copies=True)
-    torch.testing.assert_close(wide.thresholds, expected)
-    assert not torch.allclose(wide.thresholds, guard_deep.thresholds)
-    assert (wide.thresholds <= guard_deep.thresholds + 1e-6).all()
-    torch.testing.assert_close(wide.stability["bound"], guard_deep.stability["bound"], rtol=0.05, atol=0.05)
-    probe = (x + 0.3 * torch.randn_like(x)).clamp(0, 1)
-    assert (wide(probe).verdict == 2).sum() <= (guard_deep(probe).verdict == 2).sum()
-    with pytest.raises(ValueError, match="threshold_noisy_copies.*stability"):
-        GuardConfig(threshold_noisy_copies=True, stability_noise=0.0)
 
 
 def test_recalibrate_redraws_the_split_after_dropping_misclassified_samples(backdoored_net, synth):
