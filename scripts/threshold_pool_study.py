@@ -35,21 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from linkbreaker_ext import calibrate, experiment, metrics, training  # noqa: E402
 from linkbreaker_ext.verdict import GuardResult, decide  # noqa: E402
+from calibration_pool_study import heads_and_neighbours  # noqa: E402  (a script beside this one)
 
 DEV = slice(0, 5000)
 # name -> (pool the noisy copies with the validation samples, mad_k; None: the guard's own)
 VARIANTS = {"today": (False, None), "noisy copies": (True, None),
             "mad_k 4": (False, 4.0), "mad_k 5": (False, 5.0), "mad_k 6": (False, 6.0)}
 KEYS = ("cda", "cda_strict", "asr", "asr_strict", "ood_rate_clean", "alarm_rate_clean", "accept_accuracy_clean")
-
-
-def validation_confidences(guard, x):
-    """The heads' confidences on the validation samples ``[n, K]`` and on their M noisy neighbours
-    ``[M, n, K]`` (the confidence test's outputs only: thresholds play no part here)."""
-    half = torch.full((guard.num_heads,), 0.5)
-    conf = guard.head_confidences(x, thresholds=half)[0].cpu()
-    near = guard.head_confidences(guard.neighbour(x), thresholds=half)[0].cpu()
-    return conf, near.reshape(-1, len(x), conf.shape[1])
 
 
 def thresholds_for(guard, conf, near, y, noisy: bool, mad_k):
@@ -77,7 +69,7 @@ def forwards(dataset, run, data, n):
         raise SystemExit(f"{run}: the guard's thresholds come from {guard.config.threshold_split!r}; "
                          "this study compares against thresholds from the whole validation set")
     x, y = split["x_val"].float(), split["y_val"].long()
-    conf, near = validation_confidences(guard, x)
+    conf, near = heads_and_neighbours(guard, x)
     xc, yc, xt, yt, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], n, n, seed, DEV)
     rc, rt = guard(xc), guard(xt)
     out = {"conf": conf, "near": near, "y": y, "yc": yc, "yt": yt, "target": torch.tensor(target),
