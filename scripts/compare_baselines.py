@@ -321,13 +321,19 @@ def write_tables(out: Path, args):
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
     lines += ["", "LinkBreaker's score: `guard.score(x)` (docs/method.md).", "",
               "TPR / FPR at each detector's operating point (threshold at 1 % false rejection on held-out "
-              "validation data; LinkBreaker: verdict != accept):", "",
-              "| attack | " + " | ".join(f"{d} TPR / FPR" for d in DETECTORS) + " |",
-              "| --- " * (len(DETECTORS) + 1) + "|"]
+              "validation data; LinkBreaker: verdict != accept, and its trigger alarm alone, since an OOD "
+              "verdict is Alg. 3's refusal of an input no head vouches for, selective prediction rather "
+              "than a trigger claim: docs/method.md, \"What the OOD refusals buy\"):", "",
+              "| attack | " + " | ".join(f"{d} TPR / FPR" for d in DETECTORS[:1]) + " | linkbreaker, alarm only "
+              "TPR / FPR | " + " | ".join(f"{d} TPR / FPR" for d in DETECTORS[1:]) + " |",
+              "| --- " * (len(DETECTORS) + 2) + "|"]
     for a in attacks_:
         cells = [f"{_pct([r['tpr'] for r in runs[d].get(a, [])])} / {_pct([r['fpr'] for r in runs[d].get(a, [])])}"
                  for d in DETECTORS]
-        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+        lb = runs["linkbreaker"].get(a, [])
+        alarm = (f"{_pct([r['after']['alarm_rate_trigger'] for r in lb])} / "
+                 f"{_pct([r['after']['alarm_rate_clean'] for r in lb])}")
+        lines.append(f"| {a} | {cells[0]} | {alarm} | " + " | ".join(cells[1:]) + " |")
 
     lines += ["", "## Table IV (capabilities, from what the code does)", "",
               "No method needs triggered samples; every method uses only the clean validation set.", "",
