@@ -298,3 +298,33 @@ def test_comparison_tables_cover_every_saved_run(tmp_path):
     del runs_["neural-cleanse"]["wanet"]
     runs_["neural-cleanse"]["badnets"] = [later]  # no model timed in one call: the first complete one
     assert cb.timing_attack(runs_, ["wanet", "badnets"]) == "badnets"
+
+
+def test_comparison_table_gives_linkbreakers_alarm_only_operating_point(tmp_path):
+    """Beside "verdict != accept", the TPR / FPR table gives LinkBreaker's trigger alarm alone,
+    read from the same run's alarm rates: an OOD refusal is not a trigger claim."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+    spec = importlib.util.spec_from_file_location(
+        "compare_baselines", Path(__file__).resolve().parents[1] / "scripts" / "compare_baselines.py")
+    cb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cb)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    common = {"attack": "badnets", "seed": 0, "dataset": "gtsrb", "threads": 1, "poisoning": "data",
+              "before": {"cda": 0.97, "asr": 0.999}, "timing": {"offline_s": 10.0, "online_ms_per_sample": 1.0}}
+    lb_after = {"cda": 0.955, "asr": 0.0005, "cda_strict": 0.879, "asr_strict": 0.0, "r_acc": 0.0035,
+                "alarm_rate_clean": 0.012, "alarm_rate_trigger": 0.994, "ood_rate_clean": 0.1015,
+                "ood_rate_trigger": 0.006}
+    (runs / "gtsrb-badnets-0-linkbreaker.json").write_text(json.dumps(
+        {**common, "defense": "linkbreaker", "after": lb_after, "tpr": 1.0, "fpr": 0.1135, "auroc": 0.99}))
+    (runs / "gtsrb-badnets-0-strip.json").write_text(json.dumps(
+        {**common, "defense": "strip", "after": {"cda": 0.96, "asr": 0.999, "r_acc": 0.001,
+                                                   "alarm_rate_clean": 0.006, "alarm_rate_trigger": 0.0},
+         "tpr": 0.0, "fpr": 0.006, "auroc": 0.71}))
+    cb.write_tables(tmp_path, SimpleNamespace(dataset="gtsrb", attacks=[], data="d", threads=1, reuse_guards=False))
+    table = (tmp_path / "gtsrb.md").read_text()
+    assert "| attack | linkbreaker TPR / FPR | linkbreaker, alarm only TPR / FPR | strip TPR / FPR |" in table
+    assert "| badnets | 100.00 / 11.35 | 99.40 / 1.20 | 0.00 / 0.60 | n/a / n/a | n/a / n/a |" in table
