@@ -142,15 +142,18 @@ def table(folder: Path) -> str:
     return "\n".join(rows)
 
 
-def main():
+def study_cli(name: str, study, table, summary, default_dataset: str = "gtsrb"):
+    """The command line a dev study of saved guards shares: ``--runs`` of one ``--dataset`` each
+    write ``results/dev/<name>/<dataset>-<run>.json`` and print ``summary(out)``; ``--table``
+    prints ``table(folder)`` of the saved studies instead."""
     p = argparse.ArgumentParser()
-    p.add_argument("--dataset", default="gtsrb")
+    p.add_argument("--dataset", default=default_dataset)
     p.add_argument("--runs", nargs="*", default=[], help="<attack>-<seed> under runs/<dataset>/")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--table", action="store_true")
     args = p.parse_args()
-    folder = ROOT / "results" / "dev" / "calibration-pool"
+    folder = ROOT / "results" / "dev" / name
     if args.table:
         print(table(folder))
         return
@@ -159,8 +162,13 @@ def main():
     for run in args.runs:
         out = study(args.dataset, run, args.data, args.n)
         (folder / f"{args.dataset}-{run}.json").write_text(json.dumps(out, indent=2))
-        print(f"{args.dataset} {run}: falls {out['falls_quantiles']}; "
-              + "; ".join(f"{k}: {v}" for k, v in out["variants"].items()), flush=True)
+        print(f"{args.dataset} {run}: {summary(out)}", flush=True)
+
+
+def main():
+    study_cli("calibration-pool", study, table,
+              lambda out: f"falls {out['falls_quantiles']}; "
+              + "; ".join(f"{k}: {v}" for k, v in out["variants"].items()))
 
 
 if __name__ == "__main__":

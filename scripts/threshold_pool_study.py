@@ -24,7 +24,6 @@ share of its most confident inputs (:func:`bare_selective`). Forwards are cached
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from linkbreaker_ext import calibrate, experiment, metrics, training  # noqa: E402
 from linkbreaker_ext.verdict import GuardResult, decide  # noqa: E402
-from calibration_pool_study import heads_and_neighbours  # noqa: E402  (a script beside this one)
+from calibration_pool_study import heads_and_neighbours, study_cli  # noqa: E402  (a script beside this one)
 
 DEV = slice(0, 5000)
 # name -> (pool the noisy copies with the validation samples, mad_k; None: the guard's own)
@@ -59,12 +58,7 @@ def forwards(dataset, run, data, n):
     cache = ROOT / "runs" / dataset / "threshold-pool" / f"{run}-n{n}.pt"
     split, model, attack, guard, seed = experiment.saved_run(dataset, run, data, ROOT / "runs" / dataset)
     if cache.is_file():
-        out = torch.load(cache, weights_only=True)
-        if "model_clean" not in out:  # caches from before the bare model's selective baseline
-            xc = experiment.eval_sets(attack, split["x_test"], split["y_test"], n, n, seed, DEV)[0]
-            out["model_clean"] = training.predict_logits(model, xc).softmax(1)
-            torch.save(out, cache)
-        return guard, out
+        return guard, torch.load(cache, weights_only=True)
     if guard.config.threshold_split != "all":
         raise SystemExit(f"{run}: the guard's thresholds come from {guard.config.threshold_split!r}; "
                          "this study compares against thresholds from the whole validation set")
@@ -117,45 +111,26 @@ def table(folder: Path) -> str:
     names = list(VARIANTS)
     rows = ["| model | " + " | ".join(f"{v}: CDA change, ASR change, coverage, accepted accuracy (bare model at that coverage)" for v in names) + " |",
             "| --- | " + " | ".join("---" for _ in names) + " |"]
-    sums = {v: [] for v in names}
-    for path in sorted(folder.glob("*.json")):
-        s = json.loads(path.read_text())
+    studies = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+    cell = "{:+.2f}, {:+.2f}, {:.1f}, {:.2f} ({:.2f})"
+    per_study = []
+    for s in studies:
         ref = s["variants"]["today"]
-        cells = []
-        for v in names:
-            r = s["variants"][v]
-            row = [r["cda"] - ref["cda"], r["asr"] - ref["asr"],
-                   100 - r["ood_rate_clean"] - r["alarm_rate_clean"], r["accept_accuracy_clean"],
-                   r["bare_selective_accuracy"]]
-            sums[v].append(row)
-            cells.append("{:+.2f}, {:+.2f}, {:.1f}, {:.2f} ({:.2f})".format(*row))
-        rows.append(f"| {s['dataset']} {s['run']} | " + " | ".join(cells) + " |")
-    for ds in sorted({json.loads(p.read_text())["dataset"] for p in folder.glob("*.json")}):
-        picked = [i for i, p in enumerate(sorted(folder.glob("*.json"))) if json.loads(p.read_text())["dataset"] == ds]
-        cells = ["{:+.2f}, {:+.2f}, {:.1f}, {:.2f} ({:.2f})".format(*torch.tensor([sums[v][i] for i in picked]).mean(0).tolist())
-                 for v in names]
-        rows.append(f"| mean, {ds} | " + " | ".join(cells) + " |")
+        per_study.append({v: [r["cda"] - ref["cda"], r["asr"] - ref["asr"],
+                              100 - r["ood_rate_clean"] - r["alarm_rate_clean"], r["accept_accuracy_clean"],
+                              r["bare_selective_accuracy"]]
+                          for v, r in ((v, s["variants"][v]) for v in names)})
+        rows.append(f"| {s['dataset']} {s['run']} | " + " | ".join(cell.format(*per_study[-1][v]) for v in names) + " |")
+    for ds in sorted({s["dataset"] for s in studies}):
+        picked = [cells for s, cells in zip(studies, per_study) if s["dataset"] == ds]
+        rows.append(f"| mean, {ds} | " + " | ".join(
+            cell.format(*torch.tensor([c[v] for c in picked]).mean(0).tolist()) for v in names) + " |")
     return "\n".join(rows)
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--dataset", default="gtsrb")
-    p.add_argument("--runs", nargs="*", default=[], help="<attack>-<seed> under runs/<dataset>/")
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
-    p.add_argument("--n", type=int, default=2000)
-    p.add_argument("--table", action="store_true")
-    args = p.parse_args()
-    folder = ROOT / "results" / "dev" / "threshold-pool"
-    if args.table:
-        print(table(folder))
-        return
-    torch.set_num_threads(1)
-    folder.mkdir(parents=True, exist_ok=True)
-    for run in args.runs:
-        out = study(args.dataset, run, args.data, args.n)
-        (folder / f"{args.dataset}-{run}.json").write_text(json.dumps(out, indent=2))
-        print(f"{args.dataset} {run}: " + "; ".join(f"{k}: {v}" for k, v in out["variants"].items()), flush=True)
+    study_cli("threshold-pool", study, table,
+              lambda out: "; ".join(f"{k}: {v}" for k, v in out["variants"].items()))
 
 
 if __name__ == "__main__":

@@ -266,16 +266,22 @@ def test_abs_stimulates_a_residual_net_at_its_feature_layer():
         d.stimulate(net, inner, x, y, 3)
 
 
-def test_comparison_tables_cover_every_saved_run(tmp_path):
-    """scripts/compare_baselines.py rebuilds its tables from every per-run JSON present, so a call
-    for one attack or one defense adds rows instead of dropping the others' (hyphenated attack and
-    defense names parse)."""
+def _compare_baselines():
+    """scripts/compare_baselines.py as a module (a script, not part of the package)."""
     import importlib.util
     from pathlib import Path
     spec = importlib.util.spec_from_file_location(
         "compare_baselines", Path(__file__).resolve().parents[1] / "scripts" / "compare_baselines.py")
     cb = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cb)
+    return cb
+
+
+def test_comparison_tables_cover_every_saved_run(tmp_path):
+    """scripts/compare_baselines.py rebuilds its tables from every per-run JSON present, so a call
+    for one attack or one defense adds rows instead of dropping the others' (hyphenated attack and
+    defense names parse)."""
+    cb = _compare_baselines()
     runs = tmp_path / "runs"
     runs.mkdir()
     for name in ("cifar10-trojan-square-0-neural-cleanse", "cifar10-source-specific-2-ibd-psc",
@@ -303,14 +309,9 @@ def test_comparison_tables_cover_every_saved_run(tmp_path):
 def test_comparison_table_gives_linkbreakers_alarm_only_operating_point(tmp_path):
     """Beside "verdict != accept", the TPR / FPR table gives LinkBreaker's trigger alarm alone,
     read from the same run's alarm rates: an OOD refusal is not a trigger claim."""
-    import importlib.util
     import json
-    from pathlib import Path
     from types import SimpleNamespace
-    spec = importlib.util.spec_from_file_location(
-        "compare_baselines", Path(__file__).resolve().parents[1] / "scripts" / "compare_baselines.py")
-    cb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cb)
+    cb = _compare_baselines()
     runs = tmp_path / "runs"
     runs.mkdir()
     common = {"attack": "badnets", "seed": 0, "dataset": "gtsrb", "threads": 1, "poisoning": "data",
