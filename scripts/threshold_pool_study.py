@@ -83,11 +83,28 @@ def bare_selective(f, coverage: float) -> float:
     return (pred[keep] == f["yc"][keep]).float().mean().item()
 
 
+def noisy_copy_destinations(near, y) -> dict:
+    """Where the noisy copies of the validation samples go (the most confident head): the share
+    that changes class, the share of those going to the most common destination, and how many
+    other classes send most of their copies there. Noise that reads as a trigger sends every
+    class's copies to the target (docs/method.md, "What the OOD refusals buy")."""
+    top = near.argmax(-1)  # [M, n]
+    moved = top != y
+    k = near.shape[-1]
+    counts = torch.bincount(top[moved], minlength=k)
+    sink = int(counts.argmax())
+    majority = sum(int((top[:, y == c] == sink).float().mean() > 0.5) for c in range(k) if c != sink and (y == c).any())
+    return {"moved": round(moved.float().mean().item(), 4), "top_destination": sink,
+            "top_destination_share": round(counts[sink].item() / max(1, int(counts.sum())), 4),
+            "classes_mostly_sent_there": majority, "other_classes": k - 1}
+
+
 def study(dataset, run, data, n):
     guard, f = forwards(dataset, run, data, n)
     cfg = guard.config
     out = {"dataset": dataset, "run": run, "split": "dev", "n": n, "validation": len(f["y"]),
-           "noisy_copies": int(f["near"].shape[0]), "variants": {}}
+           "noisy_copies": int(f["near"].shape[0]),
+           "noisy_copy_destinations": noisy_copy_destinations(f["near"], f["y"]), "variants": {}}
     for name, (noisy, mad_k) in VARIANTS.items():
         th = thresholds_for(guard, f["conf"], f["near"], f["y"], noisy, mad_k)
         if name == "today" and not torch.allclose(th, guard.thresholds.cpu(), atol=1e-5):
@@ -98,7 +115,8 @@ def study(dataset, run, data, n):
         coverage = 1 - m["ood_rate_clean"] - m["alarm_rate_clean"]
         out["variants"][name] = {**{k: round(100 * m[k], 2) for k in KEYS},
                                  "bare_selective_accuracy": round(100 * bare_selective(f, coverage), 2),
-                                 "threshold_median": round(float(th.median()), 4)}
+                                 "threshold_median": round(float(th.median()), 4),
+                                 "threshold_max": round(float(th.max()), 4)}
     return out
 
 
@@ -125,6 +143,13 @@ def table(folder: Path) -> str:
         picked = [cells for s, cells in zip(studies, per_study) if s["dataset"] == ds]
         rows.append(f"| mean, {ds} | " + " | ".join(
             cell.format(*torch.tensor([c[v] for c in picked]).mean(0).tolist()) for v in names) + " |")
+    rows += ["", "Where the noisy copies of the validation samples go (:func:`noisy_copy_destinations`):", "",
+             "| model | copies that change class | share of those to the top destination | other classes mostly sent there |",
+             "| --- | --- | --- | --- |"]
+    for s in studies:
+        d = s["noisy_copy_destinations"]
+        rows.append(f"| {s['dataset']} {s['run']} | {100 * d['moved']:.1f} % | {100 * d['top_destination_share']:.1f} % "
+                    f"(class {d['top_destination']}) | {d['classes_mostly_sent_there']} / {d['other_classes']} |")
     return "\n".join(rows)
 
 
