@@ -209,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--arch", default=None, choices=sorted(models.MODELS),
                    help="model architecture (default: the paper's for the data set, Table I)")
     s.add_argument("--recipe", default="adam", choices=sorted(training.RECIPES),
-                   help="optimiser, one-cycle schedule: adam (3e-3) or sgd (0.1, Nesterov momentum 0.9, "
-                        "weight decay 5e-4)")
+                   help="optimiser, one-cycle schedule: adam (3e-3), sgd (0.1, Nesterov momentum 0.9, "
+                        "weight decay 5e-4) or sgd-bf16 (sgd under bfloat16 autocast)")
     s.add_argument("--val-fraction", type=float, default=None,
                    help="clean validation share of the training split, never trained on (default: "
                         "0.02, the paper's; 0.05 on GTSRB, whose rarest classes would keep 4 images)")
@@ -263,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model architecture (default: the paper's for the data set, Table I; e.g. "
                         "resnet18 on GTSRB for Table VII); one --work folder per architecture")
     s.add_argument("--recipe", default="adam", choices=sorted(training.RECIPES),
-                   help="training recipe of missing models: adam (default) or sgd (Nesterov, weight "
-                        "decay 5e-4); one --work folder per recipe")
+                   help="training recipe of missing models: adam (default), sgd (Nesterov, weight "
+                        "decay 5e-4) or sgd-bf16 (sgd under bfloat16 autocast); one --work folder per "
+                        "recipe")
     s.add_argument("--trained-only", action="store_true",
                    help="skip (attack, seed) runs whose model is not trained yet instead of training it")
     s.add_argument("--validation", choices=experiment.VALIDATION_SOURCES, default="train",

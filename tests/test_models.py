@@ -174,6 +174,36 @@ def test_sgd_recipe_trains_and_decays_weights_only():
         training.train_classifier(net, x, y, recipe="rmsprop", progress=False)
 
 
+def test_bf16_recipe_runs_the_forward_in_bfloat16_and_keeps_float32_weights(tmp_path):
+    """``sgd-bf16`` is the SGD recipe under bfloat16 autocast: the training forward's convolutions
+    compute in bfloat16, while the weights, the optimiser and the trained model stay float32, and the
+    model still learns. Its checkpoints are not resumed by the float32 recipe; the adaptive attack,
+    whose trigger optimisation reads small deviations, refuses it by name."""
+    from linkbreaker_ext import training
+    from linkbreaker_ext.attacks import AdaptivePatch
+    torch.manual_seed(0)
+    y = torch.randint(0, 2, (128,))
+    x = torch.rand(128, 3, 8, 8)
+    x[:, 0] += y[:, None, None]  # the class is the red channel's brightness
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    seen = []
+    net[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype) if m.training else None)
+    before = training.accuracy(net, x, y)
+    ckpt = tmp_path / "bf16.ckpt"
+    training.train_classifier(net, x, y, epochs=6, batch_size=16, recipe="sgd-bf16", lr=0.05,
+                              progress=False, checkpoint=ckpt)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert net(x[:4]).dtype == torch.float32  # no autocast outside training
+    assert training.accuracy(net, x, y) > max(before, 0.8)
+    with pytest.raises(ValueError, match="recipe='sgd-bf16' there, 'sgd' here"):
+        training.train_classifier(net, x, y, epochs=6, batch_size=16, recipe="sgd", lr=0.05,
+                                  progress=False, checkpoint=ckpt)
+    with pytest.raises(ValueError, match="float32 only: use the 'sgd' recipe, not 'sgd-bf16'"):
+        AdaptivePatch().train_backdoored(net, x, y, epochs=1, recipe="sgd-bf16", progress=False)
+
+
 def test_a_checkpoint_resumes_only_the_run_that_wrote_it(tmp_path):
     """A finished checkpoint resumes to the same weights without training; one written with another
     recipe or length is refused by name (another optimiser's state, or a one-cycle schedule that

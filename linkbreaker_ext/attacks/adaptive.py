@@ -67,6 +67,10 @@ class AdaptivePatch(BadNets):
         saves it)."""
         if checkpoint is not None:
             raise ValueError("AdaptivePatch training is not resumable: pass checkpoint=None")
+        if training.RECIPES.get(recipe, {}).get("autocast") is not None:
+            # the trigger's own optimisation reads small feature deviations that bfloat16 rounds away
+            raise ValueError(f"AdaptivePatch trains in float32 only: use the {recipe.split('-')[0]!r} "
+                             f"recipe, not {recipe!r}")
         device = next(model.parameters()).device
         modules = dict(model.named_modules())
         missing = [n for n in self.layers if n != INPUT and n not in modules]
