@@ -30,8 +30,9 @@ def crop_flip(xb: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: 
 # (issue #6). "adam": the project's recipe since the start. "sgd": the recipe of the ResNet papers and
 # of BackdoorBench's CIFAR-10 models, Nesterov momentum 0.9 and weight decay 5e-4 (not on BatchNorm
 # and biases, which weight decay only pushes towards 0). "sgd-bf16": the same under bfloat16 autocast
-# (mixed precision: the weights, the optimiser and BatchNorm stay float32), which halves a CPU
-# epoch where the processor has bfloat16 instructions (AVX512-BF16, AMX) and speeds up a GPU's.
+# (mixed precision: the weights, the optimiser state and BatchNorm's running statistics stay float32),
+# which halves a CPU epoch where the processor has bfloat16 instructions (AVX512-BF16, AMX) and
+# speeds up a GPU's.
 _SGD = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 RECIPES = {"adam": {"optimizer": "adam", "lr": 3e-3}, "sgd": _SGD,
            "sgd-bf16": {**_SGD, "autocast": torch.bfloat16}}
