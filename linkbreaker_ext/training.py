@@ -102,8 +102,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
                 if augment:
                     xb = crop_flip(xb, g, flip=augment != "crop")
                 xb = xb.to(device).contiguous(memory_format=layout) if xb.dim() == 4 else xb.to(device)
-                with torch.autocast(device.type, dtype=low_precision or torch.float32,
-                                    enabled=low_precision is not None):
+                with torch.autocast(device.type, dtype=low_precision, enabled=low_precision is not None):
                     logits = model(xb)
                 loss = nn.functional.cross_entropy(logits.float(), yb.to(device))
                 opt.zero_grad(set_to_none=True)
