@@ -273,7 +273,7 @@ def table(dataset: str, split: str, reports: dict, tag: str | None = None, valid
     sets = "".join(f" --set {k}={v!r}".replace("'", "") if isinstance(v, str) else f" --set {k}={v}"
                    for k, v in (all_reps[0].get("settings") or {}).items()) if all_reps else ""
     lines += ["", f"Guard settings (GuardConfig overrides): {', '.join(sorted(settings))}.",
-              f"Per-run reports: `runs/{dataset}/{split}-<attack>-<seed>{'-' + tag if tag else ''}.json`. "
+              f"Per-run reports, in this table's folder: `runs/{dataset}/{split}-<attack>-<seed>{'-' + tag if tag else ''}.json`. "
               f"Regenerate: `linkbreaker reproduce --dataset {dataset} --split {split} "
               f"--attacks {' '.join(reports)} --seeds {seeds}{sets}{' --tag ' + tag if tag else ''}"
               f"{'' if validation == 'train' else ' --validation ' + validation}{options}`."]

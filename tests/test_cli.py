@@ -375,6 +375,11 @@ def test_reproduce_writes_reports_and_table(tiny_reproduce, synth, shared_net, b
     mean = sum(100 * r["after"]["asr"] for r in reps) / 2
     assert rows["badnets"][col["ASR after"]].startswith(f"{mean:.2f} ± ")
     assert "--set neighbours=0" in table
+    # the footer's per-run path resolves beside the table, for every run in it
+    footer = table.split("Per-run reports, in this table's folder: `")[1].split("`")[0]
+    for a, sd in (("badnets", 0), ("badnets", 1), ("none", 0)):
+        run = footer.replace("<attack>", a).replace("<seed>", str(sd))
+        assert (results / run).is_file(), run
 
     # resumable: a second run reuses every report and trains/loads no model
     tiny_reproduce.clear()
