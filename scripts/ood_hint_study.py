@@ -11,6 +11,7 @@ and with the hint moved to the head nearest to consistency, and reports CDA and 
 reading for each.
 
     python scripts/ood_hint_study.py --dataset gtsrb --runs badnets-0 none-0
+    python scripts/ood_hint_study.py --dataset gtsrb --runs trojan-watermark-0 --work runs/gtsrb-sgdbf16-e30
     # writes results/dev/ood-hint/<dataset>-<run>.json and prints one line per run
 """
 from __future__ import annotations
@@ -67,12 +68,15 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--dataset", default="gtsrb")
     p.add_argument("--runs", nargs="+", required=True, help="<attack>-<seed> under runs/<dataset>/")
-    p.add_argument("--guards", default="guards", help="folder of saved guards under runs/<dataset>/")
+    p.add_argument("--guards", default="guards", help="folder of saved guards under the work folder")
+    p.add_argument("--work", help="models and guards cache (default: runs/<dataset>); another one names "
+                                  "the JSON after it")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     args = p.parse_args()
     torch.set_num_threads(1)
-    work = ROOT / "runs" / args.dataset
+    work = Path(args.work) if args.work else ROOT / "runs" / args.dataset
+    suffix = ("" if args.guards == "guards" else "-" + args.guards) + (f"-{work.name}" if args.work else "")
     for run in args.runs:
         split, _, attack, guard, seed = experiment.saved_run(args.dataset, run, args.data, work, args.guards)
         xc, yc, xt, yt, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], args.n,
@@ -82,12 +86,12 @@ def main():
         confident = metrics.defended(rc, yc, rt, yt, target)
         without = metrics.defended(without_fallback(rc), yc, without_fallback(rt), yt, target)
         nearest = metrics.defended(with_hint(rc, verdict, "nearest"), yc, with_hint(rt, verdict, "nearest"), yt, target)
-        out = {"dataset": args.dataset, "run": run, "guards": args.guards, "split": "dev", "n": args.n,
+        out = {"dataset": args.dataset, "run": run, "guards": args.guards, "work": args.work, "split": "dev", "n": args.n,
                "fallback_hint": confident, "no_fallback": without, "nearest_consistent": nearest,
                "fallback": {"trigger": fallback_detail(rt, target), "clean_hint_right": fallback_detail(rc, yc)},
                "clean_ood_without_consistent_head": no_consistent_head(rc).float().mean().item(),
                "trigger_ood_without_consistent_head": no_consistent_head(rt).float().mean().item()}
-        path = ROOT / "results" / "dev" / "ood-hint" / f"{args.dataset}-{run}{'' if args.guards == 'guards' else '-' + args.guards}.json"
+        path = ROOT / "results" / "dev" / "ood-hint" / f"{args.dataset}-{run}{suffix}.json"
         path.write_text(json.dumps(out, indent=2))
         print(f"{args.dataset} {run} ({args.guards}): CDA {100 * confident['cda']:.2f} -> {100 * without['cda']:.2f}, "
               f"ASR {100 * confident['asr']:.2f} -> {100 * without['asr']:.2f}; nearest consistent instead: "
