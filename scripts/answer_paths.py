@@ -9,6 +9,7 @@ triggered dev inputs answered with the target, the path and which of the target 
 failed. No refit: the saved guards, one guarded forward per input.
 
     python scripts/answer_paths.py --dataset gtsrb --runs badnets-0 none-0 trojan-watermark-0
+    python scripts/answer_paths.py --dataset gtsrb --runs badnets-1 --work runs/gtsrb-sgdbf16-e30
     # writes results/dev/answer-paths/<dataset>-<run>.json and prints one line per run
 """
 from __future__ import annotations
@@ -78,12 +79,14 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--dataset", default="gtsrb")
     p.add_argument("--runs", nargs="+", required=True, help="<attack>-<seed> under runs/<dataset>/")
-    p.add_argument("--guards", default="guards", help="folder of saved guards under runs/<dataset>/")
+    p.add_argument("--guards", default="guards", help="folder of saved guards under the work folder")
+    p.add_argument("--work", help="models and guards cache (default: runs/<dataset>); another one names "
+                                  "the JSON after it")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     args = p.parse_args()
     torch.set_num_threads(1)
-    work = ROOT / "runs" / args.dataset
+    work = Path(args.work) if args.work else ROOT / "runs" / args.dataset
     out_dir = ROOT / "results" / "dev" / "answer-paths"
     out_dir.mkdir(parents=True, exist_ok=True)
     for run in args.runs:
@@ -92,10 +95,10 @@ def main():
         xc, yc, xt, _, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], args.n,
                                                      args.n, seed, DEV)
         model_right = (training.predict_logits(model, xc).argmax(1) == yc).tolist()
-        out = {"dataset": args.dataset, "run": run, "guards": args.guards, "split": "dev", "n": args.n,
+        out = {"dataset": args.dataset, "run": run, "guards": args.guards, "work": args.work, "split": "dev", "n": args.n,
                "model_cda": round(100 * sum(model_right) / len(yc), 2),
                **breakdown(guard(xc), yc, model_right), "attack_successes": successes(guard(xt), target)}
-        (out_dir / f"{args.dataset}-{run}.json").write_text(json.dumps(out, indent=2))
+        (out_dir / f"{args.dataset}-{run}{'-' + work.name if args.work else ''}.json").write_text(json.dumps(out, indent=2))
         print(f"{args.dataset} {run}: lost {out['lost_total']} won {out['won_total']} "
               f"(model {out['model_cda']}); lost: {out['lost']}; attack successes: {out['attack_successes']}", flush=True)
 
