@@ -12,6 +12,7 @@ Every loader returns ``(x, y)``: float32 images ``[N, C, H, W]`` in ``[0, 1]`` a
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from dataclasses import dataclass
@@ -66,13 +67,17 @@ def _find_parquet(root: Path, name: str, split: str) -> Path:
 
 
 def read_parquet(path: Path):
-    """Decode a parquet split into uint8 images and int64 labels (cached by path, size and mtime)."""
+    """Decode a parquet split into uint8 images and int64 labels (cached by path, size and mtime).
+
+    A file that changes (or is copied again, with a new mtime) replaces its one cached copy: the
+    cache holds one decoded array per parquet path, never a trail of stale ones."""
     import pyarrow.parquet as pq
     from PIL import Image
 
     stat = path.stat()
-    key = f"{path.parent.name}-{path.stem}-{stat.st_size}-{int(stat.st_mtime)}.npz"
-    cached = _cache_dir() / key
+    where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    stem = f"{path.parent.name}-{path.stem}-{where}"
+    cached = _cache_dir() / f"{stem}-{stat.st_size}-{int(stat.st_mtime)}.npz"
     if cached.is_file():
         with np.load(cached) as f:
             return f["x"], f["y"]
@@ -85,6 +90,9 @@ def read_parquet(path: Path):
         tmp = cached.with_suffix(".tmp.npz")
         np.savez(tmp, x=images, y=labels)
         tmp.replace(cached)
+        for stale in cached.parent.glob(f"{stem}-*.npz"):
+            if stale != cached:
+                stale.unlink(missing_ok=True)
     except OSError:
         pass  # a read-only home is not an error: we just decode again next time
     return images, labels

@@ -116,6 +116,29 @@ def test_parquet_folder(tmp_path, _private_cache, layout):
     assert len(list(_private_cache.glob("*.npz"))) == 1
 
 
+def test_parquet_cache_keeps_one_copy_per_file(tmp_path, _private_cache):
+    """A parquet copied again (new mtime) replaces its cached copy instead of adding one; another
+    folder's file of the same name keeps its own."""
+    import os
+
+    images, labels = _images(4)
+    a, b = tmp_path / "a" / "mnist" / "test.parquet", tmp_path / "b" / "mnist" / "test.parquet"
+    _write_parquet(a, images, labels)
+    _write_parquet(b, images[::-1].copy(), labels[::-1].copy())
+    xa, _ = data.load_split("mnist", "test", tmp_path / "a")
+    xb, _ = data.load_split("mnist", "test", tmp_path / "b")
+    assert len(list(_private_cache.glob("*.npz"))) == 2 and not torch.equal(xa, xb)
+    first = {p.name for p in _private_cache.glob("*.npz")}
+
+    later = os.stat(a).st_mtime + 100
+    os.utime(a, (later, later))
+    xa2, _ = data.load_split("mnist", "test", tmp_path / "a")
+    assert torch.equal(xa, xa2)
+    now = {p.name for p in _private_cache.glob("*.npz")}
+    assert len(now) == 2 and now != first  # a's stale copy was replaced, b's kept
+    assert torch.equal(data.load_split("mnist", "test", tmp_path / "b")[0], xb)
+
+
 def test_parquet_rgb_images(tmp_path):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
