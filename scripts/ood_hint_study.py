@@ -67,7 +67,7 @@ def with_hint(r, verdict, ood_hint):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--dataset", default="gtsrb")
-    p.add_argument("--runs", nargs="+", required=True, help="<attack>-<seed> under runs/<dataset>/")
+    p.add_argument("--runs", nargs="+", required=True, help="<attack>-<seed> under the work folder")
     p.add_argument("--guards", default="guards", help="folder of saved guards under the work folder")
     p.add_argument("--work", help="models and guards cache (default: runs/<dataset>); another one names "
                                   "the JSON after it")
