@@ -1,11 +1,14 @@
 """The paper's Fig. 10 (Sec. VI-A): CDA and ASR after the guard as the fill noise amplitude grows.
 
     python scripts/noise_amplitude.py --dataset mnist --attack badnets --seed 0 --amplitudes 0 0.5 1 2 4
+    python scripts/noise_amplitude.py --dataset cifar10 --attack badnets --amplitudes 0 0.5 1 2 \
+        --work runs/cifar10-sgdbf16-e80 --epochs 80 --recipe sgd-bf16 --results results/cifar10-sgdbf16-e80
 
 Each amplitude is one held-out run of ``linkbreaker reproduce`` with ``--set noise_amplitude=A
 --tag noise<A>`` (amplitude 0 is the default guard, untagged), so the per-run JSONs are the
-reproduction's and are cached the same way (``<work>/reports``, copied to ``results/runs/``). The
-figure and a JSON summary go to ``results/figures/<dataset>-<attack>-<seed>-noise.{png,json}``.
+reproduction's and are cached the same way (``<work>/reports``, copied to ``<results>/runs/``). The
+figure and a JSON summary go to ``results/figures/<dataset>-<attack>-<seed>-noise[-<work>].{png,json}``
+(the work folder's name is added when ``--work`` names one: another model's curve).
 """
 from __future__ import annotations
 
@@ -26,7 +29,10 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amplitudes", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 4.0])
     p.add_argument("--data", default="../shared/data")
-    p.add_argument("--work", default=None)
+    p.add_argument("--work", default=None, help="models and guards cache (default: runs/<dataset>)")
+    p.add_argument("--epochs", type=int, default=None, help="as for reproduce: the cached models' epochs")
+    p.add_argument("--recipe", default="adam", help="as for reproduce: the cached models' training recipe")
+    p.add_argument("--results", default="results", help="the per-run JSONs go to <results>/runs/<dataset>/")
     p.add_argument("--out", default="results/figures")
     args = p.parse_args()
     if any(a < 0 for a in args.amplitudes):
@@ -37,21 +43,24 @@ def main():
         tag = None if amp == 0 else f"noise{amp:g}"
         settings = {} if amp == 0 else {"noise_amplitude": amp}
         rep = reproduce.run_one(args.dataset, args.attack, args.seed, data_source=args.data, work=work,
-                                settings=settings, tag=tag)
+                                settings=settings, tag=tag, epochs=args.epochs, recipe=args.recipe)
         name = reproduce.report_name("heldout", args.attack, args.seed, tag)
-        runs = Path("results") / "runs" / args.dataset
+        runs = Path(args.results) / "runs" / args.dataset
         runs.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(work / "reports" / f"{name}.json", runs / f"{name}.json")
         a = rep["after"]
-        rows.append({"amplitude": amp, "report": f"results/runs/{args.dataset}/{name}.json",
+        rows.append({"amplitude": amp, "report": str(runs / f"{name}.json"),
                      "cda_before": rep["before"]["cda"], "asr_before": rep["before"]["asr"],
                      "cda": a["cda"], "asr": a["asr"], "cda_strict": a["cda_strict"],
                      "asr_strict": a["asr_strict"]})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{args.dataset}-{args.attack}-{args.seed}-noise"
+    stem = out / f"{args.dataset}-{args.attack}-{args.seed}-noise{'-' + work.name if args.work else ''}"
     cmd = (f"python scripts/noise_amplitude.py --dataset {args.dataset} --attack {args.attack} "
            f"--seed {args.seed} --amplitudes {' '.join(f'{a:g}' for a in args.amplitudes)}")
+    if args.work:
+        cmd += (f" --work {args.work}" + (f" --epochs {args.epochs}" if args.epochs else "")
+                + f" --recipe {args.recipe} --results {args.results}")
     stem.with_suffix(".json").write_text(json.dumps({"command": cmd, "rows": rows}, indent=2))
     plots.percent_curves(rows, "amplitude", [("cda", "CDA after (hint)"),
                                              ("cda_strict", "CDA after (accepted only)"),
