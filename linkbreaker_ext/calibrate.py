@@ -57,7 +57,8 @@ RULES = ("mad", "max", "tail")
 
 def consistency_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float,
                        pooled_spread: bool = False, center: str = "class", rule: str = "mad",
-                       margin: float = 0.75) -> torch.Tensor:
+                       margin: float = 0.75, quantile: float | None = None,
+                       keep: torch.Tensor | None = None) -> torch.Tensor:
     """``[K]``: ``median + mad_k * 1.4826 * MAD`` of class k's own deviations, in log space (the
     deviations are ratios, skewed to the right). Inputs of class k above it are inconsistent.
     ``pooled_spread``: the MAD around each class's own median is taken over all classes' samples
@@ -73,13 +74,34 @@ def consistency_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float,
     are then unused; one triggered sample in the calibration split raises it). ``rule="tail"``:
     the lower of the ``"mad"`` bound and the largest calibration deviation plus ``margin`` MADs (in
     log space, the MAD as for ``"mad"``): where the clean tail ends well inside ``mad_k`` MADs the
-    bound sits just past it, where the tail is long it stays at ``mad_k`` MADs."""
+    bound sits just past it, where the tail is long it stays at ``mad_k`` MADs. ``quantile``: every
+    bound is then raised, where lower, to that quantile of the own-class deviations of the samples
+    ``keep`` marks (all when None; the fit passes those whose own head is confident), pooled over
+    classes: whatever a layer's tail looks like, it refuses at most about ``1 - quantile`` of
+    them."""
     if center not in CENTERS:
         raise ValueError(f"center must be one of {CENTERS}, got {center!r}")
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if not margin >= 0:
         raise ValueError(f"margin must be a number >= 0, got {margin!r}")
+    if quantile is not None and not 0 < quantile <= 1:
+        raise ValueError(f"quantile must lie in (0, 1] or be None, got {quantile!r}")
+    if keep is not None and keep.shape != y.shape:
+        raise ValueError(f"keep must flag each of the {len(y)} samples, got shape {list(keep.shape)}")
+    bounds = _rule_bounds(dev, y, mad_k, pooled_spread, center, rule, margin)
+    if quantile is None:
+        return bounds
+    own = dev[torch.arange(len(y)), y]
+    pool = own if keep is None else own[keep.to(own.device)]
+    if not len(pool):
+        return bounds
+    floor = torch.quantile(pool.double(), quantile).float()
+    return torch.where(torch.isfinite(bounds), bounds.clamp_min(floor), bounds)
+
+
+def _rule_bounds(dev, y, mad_k, pooled_spread, center, rule, margin) -> torch.Tensor:
+    """:func:`consistency_bounds` without the quantile floor."""
     n = dev.shape[1]
     logd = dev.clamp_min(1e-12).double().log()
     bounds = torch.full((n,), float("inf"), dtype=torch.float64)
@@ -114,11 +136,13 @@ def consistency_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float,
 
 
 def layer_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float, pooled_spread: bool = True,
-                 center: str = "class", rule: str = "mad", margin: float = 0.75) -> torch.Tensor:
+                 center: str = "class", rule: str = "mad", margin: float = 0.75,
+                 quantile: float | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
     """``[K, L]``: :func:`consistency_bounds` of every layer's deviations ``dev`` ``[n, K, L]`` on its
     own (the ``per_layer`` consistency check: a trigger may move one layer far and the others not at
     all)."""
-    return torch.stack([consistency_bounds(dev[..., i], y, mad_k, pooled_spread, center, rule, margin)
+    return torch.stack([consistency_bounds(dev[..., i], y, mad_k, pooled_spread, center, rule, margin,
+                                           quantile, keep)
                         for i in range(dev.shape[-1])], 1)
 
 

@@ -60,6 +60,18 @@ class GuardConfig:
     #                                 consistency_mad_k MADs, robust to a few bad calibration
     #                                 samples) or "max" (the calibration split's largest deviation)
     consistency_margin: float = 0.75  # "tail": MADs (log space) past the calibration split's largest
+    consistency_split: str = "calibration"  # the samples the consistency bounds are set on: the
+    #                                 "calibration" split, or "all" the validation set: the fit split
+    #                                 joins, each sample's deviation taken from a profile computed
+    #                                 without it (5 folds; in-sample its deviations are too small).
+    #                                 The tail rule's reach grows with the sample count
+    #                                 (docs/method.md, "Nor would more calibration samples")
+    consistency_quantile: float | None = None  # each bound at least this quantile of the own-class
+    #                                 deviations of the calibration samples whose own head is
+    #                                 confident, as the stability bound is of its falls: a layer with a
+    #                                 heavy clean tail (GTSRB's relu1@max) then refuses at most about
+    #                                 1 - q of them. None: off (measured, not the default yet:
+    #                                 docs/method.md, "A quantile floor on the consistency bounds")
     stability_noise: float = 0.05   # neighbour stability test: std of fixed Gaussian patterns added
     #                                 to every input, as a share of the validation set's value range; a
     #                                 head whose own-class log-odds fall further on that neighbour than
@@ -146,16 +158,17 @@ class GuardConfig:
             bad("threshold_floor", "must lie in [0, 1)")
         if self.out_quantile is not None and not 0 < self.out_quantile < 1:
             bad("out_quantile", "must lie in (0, 1) or be None")
-        if self.stability_quantile is not None and (
-                not isinstance(self.stability_quantile, (int, float)) or not 0 < self.stability_quantile <= 1):
-            bad("stability_quantile", "must lie in (0, 1] or be None")
+        for name in ("stability_quantile", "consistency_quantile"):
+            q = getattr(self, name)
+            if q is not None and (isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1):
+                bad(name, "must lie in (0, 1] or be None")
         choices = {"fill": ("blank", "mean"), "reliability_measure": ("confidence", "rate"),
                    "consistency_reduce": ("per_layer", "max", "mean"),
                    "consistency_units": ("max", "mean", "mean+max"), "inconsistent_verdict": ("ood", "alarm"),
                    "ood_hint": ("nearest", "confident"),
                    "consistency_center": ("class", "pooled", "shrunk"), "consistency_bound": ("mad", "max", "tail"),
                    "neighbour_mode": ("alg1", "perturb"), "stability_bound": ("mad", "tail", "quantile"),
-                   "threshold_split": ("all", "calibration")}
+                   "threshold_split": ("all", "calibration"), "consistency_split": ("calibration", "all")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 bad(name, f"must be one of {allowed}")

@@ -203,7 +203,8 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
 
 
 CALIBRATION_FIELDS = frozenset({"mad_k", "out_quantile", "threshold_floor", "threshold_split", "consistency_mad_k",
-                                "consistency_center", "consistency_bound", "consistency_margin",
+                                "consistency_center", "consistency_bound", "consistency_margin", "consistency_quantile",
+                                "consistency_split",
                                 "consistency_reduce", "inconsistent_verdict", "ood_hint", "stability_noise", "stability_draws",
                                 "stability_contrast", "stability_jitter", "stability_bound", "stability_floor",
                                 "stability_quantile"})
@@ -225,16 +226,20 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
     """Alg. 3's credibility criteria, set on ``guard`` in place: the confidence thresholds from the
     calibration split or the whole validation set (``cfg.threshold_split``), and (with a
     consistency profile) each class's typical deviation on the fit split, then the per-layer or
-    reduced consistency bounds from the calibration split, and the
+    reduced consistency bounds from the calibration split (``cfg.consistency_split="all"``: with the
+    fit split's out-of-fold deviations too), and the
     stability test's noise pattern and bound (``cfg.stability_test``). Returns the
     calibration split's confidences and deviations, so other bounds can be studied without a refit.
     ``own``: :func:`_own_units` of the fit split, when the caller has them already."""
     device = guard.device
     half = torch.full((num_classes,), 0.5, device=device)
     conf = guard.head_confidences(x_cal, thresholds=half)[0].cpu()
+    conf_fit = None
+    if cfg.threshold_split == "all" or cfg.consistency_split == "all":
+        conf_fit = guard.head_confidences(x_fit, thresholds=half)[0].cpu()
     conf_th, y_th = conf, y_cal
     if cfg.threshold_split == "all":
-        conf_th = torch.cat([conf, guard.head_confidences(x_fit, thresholds=half)[0].cpu()])
+        conf_th = torch.cat([conf, conf_fit])
         y_th = torch.cat([y_cal.cpu(), y_fit.cpu()])
     guard.thresholds = calibrate.confidence_thresholds(
         conf_th, y_th, cfg.mad_k, cfg.out_quantile, cfg.threshold_floor).to(device)
@@ -242,24 +247,39 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
     if cfg.consistency and guard.profile:
         profile = {k: v for k, v in guard.profile.items() if k not in ("norms", "bounds")}
         guard.profile = profile
-        profile["norms"] = _typical_deviations(guard, *(own or _own_units(guard, x_fit, y_fit)),
-                                               num_classes)
+        own = own or _own_units(guard, x_fit, y_fit)
+        profile["norms"] = _typical_deviations(guard, *own, num_classes)
         by_layer = guard.deviations(x_cal, by_layer=True).cpu()  # [n_cal, K, L]
+        pool, y_pool, conf_pool = by_layer, y_cal.cpu(), conf
+        if cfg.consistency_split == "all":  # the fit split joins, each sample out of its fold
+            names = guard._profile_layers()
+            oof, used = salient.out_of_fold_deviations(
+                {k: own[0][k] for k in names}, own[1], {k: profile[f"weight.{k}"] for k in names},
+                num_classes, seed=cfg.seed)
+            y_oof = y_fit.cpu()[used]
+            own_only = torch.ones(len(y_oof), num_classes, len(names))  # the bounds read own-class entries
+            own_only[torch.arange(len(y_oof)), y_oof] = oof[used]
+            pool, y_pool = torch.cat([by_layer, own_only]), torch.cat([y_pool, y_oof])
+            conf_pool = torch.cat([conf, conf_fit[used]])
+        # the samples a veto could turn away: their own head is confident (the quantile floor's pool)
+        confident = conf_pool[torch.arange(len(y_pool)), y_pool] >= guard.thresholds.cpu()[y_pool]
+        floor = {"quantile": cfg.consistency_quantile, "keep": confident}
         if cfg.consistency_reduce == "per_layer":
             # every layer against its own bound, folded into its norm: the max over layers is then
             # judged against 1
-            layer_bounds = calibrate.layer_bounds(by_layer, y_cal, cfg.consistency_mad_k,
+            layer_bounds = calibrate.layer_bounds(pool, y_pool, cfg.consistency_mad_k,
                                                   center=cfg.consistency_center,
                                                   rule=cfg.consistency_bound,
-                                                  margin=cfg.consistency_margin)  # [K, L]
+                                                  margin=cfg.consistency_margin, **floor)  # [K, L]
             profile["norms"] = profile["norms"] * layer_bounds.to(device)
             profile["bounds"] = torch.ones(num_classes, device=device)
             dev = (by_layer / layer_bounds).amax(-1)
         else:
             dev = salient.reduce_layers(by_layer, cfg.consistency_reduce)
             profile["bounds"] = calibrate.consistency_bounds(
-                dev, y_cal, cfg.consistency_mad_k, center=cfg.consistency_center,
-                rule=cfg.consistency_bound, margin=cfg.consistency_margin).to(device)
+                salient.reduce_layers(pool, cfg.consistency_reduce), y_pool, cfg.consistency_mad_k,
+                center=cfg.consistency_center, rule=cfg.consistency_bound,
+                margin=cfg.consistency_margin, **floor).to(device)
     drops = None
     guard.stability = None
     if cfg.stability_test:

@@ -86,3 +86,41 @@ def reduce_layers(dev: torch.Tensor, how: str) -> torch.Tensor:
     maximum (consistent in every layer; under ``per_layer`` calibration each norm already is that
     layer's bound) or, as an ablation, the mean."""
     return dev.mean(-1) if how == "mean" else dev.amax(-1)
+
+
+def out_of_fold_deviations(own: dict, y: torch.Tensor, weights: dict, num_classes: int,
+                           folds: int = 5, seed: int = 0):
+    """``([n, L] deviations, [n] used)``: each fit sample's :func:`deviation` from its own class's
+    profile computed without it (``folds`` folds, drawn within each class), relative to that
+    profile's typical own-class deviation (its median on the samples it was computed from), per
+    evidence. ``own``: ``{evidence: [n, D]}``, each sample as its own class's head sees it;
+    ``weights``: ``{evidence: [K, D]}``, the salient, live neurons. The fit split's in-sample
+    deviations are smaller than new inputs' (the profile was computed on them); out of fold they are
+    not, so the consistency bounds can be calibrated on them too. A sample whose class has no other
+    fit sample has no out-of-fold profile and is not ``used``."""
+    y_cpu = y.cpu()
+    n, g = len(y_cpu), torch.Generator().manual_seed(seed)
+    fold = torch.full((n,), -1, dtype=torch.long)
+    for k in range(num_classes):
+        idx = (y_cpu == k).nonzero().flatten()
+        if len(idx) >= 2:
+            fold[idx[torch.randperm(len(idx), generator=g)]] = torch.arange(len(idx)) % min(folds, len(idx))
+    names = list(own)
+    out = torch.ones(n, len(names))
+    for j in range(folds):
+        test = fold == j
+        if not test.any():
+            continue
+        train = ~test
+        present = torch.bincount(y_cpu[train], minlength=num_classes) > 0
+        remap = torch.cumsum(present.long(), 0) - 1  # class -> row among the present classes
+        rows_tr, rows_te = remap[y_cpu[train]], remap[y_cpu[test]]
+        for i, name in enumerate(names):
+            u = own[name].cpu().float()
+            w = weights[name].cpu().float()[present]
+            center, scale = robust_class_profile(u[train], rows_tr, int(present.sum()))
+            d_tr = deviation(u[train], center, scale, w)[torch.arange(len(rows_tr)), rows_tr]
+            norm = torch.stack([d_tr[rows_tr == r].median() for r in range(len(center))]).clamp_min(1e-6)
+            d_te = deviation(u[test], center, scale, w)[torch.arange(len(rows_te)), rows_te]
+            out[test, i] = d_te / norm[rows_te]
+    return out, fold >= 0

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import (ACTIVE, FAST, NUM_CLASSES, SHAPE, add_trigger, make_deep_net, make_images,
                       make_net)
 from linkbreaker_ext import (ACCEPT, ALARM, OOD, GuardConfig, GuardResult, LinkBreaker, calibrate,
-                             data, fitting, guard_head, guard_head_reference, safefiles, search)
+                             data, fitting, guard_head, guard_head_reference, safefiles, salient,
+                             search)
 from linkbreaker_ext.fitting import blank_input
 from linkbreaker_ext.guard import FORMAT, FORMAT_VERSION
 from linkbreaker_ext.verdict import neighbour, vote
@@ -926,6 +927,102 @@ def test_consistency_bounds_tail_rule_sits_past_a_short_tail_and_keeps_k_mads_fo
         calibrate.consistency_bounds(short.exp()[:, None], y, 5.0, rule="tail", margin=-1.0)
     with pytest.raises(ValueError, match="consistency_margin"):
         GuardConfig(consistency_margin=float("nan"))
+
+
+def test_consistency_quantile_floor_caps_refusals_on_a_heavy_tail_and_ignores_unkept_samples():
+    """``quantile``: a bound below that quantile of the kept own-class deviations is raised to it
+    (so at most about 1 - q of them lie above), a higher one stays, and samples ``keep`` leaves
+    out (those whose own head is not confident) cannot move it."""
+    g = torch.Generator().manual_seed(0)
+    logs = torch.randn(400, generator=g)
+    logs[:40] += 8.0  # a heavy tail: 10 % far out, past k MADs of the bulk
+    dev, y = logs.exp()[:, None], torch.zeros(400, dtype=torch.long)
+    plain = calibrate.consistency_bounds(dev, y, 4.25, rule="tail", margin=0.75)
+    assert (dev[:, 0] > plain).double().mean() > 0.09  # the tail rule refuses the whole tail
+    floored = calibrate.consistency_bounds(dev, y, 4.25, rule="tail", margin=0.75, quantile=0.99)
+    assert floored.item() == pytest.approx(torch.quantile(dev[:, 0].double(), 0.99).item(), rel=1e-5)
+    assert (dev[:, 0] > floored).double().mean() <= 0.011
+    # a floor below the rule's bound changes nothing
+    low = calibrate.consistency_bounds(dev, y, 4.25, rule="tail", margin=0.75, quantile=0.5)
+    assert low.item() == plain.item()
+    # samples left out of the pool cannot raise it
+    keep = torch.ones(400, dtype=torch.bool)
+    keep[:40] = False
+    assert calibrate.consistency_bounds(dev, y, 4.25, rule="tail", margin=0.75, quantile=0.99,
+                                        keep=keep).item() == plain.item()
+    # per layer, each layer's own floor; an absent class keeps no bound
+    two = torch.stack([dev[:, 0], dev[:, 0] / 1e3], 1)[:, :, None].expand(-1, -1, 2)  # [n, K=2, L=2]
+    b = calibrate.layer_bounds(two, y, 4.25, rule="tail", margin=0.75, quantile=0.99)
+    assert b[0, 0].item() == pytest.approx(floored.item(), rel=1e-5) and torch.isinf(b[1]).all()
+    with pytest.raises(ValueError, match="quantile must lie"):
+        calibrate.consistency_bounds(dev, y, 4.25, quantile=0.0)
+    with pytest.raises(ValueError, match="keep must flag"):
+        calibrate.consistency_bounds(dev, y, 4.25, quantile=0.9, keep=keep[:10])
+    with pytest.raises(ValueError, match="consistency_quantile"):
+        GuardConfig(consistency_quantile=1.5)
+
+
+def test_consistency_quantile_floor_pools_the_confident_calibration_samples(guard_deep, synth):
+    """The fit's floor is taken over the calibration samples whose own head passes its threshold:
+    the recalibrated bounds equal :func:`calibrate.layer_bounds` with that pool, and no layer's
+    bound moves down."""
+    q = 0.9
+    # thresholds at each class's median confidence (mad_k=0), so about half the samples are left
+    # out, and bounds at half a MAD, which the floor must raise
+    tight = dict(mad_k=0.0, consistency_mad_k=0.5)
+    base = guard_deep.recalibrate(synth["x_val"], synth["y_val"], **tight).diagnostics["layer_bounds"]
+    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], **tight, consistency_quantile=q)
+    d, cfg = g.diagnostics, g.config
+    y = d["calibration_labels"]
+    keep = d["calibration_conf"][torch.arange(len(y)), y] >= g.thresholds.cpu()[y]
+    assert 0 < keep.sum() < len(y)  # some calibration samples are left out of the pool
+    expected = calibrate.layer_bounds(d["calibration_deviations_by_layer"], y, cfg.consistency_mad_k,
+                                      center=cfg.consistency_center, rule=cfg.consistency_bound,
+                                      margin=cfg.consistency_margin, quantile=q, keep=keep)
+    torch.testing.assert_close(d["layer_bounds"], expected)
+    assert (d["layer_bounds"] >= base - 1e-6).all() and (d["layer_bounds"] > base + 1e-6).any()
+
+
+def test_out_of_fold_deviations_leave_each_sample_out_of_its_own_profile():
+    """With as many folds as a class has samples, each sample's deviation is measured against the
+    profile of the others (leave one out), relative to their median deviation; out of fold the
+    deviations are larger than in-sample ones, and a class with one sample is not used."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([0] * 8 + [1])
+    u = torch.randn(len(y), 7, generator=g)
+    w = torch.rand(2, 7, generator=g)
+    dev, used = salient.out_of_fold_deviations({"a": u}, y, {"a": w}, 2, folds=8)
+    assert used.tolist() == [True] * 8 + [False]
+    for i in range(8):
+        others = torch.tensor([j for j in range(9) if j != i])  # the singleton class stays in
+        center, scale = salient.robust_class_profile(u[others], y[others], 2)
+        d_others = salient.deviation(u[others[:7]], center, scale, w)[:, 0]
+        expected = salient.deviation(u[i:i + 1], center, scale, w)[0, 0] / d_others.median()
+        assert dev[i, 0].item() == pytest.approx(expected.item(), rel=1e-5)
+    center, scale = salient.robust_class_profile(u, y, 2)
+    d_in = salient.deviation(u[:8], center, scale, w)[:, 0]
+    assert dev[:8, 0].median() > (d_in / d_in.median()).median()
+
+
+def test_consistency_split_all_adds_the_fit_splits_out_of_fold_deviations(guard_deep, synth):
+    """``consistency_split="all"``: the bounds are set on the calibration split and the fit split's
+    out-of-fold deviations together; with the ``"max"`` rule the bound is the larger of the
+    calibration split's largest deviation and theirs."""
+    cal = guard_deep.recalibrate(synth["x_val"], synth["y_val"], consistency_bound="max")
+    both = guard_deep.recalibrate(synth["x_val"], synth["y_val"], consistency_bound="max",
+                                  consistency_split="all")
+    x, y = synth["x_val"].float(), synth["y_val"].long()
+    _, fit_idx = data.stratified_split(y, cal.config.calibration_fraction, seed=cal.config.seed)
+    units, y_fit = fitting._own_units(cal, x[fit_idx], y[fit_idx])
+    names = cal._profile_layers()
+    oof, used = salient.out_of_fold_deviations({k: units[k] for k in names}, y_fit,
+                                               {k: cal.profile[f"weight.{k}"] for k in names},
+                                               NUM_CLASSES, seed=cal.config.seed)
+    expected = torch.maximum(cal.diagnostics["layer_bounds"][0], oof[used].amax(0))
+    torch.testing.assert_close(both.diagnostics["layer_bounds"], expected.expand_as(cal.diagnostics["layer_bounds"]))
+    assert (expected > cal.diagnostics["layer_bounds"][0]).any()
+    with pytest.raises(ValueError, match="consistency_split"):
+        GuardConfig(consistency_split="fit")
 
 
 def test_max_bound_admits_every_calibration_sample_and_one_sits_on_it(guard_deep, synth):
