@@ -1,21 +1,29 @@
-"""Dev study (issue #6): does the consistency check refuse clean inputs because its bounds are set
-on too few calibration samples?
+"""Dev study (issue #6): which samples should set the consistency bounds?
 
-The fit keeps 30 % of the 2 % validation set for calibration (about 235 GTSRB signs, 5 per class),
-and the per-layer ``"tail"`` bound sits just past that split's largest deviation, so how far it
-reaches depends on how many samples the split has. This script measures that dependence on the
-saved guards of a work folder, without a refit: one forward of the heads over the validation set
-and ``--n`` clean and triggered inputs of the **dev** half of the test split, cached in
-``<work>/dev/<run>-calsize.safetensors``; then the bounds are recomputed (the guard's own rule,
-k and margin) from random stratified subsets of the calibration split (25-100 %), and from the
-calibration split plus the fit split, whose deviations are in-sample (the class profiles were
-computed on it), and the heads decided again (the consistency veto alone; the stability test is
-not in this study). It also reports how much smaller the in-sample deviations are.
+The fit keeps 30 % of the 2 % validation set for calibration (589 GTSRB signs, 300 CIFAR-10
+images), and the per-layer ``"tail"`` bound sits just past that split's largest deviation, capped at
+k MADs. So how far it reaches depends on how many samples the split has, and a layer with a heavy
+clean tail is held at k MADs and refuses more clean inputs than the others. This script measures
+both on the saved guards of a work folder, without a refit: one forward of the heads over the
+validation set and ``--n`` clean and triggered inputs of the **dev** half of the test split (with
+the stability test's neighbours), cached in ``<work>/dev/<run>-calsize.safetensors``; then the
+bounds are recomputed (the guard's own rule, k and margin) from
+
+- random stratified subsets of the calibration split (25-100 %, consistency veto alone);
+- the calibration split plus the fit split, in-sample (the class profiles were computed on it);
+- the calibration split plus the fit split out of fold (``consistency_split="all"``);
+- each of those with a quantile floor (``consistency_quantile``);
+
+and the heads decided again (:func:`linkbreaker_ext.verdict.decide`, the guard's verdict and hint)
+with the stability test's ratios as the guard combines them: the same answers a guard recalibrated
+with those settings gives. It also reports how much smaller the in-sample deviations are.
 
     python scripts/calibration_size.py --dataset gtsrb --work runs/gtsrb-sgdbf16-e30 \\
         --runs badnets-0 none-1 trojan-watermark-1
+    python scripts/calibration_size.py --table   # markdown summary of the saved studies
 
-Writes ``results/dev/calibration-size/<dataset>-<run>-<work name>.json``.
+Writes ``results/dev/calibration-size/<dataset>-<run>-<work name>.json`` (``--table``: the
+``summary.md`` beside them).
 """
 from __future__ import annotations
 
@@ -25,20 +33,24 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from linkbreaker_ext import calibrate, data, experiment, training  # noqa: E402
-from linkbreaker_ext.verdict import GuardResult  # noqa: E402
+from linkbreaker_ext import calibrate, data, experiment, fitting, salient, training  # noqa: E402
+from linkbreaker_ext.verdict import combined_ratio, decide  # noqa: E402
 
 DEV = slice(0, 5000)
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+QUANTILE = 0.995
+OUT = ROOT / "results" / "dev" / "calibration-size"
 
 
 def dump(dataset: str, run: str, work: Path, n: int, source: str) -> Path:
-    """The heads' confidences and per-layer deviation ratios on the validation set (both splits)
-    and the dev inputs, cached once per run."""
+    """The heads' confidences and per-layer deviation ratios (to the fitted bounds) on both
+    validation splits and the dev inputs, the fit split's out-of-fold ratios, and the dev inputs'
+    stability ratios, cached once per run."""
     out = work / "dev" / f"{run}-calsize.safetensors"
     if out.is_file():
         return out
@@ -51,14 +63,27 @@ def dump(dataset: str, run: str, work: Path, n: int, source: str) -> Path:
     t = {}
     for name, x in (("cal", split["x_val"][cal_idx]), ("fit", split["x_val"][fit_idx]), ("c", xc), ("t", xt)):
         t[f"conf_{name}"], t[f"dev_{name}"] = guard._heads_with_deviations(x, by_layer=True)
-    t.update({"y_cal": split["y_val"][cal_idx], "y_fit": split["y_val"][fit_idx], "y_c": yc, "y_t": yt,
+        if name in ("c", "t"):
+            t[f"stab_{name}"] = guard.stability_ratios(x, t[f"conf_{name}"])
+    # the fit split's deviations out of fold, in the same units as the rest (the guard's norms hold
+    # its fitted per-layer bounds; with the pooled center every class shares a layer's bound)
+    names = guard._profile_layers()
+    units, y_fit = fitting._own_units(guard, split["x_val"][fit_idx], split["y_val"][fit_idx])
+    oof, used = salient.out_of_fold_deviations({k: units[k] for k in names}, y_fit,
+                                               {k: guard.profile[f"weight.{k}"] for k in names},
+                                               guard.num_heads, seed=cfg.seed)
+    typical = fitting._typical_deviations(guard, units, y_fit, guard.num_heads)  # [K, L], unbounded
+    fitted_bound = (guard.profile["norms"] / typical)[0].cpu()  # [L]
+    t.update({"oof_fit": oof / fitted_bound, "oof_used": used,
+              "y_cal": split["y_val"][cal_idx], "y_fit": split["y_val"][fit_idx], "y_c": yc, "y_t": yt,
               "pred_c": training.predict_logits(model, xc).argmax(1),
               "pred_t": training.predict_logits(model, xt).argmax(1),
               "thresholds": guard.thresholds, "target": torch.tensor(target)})
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in t.items()}, str(out),
               metadata={"rule": cfg.consistency_bound, "k": str(cfg.consistency_mad_k),
-                        "margin": str(cfg.consistency_margin)})
+                        "margin": str(cfg.consistency_margin), "ood_hint": cfg.ood_hint,
+                        "inconsistent_verdict": cfg.inconsistent_verdict})
     return out
 
 
@@ -72,66 +97,142 @@ def subset(y: torch.Tensor, fraction: float, g: torch.Generator) -> torch.Tensor
     return torch.cat(picked)
 
 
-def judged(c: dict, dev_cal: torch.Tensor, y_cal: torch.Tensor, rule: str, k: float, margin: float) -> dict:
-    """CDA (hint reading), clean vetoes of a right model's true head and ASR, in %, with the bounds
-    set on ``dev_cal``."""
-    b = calibrate.layer_bounds(dev_cal, y_cal, k, center="pooled", rule=rule, margin=margin)
-    out = {}
-    for s in ("c", "t"):
-        r = experiment.redecided(GuardResult(None, None, c[f"conf_{s}"], c["thresholds"]),
-                                 (c[f"dev_{s}"] / b).amax(-1), "alarm")
-        out[s] = r
-    y, target = c["y_c"], int(c["target"])
-    rows = torch.arange(len(y))
-    right = c["pred_c"] == y
-    vetoed = (c["dev_c"][rows, y] / b[y]).amax(-1) > 1
-    return {"cda": 100 * (out["c"].labels == y).double().mean().item(),
-            "true_head_vetoed_when_model_right": 100 * (vetoed & right).double().mean().item(),
-            "asr": 100 * (out["t"].labels == target).double().mean().item()}
+def own_only(d: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[n, L]`` own-class deviations as the ``[n, K, L]`` the bound rules read (only own entries)."""
+    out = torch.ones(len(y), num_classes, d.shape[-1])
+    out[torch.arange(len(y)), y] = d
+    return out
+
+
+class Study:
+    """One cached run: its pools of calibration deviations, and the guard's answers with bounds set
+    on any of them."""
+
+    def __init__(self, path: Path):
+        self.c = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            self.meta = f.metadata()
+        c = self.c
+        self.k = c["conf_cal"].shape[1]
+        conf_ok = lambda conf, y: conf[torch.arange(len(y)), y] >= c["thresholds"][y]  # noqa: E731
+        used = c["oof_used"].bool()
+        self.pools = {
+            "cal": (c["dev_cal"], c["y_cal"], conf_ok(c["conf_cal"], c["y_cal"])),
+            "fit in-sample": (c["dev_fit"], c["y_fit"], conf_ok(c["conf_fit"], c["y_fit"])),
+            "fit out of fold": (own_only(c["oof_fit"][used], c["y_fit"][used], self.k), c["y_fit"][used],
+                                conf_ok(c["conf_fit"][used], c["y_fit"][used])),
+        }
+
+    def pool(self, *names):
+        parts = [self.pools[n] for n in names]
+        return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
+
+    def judged(self, dev, y, keep, quantile=None, stability=True) -> dict:
+        """CDA (hint reading), clean vetoes of a right model's true head, clean refusals and ASR, in
+        %, with the bounds set on ``dev`` (``[n, K, L]``, labels ``y``)."""
+        c, m = self.c, self.meta
+        b = calibrate.layer_bounds(dev, y, float(m["k"]), center="pooled", rule=m["rule"],
+                                   margin=float(m["margin"]), quantile=quantile, keep=keep)
+        res = {}
+        for s in ("c", "t"):
+            ratio = combined_ratio((c[f"dev_{s}"] / b).amax(-1), c[f"stab_{s}"] if stability else None)
+            res[s] = decide(c[f"conf_{s}"], c["thresholds"], ratio, m["inconsistent_verdict"], m["ood_hint"])
+        y_c, target = c["y_c"], int(c["target"])
+        right = c["pred_c"] == y_c
+        vetoed = (c["dev_c"][torch.arange(len(y_c)), y_c] / b[y_c]).amax(-1) > 1
+        pct = lambda t: round(100 * t.double().mean().item(), 3)  # noqa: E731
+        return {"cda": pct(res["c"][0] == y_c), "true_head_vetoed_when_model_right": pct(vetoed & right),
+                "clean_refused": pct(res["c"][1] != 0), "asr": pct(res["t"][0] == target)}
 
 
 def study(path: Path, resamples: int) -> dict:
-    c = load_file(str(path))
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    rule, k, margin = meta["rule"], float(meta["k"]), float(meta["margin"])
+    s = Study(path)
     g = torch.Generator().manual_seed(0)
     rows = {}
-    for frac in FRACTIONS:
-        runs = [judged(c, c["dev_cal"][i], c["y_cal"][i], rule, k, margin)
-                for i in (subset(c["y_cal"], frac, g) for _ in range(1 if frac == 1.0 else resamples))]
-        rows[f"cal {frac:g}"] = {m: round(sum(r[m] for r in runs) / len(runs), 3) for m in runs[0]}
-        rows[f"cal {frac:g}"]["n_cal"] = round(frac * len(c["y_cal"]))
-    both = judged(c, torch.cat([c["dev_cal"], c["dev_fit"]]), torch.cat([c["y_cal"], c["y_fit"]]), rule, k, margin)
-    rows["cal + fit (in-sample)"] = {**{m: round(v, 3) for m, v in both.items()},
-                                     "n_cal": len(c["y_cal"]) + len(c["y_fit"])}
+    dev, y, keep = s.pools["cal"]
+    for frac in FRACTIONS:  # the consistency veto alone: how the bound's reach grows with the sample count
+        runs = []
+        for _ in range(1 if frac == 1.0 else resamples):
+            i = subset(y, frac, g)
+            runs.append(s.judged(dev[i], y[i], keep[i], stability=False))
+        rows[f"veto alone, cal {frac:g}"] = {**{k: round(sum(r[k] for r in runs) / len(runs), 3) for k in runs[0]},
+                                             "n": round(frac * len(y))}
+    variants = {"cal (today)": ("cal",), "cal + fit in-sample": ("cal", "fit in-sample"),
+                "cal + fit out of fold": ("cal", "fit out of fold")}
+    for name, pools in variants.items():
+        d, yy, kk = s.pool(*pools)
+        rows[f"veto alone, {name}"] = {**s.judged(d, yy, kk, stability=False), "n": len(yy)}
+        for q in (None, QUANTILE):
+            rows[f"{name}{'' if q is None else f', q {q:g}'}"] = {**s.judged(d, yy, kk, q), "n": len(yy)}
+    c = s.c
     own = lambda d, y: d[torch.arange(len(y)), y].log()  # noqa: E731  [n, L] log deviation ratios
-    medians = {s: own(c[f"dev_{s}"], c[f"y_{s}"]).median(0).values for s in ("cal", "fit", "c")}
-    bias = {f"{s} - cal": round((medians[s] - medians["cal"]).mean().item(), 3) for s in ("fit", "c")}
-    return {"rule": rule, "k": k, "margin": margin, "model_cda": round(100 * (c["pred_c"] == c["y_c"]).double().mean().item(), 2),
+    medians = {n: own(c[f"dev_{n}"], c[f"y_{n}"]).median(0).values for n in ("cal", "fit", "c")}
+    medians["fit out of fold"] = c["oof_fit"][c["oof_used"].bool()].log().median(0).values
+    shift = {f"{n} - cal": round((medians[n] - medians["cal"]).mean().item(), 3)
+             for n in ("fit", "fit out of fold", "c")}
+    return {"rule": s.meta["rule"], "k": float(s.meta["k"]), "margin": float(s.meta["margin"]),
+            "model_cda": round(100 * (c["pred_c"] == c["y_c"]).double().mean().item(), 2),
             "n_clean": len(c["y_c"]), "n_trigger": len(c["y_t"]), "rows": rows,
-            "median_own_log_ratio_shift": bias}
+            "median_own_log_ratio_shift": shift}
+
+
+def table() -> str:
+    """Means over the saved studies, per data set: CDA drop (hint) / ASR."""
+    studies = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+    lines = ["# Which samples set the consistency bounds (dev halves)", "",
+             "Made by `python scripts/calibration_size.py --table` from the per-run JSONs beside it; "
+             "each JSON names its command's run. CDA drop (hint reading, points) / ASR (%), means over "
+             "the runs; *veto alone*: the consistency veto without the stability test.", ""]
+    for dataset in sorted({s["dataset"] for s in studies}):
+        runs = [s for s in studies if s["dataset"] == dataset and "cal + fit out of fold" in s["rows"]]
+        if not runs:
+            continue
+        lines += [f"## {dataset} ({len(runs)} runs: {', '.join(r['run'] + ' (' + r['work'] + ')' for r in runs)})", "",
+                  "| bounds set on | samples | CDA drop | true head vetoed (model right) | clean refused | ASR, mean / max |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for row in runs[0]["rows"]:
+            vals = [r["rows"][row] for r in runs]
+            mean = lambda k: sum(v[k] for v in vals) / len(vals)  # noqa: E731
+            drop = sum(r["model_cda"] - r["rows"][row]["cda"] for r in runs) / len(runs)
+            lines.append(f"| {row} | {mean('n'):.0f} | {drop:.2f} | {mean('true_head_vetoed_when_model_right'):.2f} | "
+                         f"{mean('clean_refused'):.2f} | {mean('asr'):.2f} / {max(v['asr'] for v in vals):.2f} |")
+        lines.append("")
+        per_run = ["| run | " + " | ".join(runs[0]["rows"]) + " |", "| --- |" + " --- |" * len(runs[0]["rows"])]
+        for r in runs:
+            per_run.append(f"| {r['run']} | " + " | ".join(
+                f"{r['model_cda'] - v['cda']:.2f} / {v['asr']:.2f}" for v in r["rows"].values()) + " |")
+        lines += ["Per run, CDA drop / ASR:", ""] + per_run + [""]
+    text = "\n".join(lines)
+    (OUT / "summary.md").write_text(text)
+    return text
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--dataset", default="gtsrb")
-    p.add_argument("--runs", nargs="+", required=True, help="<attack>-<seed> under the work folder")
-    p.add_argument("--work", required=True, help="models and guards cache, e.g. runs/gtsrb-sgdbf16-e30")
+    p.add_argument("--runs", nargs="+", default=[], help="<attack>-<seed> under the work folder")
+    p.add_argument("--work", help="models and guards cache, e.g. runs/gtsrb-sgdbf16-e30")
     p.add_argument("--n", type=int, default=2000, help="dev clean and triggered inputs")
     p.add_argument("--resamples", type=int, default=50)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--table", action="store_true", help="summarise the saved studies")
     args = p.parse_args()
+    if args.table:
+        print(table())
+        return
+    if not args.runs or not args.work:
+        p.error("--runs and --work are needed (or --table)")
     torch.set_num_threads(1)
     work = Path(args.work)
-    out_dir = ROOT / "results" / "dev" / "calibration-size"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    OUT.mkdir(parents=True, exist_ok=True)
     for run in args.runs:
         res = {"dataset": args.dataset, "run": run, "work": args.work, "split": "dev",
+               "command": f"python scripts/calibration_size.py --dataset {args.dataset} --work {args.work} "
+                          f"--runs {run} --n {args.n} --resamples {args.resamples}",
                **study(dump(args.dataset, run, work, args.n, args.data), args.resamples)}
-        (out_dir / f"{args.dataset}-{run}-{work.name}.json").write_text(json.dumps(res, indent=2))
-        print(run, json.dumps(res["rows"]), res["median_own_log_ratio_shift"], flush=True)
+        (OUT / f"{args.dataset}-{run}-{work.name}.json").write_text(json.dumps(res, indent=2))
+        print(run, json.dumps({k: v for k, v in res["rows"].items() if not k.startswith("veto alone, cal ")}),
+              res["median_own_log_ratio_shift"], flush=True)
 
 
 if __name__ == "__main__":
