@@ -60,18 +60,18 @@ class GuardConfig:
     #                                 consistency_mad_k MADs, robust to a few bad calibration
     #                                 samples) or "max" (the calibration split's largest deviation)
     consistency_margin: float = 0.75  # "tail": MADs (log space) past the calibration split's largest
-    consistency_split: str = "calibration"  # the samples the consistency bounds are set on: the
-    #                                 "calibration" split, or "all" the validation set: the fit split
-    #                                 joins, each sample's deviation taken from a profile computed
-    #                                 without it (5 folds; in-sample its deviations are too small).
+    consistency_split: str = "all"  # the samples the consistency bounds are set on: "all" the
+    #                                 validation set (the fit split joins the calibration split, each
+    #                                 fit sample's deviation taken from a class profile computed
+    #                                 without it, 5 folds: in-sample its deviations are too small) or
+    #                                 the "calibration" split alone (the default until session 31).
     #                                 The tail rule's reach grows with the sample count
-    #                                 (docs/method.md, "Nor would more calibration samples")
-    consistency_quantile: float | None = None  # each bound at least this quantile of the own-class
-    #                                 deviations of the calibration samples whose own head is
-    #                                 confident, as the stability bound is of its falls: a layer with a
-    #                                 heavy clean tail (GTSRB's relu1@max) then refuses at most about
-    #                                 1 - q of them. None: off (measured, not the default yet:
-    #                                 docs/method.md, "A quantile floor on the consistency bounds")
+    #                                 (docs/method.md, "Which samples set the consistency bounds")
+    consistency_quantile: float | None = 0.995  # each bound at least this quantile of the own-class
+    #                                 deviations of those samples whose own head is confident (as the
+    #                                 stability bound is of its falls): a layer with a heavy clean
+    #                                 tail (GTSRB's relu1@max) then refuses at most about 1 - q of
+    #                                 them. None: off (the default until session 31)
     stability_noise: float = 0.05   # neighbour stability test: std of fixed Gaussian patterns added
     #                                 to every input, as a share of the validation set's value range; a
     #                                 head whose own-class log-odds fall further on that neighbour than
@@ -185,4 +185,4 @@ LEGACY_CONFIG = {"consistency_units": "mean", "consistency_center": "class", "co
                  "consistency_mad_k": 5.0, "stability_noise": 0.0, "stability_bound": "tail",
                  "stability_floor": 0.1, "stability_quantile": None, "ood_hint": "confident",
                  "stability_draws": 1, "threshold_split": "calibration",
-                 "stability_jitter": 0.0}
+                 "stability_jitter": 0.0, "consistency_split": "calibration", "consistency_quantile": None}

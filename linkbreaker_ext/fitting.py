@@ -243,7 +243,7 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
         y_th = torch.cat([y_cal.cpu(), y_fit.cpu()])
     guard.thresholds = calibrate.confidence_thresholds(
         conf_th, y_th, cfg.mad_k, cfg.out_quantile, cfg.threshold_floor).to(device)
-    dev = by_layer = layer_bounds = None
+    dev = by_layer = layer_bounds = pool = y_pool = confident = None
     if cfg.consistency and guard.profile:
         profile = {k: v for k, v in guard.profile.items() if k not in ("norms", "bounds")}
         guard.profile = profile
@@ -300,6 +300,9 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
         drops = stability_falls(conf, conf_n).float()  # [n_cal, K]
     return {"calibration_conf": conf, "calibration_labels": y_cal, "calibration_deviations": dev,
             "calibration_deviations_by_layer": by_layer, "layer_bounds": layer_bounds,
+            # the samples the consistency bounds were set on ([n, K, L]: only own-class entries
+            # count), their labels and which of them the quantile floor pooled
+            "bound_deviations": pool, "bound_labels": y_pool, "bound_confident": confident,
             "calibration_stability_drops": drops}
 
 

@@ -969,8 +969,9 @@ def test_consistency_quantile_floor_pools_the_confident_calibration_samples(guar
     q = 0.9
     # thresholds at each class's median confidence (mad_k=0), so about half the samples are left
     # out, and bounds at half a MAD, which the floor must raise
-    tight = dict(mad_k=0.0, consistency_mad_k=0.5)
-    base = guard_deep.recalibrate(synth["x_val"], synth["y_val"], **tight).diagnostics["layer_bounds"]
+    tight = dict(mad_k=0.0, consistency_mad_k=0.5, consistency_split="calibration")
+    base = guard_deep.recalibrate(synth["x_val"], synth["y_val"], **tight,
+                                  consistency_quantile=None).diagnostics["layer_bounds"]
     g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], **tight, consistency_quantile=q)
     d, cfg = g.diagnostics, g.config
     y = d["calibration_labels"]
@@ -1008,9 +1009,11 @@ def test_consistency_split_all_adds_the_fit_splits_out_of_fold_deviations(guard_
     """``consistency_split="all"``: the bounds are set on the calibration split and the fit split's
     out-of-fold deviations together; with the ``"max"`` rule the bound is the larger of the
     calibration split's largest deviation and theirs."""
-    cal = guard_deep.recalibrate(synth["x_val"], synth["y_val"], consistency_bound="max")
+    cal = guard_deep.recalibrate(synth["x_val"], synth["y_val"], consistency_bound="max",
+                                 consistency_split="calibration")
     both = guard_deep.recalibrate(synth["x_val"], synth["y_val"], consistency_bound="max",
                                   consistency_split="all")
+    assert guard_deep.config.consistency_split == "all"  # the default
     x, y = synth["x_val"].float(), synth["y_val"].long()
     _, fit_idx = data.stratified_split(y, cal.config.calibration_fraction, seed=cal.config.seed)
     units, y_fit = fitting._own_units(cal, x[fit_idx], y[fit_idx])
@@ -1048,11 +1051,11 @@ def test_fit_centers_its_bounds_as_configured(guard_deep, deep_net, synth):
     for name, m in guard_deep.masks.items():
         assert torch.equal(m, pooled.masks[name])
     torch.testing.assert_close(a["calibration_deviations_by_layer"], b["calibration_deviations_by_layer"])
-    by_layer, y = b["calibration_deviations_by_layer"], b["calibration_labels"]
     cfg = pooled.config
     torch.testing.assert_close(b["layer_bounds"], calibrate.layer_bounds(
-        by_layer, y, cfg.consistency_mad_k, center="pooled", rule=cfg.consistency_bound,
-        margin=cfg.consistency_margin))
+        b["bound_deviations"], b["bound_labels"], cfg.consistency_mad_k, center="pooled",
+        rule=cfg.consistency_bound, margin=cfg.consistency_margin, quantile=cfg.consistency_quantile,
+        keep=b["bound_confident"]))
     assert not torch.allclose(b["layer_bounds"], a["layer_bounds"])  # the classes' medians differ
     with pytest.raises(ValueError, match="consistency_center"):
         GuardConfig(consistency_center="mean")
@@ -1157,10 +1160,15 @@ def test_fit_keeps_the_calibration_deviations_behind_its_bounds(guard_deep, synt
     cfg = guard_deep.config
     k = cfg.consistency_mad_k
     assert cfg.consistency_reduce == "per_layer"
-    bounds = torch.stack([calibrate.consistency_bounds(by_layer[..., i], y, k, pooled_spread=True,
+    # the bounds come from the calibration split and the fit split's out-of-fold deviations
+    pool, y_pool, keep = d["bound_deviations"], d["bound_labels"], d["bound_confident"]
+    assert cfg.consistency_split == "all" and len(y_pool) > len(y)
+    torch.testing.assert_close(pool[:len(y)], by_layer)
+    bounds = torch.stack([calibrate.consistency_bounds(pool[..., i], y_pool, k, pooled_spread=True,
                                                        center=cfg.consistency_center,
                                                        rule=cfg.consistency_bound,
-                                                       margin=cfg.consistency_margin)
+                                                       margin=cfg.consistency_margin,
+                                                       quantile=cfg.consistency_quantile, keep=keep)
                           for i in range(by_layer.shape[-1])], 1)
     torch.testing.assert_close(bounds, d["layer_bounds"])
     torch.testing.assert_close(dev, (by_layer / bounds).amax(-1))
@@ -1170,20 +1178,21 @@ def test_fit_keeps_the_calibration_deviations_behind_its_bounds(guard_deep, synt
                                          seed=guard_deep.config.seed)
     torch.testing.assert_close(guard_deep.deviations(synth["x_val"][calib_idx]).cpu(), dev,
                                rtol=1e-4, atol=1e-5)
-    looser = torch.stack([calibrate.consistency_bounds(by_layer[..., i], y, k + 2, pooled_spread=True,
+    looser = torch.stack([calibrate.consistency_bounds(pool[..., i], y_pool, k + 2, pooled_spread=True,
                                                        center=cfg.consistency_center,
                                                        rule=cfg.consistency_bound,
-                                                       margin=cfg.consistency_margin + 2)
+                                                       margin=cfg.consistency_margin + 2,
+                                                       quantile=cfg.consistency_quantile, keep=keep)
                           for i in range(by_layer.shape[-1])], 1)
     assert (looser >= bounds).all()
     # one bound on the max of normalised deviations (consistency_reduce="max", the first default)
     one = fit(guard_deep.model, synth["x_val"], synth["y_val"], layers=["input", "1", "3"],
               consistency_reduce="max", neighbours=0)
-    dev1, y1 = one.diagnostics["calibration_deviations"], one.diagnostics["calibration_labels"]
-    torch.testing.assert_close(calibrate.consistency_bounds(dev1, y1, k, center=cfg.consistency_center,
-                                                            rule=cfg.consistency_bound,
-                                                            margin=cfg.consistency_margin),
-                               one.profile["bounds"].cpu())
+    dev1, d1 = one.diagnostics["calibration_deviations"], one.diagnostics
+    torch.testing.assert_close(calibrate.consistency_bounds(
+        salient.reduce_layers(d1["bound_deviations"], "max"), d1["bound_labels"], k,
+        center=cfg.consistency_center, rule=cfg.consistency_bound, margin=cfg.consistency_margin,
+        quantile=cfg.consistency_quantile, keep=d1["bound_confident"]), one.profile["bounds"].cpu())
     torch.testing.assert_close(dev1, one.diagnostics["calibration_deviations_by_layer"].amax(-1))
     off = fit(guard_deep.model, synth["x_val"], synth["y_val"], layers=["input"], consistency=False,
               neighbours=0)
@@ -1727,6 +1736,29 @@ def test_a_file_from_before_the_stability_test_loads_without_it(guard_deep, deep
     new = old.recalibrate(synth["x_val"], synth["y_val"], stability_noise=GuardConfig().stability_noise,
                           stability_quantile=GuardConfig().stability_quantile)
     assert_same_result(new(x), guard_deep(x))
+
+
+def test_a_file_from_before_the_bound_pool_options_keeps_its_calibration_split_bounds(
+        guard_deep, deep_net, synth, tmp_path):
+    """A guard saved before ``consistency_split`` and ``consistency_quantile`` existed was calibrated
+    on its calibration split without a floor: it loads with those values (so a recalibration that
+    changes something else keeps them), and a recalibration to today's defaults gives today's guard."""
+    path = tmp_path / "g.safetensors"
+    old_style = guard_deep.recalibrate(synth["x_val"], synth["y_val"], consistency_split="calibration",
+                                       consistency_quantile=None)
+    old_style.save(path)
+    tensors, meta = _file(path)
+    for field in ("consistency_split", "consistency_quantile"):
+        del meta["config"][field]
+    safefiles.write(path, tensors, FORMAT, meta)
+    old = LinkBreaker.load(path, deep_net)
+    assert old.config.consistency_split == "calibration" and old.config.consistency_quantile is None
+    again = old.recalibrate(synth["x_val"], synth["y_val"], mad_k=old.config.mad_k)
+    torch.testing.assert_close(again.profile["norms"], old_style.profile["norms"])
+    new = old.recalibrate(synth["x_val"], synth["y_val"], consistency_split="all",
+                          consistency_quantile=GuardConfig().consistency_quantile)
+    torch.testing.assert_close(new.profile["norms"], guard_deep.profile["norms"])
+    assert not torch.allclose(old.profile["norms"], guard_deep.profile["norms"])
 
 
 def test_stability_bound_rules_on_hand_made_falls():
