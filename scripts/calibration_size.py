@@ -157,13 +157,16 @@ def study(path: Path, resamples: int) -> dict:
             runs.append(s.judged(dev[i], y[i], keep[i], stability=False))
         rows[f"veto alone, cal {frac:g}"] = {**{k: round(sum(r[k] for r in runs) / len(runs), 3) for k in runs[0]},
                                              "n": round(frac * len(y))}
-    variants = {"cal (today)": ("cal",), "cal + fit in-sample": ("cal", "fit in-sample"),
+    variants = {"cal (until session 31)": ("cal",), "cal + fit in-sample": ("cal", "fit in-sample"),
                 "cal + fit out of fold": ("cal", "fit out of fold")}
     for name, pools in variants.items():
         d, yy, kk = s.pool(*pools)
         rows[f"veto alone, {name}"] = {**s.judged(d, yy, kk, stability=False), "n": len(yy)}
         for q in (None, QUANTILE):
-            rows[f"{name}{'' if q is None else f', q {q:g}'}"] = {**s.judged(d, yy, kk, q), "n": len(yy)}
+            label = name if q is None else f"{name}, q {q:g}"
+            if pools == ("cal", "fit out of fold") and q == QUANTILE:
+                label += " (the default)"
+            rows[label] = {**s.judged(d, yy, kk, q), "n": len(yy)}
     c = s.c
     own = lambda d, y: d[torch.arange(len(y)), y].log()  # noqa: E731  [n, L] log deviation ratios
     medians = {n: own(c[f"dev_{n}"], c[f"y_{n}"]).median(0).values for n in ("cal", "fit", "c")}
