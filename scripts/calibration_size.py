@@ -186,11 +186,9 @@ def table() -> str:
              "Made by `python scripts/calibration_size.py --table` from the per-run JSONs beside it; "
              "each JSON names its command's run. CDA drop (hint reading, points) / ASR (%), means over "
              "the runs; *veto alone*: the consistency veto without the stability test.", ""]
-    for dataset in sorted({s["dataset"] for s in studies}):
-        runs = [s for s in studies if s["dataset"] == dataset and "cal + fit out of fold" in s["rows"]]
-        if not runs:
-            continue
-        lines += [f"## {dataset} ({len(runs)} runs: {', '.join(r['run'] + ' (' + r['work'] + ')' for r in runs)})", "",
+    for dataset, work in sorted({(s["dataset"], s["work"]) for s in studies}):  # one group per model family
+        runs = [s for s in studies if (s["dataset"], s["work"]) == (dataset, work)]
+        lines += [f"## {dataset}, {work} ({len(runs)} run{'s' if len(runs) > 1 else ''}: {', '.join(r['run'] for r in runs)})", "",
                   "| bounds set on | samples | CDA drop | true head vetoed (model right) | clean refused | ASR, mean / max |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for row in runs[0]["rows"]:
