@@ -1,8 +1,10 @@
 """The credibility criteria of Alg. 3, one per class, from the MAD of clean calibration samples that
 the salient-set search never saw (sets chosen on the same samples could look optimistic), except
-the confidence thresholds, which by default use the whole validation set: per class, the
-calibration split is too few samples for a MAD, and the fit split's confidences measured no
-higher (``GuardConfig.threshold_split``).
+the confidence thresholds, which by default use the whole validation set (per class, the
+calibration split is too few samples for a MAD, and the fit split's confidences measured no higher:
+``GuardConfig.threshold_split``), and the consistency bounds, which by default also use the fit
+split's deviations, taken out of fold (in-sample they are too small; the tail rule reaches further
+with more samples: ``GuardConfig.consistency_split``).
 
 * a **confidence threshold** (the paper's): a lower bound on head k's confidence in class k;
 * a **consistency bound** (ours, after Beatrix's robust deviations and TED's layer-wise view): an

@@ -183,7 +183,8 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
     guard.masks = masks_for(chosen)
     stage_s["set_search"], t_stage = time.perf_counter() - t_stage, time.perf_counter()
 
-    # Credibility criteria on the calibration split, which the search never saw.
+    # Credibility criteria on the calibration split, which the search never saw, and (by default)
+    # the fit split where a criterion can be taken without bias: confidences, out-of-fold deviations.
     x_cal, y_cal = x[calib_idx], y[calib_idx]
     own = None
     if cfg.consistency:
