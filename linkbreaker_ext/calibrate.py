@@ -137,6 +137,14 @@ def _rule_bounds(dev, y, mad_k, pooled_spread, center, rule, margin) -> torch.Te
     return bounds.float()
 
 
+def own_class_pool(d: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[n, L]`` own-class deviations as the ``[n, K, L]`` the bound rules take: they read only
+    each sample's own class, so the other entries are placeholders (1)."""
+    out = torch.ones(len(y), num_classes, d.shape[-1], dtype=d.dtype)
+    out[torch.arange(len(y)), y] = d
+    return out
+
+
 def layer_bounds(dev: torch.Tensor, y: torch.Tensor, mad_k: float, pooled_spread: bool = True,
                  center: str = "class", rule: str = "mad", margin: float = 0.75,
                  quantile: float | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:

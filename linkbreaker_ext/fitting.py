@@ -258,9 +258,8 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
                 {k: own[0][k] for k in names}, own[1], {k: profile[f"weight.{k}"] for k in names},
                 num_classes, seed=cfg.seed)
             y_oof = y_fit.cpu()[used]
-            own_only = torch.ones(len(y_oof), num_classes, len(names))  # the bounds read own-class entries
-            own_only[torch.arange(len(y_oof)), y_oof] = oof[used]
-            pool, y_pool = torch.cat([by_layer, own_only]), torch.cat([y_pool, y_oof])
+            pool = torch.cat([by_layer, calibrate.own_class_pool(oof[used], y_oof, num_classes)])
+            y_pool = torch.cat([y_pool, y_oof])
             conf_pool = torch.cat([conf, conf_fit[used]])
         # the samples a veto could turn away: their own head is confident (the quantile floor's pool)
         confident = conf_pool[torch.arange(len(y_pool)), y_pool] >= guard.thresholds.cpu()[y_pool]
@@ -449,5 +448,5 @@ def _typical_deviations(guard, own, y, num_classes):
     for name in guard._profile_layers():
         d = salient.deviation(own[name], guard.profile[f"center.{name}"], guard.profile[f"scale.{name}"],
                               guard.profile[f"weight.{name}"])
-        norms.append(torch.stack([d[y == k, k].median() for k in range(num_classes)]).clamp_min(1e-6))
+        norms.append(salient.class_medians(d[torch.arange(len(y)), y], y, num_classes))
     return torch.stack(norms, 1)

@@ -71,6 +71,12 @@ def robust_class_profile(acts: torch.Tensor, labels: torch.Tensor, num_classes: 
     return center, scale.clamp_min(floor * ref + 1e-12)
 
 
+def class_medians(d: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[K]``: each class's median of its samples' own-class deviations ``d`` ``[n]`` (at least
+    1e-6): the typical deviation a layer's deviations are taken relative to."""
+    return torch.stack([d[y == k].median() for k in range(num_classes)]).clamp_min(1e-6)
+
+
 def deviation(u: torch.Tensor, center: torch.Tensor, scale: torch.Tensor, weights: torch.Tensor):
     """``[B, K]`` mean robust z-score ``|u - center_k| / scale_k`` of each input over class k's
     neurons (``weights`` ``[K, D]``, the salient set): how far an input's evidence for class k is from
@@ -106,6 +112,8 @@ def out_of_fold_deviations(own: dict, y: torch.Tensor, weights: dict, num_classe
         if len(idx) >= 2:
             fold[idx[torch.randperm(len(idx), generator=g)]] = torch.arange(len(idx)) % min(folds, len(idx))
     names = list(own)
+    units_ = {k: own[k].cpu().float() for k in names}
+    weights_ = {k: weights[k].cpu().float() for k in names}
     out = torch.ones(n, len(names))
     for j in range(folds):
         test = fold == j
@@ -116,11 +124,10 @@ def out_of_fold_deviations(own: dict, y: torch.Tensor, weights: dict, num_classe
         remap = torch.cumsum(present.long(), 0) - 1  # class -> row among the present classes
         rows_tr, rows_te = remap[y_cpu[train]], remap[y_cpu[test]]
         for i, name in enumerate(names):
-            u = own[name].cpu().float()
-            w = weights[name].cpu().float()[present]
+            u, w = units_[name], weights_[name][present]
             center, scale = robust_class_profile(u[train], rows_tr, int(present.sum()))
             d_tr = deviation(u[train], center, scale, w)[torch.arange(len(rows_tr)), rows_tr]
-            norm = torch.stack([d_tr[rows_tr == r].median() for r in range(len(center))]).clamp_min(1e-6)
+            norm = class_medians(d_tr, rows_tr, len(center))
             d_te = deviation(u[test], center, scale, w)[torch.arange(len(rows_te)), rows_te]
             out[test, i] = d_te / norm[rows_te]
     return out, fold >= 0

@@ -97,13 +97,6 @@ def subset(y: torch.Tensor, fraction: float, g: torch.Generator) -> torch.Tensor
     return torch.cat(picked)
 
 
-def own_only(d: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``[n, L]`` own-class deviations as the ``[n, K, L]`` the bound rules read (only own entries)."""
-    out = torch.ones(len(y), num_classes, d.shape[-1])
-    out[torch.arange(len(y)), y] = d
-    return out
-
-
 class Study:
     """One cached run: its pools of calibration deviations, and the guard's answers with bounds set
     on any of them."""
@@ -119,7 +112,7 @@ class Study:
         self.pools = {
             "cal": (c["dev_cal"], c["y_cal"], conf_ok(c["conf_cal"], c["y_cal"])),
             "fit in-sample": (c["dev_fit"], c["y_fit"], conf_ok(c["conf_fit"], c["y_fit"])),
-            "fit out of fold": (own_only(c["oof_fit"][used], c["y_fit"][used], self.k), c["y_fit"][used],
+            "fit out of fold": (calibrate.own_class_pool(c["oof_fit"][used], c["y_fit"][used], self.k), c["y_fit"][used],
                                 conf_ok(c["conf_fit"][used], c["y_fit"][used])),
         }
 
