@@ -169,7 +169,27 @@ def study(path: Path, resamples: int) -> dict:
     return {"rule": s.meta["rule"], "k": float(s.meta["k"]), "margin": float(s.meta["margin"]),
             "model_cda": round(100 * (c["pred_c"] == c["y_c"]).double().mean().item(), 2),
             "n_clean": len(c["y_c"]), "n_trigger": len(c["y_t"]), "rows": rows,
-            "median_own_log_ratio_shift": shift}
+            "median_own_log_ratio_shift": shift, "evidence_tails": evidence_tails(s)}
+
+
+def evidence_tails(s: Study) -> dict:
+    """Per evidence, with the bounds on the calibration split alone (the rule until session 31): the
+    99th percentile of the calibration split's own deviations relative to its bound (above 1: the
+    k-MAD cap refuses over 1 % of its own clean samples), and the share of the dev clean inputs the
+    model gets right whose true head that evidence alone vetoes; and the share of triggered inputs
+    whose *true* class head is confident (those that could join the quantile floor's pool if a
+    poisoned validation set labelled them truly)."""
+    c, m = s.c, s.meta
+    b = calibrate.layer_bounds(c["dev_cal"], c["y_cal"], float(m["k"]), center="pooled", rule=m["rule"],
+                               margin=float(m["margin"]))  # [K, L]
+    own = lambda d, y: d[torch.arange(len(y)), y] / b[y]  # noqa: E731  [n, L]
+    cal, clean = own(c["dev_cal"], c["y_cal"]), own(c["dev_c"], c["y_c"])
+    right = (c["pred_c"] == c["y_c"])[:, None]
+    y_t = c["y_t"]
+    true_confident = c["conf_t"][torch.arange(len(y_t)), y_t] >= c["thresholds"][y_t]
+    return {"cal_q99_over_bound": [round(v, 3) for v in cal.double().quantile(0.99, 0).tolist()],
+            "clean_right_vetoed_pct": [round(100 * v, 3) for v in ((clean > 1) & right).double().mean(0).tolist()],
+            "triggered_true_head_confident_pct": round(100 * true_confident.double().mean().item(), 3)}
 
 
 def table() -> str:
