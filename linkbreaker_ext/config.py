@@ -112,6 +112,11 @@ class GuardConfig:
     #                                 class: "nearest" (the head nearest to its bounds, smallest veto
     #                                 ratio) or "confident" (the most confident, which hands a trigger
     #                                 its target: docs/method.md, "Which head an OOD verdict names")
+    alarm_margin: float = 1.5       # with the alarm verdict: an input with no head consistent with its
+    #                                 class raises the alarm also when a head comes within this many
+    #                                 log-odds of its confidence threshold (0: only a confident one);
+    #                                 chosen on GTSRB's dev half, docs/method.md, "A nearly confident
+    #                                 head that nothing supports"
     calibration_fraction: float = 0.3  # share of the validation set kept apart for thresholds
     min_per_class: int = 5
     seed: int = 0
@@ -140,7 +145,7 @@ class GuardConfig:
             bad("fractions", "must be an ascending sequence in (0, 1] ending with 1.0")
         for name in ("neighbour_noise", "neighbour_step", "tolerance_in", "tolerance_out",
                      "min_active", "noise_amplitude", "mad_k", "consistency_mad_k", "consistency_margin",
-                     "stability_noise", "stability_floor", "stability_jitter"):
+                     "stability_noise", "stability_floor", "stability_jitter", "alarm_margin"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 bad(name, "must be a finite number >= 0")
@@ -185,4 +190,5 @@ LEGACY_CONFIG = {"consistency_units": "mean", "consistency_center": "class", "co
                  "consistency_mad_k": 5.0, "stability_noise": 0.0, "stability_bound": "tail",
                  "stability_floor": 0.1, "stability_quantile": None, "ood_hint": "confident",
                  "stability_draws": 1, "threshold_split": "calibration",
-                 "stability_jitter": 0.0, "consistency_split": "calibration", "consistency_quantile": None}
+                 "stability_jitter": 0.0, "consistency_split": "calibration", "consistency_quantile": None,
+                 "alarm_margin": 0.0}

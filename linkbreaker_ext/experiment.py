@@ -146,27 +146,33 @@ def evaluate(model, guard: LinkBreaker, attack, x_test, y_test, n_clean=2000, n_
         plain = [redecided(r) for r in (rc, rt)]
         report["after_without_consistency"] = metrics.defended(plain[0], yc, plain[1], yt, target)
         if rc.stability is not None and rc.consistency is not None:  # ... and without the stability test
-            neurons = [redecided(r, r.consistency, guard.config.inconsistent_verdict, guard.config.ood_hint)
-                       for r in (rc, rt)]
+            neurons = [redecided(r, r.consistency, guard.config.inconsistent_verdict, guard.config.ood_hint,
+                                 guard.config.alarm_margin) for r in (rc, rt)]
             report["after_without_stability"] = metrics.defended(neurons[0], yc, neurons[1], yt, target)
         # ... and with the other verdict for a confident but inconsistent top head
         other = "ood" if guard.config.inconsistent_verdict == "alarm" else "alarm"
-        alt = [redecided(r, r.credibility, other, guard.config.ood_hint) for r in (rc, rt)]
+        alt = [redecided(r, r.credibility, other, guard.config.ood_hint, guard.config.alarm_margin)
+               for r in (rc, rt)]
         report[f"after_inconsistent_{other}"] = metrics.defended(alt[0], yc, alt[1], yt, target)
         # ... and with the other hint for an OOD verdict without a consistent head
         hint = "confident" if guard.config.ood_hint == "nearest" else "nearest"
-        alt = [redecided(r, r.credibility, guard.config.inconsistent_verdict, hint) for r in (rc, rt)]
+        alt = [redecided(r, r.credibility, guard.config.inconsistent_verdict, hint, guard.config.alarm_margin)
+               for r in (rc, rt)]
         report[f"after_ood_hint_{hint}"] = metrics.defended(alt[0], yc, alt[1], yt, target)
+        if guard.config.alarm_margin > 0 and guard.config.inconsistent_verdict == "alarm":
+            # ... and with only a confident head raising the alarm (the rule until session 32)
+            alt = [redecided(r, r.credibility, "alarm", guard.config.ood_hint, 0.0) for r in (rc, rt)]
+            report["after_without_alarm_margin"] = metrics.defended(alt[0], yc, alt[1], yt, target)
         report["auroc"] = metrics.auroc(guard_score(rc), guard_score(rt))
     return report, (rc, yc, rt, yt)
 
 
 def redecided(r: GuardResult, ratio=None, inconsistent_verdict: str = "alarm",
-              ood_hint: str = "nearest") -> GuardResult:
+              ood_hint: str = "nearest", alarm_margin: float = 0.0) -> GuardResult:
     """``r``'s heads decided again (:func:`guard.decide`) with veto ratios ``ratio`` (None: the
-    paper's confidence test alone), ``inconsistent_verdict`` and ``ood_hint``: a decision variant that needs no new
-    forward pass. The result carries ``ratio`` as its consistency ratios."""
-    labels, verdict = decide(r.confidences, r.thresholds, ratio, inconsistent_verdict, ood_hint)
+    paper's confidence test alone), ``inconsistent_verdict``, ``ood_hint`` and ``alarm_margin``: a
+    decision variant that needs no new forward pass. The result carries ``ratio`` as its consistency ratios."""
+    labels, verdict = decide(r.confidences, r.thresholds, ratio, inconsistent_verdict, ood_hint, alarm_margin)
     return GuardResult(labels, verdict, r.confidences, r.thresholds, ratio)
 
 

@@ -206,7 +206,7 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
 CALIBRATION_FIELDS = frozenset({"mad_k", "out_quantile", "threshold_floor", "threshold_split", "consistency_mad_k",
                                 "consistency_center", "consistency_bound", "consistency_margin", "consistency_quantile",
                                 "consistency_split",
-                                "consistency_reduce", "inconsistent_verdict", "ood_hint", "stability_noise", "stability_draws",
+                                "consistency_reduce", "inconsistent_verdict", "ood_hint", "alarm_margin", "stability_noise", "stability_draws",
                                 "stability_contrast", "stability_jitter", "stability_bound", "stability_floor",
                                 "stability_quantile"})
 """The settings of the last stage alone: a fitted guard takes new values of these by

@@ -283,7 +283,8 @@ class LinkBreaker:
             conf, ratio = self.head_confidences(x)[0], None
         unstable = self.stability_ratios(x, conf) if stable else None
         labels, verdict = decide(conf, self.thresholds, combined_ratio(ratio, unstable),
-                                 self.config.inconsistent_verdict, self.config.ood_hint)
+                                 self.config.inconsistent_verdict, self.config.ood_hint,
+                                 self.config.alarm_margin)
         return GuardResult(labels, verdict, conf, self.thresholds, ratio, unstable)
 
     def neighbour(self, x: torch.Tensor) -> torch.Tensor:

@@ -202,6 +202,7 @@ class GuardedModule(nn.Module):
         self.reduce = cfg.consistency_reduce
         self.inconsistent_verdict = cfg.inconsistent_verdict
         self.ood_hint = cfg.ood_hint
+        self.alarm_margin = float(cfg.alarm_margin)
         self.batch_rows = batch_rows or cfg.batch_rows
         self.check_inputs = check_inputs
         # rows per input: one per distinct set of head masks (the veto reads each head's own row);
@@ -331,7 +332,7 @@ class GuardedModule(nn.Module):
             acts = [a if r == 1 else self._spread(a) for a in acts]
             deviation = self._deviations([*acts, feats.float()]) / self.bounds
         labels, verdict = decide(conf, self.thresholds, combined_ratio(deviation, unstable),
-                                 self.inconsistent_verdict, self.ood_hint)
+                                 self.inconsistent_verdict, self.ood_hint, self.alarm_margin)
         return labels, verdict, conf
 
     def _spread(self, v):

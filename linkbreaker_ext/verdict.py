@@ -99,18 +99,27 @@ def vote(conf: torch.Tensor, credible: torch.Tensor, consistent: torch.Tensor | 
 
 
 def decide(conf: torch.Tensor, thresholds: torch.Tensor, ratio: torch.Tensor | None = None,
-           inconsistent_verdict: str = "alarm", ood_hint: str = "nearest"):
+           inconsistent_verdict: str = "alarm", ood_hint: str = "nearest", alarm_margin: float = 0.0):
     """``(labels, verdict)`` of Alg. 3 with the consistency veto: a head is credible when it passes
     its confidence threshold and, given its consistency ``ratio`` ``[B, N]``, is consistent
     (``ratio <= 1``); a confident but inconsistent head gets ``inconsistent_verdict``; ``ood_hint``
-    (``"nearest"`` or ``"confident"``) picks the hint of an OOD verdict without a consistent head. Without
+    (``"nearest"`` or ``"confident"``) picks the hint of an OOD verdict without a consistent head.
+    With ``alarm_margin`` > 0 (log-odds) and the alarm verdict, an input with no consistent head at
+    all also raises the alarm when some head comes within that margin of its threshold: a nearly
+    sure answer that nothing in the network supports is the trigger's signature, and its hint would
+    be that answer (docs/method.md, "A nearly confident head that nothing supports"). Without
     ``ratio``: the paper's confidence test alone."""
     confident = conf >= thresholds
     if ratio is None:
         return vote(conf, confident)
     consistent = ratio <= 1
-    return vote(conf, confident & consistent, consistent,
-                confident if inconsistent_verdict == "alarm" else None,
+    alarm = None
+    if inconsistent_verdict == "alarm":
+        alarm = confident
+        if alarm_margin > 0:
+            near = log_odds(conf) >= log_odds(thresholds) - alarm_margin
+            alarm = confident | (near & ~consistent.any(1, keepdim=True))
+    return vote(conf, confident & consistent, consistent, alarm,
                 ratio if ood_hint == "nearest" else None)
 
 

@@ -1487,6 +1487,57 @@ def test_ood_hint_without_a_consistent_head_is_the_head_nearest_to_its_bounds():
         assert verdict.tolist() == [ALARM, ACCEPT, ALARM] and labels.tolist() == [-1, 1, -1]
 
 
+def test_alarm_margin_turns_a_nearly_confident_head_without_support_into_the_alarm():
+    """decide: with no head consistent with its class, a head within ``alarm_margin`` log-odds of
+    its threshold raises the alarm (its hint would be that head); beyond the margin, or when some
+    head is consistent, the verdict is the OOD one as before; margin 0 is the rule without it."""
+    from linkbreaker_ext.verdict import decide, log_odds
+    thresholds = torch.tensor([0.99, 0.99, 0.99])
+    just_under = torch.sigmoid(log_odds(thresholds[:1]) - 1.0).float().item()  # 1 log-odds below
+    far_under = torch.sigmoid(log_odds(thresholds[:1]) - 3.0).float().item()
+    conf = torch.tensor([[just_under, 0.30, 0.20],    # nothing consistent, head 0 nearly confident
+                         [far_under, 0.30, 0.20],     # nothing consistent, head 0 far from sure
+                         [just_under, 0.30, 0.20],    # head 2 consistent: OOD, its hint
+                         [0.995, 0.30, 0.20]])        # confident and inconsistent: the alarm anyway
+    ratio = torch.tensor([[1.5, 3.0, 2.0], [1.5, 3.0, 2.0], [1.5, 3.0, 0.8], [1.5, 3.0, 2.0]])
+    labels, verdict = decide(conf, thresholds, ratio)
+    assert verdict.tolist() == [OOD, OOD, OOD, ALARM] and labels.tolist() == [0, 0, 2, -1]
+    labels, verdict = decide(conf, thresholds, ratio, alarm_margin=1.5)
+    assert verdict.tolist() == [ALARM, OOD, OOD, ALARM] and labels.tolist() == [-1, 0, 2, -1]
+    labels, verdict = decide(conf, thresholds, ratio, alarm_margin=3.5)
+    assert verdict.tolist() == [ALARM, ALARM, OOD, ALARM]
+    # the margin belongs to the alarm verdict: with inconsistent_verdict="ood" it changes nothing
+    assert [t.tolist() for t in decide(conf, thresholds, ratio, "ood", alarm_margin=3.5)] == \
+        [t.tolist() for t in decide(conf, thresholds, ratio, "ood")]
+
+
+def test_alarm_margin_is_a_last_stage_setting(guard_deep, deep_net, synth, tmp_path):
+    """A saved guard takes a new ``alarm_margin`` by recalibration (no refit), the guard and its
+    serving module apply it alike, and a file written before the field existed reads as 0."""
+    from linkbreaker_ext.serving import GuardedModule
+    g = torch.Generator().manual_seed(5)
+    x = torch.cat([synth["x_test"], torch.rand(24, *synth["x_test"].shape[1:], generator=g)])
+    results = {}
+    for m in (0.0, 40.0):
+        gm = guard_deep.recalibrate(synth["x_val"], synth["y_val"], alarm_margin=m)
+        assert torch.equal(gm.thresholds, guard_deep.thresholds)
+        r = gm(x)
+        labels, verdict, _ = GuardedModule(gm)(x)
+        assert torch.equal(labels, r.labels) and torch.equal(verdict, r.verdict)
+        results[m] = r
+    moved = results[0.0].verdict != results[40.0].verdict
+    assert moved.any(), "no input without a consistent head: the comparison is degenerate"
+    assert (results[0.0].verdict[moved] == OOD).all() and (results[40.0].verdict[moved] == ALARM).all()
+    path = tmp_path / "g.safetensors"
+    guard_deep.save(path)
+    tensors, meta = _file(path)
+    del meta["config"]["alarm_margin"]
+    safefiles.write(path, tensors, FORMAT, meta)
+    old = LinkBreaker.load(path, deep_net)
+    assert guard_deep.config.alarm_margin == 1.5 and old.config.alarm_margin == 0.0
+    assert torch.equal(old(x).verdict, results[0.0].verdict)
+
+
 # ---------------------------------------------------------------- the neighbour stability test
 def _file(path):
     from safetensors import safe_open
