@@ -26,8 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from calibration_size import QUANTILE, Study  # noqa: E402
-from linkbreaker_ext import calibrate  # noqa: E402
+from calibration_size import Study  # noqa: E402
 from linkbreaker_ext.verdict import combined_ratio, decide  # noqa: E402
 
 MARGINS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)
@@ -39,9 +38,7 @@ def study(path: Path) -> dict:
     set, out of fold, quantile floor) and the stability test."""
     s = Study(path)
     c, m = s.c, s.meta
-    dev, y, keep = s.pool("cal", "fit out of fold")
-    b = calibrate.layer_bounds(dev, y, float(m["k"]), center="pooled", rule=m["rule"],
-                               margin=float(m["margin"]), quantile=QUANTILE, keep=keep)
+    b = s.default_bounds()
     ratio = {k: combined_ratio((c[f"dev_{k}"] / b).amax(-1), c[f"stab_{k}"]) for k in ("c", "t")}
     target = int(c["target"])
     rows = {}

@@ -120,12 +120,23 @@ class Study:
         parts = [self.pools[n] for n in names]
         return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
 
+    def bounds(self, dev, y, keep=None, quantile=None) -> torch.Tensor:
+        """``[K, L]``: the guard's own bound rule (its k and margin, pooled center) on ``dev``
+        (``[n, K, L]``, labels ``y``), with a ``quantile`` floor over the ``keep`` samples."""
+        m = self.meta
+        return calibrate.layer_bounds(dev, y, float(m["k"]), center="pooled", rule=m["rule"],
+                                      margin=float(m["margin"]), quantile=quantile, keep=keep)
+
+    def default_bounds(self) -> torch.Tensor:
+        """The bounds of today's default: the whole validation set (the fit split out of fold),
+        with the quantile floor."""
+        return self.bounds(*self.pool("cal", "fit out of fold"), quantile=QUANTILE)
+
     def judged(self, dev, y, keep, quantile=None, stability=True) -> dict:
         """CDA (hint reading), clean vetoes of a right model's true head, clean refusals and ASR, in
         %, with the bounds set on ``dev`` (``[n, K, L]``, labels ``y``)."""
         c, m = self.c, self.meta
-        b = calibrate.layer_bounds(dev, y, float(m["k"]), center="pooled", rule=m["rule"],
-                                   margin=float(m["margin"]), quantile=quantile, keep=keep)
+        b = self.bounds(dev, y, keep, quantile)
         res = {}
         for s in ("c", "t"):
             ratio = combined_ratio((c[f"dev_{s}"] / b).amax(-1), c[f"stab_{s}"] if stability else None)
@@ -179,9 +190,8 @@ def evidence_tails(s: Study) -> dict:
     model gets right whose true head that evidence alone vetoes; and the share of triggered inputs
     whose *true* class head is confident (those that could join the quantile floor's pool if a
     poisoned validation set labelled them truly)."""
-    c, m = s.c, s.meta
-    b = calibrate.layer_bounds(c["dev_cal"], c["y_cal"], float(m["k"]), center="pooled", rule=m["rule"],
-                               margin=float(m["margin"]))  # [K, L]
+    c = s.c
+    b = s.bounds(c["dev_cal"], c["y_cal"])  # [K, L]
     own = lambda d, y: d[torch.arange(len(y)), y] / b[y]  # noqa: E731  [n, L]
     cal, clean = own(c["dev_cal"], c["y_cal"]), own(c["dev_c"], c["y_c"])
     right = (c["pred_c"] == c["y_c"])[:, None]

@@ -27,8 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from calibration_size import QUANTILE, Study  # noqa: E402
-from linkbreaker_ext import calibrate  # noqa: E402
+from calibration_size import Study  # noqa: E402
 from linkbreaker_ext.config import GuardConfig  # noqa: E402
 from linkbreaker_ext.verdict import combined_ratio, decide  # noqa: E402
 
@@ -39,8 +38,7 @@ def study(path: Path, quantiles) -> dict:
     s = Study(path)
     c, m = s.c, s.meta
     dev, y, keep = s.pool("cal", "fit out of fold")
-    b = calibrate.layer_bounds(dev, y, float(m["k"]), center="pooled", rule=m["rule"],
-                               margin=float(m["margin"]), quantile=QUANTILE, keep=keep)
+    b = s.default_bounds()
     own = (dev / b)[torch.arange(len(y)), y]  # [n, L] the pool's own-class ratios
     passing = own[keep & (own.amax(-1) <= 1)].mean(-1)
     margin = GuardConfig().alarm_margin
