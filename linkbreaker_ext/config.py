@@ -107,6 +107,15 @@ class GuardConfig:
     #                                 clean inputs the model is sure of, whatever the falls' shape
     #                                 (heavy-tailed on GTSRB, where the MAD rule alone refused 6 %:
     #                                 docs/method.md, "Heavy-tailed falls"); None: the MAD rule alone
+    stability_gate: float | None = 0.5  # the test judges only a head whose consistency ratio (its
+    #                                 largest evidence against its bound) exceeds this quantile of the
+    #                                 validation set's confident, consistent samples' ratios: noise
+    #                                 refuses clean inputs whose neurons are typical (fragile answers,
+    #                                 GTSRB's dark signs), where the warp it is there for also moves
+    #                                 the neurons towards their bounds (docs/method.md, "Gating the
+    #                                 stability test"; the median: the largest quantile that let no
+    #                                 WaNet model of the dev halves 1 point further). None: every
+    #                                 head (the rule until session 33)
     inconsistent_verdict: str = "alarm"  # no credible head but a confident, inconsistent one: "alarm" or "ood"
     ood_hint: str = "nearest"       # an OOD verdict's label hint when no head is consistent with its
     #                                 class: "nearest" (the head nearest to its bounds, smallest veto
@@ -163,7 +172,7 @@ class GuardConfig:
             bad("threshold_floor", "must lie in [0, 1)")
         if self.out_quantile is not None and not 0 < self.out_quantile < 1:
             bad("out_quantile", "must lie in (0, 1) or be None")
-        for name in ("stability_quantile", "consistency_quantile"):
+        for name in ("stability_quantile", "consistency_quantile", "stability_gate"):
             q = getattr(self, name)
             if q is not None and (isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1):
                 bad(name, "must lie in (0, 1] or be None")
@@ -191,4 +200,4 @@ LEGACY_CONFIG = {"consistency_units": "mean", "consistency_center": "class", "co
                  "stability_floor": 0.1, "stability_quantile": None, "ood_hint": "confident",
                  "stability_draws": 1, "threshold_split": "calibration",
                  "stability_jitter": 0.0, "consistency_split": "calibration", "consistency_quantile": None,
-                 "alarm_margin": 0.0}
+                 "alarm_margin": 0.0, "stability_gate": None}

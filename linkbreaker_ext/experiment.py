@@ -11,7 +11,7 @@ import torch
 
 from . import attacks, data, metrics, models, safefiles, training
 from .guard import LinkBreaker
-from .verdict import GuardResult, decide, score_from_result as guard_score
+from .verdict import GuardResult, combined_ratio, decide, score_from_result as guard_score
 
 NO_ATTACK = "none"
 MODEL_KEY = "linkbreaker-model"
@@ -149,6 +149,10 @@ def evaluate(model, guard: LinkBreaker, attack, x_test, y_test, n_clean=2000, n_
             neurons = [redecided(r, r.consistency, guard.config.inconsistent_verdict, guard.config.ood_hint,
                                  guard.config.alarm_margin) for r in (rc, rt)]
             report["after_without_stability"] = metrics.defended(neurons[0], yc, neurons[1], yt, target)
+            if rc.stability_gate is not None:  # ... and with the stability test judging every head
+                every = [redecided(r, combined_ratio(r.consistency, r.stability), guard.config.inconsistent_verdict,
+                                   guard.config.ood_hint, guard.config.alarm_margin) for r in (rc, rt)]
+                report["after_without_stability_gate"] = metrics.defended(every[0], yc, every[1], yt, target)
         # ... and with the other verdict for a confident but inconsistent top head
         other = "ood" if guard.config.inconsistent_verdict == "alarm" else "alarm"
         alt = [redecided(r, r.credibility, other, guard.config.ood_hint, guard.config.alarm_margin)

@@ -208,7 +208,7 @@ CALIBRATION_FIELDS = frozenset({"mad_k", "out_quantile", "threshold_floor", "thr
                                 "consistency_split",
                                 "consistency_reduce", "inconsistent_verdict", "ood_hint", "alarm_margin", "stability_noise", "stability_draws",
                                 "stability_contrast", "stability_jitter", "stability_bound", "stability_floor",
-                                "stability_quantile"})
+                                "stability_quantile", "stability_gate"})
 """The settings of the last stage alone: a fitted guard takes new values of these by
 :func:`recalibrate_guard`, without the neighbours, statistics and set search of a refit."""
 
@@ -298,12 +298,28 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
             cfg.stability_quantile)
         guard.stability["bound"] = bound.to(device)
         drops = stability_falls(conf, conf_n).float()  # [n_cal, K]
+        if cfg.stability_gate is not None and pool is not None:
+            guard.stability["gate"] = stability_gate(pool, y_pool, confident, layer_bounds,
+                                                     profile["bounds"].cpu(), cfg).to(device)
     return {"calibration_conf": conf, "calibration_labels": y_cal, "calibration_deviations": dev,
             "calibration_deviations_by_layer": by_layer, "layer_bounds": layer_bounds,
             # the samples the consistency bounds were set on ([n, K, L]: only own-class entries
             # count), their labels and which of them the quantile floor pooled
             "bound_deviations": pool, "bound_labels": y_pool, "bound_confident": confident,
             "calibration_stability_drops": drops}
+
+
+def stability_gate(pool, y_pool, confident, layer_bounds, bounds, cfg) -> torch.Tensor:
+    """0-d: the ``cfg.stability_gate`` quantile of the consistency ratios (each sample's own head)
+    of the samples the bounds were set on whose own head is confident and consistent; 0 (every
+    head judged) when there are none."""
+    i = torch.arange(len(y_pool))
+    if layer_bounds is not None:  # per_layer: each evidence against its own bound
+        own = (pool[i, y_pool] / layer_bounds[y_pool]).amax(-1)
+    else:
+        own = salient.reduce_layers(pool, cfg.consistency_reduce)[i, y_pool] / bounds[y_pool]
+    own = own[confident & (own <= 1)]
+    return torch.quantile(own.float(), cfg.stability_gate) if len(own) else torch.tensor(0.0)
 
 
 def stability_pattern(shape, cfg, value_range=None) -> torch.Tensor:

@@ -31,8 +31,8 @@ from .config import LEGACY_CONFIG, GuardConfig
 from .fitting import fit_guard, recalibrate_guard
 from .layers import LATE, TappedModel, evidence_layer, evidence_names, head_rows, units
 from .serving import GuardedModule
-from .verdict import (GuardResult, check_input, combined_ratio, decide, neighbour, score_from_result,
-                      stability_ratio)
+from .verdict import (GuardResult, check_input, combined_ratio, decide, gated, neighbour,
+                      score_from_result, stability_ratio)
 
 FORMAT = "linkbreaker-guard"
 FORMAT_VERSION = 2
@@ -282,10 +282,11 @@ class LinkBreaker:
         else:
             conf, ratio = self.head_confidences(x)[0], None
         unstable = self.stability_ratios(x, conf) if stable else None
-        labels, verdict = decide(conf, self.thresholds, combined_ratio(ratio, unstable),
+        gate = self.stability.get("gate") if stable else None
+        labels, verdict = decide(conf, self.thresholds, combined_ratio(ratio, gated(unstable, ratio, gate)),
                                  self.config.inconsistent_verdict, self.config.ood_hint,
                                  self.config.alarm_margin)
-        return GuardResult(labels, verdict, conf, self.thresholds, ratio, unstable)
+        return GuardResult(labels, verdict, conf, self.thresholds, ratio, unstable, gate)
 
     def neighbour(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (resampled through the guard's fixed displacement grids, with ``stability_jitter``)
@@ -400,8 +401,9 @@ class LinkBreaker:
             draws = meta["config"].get("stability_draws", LEGACY_CONFIG["stability_draws"])
             draws = draws if isinstance(draws, int) and draws > 1 else None  # GuardConfig names a bad one
             expected.update({"stability.noise": (draws, *shape) if draws else tuple(shape), "stability.bound": ()})
-            if "stability.contrast" in tensors:
-                expected["stability.contrast"] = ()
+            for name in ("contrast", "gate"):
+                if f"stability.{name}" in tensors:
+                    expected[f"stability.{name}"] = ()
             if "stability.jitter" in tensors:  # one sampling grid per neighbour, images only
                 if len(shape) != 3:
                     raise Err(f"{path}: stability.jitter resamples images [C, H, W], but the guard's "
@@ -412,6 +414,8 @@ class LinkBreaker:
         for name in ("bound", "contrast"):  # a bound <= 0 would invert the test, a contrast <= 0 divide by 0
             if f"stability.{name}" in tensors and not float(tensors[f"stability.{name}"]) > 0:
                 raise Err(f"{path}: stability.{name} must be > 0, got {float(tensors[f'stability.{name}']):g}")
+        if "stability.gate" in tensors and not float(tensors["stability.gate"]) >= 0:  # a ratio's quantile
+            raise Err(f"{path}: stability.gate must be >= 0, got {float(tensors['stability.gate']):g}")
         if "stability.jitter" in tensors and not bool((tensors["stability.jitter"].abs() <= 1).all()):
             raise Err(f"{path}: stability.jitter holds sampling grids, which must lie in [-1, 1]")
         fields = {f.name for f in dataclasses.fields(GuardConfig)}
@@ -433,6 +437,10 @@ class LinkBreaker:
             if stable and scaled != (config.stability_contrast > 0):
                 raise ValueError(f"stability_contrast={config.stability_contrast} but the file "
                                  f"{'has' if scaled else 'lacks'} the reference contrast")
+            gate = "stability.gate" in tensors  # set only where the consistency check gives a ratio
+            if stable and gate != (config.stability_gate is not None and config.consistency and bool(profile)):
+                raise ValueError(f"stability_gate={config.stability_gate} but the file "
+                                 f"{'has' if gate else 'lacks'} the gate")
             guard = cls(model, layers, late, pick("masks."), pick("fill."), tensors["thresholds"],
                         pick("profile."), config, shape,
                         diagnostics={"fit_s": meta.get("fit_s") or float("nan")},

@@ -47,7 +47,7 @@ import torch
 from torch import fx, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.linkbreaker.guard_head and its fake kernel)
-from .verdict import check_input, combined_ratio, decide, neighbour, stability_ratio
+from .verdict import check_input, combined_ratio, decide, gated, neighbour, stability_ratio
 from .salient import reduce_layers
 from .layers import INPUT, LATE, evidence_layer, frozen_copy, head_rows, units
 
@@ -256,6 +256,8 @@ class GuardedModule(nn.Module):
             self.register_buffer("stability_contrast", None if contrast is None else contrast.float().to(device))
             jitter = guard.stability.get("jitter")  # None: the noise alone makes the neighbours
             self.register_buffer("stability_jitter", None if jitter is None else jitter.float().to(device))
+            gate = guard.stability.get("gate")  # None: the test judges every head
+            self.register_buffer("stability_gate", None if gate is None else gate.float().to(device))
 
     @staticmethod
     @torch.no_grad()
@@ -331,6 +333,8 @@ class GuardedModule(nn.Module):
         if self.consistency:
             acts = [a if r == 1 else self._spread(a) for a in acts]
             deviation = self._deviations([*acts, feats.float()]) / self.bounds
+        if self.stable:
+            unstable = gated(unstable, deviation, self.stability_gate)
         labels, verdict = decide(conf, self.thresholds, combined_ratio(deviation, unstable),
                                  self.inconsistent_verdict, self.ood_hint, self.alarm_margin)
         return labels, verdict, conf

@@ -21,12 +21,27 @@ class GuardResult:
     thresholds: torch.Tensor   # float32 [N]
     consistency: torch.Tensor | None = None  # float32 [B, N]; deviation / bound (<= 1: consistent)
     stability: torch.Tensor | None = None    # float32 [B, N]; log-odds fall to the neighbour / bound
+    stability_gate: torch.Tensor | None = None  # 0-d; the stability test judges only heads whose
+    #                                             consistency ratio exceeds it (None: every head)
 
     @property
     def credibility(self) -> torch.Tensor | None:
-        """``[B, N]``: the ratio the veto judges, the larger of the consistency and stability ratios
-        (<= 1: credible if confident); None when the guard has neither."""
-        return combined_ratio(self.consistency, self.stability)
+        """``[B, N]``: the ratio the veto judges, the larger of the consistency ratio and the
+        stability ratio where the gate lets the test judge (<= 1: credible if confident); None when
+        the guard has neither."""
+        return combined_ratio(self.consistency, gated(self.stability, self.consistency, self.stability_gate))
+
+
+def gated(stability: torch.Tensor | None, consistency: torch.Tensor | None,
+          gate: torch.Tensor | None) -> torch.Tensor | None:
+    """The stability ratios the veto judges: 0 (stable) for a head whose consistency ratio is at or
+    under ``gate``, whose evidence sits where most clean inputs' does. Noise makes some clean inputs'
+    answers fall whatever their neurons (GTSRB's dark signs); the warp the test is there for also
+    moves the neurons towards their bounds (docs/method.md, "Gating the stability test"). Unchanged
+    without a gate or a consistency ratio."""
+    if stability is None or consistency is None or gate is None:
+        return stability
+    return stability.masked_fill(consistency <= gate.to(consistency.device, consistency.dtype), 0.0)
 
 
 def combined_ratio(*ratios):

@@ -361,7 +361,7 @@ def test_reproduce_writes_reports_and_table(tiny_reproduce, synth, shared_net, b
     header = rows.pop("attack")
     # each attack, plus the decision variants measured on the same forward passes
     assert set(rows) == {f"{a}{v}" for a in ("badnets", "none")
-                         for v in ("", " + OOD verdict", " + confident hint", " - alarm margin",
+                         for v in ("", " + OOD verdict", " + confident hint", " - alarm margin", " - stability gate",
                                    " - stability test", " - both checks")}
     col = {h: i for i, h in enumerate(header)}
     assert rows["badnets - both checks"][col["ASR after, accepted only"]] != ""

@@ -1262,7 +1262,7 @@ def test_saved_file_is_plain_safetensors(guard_deep, tmp_path):
     header = json.loads(raw[8:8 + n])
     names = ({"thresholds"} | {f"masks.{k}" for k in guard_deep.masks}
              | {f"fill.{k}" for k in guard_deep.fills} | {f"profile.{k}" for k in guard_deep.profile}
-             | {"stability.noise", "stability.bound"})
+             | {"stability.noise", "stability.bound", "stability.gate"})
     assert "masks.3" in names and "profile.bounds" in names
     assert set(header) == names | {"__metadata__"}
     with safe_open(str(path), framework="pt") as f:
@@ -1536,6 +1536,69 @@ def test_alarm_margin_is_a_last_stage_setting(guard_deep, deep_net, synth, tmp_p
     old = LinkBreaker.load(path, deep_net)
     assert guard_deep.config.alarm_margin == 1.5 and old.config.alarm_margin == 0.0
     assert torch.equal(old(x).verdict, results[0.0].verdict)
+
+
+def test_stability_gate_lets_the_test_judge_only_heads_near_their_bounds():
+    """gated: a head whose consistency ratio is at or under the gate counts as stable, whatever its
+    fall; one above it keeps its stability ratio; without a gate or a consistency ratio nothing
+    changes, and the result's credibility applies the same rule."""
+    from linkbreaker_ext.verdict import gated
+    stability = torch.tensor([[3.0, 3.0, 0.5], [3.0, 0.25, 2.0]])
+    consistency = torch.tensor([[0.375, 0.875, 0.875], [0.625, 0.75, 1.5]])
+    gate = torch.tensor(0.625)  # at the gate: not judged
+    assert gated(stability, consistency, gate).tolist() == [[0.0, 3.0, 0.5], [0.0, 0.25, 2.0]]
+    assert torch.equal(gated(stability, consistency, None), stability)
+    assert gated(stability, None, gate) is stability and gated(None, consistency, gate) is None
+    r = GuardResult(None, None, torch.full((2, 3), 0.9), torch.full((3,), 0.5), consistency, stability, gate)
+    assert r.credibility.tolist() == [[0.375, 3.0, 0.875], [0.625, 0.75, 2.0]]
+
+
+def test_stability_gate_is_a_last_stage_setting(guard_deep, deep_net, synth, tmp_path):
+    """A saved guard takes a new ``stability_gate`` by recalibration (no refit): the gate is a
+    quantile of the validation pool's consistency ratios, so a higher quantile is a higher gate; it
+    only ever makes heads credible (a verdict moves from a refusal towards acceptance, never back);
+    the guard and its serving module apply it alike; a file written before the field existed reads
+    as None (every head judged), and a file whose gate contradicts its settings is refused."""
+    from linkbreaker_ext.serving import GuardedModule
+    g = torch.Generator().manual_seed(6)
+    x = torch.cat([synth["x_test"], (synth["x_test"] + 0.15 * torch.randn(synth["x_test"].shape, generator=g))
+                   .clamp(0, 1)])
+    # a strict stability bound (the median clean fall) so that many clean heads are unstable
+    strict = dict(stability_bound="quantile", stability_quantile=0.5, stability_floor=0.0)
+    guards = {q: guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_gate=q, **strict)
+              for q in (None, 0.5, 1.0)}
+    assert "gate" not in guards[None].stability
+    assert 0 < float(guards[0.5].stability["gate"]) <= float(guards[1.0].stability["gate"]) <= 1
+    results = {}
+    for q, gq in guards.items():
+        assert torch.equal(gq.thresholds, guard_deep.thresholds)
+        assert torch.equal(gq.stability["bound"], guards[None].stability["bound"])
+        r = gq(x)
+        labels, verdict, _ = GuardedModule(gq)(x)
+        assert torch.equal(labels, r.labels) and torch.equal(verdict, r.verdict)
+        assert torch.equal(r.stability, results[None].stability) if q is not None else True
+        results[q] = r
+    credible = {q: (r.confidences >= r.thresholds) & (r.credibility <= 1) for q, r in results.items()}
+    assert not (credible[None] & ~credible[0.5]).any() and not (credible[0.5] & ~credible[1.0]).any()
+    assert (credible[1.0] & ~credible[None]).any(), "the gate judged no unstable head: degenerate"
+    path = tmp_path / "g.safetensors"
+    guard_deep.save(path)
+    tensors, meta = _file(path)
+    del meta["config"]["stability_gate"]
+    safefiles.write(path, tensors, FORMAT, meta)
+    with pytest.raises(ValueError, match="stability_gate=None but the file has the gate"):
+        LinkBreaker.load(path, deep_net)
+    del tensors["stability.gate"]
+    safefiles.write(path, tensors, FORMAT, meta)
+    old = LinkBreaker.load(path, deep_net)
+    assert guard_deep.config.stability_gate == 0.5 and old.config.stability_gate is None
+    every = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_gate=None)
+    assert torch.equal(old(x).verdict, every(x).verdict)
+    tensors["stability.gate"] = torch.tensor(-1.0)
+    meta["config"]["stability_gate"] = 0.75
+    safefiles.write(path, tensors, FORMAT, meta)
+    with pytest.raises(ValueError, match="stability.gate must be >= 0"):
+        LinkBreaker.load(path, deep_net)
 
 
 # ---------------------------------------------------------------- the neighbour stability test
