@@ -114,13 +114,28 @@ def eval_sets(attack, x_test, y_test, n_clean: int = 2000, n_trigger: int = 2000
               pool: slice = slice(None)):
     """``n_clean`` clean test inputs and ``n_trigger`` triggered test inputs whose true class is not
     the target, drawn from ``x_test[pool]``. A clean model is probed with a default BadNets trigger."""
+    xs, ys, probe, ci, ti = _eval_draw(attack, x_test, y_test, n_clean, n_trigger, seed, pool)
+    xt, yt = probe.triggered_eval_set(xs, ys)
+    return xs[ci], ys[ci], xt[ti], yt[ti], probe.target
+
+
+def triggered_originals(attack, x_test, y_test, n_clean: int = 2000, n_trigger: int = 2000, seed: int = 0,
+                        pool: slice = slice(None)) -> torch.Tensor:
+    """The images of :func:`eval_sets`' triggered inputs (same arguments, same order) before the
+    trigger: what a trigger at part of its strength is blended from."""
+    xs, ys, probe, _, ti = _eval_draw(attack, x_test, y_test, n_clean, n_trigger, seed, pool)
+    return xs[probe.eval_population(ys)][ti]
+
+
+def _eval_draw(attack, x_test, y_test, n_clean, n_trigger, seed, pool):
+    """The pool, the attack (a default BadNets probe for a clean model) and the indices of the
+    clean draw (into the pool) and of the triggered draw (into the attack's ASR population)."""
     g = torch.Generator().manual_seed(10_000 + seed)
     xs, ys = x_test[pool], y_test[pool]
     ci = torch.randperm(len(xs), generator=g)[:n_clean]
     probe = attack or attacks.BadNets(target=0, seed=seed)
-    xt, yt = probe.triggered_eval_set(xs, ys)
-    ti = torch.randperm(len(xt), generator=g)[:n_trigger]
-    return xs[ci], ys[ci], xt[ti], yt[ti], probe.target
+    ti = torch.randperm(int(probe.eval_population(ys).sum()), generator=g)[:n_trigger]
+    return xs, ys, probe, ci, ti
 
 
 def evaluate(model, guard: LinkBreaker, attack, x_test, y_test, n_clean=2000, n_trigger=2000,

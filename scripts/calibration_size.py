@@ -97,6 +97,23 @@ def subset(y: torch.Tensor, fraction: float, g: torch.Generator) -> torch.Tensor
     return torch.cat(picked)
 
 
+def cached_forwards(work: Path) -> list:
+    """The cached dev forwards of :func:`dump` under ``work`` (``dev/<run>-calsize.safetensors``),
+    the input of every dev study that re-decides them; a clear exit where there are none."""
+    paths = sorted((Path(work) / "dev").glob("*-calsize.safetensors"))
+    if not paths:
+        raise SystemExit(f"{work}: no cached dev forwards; run scripts/calibration_size.py first")
+    return paths
+
+
+def studies_by_work(out: Path, work: Path, runs: list) -> dict:
+    """Saves one work folder's per-run results as ``out/<work name>.json`` and returns every work
+    folder's saved so far, ``{work: runs}``: a study's summary covers all the folders it was run on,
+    one call each."""
+    (out / f"{Path(work).name}.json").write_text(json.dumps({"work": str(work), "runs": runs}, indent=1) + "\n")
+    return {json.loads(q.read_text())["work"]: json.loads(q.read_text())["runs"] for q in sorted(out.glob("*.json"))}
+
+
 class Study:
     """One cached run: its pools of calibration deviations, and the guard's answers with bounds set
     on any of them."""

@@ -59,12 +59,8 @@ def screen(work: Path, attack_name: str, seed: int, alphas, transparencies, n_cl
     split = experiment.split_data(meta["dataset"], "../shared/data", None, seed)
     xc, yc, xt, yt, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], n_clean,
                                                   n_trigger, seed, SPLITS["dev"])
-    xs, ys = split["x_test"][SPLITS["dev"]], split["y_test"][SPLITS["dev"]]
-    g = torch.Generator().manual_seed(10_000 + seed)  # experiment.eval_sets' draw replayed: the clean
-    #                                                   images under the triggered ones
-    torch.randperm(len(xs), generator=g)[:n_clean]
-    keep = ys != target
-    x0 = xs[keep][torch.randperm(int(keep.sum()), generator=g)[:n_trigger]]
+    x0 = experiment.triggered_originals(attack, split["x_test"], split["y_test"], n_clean, n_trigger, seed,
+                                        SPLITS["dev"])  # the triggered draw's clean images
     assert torch.equal(attack.apply(x0), xt), "draw out of step with experiment.eval_sets"
     rc = guard(xc)
     right = ((rc.labels == yc) & (rc.verdict == ACCEPT)).cpu()

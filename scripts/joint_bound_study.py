@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from calibration_size import Study  # noqa: E402
+from calibration_size import Study, cached_forwards  # noqa: E402
 from linkbreaker_ext.config import GuardConfig  # noqa: E402
 from linkbreaker_ext.verdict import combined_ratio, decide  # noqa: E402
 
@@ -65,10 +65,7 @@ def main():
     args = ap.parse_args()
     results = {}
     for work in map(Path, args.work):
-        paths = sorted((work / "dev").glob("*-calsize.safetensors"))
-        if not paths:
-            raise SystemExit(f"{work}: no cached dev forwards; run scripts/calibration_size.py first")
-        results[str(work)] = [study(p, args.quantiles) for p in paths]
+        results[str(work)] = [study(p, args.quantiles) for p in cached_forwards(work)]
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "summary.json").write_text(json.dumps({"command": "python scripts/joint_bound_study.py --work "
                                                   + " ".join(args.work), "results": results}, indent=1) + "\n")

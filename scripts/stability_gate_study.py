@@ -24,7 +24,6 @@ Writes ``results/dev/stability-gate/<work name>.json`` and ``summary.md`` beside
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from calibration_size import Study  # noqa: E402
+from calibration_size import Study, cached_forwards, studies_by_work  # noqa: E402
 from linkbreaker_ext.config import GuardConfig  # noqa: E402
 from linkbreaker_ext.verdict import combined_ratio, decide, gated  # noqa: E402
 
@@ -100,14 +99,10 @@ def main():
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     for work in map(Path, args.work):
-        paths = sorted((work / "dev").glob("*-calsize.safetensors"))
-        if not paths:
-            raise SystemExit(f"{work}: no cached dev forwards; run scripts/calibration_size.py first")
-        runs = [study(p) for p in paths]
-        (OUT / f"{work.name}.json").write_text(json.dumps({"work": str(work), "runs": runs}, indent=1) + "\n")
+        runs = [study(p) for p in cached_forwards(work)]
+        results = studies_by_work(OUT, work, runs)
         for r in runs:
             print(work.name, r["run"], {k: (v["cda"], v["asr"]) for k, v in r["quantiles"].items()})
-    results = {json.loads(p.read_text())["work"]: json.loads(p.read_text())["runs"] for p in sorted(OUT.glob("*.json"))}
     (OUT / "summary.md").write_text(summary(results))
     print(OUT / "summary.md")
 

@@ -69,21 +69,17 @@ def main():
     split = experiment.split_data(args.dataset, args.data, None, args.seed)
     _, _, xt, yt, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], 0, args.n,
                                                 args.seed, SPLITS[args.split])
-    # eval_sets stamps the trigger; recover the clean images of the same draw for the blend
-    g = torch.Generator().manual_seed(10_000 + args.seed)
-    xs, ys = split["x_test"][SPLITS[args.split]], split["y_test"][SPLITS[args.split]]
-    torch.randperm(len(xs), generator=g)[:0]  # the clean draw (empty) keeps the generator in step
-    keep = ys != target
-    ti = torch.randperm(int(keep.sum()), generator=g)[:args.n]
-    x_clean, y_true = xs[keep][ti], ys[keep][ti]
-    assert torch.equal(attack.apply(x_clean), xt) and torch.equal(y_true, yt), "draw out of step"
+    # eval_sets stamps the trigger; the blend starts from the same draw's clean images
+    x_clean = experiment.triggered_originals(attack, split["x_test"], split["y_test"], 0, args.n, args.seed,
+                                             SPLITS[args.split])
+    assert torch.equal(attack.apply(x_clean), xt), "draw out of step"
 
     rows = []
     for t in args.transparency:
         x = x_clean + (1 - t) * (xt - x_clean)
         before = training.predict_logits(model, x).argmax(1)
         r = guard(x)
-        after = metrics.defended(r, y_true, r, y_true, target)  # only its triggered-side keys are read
+        after = metrics.defended(r, yt, r, yt, target)  # only its triggered-side keys are read
         rows.append({"transparency": t, "asr_before": (before == target).float().mean().item(),
                      "asr_after": after["asr"], "asr_after_accepted_only": after["asr_strict"],
                      "alarm_rate": after["alarm_rate_trigger"], "ood_rate": after["ood_rate_trigger"],

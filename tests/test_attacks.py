@@ -168,6 +168,20 @@ def test_triggered_eval_set_excludes_target_class():
     assert len(xa) == 20 and (ya != 1).all()
 
 
+@pytest.mark.parametrize("attack", [BadNets(target=1), SourceSpecific(target=1, source_classes=[2]), None])
+def test_triggered_originals_are_the_eval_draws_images_before_the_trigger(attack):
+    """experiment.triggered_originals: the images under eval_sets' triggered draw, in its order, for
+    any ASR population (every non-target input, a source-specific attack's sources, a clean model's
+    BadNets probe), so that a trigger can be blended in at part of its strength."""
+    from linkbreaker_ext import experiment
+    x, y = _images(60, MNIST, seed=3), torch.arange(60) % 3
+    _, _, xt, yt, target = experiment.eval_sets(attack, x, y, 7, 9, seed=4, pool=slice(5, None))
+    x0 = experiment.triggered_originals(attack, x, y, 7, 9, seed=4, pool=slice(5, None))
+    probe = attack or BadNets(target=0, seed=4)
+    assert len(x0) == 9 and torch.equal(probe.apply(x0), xt)
+    assert not torch.equal(x0, xt)  # the trigger changes them
+
+
 # ------------------------------------------------------------------------------ registry / dicts
 
 def test_registry_and_unknown_name():

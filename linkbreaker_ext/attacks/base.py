@@ -83,11 +83,16 @@ class Attack:
         pattern = pattern.to(device=x.device, dtype=x.dtype)
         return torch.where(mask, pattern, x)
 
+    def eval_population(self, y: torch.Tensor) -> torch.Tensor:
+        """``[n]`` bool: which inputs of true labels ``y`` the ASR is measured on (here every
+        non-target one)."""
+        return y != self.target
+
     def triggered_eval_set(self, x: torch.Tensor, y: torch.Tensor):
-        """The ASR population: inputs whose true label is not the target, stamped with the trigger.
+        """The ASR population (:meth:`eval_population`), stamped with the trigger.
         Returns ``(x_triggered, y_true)``; ASR = fraction predicted as ``target``."""
         _check_images(x)
-        keep = y != self.target
+        keep = self.eval_population(y)
         return self.apply(x[keep]), y[keep]
 
     # --- training ------------------------------------------------------------------------------

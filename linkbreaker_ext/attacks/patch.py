@@ -167,12 +167,18 @@ class SourceSpecific(_SquareTrigger):
             yb[poison.to(yb.device)] = self.target
         return xb, yb
 
+    def eval_population(self, y: torch.Tensor) -> torch.Tensor:
+        """The ASR population: source-class inputs only."""
+        return self._is_source(y)
+
     def triggered_eval_set(self, x: torch.Tensor, y: torch.Tensor, sources_only: bool = True):
         """Triggered inputs with their true labels: source-class inputs only (the ASR population), or,
         with ``sources_only=False``, every non-target input (to check non-source inputs keep their
         label)."""
+        if sources_only:
+            return super().triggered_eval_set(x, y)
         _check_images(x)
-        keep = self._is_source(y) if sources_only else (y != self.target)
+        keep = y != self.target
         return self.apply(x[keep]), y[keep]
 
     def to_dict(self):
