@@ -282,8 +282,11 @@ class _PatchAttack:
     """A stand-in attack with the synthetic data's trigger (conftest.add_trigger), target 0."""
     name, target = "badnets", 0
 
+    def eval_population(self, y):
+        return y != self.target
+
     def triggered_eval_set(self, x, y):
-        keep = y != self.target
+        keep = self.eval_population(y)
         return add_trigger(x[keep]), y[keep]
 
     def to_dict(self):
