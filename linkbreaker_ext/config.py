@@ -116,6 +116,20 @@ class GuardConfig:
     #                                 stability test"; the median: the largest quantile that let no
     #                                 WaNet model of the dev halves 1 point further). None: every
     #                                 head (the rule until session 33)
+    neighbourhood_quantile: float | None = None  # the neighbourhood rank test (after TED, S&P 2024)
+    #                                 judges a head by the rank of class k's nearest validation sample
+    #                                 among every class's, in head k's view of the last masked layer:
+    #                                 a faint trigger fires the target head with neurons inside their
+    #                                 bounds, but the input's neighbours there are still its source
+    #                                 class. The bound is this quantile of the validation set's own
+    #                                 ranks (leave one out). None: off (the default: on CIFAR-10's dev
+    #                                 half it costs 0.0-0.4 points of clean answers for the faint
+    #                                 triggers it catches; docs/method.md, "A faint trigger's
+    #                                 neighbourhood")
+    neighbourhood_gate: float | None = 0.9  # ... and it judges only a head whose consistency ratio
+    #                                 exceeds this quantile of the validation set's confident,
+    #                                 consistent samples' ratios, as the stability gate does (None:
+    #                                 every head)
     inconsistent_verdict: str = "alarm"  # no credible head but a confident, inconsistent one: "alarm" or "ood"
     ood_hint: str = "nearest"       # an OOD verdict's label hint when no head is consistent with its
     #                                 class: "nearest" (the head nearest to its bounds, smallest veto
@@ -172,7 +186,8 @@ class GuardConfig:
             bad("threshold_floor", "must lie in [0, 1)")
         if self.out_quantile is not None and not 0 < self.out_quantile < 1:
             bad("out_quantile", "must lie in (0, 1) or be None")
-        for name in ("stability_quantile", "consistency_quantile", "stability_gate"):
+        for name in ("stability_quantile", "consistency_quantile", "stability_gate",
+                     "neighbourhood_quantile", "neighbourhood_gate"):
             q = getattr(self, name)
             if q is not None and (isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1):
                 bad(name, "must lie in (0, 1] or be None")
@@ -200,4 +215,5 @@ LEGACY_CONFIG = {"consistency_units": "mean", "consistency_center": "class", "co
                  "stability_floor": 0.1, "stability_quantile": None, "ood_hint": "confident",
                  "stability_draws": 1, "threshold_split": "calibration",
                  "stability_jitter": 0.0, "consistency_split": "calibration", "consistency_quantile": None,
-                 "alarm_margin": 0.0, "stability_gate": None}
+                 "alarm_margin": 0.0, "stability_gate": None,
+                 "neighbourhood_quantile": None}

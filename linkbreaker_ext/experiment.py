@@ -11,7 +11,7 @@ import torch
 
 from . import attacks, data, metrics, models, safefiles, training
 from .guard import LinkBreaker
-from .verdict import GuardResult, combined_ratio, decide, score_from_result as guard_score
+from .verdict import GuardResult, combined_ratio, decide, gated, score_from_result as guard_score
 
 NO_ATTACK = "none"
 MODEL_KEY = "linkbreaker-model"
@@ -160,14 +160,21 @@ def evaluate(model, guard: LinkBreaker, attack, x_test, y_test, n_clean=2000, n_
         # from the same forward passes: the ablation of the checks comes for free.
         plain = [redecided(r) for r in (rc, rt)]
         report["after_without_consistency"] = metrics.defended(plain[0], yc, plain[1], yt, target)
+        ranked = lambda r: gated(r.neighbourhood, r.consistency, r.neighbourhood_gate)  # noqa: E731
         if rc.stability is not None and rc.consistency is not None:  # ... and without the stability test
-            neurons = [redecided(r, r.consistency, guard.config.inconsistent_verdict, guard.config.ood_hint,
-                                 guard.config.alarm_margin) for r in (rc, rt)]
+            neurons = [redecided(r, combined_ratio(r.consistency, ranked(r)), guard.config.inconsistent_verdict,
+                                 guard.config.ood_hint, guard.config.alarm_margin) for r in (rc, rt)]
             report["after_without_stability"] = metrics.defended(neurons[0], yc, neurons[1], yt, target)
             if rc.stability_gate is not None:  # ... and with the stability test judging every head
-                every = [redecided(r, combined_ratio(r.consistency, r.stability), guard.config.inconsistent_verdict,
-                                   guard.config.ood_hint, guard.config.alarm_margin) for r in (rc, rt)]
+                every = [redecided(r, combined_ratio(r.consistency, r.stability, ranked(r)),
+                                   guard.config.inconsistent_verdict, guard.config.ood_hint,
+                                   guard.config.alarm_margin) for r in (rc, rt)]
                 report["after_without_stability_gate"] = metrics.defended(every[0], yc, every[1], yt, target)
+        if rc.neighbourhood is not None:  # ... and without the neighbourhood rank test
+            unranked = [redecided(r, combined_ratio(r.consistency, gated(r.stability, r.consistency, r.stability_gate)),
+                                  guard.config.inconsistent_verdict, guard.config.ood_hint,
+                                  guard.config.alarm_margin) for r in (rc, rt)]
+            report["after_without_neighbourhood"] = metrics.defended(unranked[0], yc, unranked[1], yt, target)
         # ... and with the other verdict for a confident but inconsistent top head
         other = "ood" if guard.config.inconsistent_verdict == "alarm" else "alarm"
         alt = [redecided(r, r.credibility, other, guard.config.ood_hint, guard.config.alarm_margin)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import time
 
 import torch
@@ -20,7 +21,7 @@ from .data import stratified_split
 from .layers import (INPUT, LATE, TappedModel, auto_layers, check_layers, evidence_layer, final_linear,
                      frozen_copy, logits_of, units)
 from .neighbours import generate_neighbours, perturbed_samples
-from .verdict import input_contrast, stability_falls
+from .verdict import input_contrast, neighbourhood_scores, stability_falls
 
 
 def as_tensors(x, y):
@@ -208,7 +209,8 @@ CALIBRATION_FIELDS = frozenset({"mad_k", "out_quantile", "threshold_floor", "thr
                                 "consistency_split",
                                 "consistency_reduce", "inconsistent_verdict", "ood_hint", "alarm_margin", "stability_noise", "stability_draws",
                                 "stability_contrast", "stability_jitter", "stability_bound", "stability_floor",
-                                "stability_quantile", "stability_gate"})
+                                "stability_quantile", "stability_gate", "neighbourhood_quantile",
+                                "neighbourhood_gate"})
 """The settings of the last stage alone: a fitted guard takes new values of these by
 :func:`recalibrate_guard`, without the neighbours, statistics and set search of a refit."""
 
@@ -299,27 +301,59 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
         guard.stability["bound"] = bound.to(device)
         drops = stability_falls(conf, conf_n).float()  # [n_cal, K]
         if cfg.stability_gate is not None and pool is not None:
-            guard.stability["gate"] = stability_gate(pool, y_pool, confident, layer_bounds,
-                                                     profile["bounds"].cpu(), cfg).to(device)
+            guard.stability["gate"] = ratio_gate(pool, y_pool, confident, layer_bounds,
+                                                 profile["bounds"].cpu(), cfg, cfg.stability_gate).to(device)
+    guard.neighbourhood = near = None
+    if cfg.neighbourhood_quantile is not None and pool is not None:  # its gate reads the consistency ratio
+        guard.neighbourhood, near = neighbourhood_state(guard, torch.cat([x_fit, x_cal]),
+                                                        torch.cat([y_fit, y_cal]), cfg)
+        if cfg.neighbourhood_gate is not None:
+            guard.neighbourhood["gate"] = ratio_gate(pool, y_pool, confident, layer_bounds,
+                                                     profile["bounds"].cpu(), cfg, cfg.neighbourhood_gate).to(device)
     return {"calibration_conf": conf, "calibration_labels": y_cal, "calibration_deviations": dev,
             "calibration_deviations_by_layer": by_layer, "layer_bounds": layer_bounds,
             # the samples the consistency bounds were set on ([n, K, L]: only own-class entries
             # count), their labels and which of them the quantile floor pooled
             "bound_deviations": pool, "bound_labels": y_pool, "bound_confident": confident,
-            "calibration_stability_drops": drops}
+            "calibration_stability_drops": drops,
+            # the whole validation set's own-head neighbourhood scores (fit split first), each
+            # sample left out of the references, and whether its own head was confident
+            "neighbourhood_scores": None if near is None else near[0],
+            "neighbourhood_confident": None if near is None else near[1]}
 
 
-def stability_gate(pool, y_pool, confident, layer_bounds, bounds, cfg) -> torch.Tensor:
-    """0-d: the ``cfg.stability_gate`` quantile of the consistency ratios (each sample's own head)
-    of the samples the bounds were set on whose own head is confident and consistent; 0 (every
-    head judged) when there are none."""
+def ratio_gate(pool, y_pool, confident, layer_bounds, bounds, cfg, quantile: float) -> torch.Tensor:
+    """0-d: the ``quantile`` of the consistency ratios (each sample's own head) of the samples the
+    bounds were set on whose own head is confident and consistent; 0 (every head judged) when there
+    are none. The stability and neighbourhood tests' gates."""
     i = torch.arange(len(y_pool))
     if layer_bounds is not None:  # per_layer: each evidence against its own bound
         own = (pool[i, y_pool] / layer_bounds[y_pool]).amax(-1)
     else:
         own = salient.reduce_layers(pool, cfg.consistency_reduce)[i, y_pool] / bounds[y_pool]
     own = own[confident & (own <= 1)]
-    return torch.quantile(own.float(), cfg.stability_gate) if len(own) else torch.tensor(0.0)
+    return torch.quantile(own.float(), quantile) if len(own) else torch.tensor(0.0)
+
+
+def neighbourhood_state(guard, x, y, cfg):
+    """The neighbourhood rank test's state: head k's view of every validation sample ``x`` at
+    :meth:`~LinkBreaker.neighbourhood_evidence` (L2-normalised, ``[N, R, D]``), their labels and the
+    bound, the ``cfg.neighbourhood_quantile`` of the samples' own-head scores whose own head is
+    confident, each sample left out of the references it is scored against (in-sample, every sample
+    would find itself at distance 0). At least log 2: a rank of 1 is never evidence. Also returns
+    ``(scores, confident)`` of the samples."""
+    name = guard.neighbourhood_evidence()
+    y = y.to(guard.device)
+    conf, _, _, units_ = guard.head_confidences(x, with_units=True)
+    refs = nn.functional.normalize(units_[name].float(), dim=-1).transpose(0, 1).contiguous()  # [N, R, D]
+    i = torch.arange(len(y), device=guard.device)
+    step = max(1, guard._batch_rows() // guard.num_heads)
+    own = torch.cat([neighbourhood_scores(units_[name][s:s + step], refs, y, i[s:s + step])[
+        torch.arange(len(i[s:s + step]), device=guard.device), y[s:s + step]] for s in range(0, len(y), step)])
+    confident = conf[i, y] >= guard.thresholds[y]
+    pool = own[confident] if confident.any() else own
+    bound = torch.quantile(pool, cfg.neighbourhood_quantile).clamp_min(math.log(2))
+    return {"references": refs, "labels": y, "bound": bound}, (own.cpu(), confident.cpu())
 
 
 def stability_pattern(shape, cfg, value_range=None) -> torch.Tensor:

@@ -31,7 +31,7 @@ from .config import LEGACY_CONFIG, GuardConfig
 from .fitting import fit_guard, recalibrate_guard
 from .layers import LATE, TappedModel, evidence_layer, evidence_names, head_rows, units
 from .serving import GuardedModule
-from .verdict import (GuardResult, check_input, combined_ratio, decide, gated, neighbour,
+from .verdict import (GuardResult, check_input, decide, neighbour, neighbourhood_scores,
                       score_from_result, stability_ratio)
 
 FORMAT = "linkbreaker-guard"
@@ -82,7 +82,7 @@ class LinkBreaker:
 
     def __init__(self, model, layers, late, masks, fills, thresholds, profile, config: GuardConfig,
                  input_shape, diagnostics=None, tapped: TappedModel | None = None, input_range=None,
-                 stability=None):
+                 stability=None, neighbourhood=None):
         device = next(model.parameters()).device
         self.model = model
         self.tapped = tapped or TappedModel(model, layers, late)
@@ -99,6 +99,11 @@ class LinkBreaker:
         # the neighbour stability test: {"noise": [*input_shape] or [M, *input_shape], "bound": 0-d,
         # "contrast": 0-d, the reference contrast (absent: the same noise for every input)} (None: off)
         self.stability = None if stability is None else {k: v.float().to(device) for k, v in stability.items()}
+        # the neighbourhood rank test: {"references": [N, R, D], head k's view of the R validation
+        # samples at neighbourhood_evidence(), L2-normalised; "labels": [R]; "bound": 0-d; "gate":
+        # 0-d, absent without a gate} (None: off)
+        self.neighbourhood = None if neighbourhood is None else {
+            k: v.to(device, torch.long if k == "labels" else torch.float32) for k, v in neighbourhood.items()}
         self.diagnostics = diagnostics or {}
         # the weights this guard was fitted for, fixed now: a model changed later does not match
         self.model_sha256 = fingerprint(model)
@@ -214,14 +219,28 @@ class LinkBreaker:
         stacked = torch.stack(layers, -1)
         return stacked if by_layer else salient.reduce_layers(stacked, self.config.consistency_reduce)
 
-    def _heads_with_deviations(self, x, by_layer: bool = False):
+    def neighbourhood_evidence(self) -> str:
+        """The evidence the neighbourhood rank test reads: the last masked layer in its last view
+        (a conv layer's channel maxima by default), or the late layer when no layer is masked."""
+        names = self._profile_layers()
+        return names[-2] if len(names) > 1 else names[-1]
+
+    def neighbourhood_ratios(self, units_: dict) -> torch.Tensor:
+        """``[B, N]``: each head's :func:`neighbourhood_scores` relative to the calibrated bound
+        (<= 1: as near its class as clean validation samples are), from the heads' neuron values."""
+        nb = self.neighbourhood
+        return neighbourhood_scores(units_[self.neighbourhood_evidence()], nb["references"], nb["labels"]) / nb["bound"]
+
+    def _heads_with_deviations(self, x, by_layer: bool = False, ranks: bool = False):
         """``(conf, deviations)`` ``[B, N]`` each (``by_layer``: deviations ``[B, N, L]``), chunk by
-        chunk so the heads' neuron values stay bounded in memory for any batch size."""
+        chunk so the heads' neuron values stay bounded in memory for any batch size; ``ranks``: the
+        :meth:`neighbourhood_ratios` ``[B, N]`` too, from the same forwards."""
         step = self._inputs_per_forward(self._hidden_masks()[1])  # one head_confidences chunk
         if len(x) == 0:
             conf = self.head_confidences(x)[0]
-            return conf, (conf.new_empty(0, self.num_heads, len(self._profile_layers())) if by_layer
-                          else conf.clone())
+            out = conf, (conf.new_empty(0, self.num_heads, len(self._profile_layers())) if by_layer
+                         else conf.clone())
+            return (*out, conf.clone()) if ranks else out
         # The outputs are allocated once, up front: small per-chunk results kept alive between the
         # chunks' large temporaries fragment the CPU heap, and the process's memory then grows with
         # the batch (100,000 MNIST inputs: 1.85 GiB added, 0.52 GiB now;
@@ -229,15 +248,18 @@ class LinkBreaker:
         conf = torch.empty(len(x), self.num_heads, device=self.device)
         dev = torch.empty(len(x), self.num_heads, *([len(self._profile_layers())] if by_layer else []),
                           device=self.device)
+        near = torch.empty(len(x), self.num_heads, device=self.device) if ranks else None
         # deviations' [inputs, N, D_unit] temporaries: at most batch_rows // N inputs at a time
         sub = max(1, self._batch_rows() // self.num_heads)
         for i in range(0, len(x), step):
             c, _, _, u = self.head_confidences(x[i:i + step], with_units=True)
             conf[i:i + step] = c
             for j in range(0, len(c), sub):
-                dev[i + j:i + min(j + sub, len(c))] = self.deviations_from_units(
-                    {k: v[j:j + sub] for k, v in u.items()}, by_layer)
-        return conf, dev
+                part = {k: v[j:j + sub] for k, v in u.items()}
+                dev[i + j:i + min(j + sub, len(c))] = self.deviations_from_units(part, by_layer)
+                if ranks:
+                    near[i + j:i + min(j + sub, len(c))] = self.neighbourhood_ratios(part)
+        return (conf, dev, near) if ranks else (conf, dev)
 
     def deviations(self, x, by_layer: bool = False) -> torch.Tensor:
         """``[B, N]`` :meth:`deviations_from_units` of inputs ``x`` (the heads' batched forward);
@@ -276,17 +298,24 @@ class LinkBreaker:
         if not (consistency or stable):
             conf, labels, verdict = self.head_confidences(x)
             return GuardResult(labels, verdict, conf, self.thresholds)
-        if consistency:
+        ranked = bool(consistency) and self.neighbourhood is not None
+        near = near_gate = None
+        if ranked:
+            conf, dev, near = self._heads_with_deviations(x, ranks=True)
+            ratio = dev / self.profile["bounds"]
+            near_gate = self.neighbourhood.get("gate")
+        elif consistency:
             conf, dev = self._heads_with_deviations(x)
             ratio = dev / self.profile["bounds"]
         else:
             conf, ratio = self.head_confidences(x)[0], None
         unstable = self.stability_ratios(x, conf) if stable else None
         gate = self.stability.get("gate") if stable else None
-        labels, verdict = decide(conf, self.thresholds, combined_ratio(ratio, gated(unstable, ratio, gate)),
-                                 self.config.inconsistent_verdict, self.config.ood_hint,
-                                 self.config.alarm_margin)
-        return GuardResult(labels, verdict, conf, self.thresholds, ratio, unstable, gate)
+        result = GuardResult(None, None, conf, self.thresholds, ratio, unstable, gate, near, near_gate)
+        result.labels, result.verdict = decide(conf, self.thresholds, result.credibility,
+                                               self.config.inconsistent_verdict, self.config.ood_hint,
+                                               self.config.alarm_margin)
+        return result
 
     def neighbour(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (resampled through the guard's fixed displacement grids, with ``stability_jitter``)
@@ -363,6 +392,7 @@ class LinkBreaker:
         tensors.update({f"fill.{k}": v for k, v in self.fills.items()})
         tensors.update({f"profile.{k}": v for k, v in self.profile.items()})
         tensors.update({f"stability.{k}": v for k, v in (self.stability or {}).items()})
+        tensors.update({f"neighbourhood.{k}": v for k, v in (self.neighbourhood or {}).items()})
         safefiles.write(path, tensors, FORMAT, meta, key=key)
 
     @classmethod
@@ -388,6 +418,7 @@ class LinkBreaker:
         for n in names:
             expected.update({f"masks.{n}": ("N", f"U:{n}"), f"fill.{n}": (f"E:{n}",)})
         profile = {k for k in tensors if k.startswith("profile.")}
+        evidence = []
         if profile:
             # the evidence names (a conv layer read in several views has one entry per view)
             stat = str(meta["config"].get("consistency_units", LEGACY_CONFIG["consistency_units"]))
@@ -396,6 +427,15 @@ class LinkBreaker:
                 expected.update({f"profile.{p}.{n}": ("N", f"U:{evidence_layer(n)[0]}")
                                  for p in ("center", "scale", "weight")})
             expected.update({"profile.norms": ("N", len(evidence)), "profile.bounds": ("N",)})
+        ranked = any(k.startswith("neighbourhood.") for k in tensors)
+        if ranked:  # head k's view of R validation samples at the last masked layer's last view
+            if not evidence:
+                raise Err(f"{path}: the neighbourhood rank test's tensors need the consistency profile")
+            read = evidence[-2] if len(evidence) > 1 else evidence[-1]
+            expected.update({"neighbourhood.references": ("N", "R", f"U:{evidence_layer(read)[0]}"),
+                             "neighbourhood.labels": ("R",), "neighbourhood.bound": ()})
+            if "neighbourhood.gate" in tensors:
+                expected["neighbourhood.gate"] = ()
         stable = "stability.noise" in tensors or "stability.bound" in tensors
         if stable:
             draws = meta["config"].get("stability_draws", LEGACY_CONFIG["stability_draws"])
@@ -418,6 +458,16 @@ class LinkBreaker:
             raise Err(f"{path}: stability.gate must be >= 0, got {float(tensors['stability.gate']):g}")
         if "stability.jitter" in tensors and not bool((tensors["stability.jitter"].abs() <= 1).all()):
             raise Err(f"{path}: stability.jitter holds sampling grids, which must lie in [-1, 1]")
+        if ranked:
+            labels, n = tensors["neighbourhood.labels"], tensors["thresholds"].shape[0]
+            if labels.dtype != torch.int64 or not bool(((labels >= 0) & (labels < n)).all()):
+                raise Err(f"{path}: neighbourhood.labels must be int64 class indices in [0, {n})")
+            if int(torch.bincount(labels, minlength=n).min()) == 0:  # a class without one: always refused
+                raise Err(f"{path}: neighbourhood.labels must hold every class at least once")
+            if not float(tensors["neighbourhood.bound"]) > 0:  # a bound <= 0 would refuse every head
+                raise Err(f"{path}: neighbourhood.bound must be > 0, got {float(tensors['neighbourhood.bound']):g}")
+            if "neighbourhood.gate" in tensors and not float(tensors["neighbourhood.gate"]) >= 0:
+                raise Err(f"{path}: neighbourhood.gate must be >= 0, got {float(tensors['neighbourhood.gate']):g}")
         fields = {f.name for f in dataclasses.fields(GuardConfig)}
         raw = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items() if k in fields}
         # settings a file from an earlier release does not record keep the meaning they had then
@@ -441,11 +491,18 @@ class LinkBreaker:
             if stable and gate != (config.stability_gate is not None and config.consistency and bool(profile)):
                 raise ValueError(f"stability_gate={config.stability_gate} but the file "
                                  f"{'has' if gate else 'lacks'} the gate")
+            if ranked != (config.neighbourhood_quantile is not None):
+                raise ValueError(f"neighbourhood_quantile={config.neighbourhood_quantile} but the file "
+                                 f"{'has' if ranked else 'lacks'} the neighbourhood rank test's tensors")
+            gated_ = "neighbourhood.gate" in tensors
+            if ranked and gated_ != (config.neighbourhood_gate is not None):
+                raise ValueError(f"neighbourhood_gate={config.neighbourhood_gate} but the file "
+                                 f"{'has' if gated_ else 'lacks'} the gate")
             guard = cls(model, layers, late, pick("masks."), pick("fill."), tensors["thresholds"],
                         pick("profile."), config, shape,
                         diagnostics={"fit_s": meta.get("fit_s") or float("nan")},
                         input_range=_range(meta.get("input_range")),
-                        stability=pick("stability.") or None)
+                        stability=pick("stability.") or None, neighbourhood=pick("neighbourhood.") or None)
         except (TypeError, ValueError, RuntimeError) as e:  # layer names the model lacks, ...
             raise Err(f"{path}: guard does not fit this model: {e}") from None
         sha = meta.get("data_sha256")

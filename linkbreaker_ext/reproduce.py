@@ -236,10 +236,10 @@ def table(dataset: str, split: str, reports: dict, tag: str | None = None, valid
         "*CDA drop*: undefended minus guarded CDA on the same clean inputs, in points (hint "
         "reading). *paper*: LinkBreaker after the defense (Tables II and III). *target*: issue #6. "
         "Rows marked *+ alarm verdict* / *+ OOD verdict* / *+ confident hint* / *+ nearest hint* / "
-        "*- alarm margin* / *- stability gate* / *- stability test* / *- consistency check* / *- both checks* are the same fitted "
+        "*- alarm margin* / *- neighbourhood test* / *- stability gate* / *- stability test* / *- consistency check* / *- both checks* are the same fitted "
         "guard and forward passes with only the decision changed (`inconsistent_verdict`; `ood_hint`, the "
         "label an OOD verdict without a consistent head suggests; `alarm_margin=0`, only a confident head "
-        "raises the alarm; `stability_gate=None`, the stability test judging every head; the neurons consistency check without the "
+        "raises the alarm; `neighbourhood_quantile=None`, no neighbourhood rank test; `stability_gate=None`, the stability test judging every head; the neurons consistency check without the "
         "neighbour stability test; the paper's confidence test alone, which the *- consistency "
         "check* rows of guards without the stability test also are): an ablation that costs no refit.",
         "",
@@ -256,6 +256,7 @@ def table(dataset: str, split: str, reports: dict, tag: str | None = None, valid
                 ("after_inconsistent_ood", " + OOD verdict"),
                 ("after_ood_hint_confident", " + confident hint"), ("after_ood_hint_nearest", " + nearest hint"),
                 ("after_without_alarm_margin", " - alarm margin"),
+                ("after_without_neighbourhood", " - neighbourhood test"),
                 ("after_without_stability_gate", " - stability gate"),
                 ("after_without_stability", " - stability test"),
                 ("after_without_consistency", " - consistency check")]

@@ -27,6 +27,9 @@ The call
     with ``stability_jitter``) run in the same batch: (1 + M)R rows per input. The late masking, heads, softmax and
     confidence test run in the fused ``torch.ops.linkbreaker.guard_head``; the consistency and
     stability vetoes and the OOD hint are :func:`linkbreaker_ext.verdict.decide`, as in ``guard(x)``.
+    With the neighbourhood rank test (``neighbourhood_quantile``, off by default), every head's view
+    of the last masked layer is ranked against the guard's R_v validation references
+    (:func:`linkbreaker_ext.verdict.neighbourhood_scores`, ``[N, chunk, R_v]`` distances per chunk).
 
 Memory
     Rows are processed in chunks of ``batch_rows`` (the guard's setting; 256 on CPU, 8192 on GPU),
@@ -47,7 +50,7 @@ import torch
 from torch import fx, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.linkbreaker.guard_head and its fake kernel)
-from .verdict import check_input, combined_ratio, decide, gated, neighbour, stability_ratio
+from .verdict import check_input, combined_ratio, decide, gated, neighbour, neighbourhood_scores, stability_ratio
 from .salient import reduce_layers
 from .layers import INPUT, LATE, evidence_layer, frozen_copy, head_rows, units
 
@@ -249,6 +252,15 @@ class GuardedModule(nn.Module):
                 self.register_buffer(f"coef{i}", coef.to(device))
             self.register_buffer("norms", p["norms"].float().to(device))
             self.register_buffer("bounds", p["bounds"].float().to(device))
+        self.ranked = self.consistency and guard.neighbourhood is not None
+        if self.ranked:  # the neighbourhood rank test reads one evidence's values
+            nb = guard.neighbourhood
+            self.rank_index = evidence.index(guard.neighbourhood_evidence())
+            self.register_buffer("rank_references", nb["references"].float().to(device).contiguous())
+            self.register_buffer("rank_labels", nb["labels"].long().to(device))
+            self.register_buffer("rank_bound", nb["bound"].float().to(device))
+            gate = nb.get("gate")  # None: the test judges every head
+            self.register_buffer("rank_gate", None if gate is None else gate.float().to(device))
         if self.stable:
             self.register_buffer("stability_noise", guard.stability["noise"].float().to(device).contiguous())
             self.register_buffer("stability_bound", guard.stability["bound"].float().to(device))
@@ -335,7 +347,13 @@ class GuardedModule(nn.Module):
             deviation = self._deviations([*acts, feats.float()]) / self.bounds
         if self.stable:
             unstable = gated(unstable, deviation, self.stability_gate)
-        labels, verdict = decide(conf, self.thresholds, combined_ratio(deviation, unstable),
+        near = None
+        if self.ranked:
+            u = [*acts, feats.float()][self.rank_index]
+            u = u[:, None].expand(-1, self.num_heads, -1) if u.dim() == 2 else u  # one shared row
+            near = gated(neighbourhood_scores(u, self.rank_references, self.rank_labels) / self.rank_bound,
+                         deviation, self.rank_gate)
+        labels, verdict = decide(conf, self.thresholds, combined_ratio(deviation, unstable, near),
                                  self.inconsistent_verdict, self.ood_hint, self.alarm_margin)
         return labels, verdict, conf
 

@@ -23,13 +23,16 @@ class GuardResult:
     stability: torch.Tensor | None = None    # float32 [B, N]; log-odds fall to the neighbour / bound
     stability_gate: torch.Tensor | None = None  # 0-d; the stability test judges only heads whose
     #                                             consistency ratio exceeds it (None: every head)
+    neighbourhood: torch.Tensor | None = None  # float32 [B, N]; neighbourhood rank score / bound
+    neighbourhood_gate: torch.Tensor | None = None  # 0-d; the rank test's gate, as stability_gate's
 
     @property
     def credibility(self) -> torch.Tensor | None:
         """``[B, N]``: the ratio the veto judges, the larger of the consistency ratio and the
         stability ratio where the gate lets the test judge (<= 1: credible if confident); None when
         the guard has neither."""
-        return combined_ratio(self.consistency, gated(self.stability, self.consistency, self.stability_gate))
+        return combined_ratio(self.consistency, gated(self.stability, self.consistency, self.stability_gate),
+                              gated(self.neighbourhood, self.consistency, self.neighbourhood_gate))
 
 
 def gated(stability: torch.Tensor | None, consistency: torch.Tensor | None,
@@ -196,6 +199,25 @@ def stability_ratio(conf: torch.Tensor, conf_neighbour: torch.Tensor, bound: tor
     (``[B, N]`` or ``[M, B, N]``: :func:`stability_falls`), relative to the calibrated bound (<= 1:
     as stable as clean inputs; float32)."""
     return (stability_falls(conf, conf_neighbour) / bound.double()).float()
+
+
+def neighbourhood_scores(units: torch.Tensor, references: torch.Tensor, labels: torch.Tensor,
+                         leave_out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, N]``: TED's rank (S&P 2024) in each head's view, as ``log(1 + r)``: r is how many
+    references of other classes are nearer to head k's view of the input (``units`` ``[B, N, D]``)
+    than the nearest reference of class k. ``references`` ``[N, R, D]``: head k's view of the R
+    validation samples, L2-normalised like the input here; ``labels`` ``[R]`` their classes.
+    ``leave_out`` ``[B]``: the reference each input is (itself, on the validation set; -1: none)."""
+    n = units.shape[1]
+    f = F.normalize(units.float(), dim=-1).transpose(0, 1)  # [N, B, D]
+    d = torch.cdist(f, references)  # [N, B, R]
+    if leave_out is not None:
+        own = leave_out[None, :, None] == torch.arange(references.shape[1], device=d.device)
+        d = d.masked_fill(own, float("inf"))
+    same = labels[None, :] == torch.arange(n, device=labels.device)[:, None]  # [N, R]
+    nearest = d.masked_fill(~same[:, None, :], float("inf")).amin(-1, keepdim=True)  # [N, B, 1]
+    rank = ((d < nearest) & ~same[:, None, :]).sum(-1)  # [N, B]
+    return rank.transpose(0, 1).float().log1p()
 
 
 def score_from_result(r: GuardResult) -> torch.Tensor:

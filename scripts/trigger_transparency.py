@@ -9,7 +9,9 @@ so every transparency is judged by the same guard). A trigger at transparency t 
 triggered inputs are the held-out run's (``experiment.eval_sets``, test indices 5000-, non-target
 classes; ``--split dev`` draws them from the dev half, 0-4999, for design work). Writes
 ``results/figures/<dataset>-<attack>-<seed>-transparency[-<work>][-dev].{json,png}`` (the work folder's
-name is added when ``--work`` names one: another model's curve) and prints a markdown table: ASR
+name is added when ``--work`` names one: another model's curve; ``--set FIELD=VALUE`` recalibrates the
+saved guard with last-stage settings first, and ``--tag`` names that variant's files) and prints a
+markdown table: ASR
 before and after the guard (both readings), trigger alarms, R-Acc, and at each of the check's
 evidences where the target head stands against its bound.
 """
@@ -24,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from linkbreaker_ext import LinkBreaker, experiment, metrics, plots, training  # noqa: E402
-from linkbreaker_ext.reproduce import SPLITS  # noqa: E402
+from linkbreaker_ext.reproduce import SPLITS, parse_settings  # noqa: E402
 
 
 DEFAULT_TRANSPARENCY = [0.0, 0.3, 0.5, 0.7, 0.9]
@@ -58,7 +60,13 @@ def main():
     p.add_argument("--n", type=int, default=2000, help="triggered inputs")
     p.add_argument("--out", default="results/figures")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a last-stage GuardConfig setting the saved guard is recalibrated with (repeatable)")
+    p.add_argument("--tag", default=None, help="names a --set variant's output files")
     args = p.parse_args()
+    settings = parse_settings(args.set)
+    if settings and not args.tag:
+        p.error("--set needs --tag (the variant's files must not overwrite the default's)")
     torch.set_num_threads(args.threads)
     if not all(0 <= t <= 1 for t in args.transparency):
         p.error("--transparency values must lie in [0, 1]")
@@ -67,6 +75,8 @@ def main():
     attack = experiment.attacks.Attack.from_dict(meta["attack"])
     guard = LinkBreaker.load(work / "guards" / f"{args.attack}-{args.seed}.safetensors", model)
     split = experiment.split_data(args.dataset, args.data, None, args.seed)
+    if settings:
+        guard = guard.recalibrate(split["x_val"], split["y_val"], **settings)
     _, _, xt, yt, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], 0, args.n,
                                                 args.seed, SPLITS[args.split])
     # eval_sets stamps the trigger; the blend starts from the same draw's clean images
@@ -87,13 +97,15 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / (f"{args.dataset}-{args.attack}-{args.seed}-transparency"
-                  f"{'-' + work.name if args.work else ''}{'-dev' if args.split == 'dev' else ''}")
+                  f"{'-' + work.name if args.work else ''}{'-dev' if args.split == 'dev' else ''}"
+                  f"{'-' + args.tag if args.tag else ''}")
     cmd = (f"python scripts/trigger_transparency.py --dataset {args.dataset} --attack {args.attack} "
            f"--seed {args.seed}" + (f" --work {args.work}" if args.work else "")
            + (f" --split {args.split}" if args.split != "heldout" else "")
            + (f" --n {args.n}" if args.n != 2000 else "")
            + (f" --transparency {' '.join(f'{t:g}' for t in args.transparency)}"
-              if args.transparency != DEFAULT_TRANSPARENCY else ""))
+              if args.transparency != DEFAULT_TRANSPARENCY else "")
+           + "".join(f" --set {item}" for item in args.set) + (f" --tag {args.tag}" if args.tag else ""))
     stem.with_suffix(".json").write_text(json.dumps({"command": cmd, "n": len(yt), "rows": rows,
                                                      "guard_config": guard.config.__dict__}, indent=2,
                                                     default=list))

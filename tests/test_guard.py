@@ -1601,6 +1601,94 @@ def test_stability_gate_is_a_last_stage_setting(guard_deep, deep_net, synth, tmp
         LinkBreaker.load(path, deep_net)
 
 
+def test_neighbourhood_scores_rank_the_nearest_reference_of_each_head_class():
+    """neighbourhood_scores: for head k, log(1 + how many references of other classes are nearer
+    than class k's nearest), in head k's own view; a left-out reference never counts, and an input
+    that is a reference finds itself only when it is not left out."""
+    from linkbreaker_ext.verdict import neighbourhood_scores
+    refs = nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]), dim=-1)
+    labels = torch.tensor([0, 0, 1, 1])
+    views = torch.stack([refs, refs.flip(1)])  # head 1 sees the features mirrored
+    u = torch.tensor([[[1.0, 0.05], [1.0, 0.05]]])  # head 0: among class 0; head 1 (mirrored): not
+    assert (neighbourhood_scores(u, views, labels).exp() - 1).round().tolist() == [[0.0, 0.0]]
+    u = torch.tensor([[[1.0, 0.05], [0.05, 1.0]]])  # both heads: among class 0
+    assert (neighbourhood_scores(u, views, labels).exp() - 1).round().tolist() == [[0.0, 2.0]]
+    own = refs[:, None].expand(4, 2, 2)  # the references themselves, head 0's view for both heads
+    assert (neighbourhood_scores(own, views[:1].expand(2, 4, 2), labels).exp() - 1).round().tolist() == \
+        [[0, 2], [0, 2], [2, 0], [2, 0]]
+    left = neighbourhood_scores(own, views[:1].expand(2, 4, 2), labels, torch.arange(4))
+    assert (left.exp() - 1).round().tolist() == [[0, 1], [0, 1], [1, 0], [1, 0]]
+
+
+def test_neighbourhood_test_is_a_last_stage_setting(guard_deep, deep_net, synth, tmp_path):
+    """The neighbourhood rank test comes by recalibration (no refit): references are every
+    validation sample in each head's view, scored leave-one-out for the bound; it only ever takes
+    credibility away, and its gate (a quantile of the consistency ratios, as the stability gate)
+    gives some back; the guard, its serving module and a saved copy decide alike; a file whose
+    rank-test tensors contradict its settings or are out of range is refused."""
+    from linkbreaker_ext.serving import GuardedModule
+    g = torch.Generator().manual_seed(7)
+    x = torch.cat([synth["x_test"], (synth["x_test"] + 0.15 * torch.randn(synth["x_test"].shape, generator=g))
+                   .clamp(0, 1)])
+    xv, yv = synth["x_val"], synth["y_val"]
+    assert guard_deep.config.neighbourhood_quantile is None and guard_deep.neighbourhood is None
+    guards = {gate: guard_deep.recalibrate(xv, yv, neighbourhood_quantile=0.5, neighbourhood_gate=gate)
+              for gate in (None, 0.5, 1.0)}
+    nb = guards[None].neighbourhood
+    name = guard_deep.neighbourhood_evidence()
+    assert name == guard_deep._profile_layers()[-2]
+    assert nb["references"].shape[:2] == (guard_deep.num_heads, len(yv)) and "gate" not in nb
+    assert torch.equal(torch.bincount(nb["labels"], minlength=NUM_CLASSES), torch.bincount(yv, minlength=NUM_CLASSES))
+    assert torch.allclose(nb["references"].norm(dim=-1), torch.ones(()))
+    assert float(nb["bound"]) >= 0.69 and guards[None].diagnostics["neighbourhood_scores"].shape == (len(yv),)
+    # leave one out: a sample whose exact copy carries another label sits among that class (rank
+    # >= 1); scored against itself it would be its own nearest reference (rank 0)
+    from linkbreaker_ext.fitting import neighbourhood_state
+    xx, yy = torch.cat([xv, xv[:5]]), torch.cat([yv, (yv[:5] + 1) % NUM_CLASSES])
+    _, (own, _) = neighbourhood_state(guards[None], xx, yy, guards[None].config)
+    assert (own[:5] >= 0.69).all() and (own[-5:] >= 0.69).all()
+    assert 0 < float(guards[0.5].neighbourhood["gate"]) <= float(guards[1.0].neighbourhood["gate"])
+    # the synthetic classes are far apart (every clean input ranks 0): references whose labels are
+    # shifted by one class put each input among "other" classes, as a faint trigger's target head
+    for gq in guards.values():
+        gq.neighbourhood["labels"] = (gq.neighbourhood["labels"] + 1) % NUM_CLASSES
+    base = guard_deep(x)
+    credible = {"off": (base.confidences >= base.thresholds) & (base.credibility <= 1)}
+    for gate, gq in guards.items():
+        assert torch.equal(gq.thresholds, guard_deep.thresholds)
+        r = gq(x)
+        assert torch.equal(r.consistency, base.consistency) and torch.equal(r.confidences, base.confidences)
+        labels, verdict, _ = GuardedModule(gq)(x)
+        assert torch.equal(labels, r.labels) and torch.equal(verdict, r.verdict)
+        credible[gate] = (r.confidences >= r.thresholds) & (r.credibility <= 1)
+    assert not (credible[None] & ~credible[0.5]).any() and not (credible[0.5] & ~credible[1.0]).any()
+    assert not (credible[1.0] & ~credible["off"]).any()
+    assert (credible["off"] & ~credible[None]).any(), "the rank test refused no head: degenerate"
+    path = tmp_path / "g.safetensors"
+    guards[0.5].save(path)
+    loaded = LinkBreaker.load(path, deep_net)
+    assert torch.equal(loaded(x).verdict, guards[0.5](x).verdict)
+    tensors, meta = _file(path)
+
+    def refused(match, **changes):
+        t = dict(tensors, **{k: v for k, v in changes.items() if v is not None})
+        for k in [k for k, v in changes.items() if v is None]:
+            del t[k]
+        safefiles.write(path, t, FORMAT, meta)
+        with pytest.raises(ValueError, match=match):
+            LinkBreaker.load(path, deep_net)
+    labels = tensors["neighbourhood.labels"]
+    refused("labels must be int64 class indices", **{"neighbourhood.labels": labels + NUM_CLASSES})
+    refused("labels must be int64 class indices", **{"neighbourhood.labels": labels.float()})
+    refused("hold every class", **{"neighbourhood.labels": torch.zeros_like(labels)})
+    refused("neighbourhood.bound must be > 0", **{"neighbourhood.bound": torch.tensor(0.0)})
+    refused("neighbourhood.gate must be >= 0", **{"neighbourhood.gate": torch.tensor(-1.0)})
+    refused("lacks the gate", **{"neighbourhood.gate": None})
+    refused("neighbourhood.references has shape", **{"neighbourhood.references": tensors["neighbourhood.references"][:, :-1]})
+    meta["config"]["neighbourhood_quantile"] = None
+    refused("neighbourhood_quantile=None but the file has")
+
+
 # ---------------------------------------------------------------- the neighbour stability test
 def _file(path):
     from safetensors import safe_open
