@@ -116,20 +116,20 @@ class GuardConfig:
     #                                 stability test"; the median: the largest quantile that let no
     #                                 WaNet model of the dev halves 1 point further). None: every
     #                                 head (the rule until session 33)
-    neighbourhood_quantile: float | None = None  # the neighbourhood rank test (after TED, S&P 2024)
-    #                                 judges a head by the rank of class k's nearest validation sample
-    #                                 among every class's, in head k's view of the last masked layer:
-    #                                 a faint trigger fires the target head with neurons inside their
-    #                                 bounds, but the input's neighbours there are still its source
-    #                                 class. The bound is this quantile of the validation set's own
-    #                                 ranks (leave one out). None: off (the default: on CIFAR-10's dev
-    #                                 half it costs 0.0-0.4 points of clean answers for the faint
-    #                                 triggers it catches; docs/method.md, "A faint trigger's
-    #                                 neighbourhood")
-    neighbourhood_gate: float | None = 0.9  # ... and it judges only a head whose consistency ratio
-    #                                 exceeds this quantile of the validation set's confident,
-    #                                 consistent samples' ratios, as the stability gate does (None:
-    #                                 every head)
+    neighbourhood_quantile: float | None = None  # the neighbourhood rank test (after TED, S&P 2024):
+    #                                 an accepted answer raises the alarm instead when, in its head's
+    #                                 view of the last masked layer, more validation samples of other
+    #                                 classes sit nearer than the nearest of its class than this
+    #                                 quantile of the validation set's own ranks allows (leave one
+    #                                 out). A faint trigger fires the target head with every neuron
+    #                                 inside its bound, while the input's neighbours there are still
+    #                                 its source class. None: off, the default (on CIFAR-10's dev
+    #                                 halves it costs 0.0-0.4 points of clean answers; docs/method.md,
+    #                                 "A faint trigger's neighbourhood")
+    neighbourhood_gate: float | None = 0.9  # ... and it judges only an answer whose head's
+    #                                 consistency ratio exceeds this quantile of the validation set's
+    #                                 confident, consistent samples' ratios, as the stability gate
+    #                                 does (None: every answer)
     inconsistent_verdict: str = "alarm"  # no credible head but a confident, inconsistent one: "alarm" or "ood"
     ood_hint: str = "nearest"       # an OOD verdict's label hint when no head is consistent with its
     #                                 class: "nearest" (the head nearest to its bounds, smallest veto

@@ -11,7 +11,7 @@ import torch
 
 from . import attacks, data, metrics, models, safefiles, training
 from .guard import LinkBreaker
-from .verdict import GuardResult, combined_ratio, decide, gated, score_from_result as guard_score
+from .verdict import GuardResult, combined_ratio, decide, score_from_result as guard_score
 
 NO_ATTACK = "none"
 MODEL_KEY = "linkbreaker-model"
@@ -157,48 +157,45 @@ def evaluate(model, guard: LinkBreaker, attack, x_test, y_test, n_clean=2000, n_
               "counts": {"clean": len(xc), "triggered": len(xt)}}
     if rc.credibility is not None:
         # The same heads and thresholds without the vetoes (the paper's credibility test alone),
-        # from the same forward passes: the ablation of the checks comes for free.
-        plain = [redecided(r) for r in (rc, rt)]
-        report["after_without_consistency"] = metrics.defended(plain[0], yc, plain[1], yt, target)
-        ranked = lambda r: gated(r.neighbourhood, r.consistency, r.neighbourhood_gate)  # noqa: E731
+        # from the same forward passes: the ablation of the checks comes for free. Every variant
+        # but the paper's test alone and "- neighbourhood test" keeps the rank test's alarms.
+        cfg = guard.config
+
+        def variant(ratio, inconsistent=cfg.inconsistent_verdict, hint=cfg.ood_hint, margin=cfg.alarm_margin,
+                    ranks=True):
+            return [redecided(r, ratio(r), inconsistent, hint, margin, r.rank_ratio if ranks else None)
+                    for r in (rc, rt)]
+
+        def add(key, results):
+            report[key] = metrics.defended(results[0], yc, results[1], yt, target)
+        add("after_without_consistency", [redecided(r) for r in (rc, rt)])
         if rc.stability is not None and rc.consistency is not None:  # ... and without the stability test
-            neurons = [redecided(r, combined_ratio(r.consistency, ranked(r)), guard.config.inconsistent_verdict,
-                                 guard.config.ood_hint, guard.config.alarm_margin) for r in (rc, rt)]
-            report["after_without_stability"] = metrics.defended(neurons[0], yc, neurons[1], yt, target)
+            add("after_without_stability", variant(lambda r: r.consistency))
             if rc.stability_gate is not None:  # ... and with the stability test judging every head
-                every = [redecided(r, combined_ratio(r.consistency, r.stability, ranked(r)),
-                                   guard.config.inconsistent_verdict, guard.config.ood_hint,
-                                   guard.config.alarm_margin) for r in (rc, rt)]
-                report["after_without_stability_gate"] = metrics.defended(every[0], yc, every[1], yt, target)
+                add("after_without_stability_gate", variant(lambda r: combined_ratio(r.consistency, r.stability)))
         if rc.neighbourhood is not None:  # ... and without the neighbourhood rank test
-            unranked = [redecided(r, combined_ratio(r.consistency, gated(r.stability, r.consistency, r.stability_gate)),
-                                  guard.config.inconsistent_verdict, guard.config.ood_hint,
-                                  guard.config.alarm_margin) for r in (rc, rt)]
-            report["after_without_neighbourhood"] = metrics.defended(unranked[0], yc, unranked[1], yt, target)
+            add("after_without_neighbourhood", variant(lambda r: r.credibility, ranks=False))
         # ... and with the other verdict for a confident but inconsistent top head
-        other = "ood" if guard.config.inconsistent_verdict == "alarm" else "alarm"
-        alt = [redecided(r, r.credibility, other, guard.config.ood_hint, guard.config.alarm_margin)
-               for r in (rc, rt)]
-        report[f"after_inconsistent_{other}"] = metrics.defended(alt[0], yc, alt[1], yt, target)
+        other = "ood" if cfg.inconsistent_verdict == "alarm" else "alarm"
+        add(f"after_inconsistent_{other}", variant(lambda r: r.credibility, inconsistent=other))
         # ... and with the other hint for an OOD verdict without a consistent head
-        hint = "confident" if guard.config.ood_hint == "nearest" else "nearest"
-        alt = [redecided(r, r.credibility, guard.config.inconsistent_verdict, hint, guard.config.alarm_margin)
-               for r in (rc, rt)]
-        report[f"after_ood_hint_{hint}"] = metrics.defended(alt[0], yc, alt[1], yt, target)
-        if guard.config.alarm_margin > 0 and guard.config.inconsistent_verdict == "alarm":
+        hint = "confident" if cfg.ood_hint == "nearest" else "nearest"
+        add(f"after_ood_hint_{hint}", variant(lambda r: r.credibility, hint=hint))
+        if cfg.alarm_margin > 0 and cfg.inconsistent_verdict == "alarm":
             # ... and with only a confident head raising the alarm (the rule until session 32)
-            alt = [redecided(r, r.credibility, "alarm", guard.config.ood_hint, 0.0) for r in (rc, rt)]
-            report["after_without_alarm_margin"] = metrics.defended(alt[0], yc, alt[1], yt, target)
+            add("after_without_alarm_margin", variant(lambda r: r.credibility, inconsistent="alarm", margin=0.0))
         report["auroc"] = metrics.auroc(guard_score(rc), guard_score(rt))
     return report, (rc, yc, rt, yt)
 
 
 def redecided(r: GuardResult, ratio=None, inconsistent_verdict: str = "alarm",
-              ood_hint: str = "nearest", alarm_margin: float = 0.0) -> GuardResult:
+              ood_hint: str = "nearest", alarm_margin: float = 0.0, ranks=None) -> GuardResult:
     """``r``'s heads decided again (:func:`guard.decide`) with veto ratios ``ratio`` (None: the
-    paper's confidence test alone), ``inconsistent_verdict``, ``ood_hint`` and ``alarm_margin``: a
-    decision variant that needs no new forward pass. The result carries ``ratio`` as its consistency ratios."""
-    labels, verdict = decide(r.confidences, r.thresholds, ratio, inconsistent_verdict, ood_hint, alarm_margin)
+    paper's confidence test alone), ``inconsistent_verdict``, ``ood_hint``, ``alarm_margin`` and the
+    rank test's judged ratios ``ranks`` (None: no rank test): a decision variant that needs no new
+    forward pass. The result carries ``ratio`` as its consistency ratios."""
+    labels, verdict = decide(r.confidences, r.thresholds, ratio, inconsistent_verdict, ood_hint, alarm_margin,
+                             ranks)
     return GuardResult(labels, verdict, r.confidences, r.thresholds, ratio)
 
 

@@ -353,8 +353,8 @@ class GuardedModule(nn.Module):
             u = u[:, None].expand(-1, self.num_heads, -1) if u.dim() == 2 else u  # one shared row
             near = gated(neighbourhood_scores(u, self.rank_references, self.rank_labels) / self.rank_bound,
                          deviation, self.rank_gate)
-        labels, verdict = decide(conf, self.thresholds, combined_ratio(deviation, unstable, near),
-                                 self.inconsistent_verdict, self.ood_hint, self.alarm_margin)
+        labels, verdict = decide(conf, self.thresholds, combined_ratio(deviation, unstable),
+                                 self.inconsistent_verdict, self.ood_hint, self.alarm_margin, near)
         return labels, verdict, conf
 
     def _spread(self, v):

@@ -31,8 +31,13 @@ class GuardResult:
         """``[B, N]``: the ratio the veto judges, the larger of the consistency ratio and the
         stability ratio where the gate lets the test judge (<= 1: credible if confident); None when
         the guard has neither."""
-        return combined_ratio(self.consistency, gated(self.stability, self.consistency, self.stability_gate),
-                              gated(self.neighbourhood, self.consistency, self.neighbourhood_gate))
+        return combined_ratio(self.consistency, gated(self.stability, self.consistency, self.stability_gate))
+
+    @property
+    def rank_ratio(self) -> torch.Tensor | None:
+        """``[B, N]``: the neighbourhood ratios the rank test judges (0 under its gate); None
+        without the test. An accepted answer whose head's ratio exceeds 1 raises the alarm."""
+        return gated(self.neighbourhood, self.consistency, self.neighbourhood_gate)
 
 
 def gated(stability: torch.Tensor | None, consistency: torch.Tensor | None,
@@ -117,7 +122,8 @@ def vote(conf: torch.Tensor, credible: torch.Tensor, consistent: torch.Tensor | 
 
 
 def decide(conf: torch.Tensor, thresholds: torch.Tensor, ratio: torch.Tensor | None = None,
-           inconsistent_verdict: str = "alarm", ood_hint: str = "nearest", alarm_margin: float = 0.0):
+           inconsistent_verdict: str = "alarm", ood_hint: str = "nearest", alarm_margin: float = 0.0,
+           ranks: torch.Tensor | None = None):
     """``(labels, verdict)`` of Alg. 3 with the consistency veto: a head is credible when it passes
     its confidence threshold and, given its consistency ``ratio`` ``[B, N]``, is consistent
     (``ratio <= 1``); a confident but inconsistent head gets ``inconsistent_verdict``; ``ood_hint``
@@ -126,10 +132,14 @@ def decide(conf: torch.Tensor, thresholds: torch.Tensor, ratio: torch.Tensor | N
     all also raises the alarm when some head comes within that margin of its threshold: a nearly
     sure answer that nothing in the network supports is the trigger's signature, and its hint would
     be that answer (docs/method.md, "A nearly confident head that nothing supports"). Without
-    ``ratio``: the paper's confidence test alone."""
+    ``ratio``: the paper's confidence test alone. With ``ranks`` ``[B, N]`` (the neighbourhood
+    rank test's judged ratios, :attr:`GuardResult.rank_ratio`), an accepted answer whose head's
+    ratio exceeds 1 raises the alarm instead: the test only ever refuses, it never changes which
+    head is credible or which one an OOD verdict names (docs/method.md, "A faint trigger's
+    neighbourhood")."""
     confident = conf >= thresholds
     if ratio is None:
-        return vote(conf, confident)
+        return _rank_alarm(*vote(conf, confident), ranks)
     consistent = ratio <= 1
     alarm = None
     if inconsistent_verdict == "alarm":
@@ -137,8 +147,17 @@ def decide(conf: torch.Tensor, thresholds: torch.Tensor, ratio: torch.Tensor | N
         if alarm_margin > 0:
             near = log_odds(conf) >= log_odds(thresholds) - alarm_margin
             alarm = confident | (near & ~consistent.any(1, keepdim=True))
-    return vote(conf, confident & consistent, consistent, alarm,
-                ratio if ood_hint == "nearest" else None)
+    return _rank_alarm(*vote(conf, confident & consistent, consistent, alarm,
+                             ratio if ood_hint == "nearest" else None), ranks)
+
+
+def _rank_alarm(labels, verdict, ranks):
+    """``(labels, verdict)`` with every accepted answer whose head fails the rank test (``ranks``
+    > 1 at its label) turned into an alarm; unchanged without ``ranks``."""
+    if ranks is None:
+        return labels, verdict
+    failed = (verdict == ACCEPT) & (ranks.gather(1, labels.clamp_min(0)[:, None])[:, 0] > 1)
+    return labels.masked_fill(failed, -1), verdict.masked_fill(failed, ALARM)
 
 
 def log_odds(conf: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -226,7 +245,7 @@ def score_from_result(r: GuardResult) -> torch.Tensor:
     confidence margin, in log), plus one for every extra credible head (several credible heads is
     the paper's trigger signature). ``docs/method.md`` defines it."""
     margin = (r.confidences / r.thresholds).clamp_min(1e-6)
-    ratio = r.credibility
+    ratio = combined_ratio(r.credibility, r.rank_ratio)
     ratio = ratio if ratio is not None else torch.ones_like(margin)
     k = margin.argmax(1, keepdim=True)
     top = (ratio.gather(1, k).clamp_min(1e-6) / margin.gather(1, k)).squeeze(1)

@@ -1620,11 +1620,26 @@ def test_neighbourhood_scores_rank_the_nearest_reference_of_each_head_class():
     assert (left.exp() - 1).round().tolist() == [[0, 1], [0, 1], [1, 0], [1, 0]]
 
 
+def test_rank_test_turns_only_accepted_answers_into_alarms():
+    """decide with ``ranks``: an accepted answer whose head's rank ratio exceeds 1 becomes an alarm;
+    alarms, OOD verdicts and their hints, and answers whose head passes are left as they were."""
+    from linkbreaker_ext.verdict import decide
+    conf = torch.tensor([[0.9, 0.1, 0.1], [0.9, 0.9, 0.1], [0.2, 0.1, 0.3], [0.1, 0.9, 0.1]])
+    th, ratio = torch.full((3,), 0.5), torch.zeros(4, 3)
+    ranks = torch.tensor([[2.0, 0.0, 0.0], [2.0, 2.0, 0.0], [2.0, 2.0, 2.0], [3.0, 1.0, 3.0]])
+    assert [t.tolist() for t in decide(conf, th, ratio)] == [[0, -1, 2, 1], [ACCEPT, ALARM, OOD, ACCEPT]]
+    labels, verdict = decide(conf, th, ratio, ranks=ranks)
+    assert labels.tolist() == [-1, -1, 2, 1] and verdict.tolist() == [ALARM, ALARM, OOD, ACCEPT]
+    labels, verdict = decide(conf, th, None, ranks=ranks)  # the paper's test alone, then the rank test
+    assert labels.tolist() == [-1, -1, 2, 1] and verdict.tolist() == [ALARM, ALARM, OOD, ACCEPT]
+
+
 def test_neighbourhood_test_is_a_last_stage_setting(guard_deep, deep_net, synth, tmp_path):
     """The neighbourhood rank test comes by recalibration (no refit): references are every
-    validation sample in each head's view, scored leave-one-out for the bound; it only ever takes
-    credibility away, and its gate (a quantile of the consistency ratios, as the stability gate)
-    gives some back; the guard, its serving module and a saved copy decide alike; a file whose
+    validation sample in each head's view, scored leave-one-out for the bound; it only ever turns
+    an accepted answer whose head fails it into an alarm (credibility, hints and other verdicts
+    stay), and its gate (a quantile of the consistency ratios, as the stability gate) lets more
+    answers through; the guard, its serving module and a saved copy decide alike; a file whose
     rank-test tensors contradict its settings or are out of range is refused."""
     from linkbreaker_ext.serving import GuardedModule
     g = torch.Generator().manual_seed(7)
@@ -1653,17 +1668,24 @@ def test_neighbourhood_test_is_a_last_stage_setting(guard_deep, deep_net, synth,
     for gq in guards.values():
         gq.neighbourhood["labels"] = (gq.neighbourhood["labels"] + 1) % NUM_CLASSES
     base = guard_deep(x)
-    credible = {"off": (base.confidences >= base.thresholds) & (base.credibility <= 1)}
+    accepted = {"off": base.verdict == ACCEPT}
+    assert base.rank_ratio is None
     for gate, gq in guards.items():
         assert torch.equal(gq.thresholds, guard_deep.thresholds)
         r = gq(x)
-        assert torch.equal(r.consistency, base.consistency) and torch.equal(r.confidences, base.confidences)
+        assert torch.equal(r.credibility, base.credibility) and torch.equal(r.confidences, base.confidences)
         labels, verdict, _ = GuardedModule(gq)(x)
         assert torch.equal(labels, r.labels) and torch.equal(verdict, r.verdict)
-        credible[gate] = (r.confidences >= r.thresholds) & (r.credibility <= 1)
-    assert not (credible[None] & ~credible[0.5]).any() and not (credible[0.5] & ~credible[1.0]).any()
-    assert not (credible[1.0] & ~credible["off"]).any()
-    assert (credible["off"] & ~credible[None]).any(), "the rank test refused no head: degenerate"
+        # the test only refuses: an answer it changes was accepted and is now an alarm
+        moved = r.verdict != base.verdict
+        assert (base.verdict[moved] == ACCEPT).all() and (r.verdict[moved] == ALARM).all()
+        assert torch.equal(r.labels[~moved], base.labels[~moved]) and (r.labels[moved] == -1).all()
+        failed = r.rank_ratio.gather(1, base.labels.clamp_min(0)[:, None])[:, 0] > 1
+        assert torch.equal(moved, failed & (base.verdict == ACCEPT))
+        accepted[gate] = r.verdict == ACCEPT
+    assert not (accepted[None] & ~accepted[0.5]).any() and not (accepted[0.5] & ~accepted[1.0]).any()
+    assert not (accepted[1.0] & ~accepted["off"]).any()
+    assert (accepted["off"] & ~accepted[None]).any(), "the rank test refused no answer: degenerate"
     path = tmp_path / "g.safetensors"
     guards[0.5].save(path)
     loaded = LinkBreaker.load(path, deep_net)
