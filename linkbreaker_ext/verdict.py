@@ -134,8 +134,8 @@ def decide(conf: torch.Tensor, thresholds: torch.Tensor, ratio: torch.Tensor | N
     be that answer (docs/method.md, "A nearly confident head that nothing supports"). Without
     ``ratio``: the paper's confidence test alone. With ``ranks`` ``[B, N]`` (the neighbourhood
     rank test's judged ratios, :attr:`GuardResult.rank_ratio`), an accepted answer whose head's
-    ratio exceeds 1 raises the alarm instead: the test only ever refuses, it never changes which
-    head is credible or which one an OOD verdict names (docs/method.md, "A faint trigger's
+    ratio exceeds 1 raises the alarm instead, and an OOD verdict's hint weighs them with the veto
+    ratios; the test never changes which heads are credible (docs/method.md, "A faint trigger's
     neighbourhood")."""
     confident = conf >= thresholds
     if ratio is None:
@@ -147,8 +147,11 @@ def decide(conf: torch.Tensor, thresholds: torch.Tensor, ratio: torch.Tensor | N
         if alarm_margin > 0:
             near = log_odds(conf) >= log_odds(thresholds) - alarm_margin
             alarm = confident | (near & ~consistent.any(1, keepdim=True))
-    return _rank_alarm(*vote(conf, confident & consistent, consistent, alarm,
-                             ratio if ood_hint == "nearest" else None), ranks)
+    # the OOD hint also weighs the rank test: a head whose class's neighbourhood the input is not in
+    # is named last (the verdicts are the same either way)
+    hint = ratio if ranks is None else combined_ratio(ratio, ranks)
+    return _rank_alarm(*vote(conf, confident & consistent, hint <= 1, alarm,
+                             hint if ood_hint == "nearest" else None), ranks)
 
 
 def _rank_alarm(labels, verdict, ranks):

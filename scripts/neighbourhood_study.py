@@ -8,11 +8,12 @@ other classes are nearer than the nearest one of class k. A faint trigger turns 
 input's neighbourhood there is still its source class. ``scripts/faint_trigger_neighbourhood.py``
 was the first look, on the bare model; this study runs the guard itself.
 
-Two ways to act on a failed test: ``veto`` (the head is not credible, as the other checks: it can
-also change which head an alarm or an OOD hint names, and turn an alarm into an accepted answer)
-and ``alarm`` (today's decision stands, except that an accepted answer whose head fails the test
-raises the alarm: it can only refuse). For each run and each setting (rule x bound quantile x gate
-quantile, ``none``: every head judged), all from one forward of the recalibrated guard:
+Three ways to act on a failed test: ``veto`` (the head is not credible, as the other checks: it
+can also turn an alarm into an accepted answer), ``refuse`` (today's decision stands, except that
+an accepted answer whose head fails the test raises the alarm) and ``alarm`` (the guard's rule:
+``refuse``, and an OOD verdict's hint weighs the test too). For each run and each setting (rule x
+bound quantile x gate quantile, ``none``: every head judged), all from one forward of the
+recalibrated guard:
 
 * clean dev inputs (test indices 0-4999): the CDA drop (hint reading) against the undefended model,
   and the share of clean inputs that today's default answers rightly and accepts but the setting
@@ -48,21 +49,23 @@ def _gate(text):
     return None if text == "none" else float(text)
 
 
-RULES = ("veto", "alarm")
+RULES = ("veto", "alarm", "refuse")
 
 
 def decisions(r, rule: str, gate, cfg):
     """``(labels, verdict)`` of a rank-test guard's result ``r`` (its ``neighbourhood`` ratios
     ungated) under ``rule`` with the gate value ``gate`` (None: every head judged). ``"veto"``: a
-    head that fails the test is not credible (it joins the veto ratios); ``"alarm"``: the veto is
-    today's, and an accepted answer whose head fails the test raises the alarm instead."""
+    head that fails the test is not credible (it joins the veto ratios); ``"alarm"``: the guard's
+    rule, today's credible heads, an accepted answer whose head fails the test raises the alarm, and
+    an OOD verdict's hint weighs the test too; ``"refuse"``: the alarm alone, hints as today's."""
     base = combined_ratio(r.consistency, gated(r.stability, r.consistency, r.stability_gate))
     near = gated(r.neighbourhood, r.consistency, gate)
+    args = (cfg.inconsistent_verdict, cfg.ood_hint, cfg.alarm_margin)
     if rule == "veto":
-        return decide(r.confidences, r.thresholds, combined_ratio(base, near), cfg.inconsistent_verdict,
-                      cfg.ood_hint, cfg.alarm_margin)
-    labels, verdict = decide(r.confidences, r.thresholds, base, cfg.inconsistent_verdict, cfg.ood_hint,
-                             cfg.alarm_margin)
+        return decide(r.confidences, r.thresholds, combined_ratio(base, near), *args)
+    if rule == "alarm":
+        return decide(r.confidences, r.thresholds, base, *args, near)
+    labels, verdict = decide(r.confidences, r.thresholds, base, *args)
     failed = (verdict == ACCEPT) & (near.gather(1, labels.clamp_min(0)[:, None])[:, 0] > 1)
     return labels.masked_fill(failed, -1), verdict.masked_fill(failed, ALARM)
 
@@ -132,11 +135,12 @@ def table() -> str:
              "default answers rightly and accepts that the setting refuses (%); *drop*: CDA drop, hint "
              "reading (points); *ASR t*: ASR after the guard (hint reading, %) with the trigger at "
              "transparency t (0: full strength).", ""]
-    for work in sorted({r["work"] for r in runs}):
-        group = [r for r in runs if r["work"] == work]
+    attack = lambda r: r["run"].rsplit("-", 1)[0]  # noqa: E731
+    for work, name in sorted({(r["work"], attack(r)) for r in runs}):
+        group = [r for r in runs if r["work"] == work and attack(r) == name]
         ts = list(group[0]["default"]["asr"])
         keys = [(s["rule"], s["quantile"], s["gate"]) for s in group[0]["settings"]]
-        lines += [f"## {group[0]['dataset']}, {work} ({len(group)} runs: "
+        lines += [f"## {group[0]['dataset']} {name}, {work} ({len(group)} runs: "
                   + ", ".join(r["run"] for r in group) + ")", "",
                   "| setting | drop | cost | " + " | ".join(f"ASR t={t}" for t in ts) + " |",
                   "| --- " * (3 + len(ts)) + "|"]

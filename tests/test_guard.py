@@ -1622,14 +1622,17 @@ def test_neighbourhood_scores_rank_the_nearest_reference_of_each_head_class():
 
 def test_rank_test_turns_only_accepted_answers_into_alarms():
     """decide with ``ranks``: an accepted answer whose head's rank ratio exceeds 1 becomes an alarm;
-    alarms, OOD verdicts and their hints, and answers whose head passes are left as they were."""
+    alarms and answers whose head passes are left as they were; an OOD verdict stays one, its hint
+    the most confident head that passes both the veto and the rank test."""
     from linkbreaker_ext.verdict import decide
     conf = torch.tensor([[0.9, 0.1, 0.1], [0.9, 0.9, 0.1], [0.2, 0.1, 0.3], [0.1, 0.9, 0.1]])
     th, ratio = torch.full((3,), 0.5), torch.zeros(4, 3)
-    ranks = torch.tensor([[2.0, 0.0, 0.0], [2.0, 2.0, 0.0], [2.0, 2.0, 2.0], [3.0, 1.0, 3.0]])
+    ranks = torch.tensor([[2.0, 0.0, 0.0], [2.0, 2.0, 0.0], [0.5, 2.0, 2.0], [3.0, 1.0, 3.0]])
     assert [t.tolist() for t in decide(conf, th, ratio)] == [[0, -1, 2, 1], [ACCEPT, ALARM, OOD, ACCEPT]]
     labels, verdict = decide(conf, th, ratio, ranks=ranks)
-    assert labels.tolist() == [-1, -1, 2, 1] and verdict.tolist() == [ALARM, ALARM, OOD, ACCEPT]
+    assert labels.tolist() == [-1, -1, 0, 1] and verdict.tolist() == [ALARM, ALARM, OOD, ACCEPT]
+    ranks[2] = torch.tensor([2.0, 1.5, 3.0])  # no head passes: the hint is the nearest of them all
+    assert decide(conf, th, ratio, ranks=ranks)[0].tolist() == [-1, -1, 1, 1]
     labels, verdict = decide(conf, th, None, ranks=ranks)  # the paper's test alone, then the rank test
     assert labels.tolist() == [-1, -1, 2, 1] and verdict.tolist() == [ALARM, ALARM, OOD, ACCEPT]
 
@@ -1676,10 +1679,12 @@ def test_neighbourhood_test_is_a_last_stage_setting(guard_deep, deep_net, synth,
         assert torch.equal(r.credibility, base.credibility) and torch.equal(r.confidences, base.confidences)
         labels, verdict, _ = GuardedModule(gq)(x)
         assert torch.equal(labels, r.labels) and torch.equal(verdict, r.verdict)
-        # the test only refuses: an answer it changes was accepted and is now an alarm
+        # the test only refuses: a verdict it changes was an accepted answer and is now an alarm;
+        # other answers stay, and only an OOD verdict's hint may name another head
         moved = r.verdict != base.verdict
         assert (base.verdict[moved] == ACCEPT).all() and (r.verdict[moved] == ALARM).all()
-        assert torch.equal(r.labels[~moved], base.labels[~moved]) and (r.labels[moved] == -1).all()
+        kept = ~moved & (r.verdict != OOD)
+        assert torch.equal(r.labels[kept], base.labels[kept]) and (r.labels[moved] == -1).all()
         failed = r.rank_ratio.gather(1, base.labels.clamp_min(0)[:, None])[:, 0] > 1
         assert torch.equal(moved, failed & (base.verdict == ACCEPT))
         accepted[gate] = r.verdict == ACCEPT
