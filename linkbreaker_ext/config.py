@@ -130,6 +130,10 @@ class GuardConfig:
     #                                 consistency ratio exceeds this quantile of the validation set's
     #                                 confident, consistent samples' ratios, as the stability gate
     #                                 does (None: every answer)
+    neighbourhood_alarm: bool = True  # False: the rank test only reorders an OOD verdict's hints
+    #                                 (a head whose class's neighbourhood the input is not in is named
+    #                                 last) and never raises the alarm: GTSRB's clean cost without the
+    #                                 faint-trigger catches, which on CIFAR-10 cost clean answers
     inconsistent_verdict: str = "alarm"  # no credible head but a confident, inconsistent one: "alarm" or "ood"
     ood_hint: str = "nearest"       # an OOD verdict's label hint when no head is consistent with its
     #                                 class: "nearest" (the head nearest to its bounds, smallest veto
@@ -158,7 +162,8 @@ class GuardConfig:
         for name in ("neighbours", "neighbour_iters", "hidden_layers", "min_per_class", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, "must be a non-negative integer")
-        for name in ("use_early", "use_late", "consistency", "search_on_neighbours", "drop_misclassified"):
+        for name in ("use_early", "use_late", "consistency", "search_on_neighbours", "drop_misclassified",
+                     "neighbourhood_alarm"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be True or False")
         fr = self.fractions

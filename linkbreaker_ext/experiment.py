@@ -163,8 +163,8 @@ def evaluate(model, guard: LinkBreaker, attack, x_test, y_test, n_clean=2000, n_
 
         def variant(ratio, inconsistent=cfg.inconsistent_verdict, hint=cfg.ood_hint, margin=cfg.alarm_margin,
                     ranks=True):
-            return [redecided(r, ratio(r), inconsistent, hint, margin, r.rank_ratio if ranks else None)
-                    for r in (rc, rt)]
+            return [redecided(r, ratio(r), inconsistent, hint, margin, r.rank_ratio if ranks else None,
+                              cfg.neighbourhood_alarm) for r in (rc, rt)]
 
         def add(key, results):
             report[key] = metrics.defended(results[0], yc, results[1], yt, target)
@@ -189,13 +189,15 @@ def evaluate(model, guard: LinkBreaker, attack, x_test, y_test, n_clean=2000, n_
 
 
 def redecided(r: GuardResult, ratio=None, inconsistent_verdict: str = "alarm",
-              ood_hint: str = "nearest", alarm_margin: float = 0.0, ranks=None) -> GuardResult:
+              ood_hint: str = "nearest", alarm_margin: float = 0.0, ranks=None,
+              rank_alarm: bool = True) -> GuardResult:
     """``r``'s heads decided again (:func:`guard.decide`) with veto ratios ``ratio`` (None: the
     paper's confidence test alone), ``inconsistent_verdict``, ``ood_hint``, ``alarm_margin`` and the
-    rank test's judged ratios ``ranks`` (None: no rank test): a decision variant that needs no new
-    forward pass. The result carries ``ratio`` as its consistency ratios."""
+    rank test's judged ratios ``ranks`` (None: no rank test; ``rank_alarm=False``: hints only): a
+    decision variant that needs no new forward pass. The result carries ``ratio`` as its consistency
+    ratios."""
     labels, verdict = decide(r.confidences, r.thresholds, ratio, inconsistent_verdict, ood_hint, alarm_margin,
-                             ranks)
+                             ranks, rank_alarm)
     return GuardResult(labels, verdict, r.confidences, r.thresholds, ratio)
 
 

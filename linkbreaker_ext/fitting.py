@@ -210,7 +210,7 @@ CALIBRATION_FIELDS = frozenset({"mad_k", "out_quantile", "threshold_floor", "thr
                                 "consistency_reduce", "inconsistent_verdict", "ood_hint", "alarm_margin", "stability_noise", "stability_draws",
                                 "stability_contrast", "stability_jitter", "stability_bound", "stability_floor",
                                 "stability_quantile", "stability_gate", "neighbourhood_quantile",
-                                "neighbourhood_gate"})
+                                "neighbourhood_gate", "neighbourhood_alarm"})
 """The settings of the last stage alone: a fitted guard takes new values of these by
 :func:`recalibrate_guard`, without the neighbours, statistics and set search of a refit."""
 

@@ -314,7 +314,8 @@ class LinkBreaker:
         result = GuardResult(None, None, conf, self.thresholds, ratio, unstable, gate, near, near_gate)
         result.labels, result.verdict = decide(conf, self.thresholds, result.credibility,
                                                self.config.inconsistent_verdict, self.config.ood_hint,
-                                               self.config.alarm_margin, result.rank_ratio)
+                                               self.config.alarm_margin, result.rank_ratio,
+                                               self.config.neighbourhood_alarm)
         return result
 
     def neighbour(self, x: torch.Tensor) -> torch.Tensor:

@@ -206,6 +206,7 @@ class GuardedModule(nn.Module):
         self.inconsistent_verdict = cfg.inconsistent_verdict
         self.ood_hint = cfg.ood_hint
         self.alarm_margin = float(cfg.alarm_margin)
+        self.rank_alarm = bool(cfg.neighbourhood_alarm)
         self.batch_rows = batch_rows or cfg.batch_rows
         self.check_inputs = check_inputs
         # rows per input: one per distinct set of head masks (the veto reads each head's own row);
@@ -354,7 +355,8 @@ class GuardedModule(nn.Module):
             near = gated(neighbourhood_scores(u, self.rank_references, self.rank_labels) / self.rank_bound,
                          deviation, self.rank_gate)
         labels, verdict = decide(conf, self.thresholds, combined_ratio(deviation, unstable),
-                                 self.inconsistent_verdict, self.ood_hint, self.alarm_margin, near)
+                                 self.inconsistent_verdict, self.ood_hint, self.alarm_margin, near,
+                                 self.rank_alarm)
         return labels, verdict, conf
 
     def _spread(self, v):

@@ -123,7 +123,7 @@ def vote(conf: torch.Tensor, credible: torch.Tensor, consistent: torch.Tensor | 
 
 def decide(conf: torch.Tensor, thresholds: torch.Tensor, ratio: torch.Tensor | None = None,
            inconsistent_verdict: str = "alarm", ood_hint: str = "nearest", alarm_margin: float = 0.0,
-           ranks: torch.Tensor | None = None):
+           ranks: torch.Tensor | None = None, rank_alarm: bool = True):
     """``(labels, verdict)`` of Alg. 3 with the consistency veto: a head is credible when it passes
     its confidence threshold and, given its consistency ``ratio`` ``[B, N]``, is consistent
     (``ratio <= 1``); a confident but inconsistent head gets ``inconsistent_verdict``; ``ood_hint``
@@ -135,11 +135,11 @@ def decide(conf: torch.Tensor, thresholds: torch.Tensor, ratio: torch.Tensor | N
     ``ratio``: the paper's confidence test alone. With ``ranks`` ``[B, N]`` (the neighbourhood
     rank test's judged ratios, :attr:`GuardResult.rank_ratio`), an accepted answer whose head's
     ratio exceeds 1 raises the alarm instead, and an OOD verdict's hint weighs them with the veto
-    ratios; the test never changes which heads are credible (docs/method.md, "A faint trigger's
-    neighbourhood")."""
+    ratios (``rank_alarm=False``: only the hint); the test never changes which heads are credible
+    (docs/method.md, "A faint trigger's neighbourhood")."""
     confident = conf >= thresholds
     if ratio is None:
-        return _rank_alarm(*vote(conf, confident), ranks)
+        return _rank_alarm(*vote(conf, confident), ranks if rank_alarm else None)
     consistent = ratio <= 1
     alarm = None
     if inconsistent_verdict == "alarm":
@@ -151,7 +151,7 @@ def decide(conf: torch.Tensor, thresholds: torch.Tensor, ratio: torch.Tensor | N
     # is named last (the verdicts are the same either way)
     hint = ratio if ranks is None else combined_ratio(ratio, ranks)
     return _rank_alarm(*vote(conf, confident & consistent, hint <= 1, alarm,
-                             hint if ood_hint == "nearest" else None), ranks)
+                             hint if ood_hint == "nearest" else None), ranks if rank_alarm else None)
 
 
 def _rank_alarm(labels, verdict, ranks):

@@ -10,8 +10,8 @@ was the first look, on the bare model; this study runs the guard itself.
 
 Three ways to act on a failed test: ``veto`` (the head is not credible, as the other checks: it
 can also turn an alarm into an accepted answer), ``refuse`` (today's decision stands, except that
-an accepted answer whose head fails the test raises the alarm) and ``alarm`` (the guard's rule:
-``refuse``, and an OOD verdict's hint weighs the test too). For each run and each setting (rule x
+an accepted answer whose head fails the test raises the alarm), ``alarm`` (the guard's rule:
+``refuse``, and an OOD verdict's hint weighs the test too) and ``hint`` (only the hint). For each run and each setting (rule x
 bound quantile x gate quantile, ``none``: every head judged), all from one forward of the
 recalibrated guard:
 
@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from linkbreaker_ext import LinkBreaker, experiment  # noqa: E402
 from linkbreaker_ext.reproduce import SPLITS  # noqa: E402
-from linkbreaker_ext.verdict import ACCEPT, ALARM, combined_ratio, decide, gated  # noqa: E402
+from linkbreaker_ext.verdict import ACCEPT, ALARM, OOD, combined_ratio, decide, gated  # noqa: E402
 
 OUT = ROOT / "results" / "dev" / "neighbourhood"
 
@@ -49,7 +49,7 @@ def _gate(text):
     return None if text == "none" else float(text)
 
 
-RULES = ("veto", "alarm", "refuse")
+RULES = ("veto", "alarm", "refuse", "hint")
 
 
 def decisions(r, rule: str, gate, cfg):
@@ -57,7 +57,8 @@ def decisions(r, rule: str, gate, cfg):
     ungated) under ``rule`` with the gate value ``gate`` (None: every head judged). ``"veto"``: a
     head that fails the test is not credible (it joins the veto ratios); ``"alarm"``: the guard's
     rule, today's credible heads, an accepted answer whose head fails the test raises the alarm, and
-    an OOD verdict's hint weighs the test too; ``"refuse"``: the alarm alone, hints as today's."""
+    an OOD verdict's hint weighs the test too; ``"refuse"``: the alarm alone, hints as today's;
+    ``"hint"``: the hints alone, verdicts as today's."""
     base = combined_ratio(r.consistency, gated(r.stability, r.consistency, r.stability_gate))
     near = gated(r.neighbourhood, r.consistency, gate)
     args = (cfg.inconsistent_verdict, cfg.ood_hint, cfg.alarm_margin)
@@ -66,6 +67,9 @@ def decisions(r, rule: str, gate, cfg):
     if rule == "alarm":
         return decide(r.confidences, r.thresholds, base, *args, near)
     labels, verdict = decide(r.confidences, r.thresholds, base, *args)
+    if rule == "hint":  # the rank test's OOD hints, no alarm: the alarm rule's answers where it accepts
+        hinted, _ = decide(r.confidences, r.thresholds, base, *args, near)
+        return torch.where(verdict == OOD, hinted, labels), verdict
     failed = (verdict == ACCEPT) & (near.gather(1, labels.clamp_min(0)[:, None])[:, 0] > 1)
     return labels.masked_fill(failed, -1), verdict.masked_fill(failed, ALARM)
 

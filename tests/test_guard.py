@@ -1623,7 +1623,8 @@ def test_neighbourhood_scores_rank_the_nearest_reference_of_each_head_class():
 def test_rank_test_turns_only_accepted_answers_into_alarms():
     """decide with ``ranks``: an accepted answer whose head's rank ratio exceeds 1 becomes an alarm;
     alarms and answers whose head passes are left as they were; an OOD verdict stays one, its hint
-    the most confident head that passes both the veto and the rank test."""
+    the most confident head that passes both the veto and the rank test. ``rank_alarm=False``: the
+    hints alone."""
     from linkbreaker_ext.verdict import decide
     conf = torch.tensor([[0.9, 0.1, 0.1], [0.9, 0.9, 0.1], [0.2, 0.1, 0.3], [0.1, 0.9, 0.1]])
     th, ratio = torch.full((3,), 0.5), torch.zeros(4, 3)
@@ -1633,6 +1634,8 @@ def test_rank_test_turns_only_accepted_answers_into_alarms():
     assert labels.tolist() == [-1, -1, 0, 1] and verdict.tolist() == [ALARM, ALARM, OOD, ACCEPT]
     ranks[2] = torch.tensor([2.0, 1.5, 3.0])  # no head passes: the hint is the nearest of them all
     assert decide(conf, th, ratio, ranks=ranks)[0].tolist() == [-1, -1, 1, 1]
+    labels, verdict = decide(conf, th, ratio, ranks=ranks, rank_alarm=False)  # the hint alone
+    assert labels.tolist() == [0, -1, 1, 1] and verdict.tolist() == [ACCEPT, ALARM, OOD, ACCEPT]
     labels, verdict = decide(conf, th, None, ranks=ranks)  # the paper's test alone, then the rank test
     assert labels.tolist() == [-1, -1, 2, 1] and verdict.tolist() == [ALARM, ALARM, OOD, ACCEPT]
 
@@ -1691,6 +1694,13 @@ def test_neighbourhood_test_is_a_last_stage_setting(guard_deep, deep_net, synth,
     assert not (accepted[None] & ~accepted[0.5]).any() and not (accepted[0.5] & ~accepted[1.0]).any()
     assert not (accepted[1.0] & ~accepted["off"]).any()
     assert (accepted["off"] & ~accepted[None]).any(), "the rank test refused no answer: degenerate"
+    hints = guard_deep.recalibrate(xv, yv, neighbourhood_quantile=0.5, neighbourhood_gate=None,
+                                   neighbourhood_alarm=False)
+    hints.neighbourhood["labels"] = guards[None].neighbourhood["labels"]
+    r = hints(x)
+    assert torch.equal(r.verdict, base.verdict)  # no alarm: only OOD verdicts' hints may differ
+    assert torch.equal(r.labels[r.verdict != OOD], base.labels[r.verdict != OOD])
+    assert torch.equal(GuardedModule(hints)(x)[0], r.labels)
     path = tmp_path / "g.safetensors"
     guards[0.5].save(path)
     loaded = LinkBreaker.load(path, deep_net)
