@@ -140,6 +140,21 @@ def test_a_guard_with_shaped_neighbours_exports(guard_deep, synth, setting):
     assert_identical(ep.module()(x), expected)
 
 
+def test_a_guard_with_the_rank_test_exports(guard_deep, synth):
+    """The neighbourhood rank test's references, labels, bound and gate travel as buffers of the
+    exported program, whose answers are the guard's (references with shifted labels, so that the
+    test raises alarms on these well-separated synthetic classes)."""
+    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], neighbourhood_quantile=0.5)
+    g.neighbourhood["labels"] = (g.neighbourhood["labels"] + 1) % int(g.num_heads)
+    x = _inputs(synth)
+    expected = g.as_module()(x)
+    assert_same(expected, g(x))
+    assert (g(x).verdict != guard_deep(x).verdict).any(), "the rank test changed nothing: degenerate"
+    ep = torch.export.export(g.as_module(), (x,))
+    assert {"rank_references", "rank_labels", "rank_bound", "rank_gate"} <= set(dict(ep.named_buffers()))
+    assert_identical(ep.module()(x), expected)
+
+
 def test_exported_program_runs_in_a_fresh_process(module, synth, tmp_path):
     x = _inputs(synth)
     expected = module(x)
