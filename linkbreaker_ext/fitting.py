@@ -348,8 +348,11 @@ def neighbourhood_state(guard, x, y, cfg):
     refs = nn.functional.normalize(units_[name].float(), dim=-1).transpose(0, 1).contiguous()  # [N, R, D]
     i = torch.arange(len(y), device=guard.device)
     step = max(1, guard._batch_rows() // guard.num_heads)
-    own = torch.cat([neighbourhood_scores(units_[name][s:s + step], refs, y, i[s:s + step])[
-        torch.arange(len(i[s:s + step]), device=guard.device), y[s:s + step]] for s in range(0, len(y), step)])
+    own = []
+    for s in range(0, len(y), step):  # [step, N, R] distances at a time
+        rows = slice(s, s + step)
+        own.append(neighbourhood_scores(units_[name][rows], refs, y, i[rows]).gather(1, y[rows, None])[:, 0])
+    own = torch.cat(own)
     confident = conf[i, y] >= guard.thresholds[y]
     pool = own[confident] if confident.any() else own
     bound = torch.quantile(pool, cfg.neighbourhood_quantile).clamp_min(math.log(2))
