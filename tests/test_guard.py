@@ -1640,6 +1640,19 @@ def test_rank_test_turns_only_accepted_answers_into_alarms():
     assert labels.tolist() == [-1, -1, 2, 1] and verdict.tolist() == [ALARM, ALARM, OOD, ACCEPT]
 
 
+def test_a_fit_with_the_rank_test_equals_its_recalibration(guard_deep, deep_net, synth):
+    """``LinkBreaker.fit(..., neighbourhood_quantile=q)`` and a default guard recalibrated with it
+    hold the same references, labels, bound and gate, and answer alike (a recalibration is a refit)."""
+    fitted = LinkBreaker.fit(deep_net, synth["x_val"], synth["y_val"], NUM_CLASSES, layers=["input", "1", "3"],
+                             progress=False, neighbourhood_quantile=0.5, **FAST)
+    recal = guard_deep.recalibrate(synth["x_val"], synth["y_val"], neighbourhood_quantile=0.5)
+    assert fitted.neighbourhood.keys() == recal.neighbourhood.keys() == {"references", "labels", "bound", "gate"}
+    for k in fitted.neighbourhood:
+        assert torch.allclose(fitted.neighbourhood[k].float(), recal.neighbourhood[k].float(), atol=1e-6), k
+    a, b = fitted(synth["x_test"]), recal(synth["x_test"])
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.verdict, b.verdict)
+
+
 def test_neighbourhood_test_is_a_last_stage_setting(guard_deep, deep_net, synth, tmp_path):
     """The neighbourhood rank test comes by recalibration (no refit): references are every
     validation sample in each head's view, scored leave-one-out for the bound; it only ever turns
