@@ -336,22 +336,25 @@ def ratio_gate(pool, y_pool, confident, layer_bounds, bounds, cfg, quantile: flo
 
 
 def neighbourhood_state(guard, x, y, cfg):
-    """The neighbourhood rank test's state: head k's view of every validation sample ``x`` at
-    :meth:`~LinkBreaker.neighbourhood_evidence` (L2-normalised, ``[N, R, D]``), their labels and the
+    """The neighbourhood rank test's state: every validation sample ``x`` at
+    :meth:`~LinkBreaker.neighbourhood_evidence` in each distinct view of the heads (one per row of
+    masks, :func:`~linkbreaker_ext.layers.head_rows`; L2-normalised, ``[V, R, D]``), their labels and the
     bound, the ``cfg.neighbourhood_quantile`` of the samples' own-head scores whose own head is
     confident, each sample left out of the references it is scored against (in-sample, every sample
     would find itself at distance 0). At least log 2: a rank of 1 is never evidence. Also returns
     ``(scores, confident)`` of the samples."""
     name = guard.neighbourhood_evidence()
+    first, row = guard._hidden_masks()[1]  # heads that share a row of masks share a view
     y = y.to(guard.device)
     conf, _, _, units_ = guard.head_confidences(x, with_units=True)
-    refs = nn.functional.normalize(units_[name].float(), dim=-1).transpose(0, 1).contiguous()  # [N, R, D]
+    views = units_[name][:, first]  # [R, V, D]
+    refs = nn.functional.normalize(views.float(), dim=-1).transpose(0, 1).contiguous()  # [V, R, D]
     i = torch.arange(len(y), device=guard.device)
     step = max(1, guard._batch_rows() // guard.num_heads)
     own = []
     for s in range(0, len(y), step):  # [step, N, R] distances at a time
         rows = slice(s, s + step)
-        own.append(neighbourhood_scores(units_[name][rows], refs, y, i[rows]).gather(1, y[rows, None])[:, 0])
+        own.append(neighbourhood_scores(views[rows], refs, y, row, i[rows]).gather(1, y[rows, None])[:, 0])
     own = torch.cat(own)
     confident = conf[i, y] >= guard.thresholds[y]
     pool = own[confident] if confident.any() else own

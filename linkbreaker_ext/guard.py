@@ -99,9 +99,10 @@ class LinkBreaker:
         # the neighbour stability test: {"noise": [*input_shape] or [M, *input_shape], "bound": 0-d,
         # "contrast": 0-d, the reference contrast (absent: the same noise for every input)} (None: off)
         self.stability = None if stability is None else {k: v.float().to(device) for k, v in stability.items()}
-        # the neighbourhood rank test: {"references": [N, R, D], head k's view of the R validation
-        # samples at neighbourhood_evidence(), L2-normalised; "labels": [R]; "bound": 0-d; "gate":
-        # 0-d, absent without a gate} (None: off)
+        # the neighbourhood rank test: {"references": [V, R, D], the R validation samples at
+        # neighbourhood_evidence() in each of the V distinct views of the heads (one per row of
+        # masks), L2-normalised; "labels": [R]; "bound": 0-d; "gate": 0-d, absent without a gate}
+        # (None: off)
         self.neighbourhood = None if neighbourhood is None else {
             k: v.to(device, torch.long if k == "labels" else torch.float32) for k, v in neighbourhood.items()}
         self.diagnostics = diagnostics or {}
@@ -229,7 +230,9 @@ class LinkBreaker:
         """``[B, N]``: each head's :func:`neighbourhood_scores` relative to the calibrated bound
         (<= 1: as near its class as clean validation samples are), from the heads' neuron values."""
         nb = self.neighbourhood
-        return neighbourhood_scores(units_[self.neighbourhood_evidence()], nb["references"], nb["labels"]) / nb["bound"]
+        first, row = self._hidden_masks()[1]
+        views = units_[self.neighbourhood_evidence()][:, first]  # [B, V, D]
+        return neighbourhood_scores(views, nb["references"], nb["labels"], row) / nb["bound"]
 
     def _heads_with_deviations(self, x, by_layer: bool = False, ranks: bool = False):
         """``(conf, deviations)`` ``[B, N]`` each (``by_layer``: deviations ``[B, N, L]``), chunk by
@@ -433,7 +436,7 @@ class LinkBreaker:
             if not evidence:
                 raise Err(f"{path}: the neighbourhood rank test's tensors need the consistency profile")
             read = evidence[-2] if len(evidence) > 1 else evidence[-1]
-            expected.update({"neighbourhood.references": ("N", "R", f"U:{evidence_layer(read)[0]}"),
+            expected.update({"neighbourhood.references": (None, "R", f"U:{evidence_layer(read)[0]}"),
                              "neighbourhood.labels": ("R",), "neighbourhood.bound": ()})
             if "neighbourhood.gate" in tensors:
                 expected["neighbourhood.gate"] = ()
@@ -504,6 +507,9 @@ class LinkBreaker:
                         diagnostics={"fit_s": meta.get("fit_s") or float("nan")},
                         input_range=_range(meta.get("input_range")),
                         stability=pick("stability.") or None, neighbourhood=pick("neighbourhood.") or None)
+            if ranked and guard.neighbourhood["references"].shape[0] != guard._hidden_masks()[1][0].numel():
+                raise ValueError(f"neighbourhood.references holds {guard.neighbourhood['references'].shape[0]} "
+                                 f"views but the heads' masks make {guard._hidden_masks()[1][0].numel()}")
         except (TypeError, ValueError, RuntimeError) as e:  # layer names the model lacks, ...
             raise Err(f"{path}: guard does not fit this model: {e}") from None
         sha = meta.get("data_sha256")

@@ -224,15 +224,19 @@ def stability_ratio(conf: torch.Tensor, conf_neighbour: torch.Tensor, bound: tor
 
 
 def neighbourhood_scores(units: torch.Tensor, references: torch.Tensor, labels: torch.Tensor,
-                         leave_out: torch.Tensor | None = None) -> torch.Tensor:
+                         row: torch.Tensor | None = None, leave_out: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, N]``: TED's rank (S&P 2024) in each head's view, as ``log(1 + r)``: r is how many
-    references of other classes are nearer to head k's view of the input (``units`` ``[B, N, D]``)
-    than the nearest reference of class k. ``references`` ``[N, R, D]``: head k's view of the R
-    validation samples, L2-normalised like the input here; ``labels`` ``[R]`` their classes.
-    ``leave_out`` ``[B]``: the reference each input is (itself, on the validation set; -1: none)."""
-    n = units.shape[1]
-    f = F.normalize(units.float(), dim=-1).transpose(0, 1)  # [N, B, D]
-    d = torch.cdist(f, references)  # [N, B, R]
+    references of other classes are nearer to head k's view of the input than the nearest reference
+    of class k. ``units`` ``[B, V, D]``: the input in each of V distinct views (heads that share a
+    row of masks see the same); ``references`` ``[V, R, D]``: the R validation samples in the same
+    views, L2-normalised like the input here; ``labels`` ``[R]`` their classes; ``row`` ``[N]``: the
+    view head k reads (None: V = N, one per head). ``leave_out`` ``[B]``: the reference each input
+    is (itself, on the validation set; -1: none)."""
+    f = F.normalize(units.float(), dim=-1).transpose(0, 1)  # [V, B, D]
+    d = torch.cdist(f, references)  # [V, B, R]: one distance matrix per distinct view
+    if row is not None:
+        d = d[row]  # [N, B, R]
+    n = d.shape[0]
     if leave_out is not None:
         own = leave_out[None, :, None] == torch.arange(references.shape[1], device=d.device)
         d = d.masked_fill(own, float("inf"))

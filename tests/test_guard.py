@@ -1616,8 +1616,12 @@ def test_neighbourhood_scores_rank_the_nearest_reference_of_each_head_class():
     own = refs[:, None].expand(4, 2, 2)  # the references themselves, head 0's view for both heads
     assert (neighbourhood_scores(own, views[:1].expand(2, 4, 2), labels).exp() - 1).round().tolist() == \
         [[0, 2], [0, 2], [2, 0], [2, 0]]
-    left = neighbourhood_scores(own, views[:1].expand(2, 4, 2), labels, torch.arange(4))
+    left = neighbourhood_scores(own, views[:1].expand(2, 4, 2), labels, leave_out=torch.arange(4))
     assert (left.exp() - 1).round().tolist() == [[0, 1], [0, 1], [1, 0], [1, 0]]
+    # two heads sharing one view: the same ranks from one distance matrix
+    shared = neighbourhood_scores(own[:, :1], views[:1], labels, row=torch.zeros(2, dtype=torch.long),
+                                  leave_out=torch.arange(4))
+    assert torch.equal(shared, left)
 
 
 def test_rank_test_turns_only_accepted_answers_into_alarms():
@@ -1671,7 +1675,8 @@ def test_neighbourhood_test_is_a_last_stage_setting(guard_deep, deep_net, synth,
     nb = guards[None].neighbourhood
     name = guard_deep.neighbourhood_evidence()
     assert name == guard_deep._profile_layers()[-2]
-    assert nb["references"].shape[:2] == (guard_deep.num_heads, len(yv)) and "gate" not in nb
+    views = guard_deep._hidden_masks()[1][0].numel()  # one per distinct row of head masks
+    assert nb["references"].shape[:2] == (views, len(yv)) and "gate" not in nb
     assert torch.equal(torch.bincount(nb["labels"], minlength=NUM_CLASSES), torch.bincount(yv, minlength=NUM_CLASSES))
     assert torch.allclose(nb["references"].norm(dim=-1), torch.ones(()))
     assert float(nb["bound"]) >= 0.69 and guards[None].diagnostics["neighbourhood_scores"].shape == (len(yv),)
@@ -1735,6 +1740,8 @@ def test_neighbourhood_test_is_a_last_stage_setting(guard_deep, deep_net, synth,
     refused("neighbourhood.gate must be >= 0", **{"neighbourhood.gate": torch.tensor(-1.0)})
     refused("lacks the gate", **{"neighbourhood.gate": None})
     refused("neighbourhood.references has shape", **{"neighbourhood.references": tensors["neighbourhood.references"][:, :-1]})
+    refs = tensors["neighbourhood.references"]
+    refused("views but the heads' masks make", **{"neighbourhood.references": torch.cat([refs, refs])})
     meta["config"]["neighbourhood_quantile"] = None
     refused("neighbourhood_quantile=None but the file has")
 
