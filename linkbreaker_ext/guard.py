@@ -29,7 +29,7 @@ from torch import nn
 from . import ops, safefiles, salient
 from .config import LEGACY_CONFIG, GuardConfig
 from .fitting import fit_guard, recalibrate_guard
-from .layers import LATE, TappedModel, evidence_layer, evidence_names, head_rows, units
+from .layers import LATE, TappedModel, evidence_layer, evidence_names, head_rows, rank_evidence, units
 from .serving import GuardedModule
 from .verdict import (GuardResult, check_input, decide, neighbour, neighbourhood_scores,
                       score_from_result, stability_ratio)
@@ -221,10 +221,8 @@ class LinkBreaker:
         return stacked if by_layer else salient.reduce_layers(stacked, self.config.consistency_reduce)
 
     def neighbourhood_evidence(self) -> str:
-        """The evidence the neighbourhood rank test reads: the last masked layer in its last view
-        (a conv layer's channel maxima by default), or the late layer when no layer is masked."""
-        names = self._profile_layers()
-        return names[-2] if len(names) > 1 else names[-1]
+        """The evidence the neighbourhood rank test reads (:func:`~linkbreaker_ext.layers.rank_evidence`)."""
+        return rank_evidence(self._profile_layers())
 
     def neighbourhood_ratios(self, units_: dict) -> torch.Tensor:
         """``[B, N]``: each head's :func:`neighbourhood_scores` relative to the calibrated bound
@@ -435,8 +433,8 @@ class LinkBreaker:
         if ranked:  # head k's view of R validation samples at the last masked layer's last view
             if not evidence:
                 raise Err(f"{path}: the neighbourhood rank test's tensors need the consistency profile")
-            read = evidence[-2] if len(evidence) > 1 else evidence[-1]
-            expected.update({"neighbourhood.references": (None, "R", f"U:{evidence_layer(read)[0]}"),
+            read = evidence_layer(rank_evidence(evidence))[0]
+            expected.update({"neighbourhood.references": (None, "R", f"U:{read}"),
                              "neighbourhood.labels": ("R",), "neighbourhood.bound": ()})
             if "neighbourhood.gate" in tensors:
                 expected["neighbourhood.gate"] = ()

@@ -147,6 +147,13 @@ def evidence_names(layers, stat: str, present) -> list:
     return [*names, LATE]
 
 
+def rank_evidence(names: list) -> str:
+    """The evidence the neighbourhood rank test reads among :func:`evidence_names`' ``names``: the
+    last masked layer in its last view (a conv layer's channel maxima by default), or the late layer
+    when no layer is masked."""
+    return names[-2] if len(names) > 1 else names[-1]
+
+
 def evidence_layer(name: str, stat: str = "mean") -> tuple:
     """``(layer, view)`` of an evidence name (:func:`unit_views`); a plain layer name is read in the
     first view ``stat`` names."""

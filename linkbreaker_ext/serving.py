@@ -343,7 +343,7 @@ class GuardedModule(nn.Module):
             unstable = stability_ratio(conf[:b], conf[b:].reshape(self.draws, b, -1), self.stability_bound)
             # a copy: a view of the first b rows would keep the neighbours' rows alive in the outputs
             conf, feats, acts = conf[:b].clone(), feats[:b], [a[:b] for a in acts]
-        row_views = [*acts, (late[:b] if self.stable else late).float() if r > 1 else feats.float()]
+        row_acts = acts  # each row's values, before they are spread over the heads (the rank test)
         if self.consistency:
             acts = [a if r == 1 else self._spread(a) for a in acts]
             deviation = self._deviations([*acts, feats.float()]) / self.bounds
@@ -351,7 +351,7 @@ class GuardedModule(nn.Module):
             unstable = gated(unstable, deviation, self.stability_gate)
         near = None
         if self.ranked:  # the views per row, as read before they were spread over the heads
-            u = row_views[self.rank_index]
+            u = [*row_acts, (late[:b] if r > 1 else feats).float()][self.rank_index]
             u = u[:, None] if u.dim() == 2 else u  # one shared row: [B, 1, D]
             near = gated(neighbourhood_scores(u, self.rank_references, self.rank_labels, self.head_row)
                          / self.rank_bound, deviation, self.rank_gate)

@@ -139,7 +139,7 @@ def decide(conf: torch.Tensor, thresholds: torch.Tensor, ratio: torch.Tensor | N
     (docs/method.md, "A faint trigger's neighbourhood")."""
     confident = conf >= thresholds
     if ratio is None:
-        return _rank_alarm(*vote(conf, confident), ranks if rank_alarm else None)
+        return alarm_on_failed_ranks(*vote(conf, confident), ranks if rank_alarm else None)
     consistent = ratio <= 1
     alarm = None
     if inconsistent_verdict == "alarm":
@@ -150,11 +150,11 @@ def decide(conf: torch.Tensor, thresholds: torch.Tensor, ratio: torch.Tensor | N
     # the OOD hint also weighs the rank test: a head whose class's neighbourhood the input is not in
     # is named last (the verdicts are the same either way)
     hint = ratio if ranks is None else combined_ratio(ratio, ranks)
-    return _rank_alarm(*vote(conf, confident & consistent, hint <= 1, alarm,
+    return alarm_on_failed_ranks(*vote(conf, confident & consistent, hint <= 1, alarm,
                              hint if ood_hint == "nearest" else None), ranks if rank_alarm else None)
 
 
-def _rank_alarm(labels, verdict, ranks):
+def alarm_on_failed_ranks(labels, verdict, ranks):
     """``(labels, verdict)`` with every accepted answer whose head fails the rank test (``ranks``
     > 1 at its label) turned into an alarm; unchanged without ``ranks``."""
     if ranks is None:

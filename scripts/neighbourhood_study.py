@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from linkbreaker_ext import LinkBreaker, experiment  # noqa: E402
 from linkbreaker_ext.reproduce import SPLITS  # noqa: E402
-from linkbreaker_ext.verdict import ACCEPT, ALARM, OOD, combined_ratio, decide, gated  # noqa: E402
+from linkbreaker_ext.verdict import ACCEPT, alarm_on_failed_ranks, combined_ratio, decide, gated  # noqa: E402
 
 OUT = ROOT / "results" / "dev" / "neighbourhood"
 
@@ -66,12 +66,9 @@ def decisions(r, rule: str, gate, cfg):
         return decide(r.confidences, r.thresholds, combined_ratio(base, near), *args)
     if rule == "alarm":
         return decide(r.confidences, r.thresholds, base, *args, near)
-    labels, verdict = decide(r.confidences, r.thresholds, base, *args)
-    if rule == "hint":  # the rank test's OOD hints, no alarm: the alarm rule's answers where it accepts
-        hinted, _ = decide(r.confidences, r.thresholds, base, *args, near)
-        return torch.where(verdict == OOD, hinted, labels), verdict
-    failed = (verdict == ACCEPT) & (near.gather(1, labels.clamp_min(0)[:, None])[:, 0] > 1)
-    return labels.masked_fill(failed, -1), verdict.masked_fill(failed, ALARM)
+    if rule == "hint":
+        return decide(r.confidences, r.thresholds, base, *args, near, False)
+    return alarm_on_failed_ranks(*decide(r.confidences, r.thresholds, base, *args), near)
 
 
 def study(work: Path, run: str, quantiles, gates, transparencies, n_clean, n_trigger, data) -> dict:
