@@ -116,16 +116,18 @@ class GuardConfig:
     #                                 stability test"; the median: the largest quantile that let no
     #                                 WaNet model of the dev halves 1 point further). None: every
     #                                 head (the rule until session 33)
-    neighbourhood_quantile: float | None = None  # the neighbourhood rank test (after TED, S&P 2024):
-    #                                 an accepted answer raises the alarm instead when, in its head's
-    #                                 view of the last masked layer, more validation samples of other
-    #                                 classes sit nearer than the nearest of its class than this
+    neighbourhood_quantile: float | None = 0.995  # the neighbourhood rank test (after TED, S&P
+    #                                 2024): an accepted answer raises the alarm instead when, in its
+    #                                 head's view of the last masked layer, more validation samples of
+    #                                 other classes sit nearer than the nearest of its class than this
     #                                 quantile of the validation set's own ranks allows (leave one
     #                                 out). A faint trigger fires the target head with every neuron
     #                                 inside its bound, while the input's neighbours there are still
-    #                                 its source class. None: off, the default (on CIFAR-10's dev
-    #                                 halves it costs 0.0-0.4 points of clean answers; docs/method.md,
-    #                                 "A faint trigger's neighbourhood")
+    #                                 its source class. 0.995, not 0.99: on the dev halves it keeps
+    #                                 the Trojan square's drop within its 1-point target and still
+    #                                 more than halves the faint trigger's ASR (docs/method.md, "A
+    #                                 faint trigger's neighbourhood"). None: off (the rule until
+    #                                 session 35)
     neighbourhood_gate: float | None = 0.9  # ... and it judges only an answer whose head's
     #                                 consistency ratio exceeds this quantile of the validation set's
     #                                 confident, consistent samples' ratios, as the stability gate

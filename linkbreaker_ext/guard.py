@@ -493,7 +493,8 @@ class LinkBreaker:
             if stable and gate != (config.stability_gate is not None and config.consistency and bool(profile)):
                 raise ValueError(f"stability_gate={config.stability_gate} but the file "
                                  f"{'has' if gate else 'lacks'} the gate")
-            if ranked != (config.neighbourhood_quantile is not None):
+            # made only where the consistency check has a profile (its gate reads the ratio)
+            if ranked != (config.neighbourhood_quantile is not None and config.consistency and bool(profile)):
                 raise ValueError(f"neighbourhood_quantile={config.neighbourhood_quantile} but the file "
                                  f"{'has' if ranked else 'lacks'} the neighbourhood rank test's tensors")
             gated_ = "neighbourhood.gate" in tensors

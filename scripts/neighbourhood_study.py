@@ -21,8 +21,9 @@ recalibrated guard:
 * triggered dev inputs at each transparency (0: the full trigger): the ASR after the guard (hint
   reading).
 
-Writes ``results/dev/neighbourhood/<dataset>-<run>-<work>.json`` per run and, with ``--table``, a
-summary ``results/dev/neighbourhood/summary.md`` from every JSON there.
+Writes ``results/dev/neighbourhood/<dataset>-<run>-<work>.json`` per run (``--out``: another folder)
+and, with ``--table``, a summary ``summary.md`` beside them from every JSON there. Several
+``--quantiles`` share one forward per input set: a head's ratio is its score over the bound.
 
     python scripts/neighbourhood_study.py --work runs/cifar10-sgdbf16-e80 --runs trojan-square-0 none-0
     python scripts/neighbourhood_study.py --table
@@ -30,6 +31,7 @@ summary ``results/dev/neighbourhood/summary.md`` from every JSON there.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -85,11 +87,16 @@ def study(work: Path, run: str, quantiles, gates, transparencies, n_clean, n_tri
     triggered = {f"{t:g}": x0 + (1 - t) * (xt - x0) for t in transparencies}
     with torch.no_grad():
         model_cda = 100 * (model(xc).argmax(1) == yc).double().mean().item()
-    rows, default = [], None
+    rows, default, first = [], None, None
     for q in quantiles:
-        # one forward per input set: the rules and gates are decisions on the same ratios
+        # one forward per input set: the rules, gates and bounds are decisions on the same scores
+        # (a head's ratio is its rank score over the bound, so another quantile only rescales it)
         g = guard.recalibrate(split["x_val"], split["y_val"], neighbourhood_quantile=q, neighbourhood_gate=None)
-        rc, rts = g(xc), {t: g(x) for t, x in triggered.items()}
+        if first is None:
+            first = (g, g(xc), {t: g(x) for t, x in triggered.items()})
+        scale = float(first[0].neighbourhood["bound"]) / float(g.neighbourhood["bound"])
+        rc = dataclasses.replace(first[1], neighbourhood=first[1].neighbourhood * scale)
+        rts = {t: dataclasses.replace(r, neighbourhood=r.neighbourhood * scale) for t, r in first[2].items()}
         if default is None:  # today's default: the same forwards without the rank test
             lc, vc = decide(rc.confidences, rc.thresholds, combined_ratio(
                 rc.consistency, gated(rc.stability, rc.consistency, rc.stability_gate)),
@@ -127,10 +134,11 @@ def study(work: Path, run: str, quantiles, gates, transparencies, n_clean, n_tri
             "settings": rows}
 
 
-def table() -> str:
-    runs = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+def table(out: Path = OUT) -> str:
+    runs = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     lines = ["# The neighbourhood rank test on the dev halves", "",
-             "Made by `python scripts/neighbourhood_study.py --table` from the per-run JSONs beside it "
+             "Made by `python scripts/neighbourhood_study.py --table"
+             + ("" if out == OUT else f" --out {out.relative_to(ROOT)}") + "` from the per-run JSONs beside it "
              "(each names its command). Saved guards recalibrated with `neighbourhood_quantile=q` and "
              "`neighbourhood_gate=g` (*none*: every head judged). *cost*: clean dev inputs today's "
              "default answers rightly and accepts that the setting refuses (%); *drop*: CDA drop, hint "
@@ -168,7 +176,7 @@ def table() -> str:
                                      for s, c in zip(r["settings"], cells)))
         lines.append("")
     text = "\n".join(lines)
-    (OUT / "summary.md").write_text(text + "\n")
+    (out / "summary.md").write_text(text + "\n")
     return text
 
 
@@ -182,14 +190,15 @@ def main():
     ap.add_argument("--n-clean", type=int, default=1000)
     ap.add_argument("--n-trigger", type=int, default=500)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--out", default=str(OUT.relative_to(ROOT)), help="folder of the per-run JSONs and summary")
     ap.add_argument("--table", action="store_true", help="only summarise the JSONs already written")
     args = ap.parse_args()
     if args.table:
-        print(table())
+        print(table(ROOT / args.out))
         return
     torch.set_num_threads(1)
-    work = Path(args.work)
-    OUT.mkdir(parents=True, exist_ok=True)
+    work, out = Path(args.work), ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
     for run in args.runs:
         res = study(work, run, args.quantiles, args.gates, args.transparency, args.n_clean, args.n_trigger,
                     args.data)
@@ -197,8 +206,9 @@ def main():
                           + " --quantiles " + " ".join(f"{q:g}" for q in args.quantiles)
                           + " --gates " + " ".join("none" if g is None else f"{g:g}" for g in args.gates)
                           + " --transparency " + " ".join(f"{t:g}" for t in args.transparency)
-                          + f" --n-clean {args.n_clean} --n-trigger {args.n_trigger}")
-        (OUT / f"{res['dataset']}-{run}-{work.name}.json").write_text(json.dumps(res, indent=1) + "\n")
+                          + f" --n-clean {args.n_clean} --n-trigger {args.n_trigger}"
+                          + ("" if ROOT / args.out == OUT else f" --out {args.out}"))
+        (out / f"{res['dataset']}-{run}-{work.name}.json").write_text(json.dumps(res, indent=1) + "\n")
 
 
 if __name__ == "__main__":

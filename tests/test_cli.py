@@ -364,8 +364,9 @@ def test_reproduce_writes_reports_and_table(tiny_reproduce, synth, shared_net, b
     header = rows.pop("attack")
     # each attack, plus the decision variants measured on the same forward passes
     assert set(rows) == {f"{a}{v}" for a in ("badnets", "none")
-                         for v in ("", " + OOD verdict", " + confident hint", " - alarm margin", " - stability gate",
-                                   " - stability test", " - both checks")}
+                         for v in ("", " + OOD verdict", " + confident hint", " - alarm margin",
+                                   " - neighbourhood test", " - stability gate", " - stability test",
+                                   " - both checks")}
     col = {h: i for i, h in enumerate(header)}
     assert rows["badnets - both checks"][col["ASR after, accepted only"]] != ""
     assert rows["badnets"][col["paper CDA / ASR"]] == "98.06 / 2"  # the paper's MNIST BadNets cell

@@ -154,7 +154,9 @@ def test_confidences_match_reference_head(which, request, synth):
 
 @pytest.mark.parametrize("which", GUARDS)
 def test_consistency_is_deviation_over_bound_and_vetoes(which, request, synth):
-    guard = request.getfixturevalue(which)
+    # the veto and the vote alone: without the rank test, which may turn accepted answers into
+    # alarms and reorder OOD hints (its own test below)
+    guard = request.getfixturevalue(which).recalibrate(synth["x_val"], synth["y_val"], neighbourhood_quantile=None)
     x = torch.cat([synth["x_test"][:60], add_trigger(synth["x_test"][:60])])
     r = guard(x)
     # the neurons consistency check and the stability test, each relative to its bound; the veto
@@ -1262,8 +1264,9 @@ def test_saved_file_is_plain_safetensors(guard_deep, tmp_path):
     header = json.loads(raw[8:8 + n])
     names = ({"thresholds"} | {f"masks.{k}" for k in guard_deep.masks}
              | {f"fill.{k}" for k in guard_deep.fills} | {f"profile.{k}" for k in guard_deep.profile}
-             | {"stability.noise", "stability.bound", "stability.gate"})
-    assert "masks.3" in names and "profile.bounds" in names
+             | {"stability.noise", "stability.bound", "stability.gate"}
+             | {f"neighbourhood.{k}" for k in guard_deep.neighbourhood})
+    assert "masks.3" in names and "profile.bounds" in names and "neighbourhood.references" in names
     assert set(header) == names | {"__metadata__"}
     with safe_open(str(path), framework="pt") as f:
         assert set(f.keys()) == names
@@ -1669,7 +1672,10 @@ def test_neighbourhood_test_is_a_last_stage_setting(guard_deep, deep_net, synth,
     x = torch.cat([synth["x_test"], (synth["x_test"] + 0.15 * torch.randn(synth["x_test"].shape, generator=g))
                    .clamp(0, 1)])
     xv, yv = synth["x_val"], synth["y_val"]
-    assert guard_deep.config.neighbourhood_quantile is None and guard_deep.neighbourhood is None
+    # the default fit carries the test; the same guard without it is the baseline
+    assert guard_deep.config.neighbourhood_quantile == 0.995 and guard_deep.neighbourhood is not None
+    plain = guard_deep.recalibrate(xv, yv, neighbourhood_quantile=None)
+    assert plain.neighbourhood is None
     guards = {gate: guard_deep.recalibrate(xv, yv, neighbourhood_quantile=0.5, neighbourhood_gate=gate)
               for gate in (None, 0.5, 1.0)}
     nb = guards[None].neighbourhood
@@ -1691,11 +1697,11 @@ def test_neighbourhood_test_is_a_last_stage_setting(guard_deep, deep_net, synth,
     # shifted by one class put each input among "other" classes, as a faint trigger's target head
     for gq in guards.values():
         gq.neighbourhood["labels"] = (gq.neighbourhood["labels"] + 1) % NUM_CLASSES
-    base = guard_deep(x)
+    base = plain(x)
     accepted = {"off": base.verdict == ACCEPT}
     assert base.rank_ratio is None
     for gate, gq in guards.items():
-        assert torch.equal(gq.thresholds, guard_deep.thresholds)
+        assert torch.equal(gq.thresholds, plain.thresholds)
         r = gq(x)
         assert torch.equal(r.credibility, base.credibility) and torch.equal(r.confidences, base.confidences)
         labels, verdict, _ = GuardedModule(gq)(x)
