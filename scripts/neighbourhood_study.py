@@ -1,5 +1,6 @@
 """Dev study (issue #6, the paper's Fig. 12): the neighbourhood rank test (``neighbourhood_quantile``)
-on the saved guards, recalibrated (no refit), against today's default.
+on the saved guards, recalibrated (no refit), against the same guards without it (the default
+until session 35).
 
 A Trojan square at 50-70 % of its strength fires the backdoor with every neuron inside its bound
 (README, "Trigger transparency"). The rank test (after TED, S&P 2024) asks instead where the input
@@ -9,14 +10,14 @@ input's neighbourhood there is still its source class. ``scripts/faint_trigger_n
 was the first look, on the bare model; this study runs the guard itself.
 
 Three ways to act on a failed test: ``veto`` (the head is not credible, as the other checks: it
-can also turn an alarm into an accepted answer), ``refuse`` (today's decision stands, except that
+can also turn an alarm into an accepted answer), ``refuse`` (the rank-free decision stands, except that
 an accepted answer whose head fails the test raises the alarm), ``alarm`` (the guard's rule:
 ``refuse``, and an OOD verdict's hint weighs the test too) and ``hint`` (only the hint). For each run and each setting (rule x
 bound quantile x gate quantile, ``none``: every head judged), all from one forward of the
 recalibrated guard:
 
 * clean dev inputs (test indices 0-4999): the CDA drop (hint reading) against the undefended model,
-  and the share of clean inputs that today's default answers rightly and accepts but the setting
+  and the share of clean inputs that the guard without the test answers rightly and accepts but the setting
   refuses (what the test costs);
 * triggered dev inputs at each transparency (0: the full trigger): the ASR after the guard (hint
   reading).
@@ -58,9 +59,9 @@ def decisions(r, rule: str, gate, cfg):
     """``(labels, verdict)`` of a rank-test guard's result ``r`` (its ``neighbourhood`` ratios
     ungated) under ``rule`` with the gate value ``gate`` (None: every head judged). ``"veto"``: a
     head that fails the test is not credible (it joins the veto ratios); ``"alarm"``: the guard's
-    rule, today's credible heads, an accepted answer whose head fails the test raises the alarm, and
-    an OOD verdict's hint weighs the test too; ``"refuse"``: the alarm alone, hints as today's;
-    ``"hint"``: the hints alone, verdicts as today's."""
+    rule, the rank-free credible heads, an accepted answer whose head fails the test raises the alarm, and
+    an OOD verdict's hint weighs the test too; ``"refuse"``: the alarm alone, hints as without it;
+    ``"hint"``: the hints alone, verdicts as without it."""
     base = combined_ratio(r.consistency, gated(r.stability, r.consistency, r.stability_gate))
     near = gated(r.neighbourhood, r.consistency, gate)
     args = (cfg.inconsistent_verdict, cfg.ood_hint, cfg.alarm_margin)
@@ -80,6 +81,8 @@ def study(work: Path, run: str, quantiles, gates, transparencies, n_clean, n_tri
     attack = experiment.attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None
     guard = LinkBreaker.load(work / "guards" / f"{run}.safetensors", model)
     split = experiment.split_data(meta["dataset"], data, None, seed)
+    if guard.neighbourhood is not None:  # the baseline: the same guard without the rank test
+        guard = guard.recalibrate(split["x_val"], split["y_val"], neighbourhood_quantile=None)
     xc, yc, xt, _, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], n_clean,
                                                  n_trigger, seed, SPLITS["dev"])
     x0 = experiment.triggered_originals(attack, split["x_test"], split["y_test"], n_clean, n_trigger,
@@ -97,12 +100,12 @@ def study(work: Path, run: str, quantiles, gates, transparencies, n_clean, n_tri
         scale = float(first[0].neighbourhood["bound"]) / float(g.neighbourhood["bound"])
         rc = dataclasses.replace(first[1], neighbourhood=first[1].neighbourhood * scale)
         rts = {t: dataclasses.replace(r, neighbourhood=r.neighbourhood * scale) for t, r in first[2].items()}
-        if default is None:  # today's default: the same forwards without the rank test
+        if default is None:  # the guard without the rank test: the same forwards
             lc, vc = decide(rc.confidences, rc.thresholds, combined_ratio(
                 rc.consistency, gated(rc.stability, rc.consistency, rc.stability_gate)),
                 g.config.inconsistent_verdict, g.config.ood_hint, g.config.alarm_margin)
             base_right = ((lc == yc) & (vc == ACCEPT)).cpu()
-            assert torch.equal(lc, guard(xc).labels), "the rank-free decision is not today's default"
+            assert torch.equal(lc, guard(xc).labels), "the rank-free decision is not the guard's without the test"
             default = {"cda": round(100 * (lc.cpu() == yc).double().mean().item(), 3), "asr": {}}
             default["drop"] = round(model_cda - default["cda"], 3)
         gate_values = {gq: None if gq is None else float(guard.recalibrate(
@@ -140,8 +143,8 @@ def table(out: Path = OUT) -> str:
              "Made by `python scripts/neighbourhood_study.py --table"
              + ("" if out == OUT else f" --out {out.relative_to(ROOT)}") + "` from the per-run JSONs beside it "
              "(each names its command). Saved guards recalibrated with `neighbourhood_quantile=q` and "
-             "`neighbourhood_gate=g` (*none*: every head judged). *cost*: clean dev inputs today's "
-             "default answers rightly and accepts that the setting refuses (%); *drop*: CDA drop, hint "
+             "`neighbourhood_gate=g` (*none*: every head judged). *cost*: clean dev inputs the guard "
+             "without the test answers rightly and accepts that the setting refuses (%); *drop*: CDA drop, hint "
              "reading (points); *ASR t*: ASR after the guard (hint reading, %) with the trigger at "
              "transparency t (0: full strength).", ""]
     attack = lambda r: r["run"].rsplit("-", 1)[0]  # noqa: E731
@@ -156,7 +159,7 @@ def table(out: Path = OUT) -> str:
 
         def mean(vals):
             return sum(vals) / len(vals)
-        lines.append("| default (no rank test) | " + f"{mean([r['default']['drop'] for r in group]):.2f} | - | "
+        lines.append("| without the rank test | " + f"{mean([r['default']['drop'] for r in group]):.2f} | - | "
                      + " | ".join(f"{mean([r['default']['asr'][t] for r in group]):.2f}" for t in ts) + " |")
         for rule, q, gate in keys:
             key = lambda s: (s["rule"], s["quantile"], s["gate"])  # noqa: E731
