@@ -27,7 +27,7 @@ The call
     with ``stability_jitter``) run in the same batch: (1 + M)R rows per input. The late masking, heads, softmax and
     confidence test run in the fused ``torch.ops.linkbreaker.guard_head``; the consistency and
     stability vetoes and the OOD hint are :func:`linkbreaker_ext.verdict.decide`, as in ``guard(x)``.
-    With the neighbourhood rank test (``neighbourhood_quantile``, off by default), every head's view
+    With the neighbourhood rank test (``neighbourhood_quantile``, on by default since session 35), every head's view
     of the last masked layer is ranked against the guard's R_v validation references
     (:func:`linkbreaker_ext.verdict.neighbourhood_scores`, ``[N, chunk, R_v]`` distances per chunk).
 
