@@ -1247,6 +1247,8 @@ def test_guard_without_consistency_round_trips(shared_net, synth, tmp_path):
     g = fit(shared_net, synth["x_val"], synth["y_val"], layers=["input"], consistency=False,
             neighbours=0, stability_noise=0.0)
     assert g.profile == {} and g.stability is None and g(synth["x_test"][:5]).consistency is None
+    # the rank test (on by default) needs the consistency profile: none is made, and the file loads
+    assert g.config.neighbourhood_quantile is not None and g.neighbourhood is None
     g.save(tmp_path / "g.safetensors")
     loaded = LinkBreaker.load(tmp_path / "g.safetensors", shared_net)
     assert loaded.profile == {}
