@@ -61,12 +61,12 @@ def main():
     if args.work:
         cmd += (f" --work {args.work}" + (f" --epochs {args.epochs}" if args.epochs else "")
                 + f" --recipe {args.recipe} --results {args.results}")
-    stem.with_suffix(".json").write_text(json.dumps({"command": cmd, "rows": rows}, indent=2))
+    stem.with_name(stem.name + ".json").write_text(json.dumps({"command": cmd, "rows": rows}, indent=2))
     plots.percent_curves(rows, "amplitude", [("cda", "CDA after (hint)"),
                                              ("cda_strict", "CDA after (accepted only)"),
                                              ("asr", "ASR after (hint)"), ("asr_strict", "ASR after (accepted only)")],
                          "fill noise amplitude (x class-pooled std)",
-                         f"{args.dataset} {args.attack}, seed {args.seed}", stem.with_suffix(".png"))
+                         f"{args.dataset} {args.attack}, seed {args.seed}", stem.with_name(stem.name + ".png"))
     print(f"`{cmd}`\n")
     print("| noise amplitude | CDA after (hint / accepted only) | ASR after (hint / accepted only) |")
     print("| --- | --- | --- |")

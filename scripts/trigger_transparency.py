@@ -106,14 +106,14 @@ def main():
            + (f" --transparency {' '.join(f'{t:g}' for t in args.transparency)}"
               if args.transparency != DEFAULT_TRANSPARENCY else "")
            + "".join(f" --set {item}" for item in args.set) + (f" --tag {args.tag}" if args.tag else ""))
-    stem.with_suffix(".json").write_text(json.dumps({"command": cmd, "n": len(yt), "rows": rows,
+    stem.with_name(stem.name + ".json").write_text(json.dumps({"command": cmd, "n": len(yt), "rows": rows,
                                                      "guard_config": guard.config.__dict__}, indent=2,
                                                     default=list))
     plots.percent_curves(rows, "transparency", [("asr_before", "ASR, no defense"),
                                                 ("asr_after", "ASR after (hint reading)"),
                                                 ("alarm_rate", "trigger alarms"), ("r_acc", "R-Acc")],
                          "trigger transparency (%)", f"{args.dataset} {args.attack}, seed {args.seed}",
-                         stem.with_suffix(".png"), x_scale=100)
+                         stem.with_name(stem.name + ".png"), x_scale=100)
     print(f"`{cmd}` ({len(yt)} triggered {args.split} inputs)\n")
     names = next((list(r["evidence"]) for r in rows if r["evidence"]), [])
     print("| transparency | ASR before | ASR after (hint / accepted only) | trigger alarms | R-Acc |"
