@@ -352,7 +352,7 @@ def neighbourhood_state(guard, x, y, cfg):
     i = torch.arange(len(y), device=guard.device)
     step = max(1, guard._batch_rows() // guard.num_heads)
     own = []
-    for s in range(0, len(y), step):  # [step, N, R] distances at a time
+    for s in range(0, len(y), step):  # [V, step, R] distances at a time
         rows = slice(s, s + step)
         own.append(neighbourhood_scores(views[rows], refs, y, row, i[rows]).gather(1, y[rows, None])[:, 0])
     own = torch.cat(own)

@@ -29,7 +29,7 @@ The call
     stability vetoes and the OOD hint are :func:`linkbreaker_ext.verdict.decide`, as in ``guard(x)``.
     With the neighbourhood rank test (``neighbourhood_quantile``, on by default since session 35), every head's view
     of the last masked layer is ranked against the guard's R_v validation references
-    (:func:`linkbreaker_ext.verdict.neighbourhood_scores`, ``[N, chunk, R_v]`` distances per chunk).
+    (:func:`linkbreaker_ext.verdict.neighbourhood_scores`, ``[V, chunk, R_v]`` distances per chunk, one per distinct view).
 
 Memory
     Rows are processed in chunks of ``batch_rows`` (the guard's setting; 256 on CPU, 8192 on GPU),

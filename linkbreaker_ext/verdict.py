@@ -234,15 +234,18 @@ def neighbourhood_scores(units: torch.Tensor, references: torch.Tensor, labels: 
     is (itself, on the validation set; -1: none)."""
     f = F.normalize(units.float(), dim=-1).transpose(0, 1)  # [V, B, D]
     d = torch.cdist(f, references)  # [V, B, R]: one distance matrix per distinct view
-    if row is not None:
-        d = d[row]  # [N, B, R]
-    n = d.shape[0]
     if leave_out is not None:
         own = leave_out[None, :, None] == torch.arange(references.shape[1], device=d.device)
         d = d.masked_fill(own, float("inf"))
-    same = labels[None, :] == torch.arange(n, device=labels.device)[:, None]  # [N, R]
-    nearest = d.masked_fill(~same[:, None, :], float("inf")).amin(-1, keepdim=True)  # [N, B, 1]
-    rank = ((d < nearest) & ~same[:, None, :]).sum(-1)  # [N, B]
+    n = d.shape[0] if row is None else row.numel()
+    # per view, each class's nearest reference [V, B, N]; no reference of class k is nearer than
+    # it, so the rank is how many references are: one comparison per view and class, without
+    # copying the distances per head or masking them per class
+    nearest = d.new_full((*d.shape[:2], n), float("inf")).scatter_reduce(
+        2, labels.expand(*d.shape[:2], -1), d, "amin")
+    rank = (d.unsqueeze(2) < nearest.unsqueeze(-1)).sum(-1)  # [V, B, N]
+    k = torch.arange(n, device=d.device)
+    rank = rank[k if row is None else row, :, k]  # [N, B]: head k, its view, class k
     return rank.transpose(0, 1).float().log1p()
 
 
