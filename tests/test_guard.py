@@ -1629,6 +1629,32 @@ def test_neighbourhood_scores_rank_the_nearest_reference_of_each_head_class():
     assert torch.equal(shared, left)
 
 
+def test_neighbourhood_scores_match_a_loop_over_heads_and_references():
+    """The vectorised ranks (one scatter-min and one comparison per view) equal a plain loop over
+    the same distances: for each input and head, count the other classes' references strictly nearer
+    than the head's class's nearest, in the head's view; ties (integer features) and left-out
+    references included."""
+    from linkbreaker_ext.verdict import neighbourhood_scores
+    g = torch.Generator().manual_seed(3)
+    for trial in range(20):
+        v, n, r, b = 1 + trial % 3, 2 + trial % 5, 12 + trial, 6
+        labels = torch.cat([torch.arange(n), torch.randint(0, n, (r - n,), generator=g)])
+        refs = nn.functional.normalize(torch.randint(-2, 3, (v, r, 3), generator=g).float(), dim=-1)
+        units = torch.randint(-2, 3, (b, v, 3), generator=g).float()
+        row = torch.randint(0, v, (n,), generator=g)
+        left = torch.randint(-1, r, (b,), generator=g)
+        # the same distances (cdist's arithmetic decides exact ties), counted one by one
+        dist = torch.cdist(nn.functional.normalize(units, dim=-1).transpose(0, 1), refs)  # [v, b, r]
+        expected = torch.zeros(b, n)
+        for i in range(b):
+            for k in range(n):
+                d = [float("inf") if j == left[i] else float(dist[row[k], i, j]) for j in range(r)]
+                nearest = min(d[j] for j in range(r) if labels[j] == k)
+                expected[i, k] = sum(1 for j in range(r) if labels[j] != k and d[j] < nearest)
+        got = neighbourhood_scores(units, refs, labels, row, left).exp() - 1
+        assert torch.allclose(got, expected, atol=1e-3), trial
+
+
 def test_rank_test_turns_only_accepted_answers_into_alarms():
     """decide with ``ranks``: an accepted answer whose head's rank ratio exceeds 1 becomes an alarm;
     alarms and answers whose head passes are left as they were; an OOD verdict stays one, its hint
