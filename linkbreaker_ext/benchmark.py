@@ -153,7 +153,7 @@ def _without_stability(guard):
     import copy
     import dataclasses
     g = copy.copy(guard)
-    g.config = dataclasses.replace(guard.config, stability_noise=0.0)
+    g.config = dataclasses.replace(guard.config, stability_noise=0.0, stability_jitter=0.0)
     return g
 
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# The stability test's noise std (a share of the value range) where the default geometric neighbour
+# cannot apply, because the inputs are not images [C, H, W]: session 35's default neighbour.
+NON_IMAGE_NOISE = 0.05
+
 
 @dataclass
 class GuardConfig:
@@ -72,20 +76,25 @@ class GuardConfig:
     #                                 stability bound is of its falls): a layer with a heavy clean
     #                                 tail (GTSRB's relu1@max) then refuses at most about 1 - q of
     #                                 them. None: off (the default until session 31)
-    stability_noise: float = 0.05   # neighbour stability test: std of fixed Gaussian patterns added
-    #                                 to every input, as a share of the validation set's value range; a
-    #                                 head whose own-class log-odds fall further on that neighbour than
-    #                                 clean inputs' do (the consistency bounds' rule) is not credible.
-    #                                 0 = no noise; the test is off when stability_jitter is 0 too
-    #                                 (docs/method.md, "A warp that noise undoes")
+    stability_noise: float = 0.0    # neighbour stability test: std of fixed Gaussian patterns added
+    #                                 to every input (after its jitter), as a share of the validation
+    #                                 set's value range; a head whose own-class log-odds fall further
+    #                                 on that neighbour than clean inputs' do (the consistency bounds'
+    #                                 rule) is not credible. 0 = no noise (the default since session
+    #                                 36: the jitter below is the neighbour; 0.05 until then, and the
+    #                                 fallback where inputs are not images); the test is off when
+    #                                 stability_jitter is 0 too (docs/method.md, "A warp that noise undoes")
     stability_draws: int = 4        # fixed noise patterns of that std; a head's fall is the mean over
     #                                 them (one pattern's fall is noisy: docs/method.md, "Several
     #                                 neighbours"); each costs one more forward per head mask
-    stability_jitter: float = 0.0   # > 0: each neighbour is also resampled through a fixed random
-    #                                 displacement of up to this many pixels per pixel and axis
-    #                                 (image inputs), before its noise: a trigger that needs exact
-    #                                 geometry, such as WaNet's warp, breaks where clean content holds
-    #                                 (docs/method.md, "A geometric neighbour"). 0 = noise only
+    stability_jitter: float = 0.5   # > 0: each neighbour is resampled through a fixed random
+    #                                 displacement of up to this many pixels per pixel and axis:
+    #                                 a trigger that needs exact geometry (WaNet's warp, a faint
+    #                                 pattern) breaks where clean content holds (docs/method.md, "A
+    #                                 geometric neighbour", "With a geometric neighbour"; the default
+    #                                 since session 36, 0 until then). Images [C, H, W] only: on other
+    #                                 inputs the fit uses noise of std NON_IMAGE_NOISE instead, warns,
+    #                                 and the fitted config records it. 0 = noise only
     stability_contrast: float = 0.0  # > 0: the patterns shrink, for an input of lower contrast
     #                                 (pixel std) than this quantile of the validation set's, by
     #                                 the ratio of the two, never grow. 0 = the same noise for every
@@ -116,18 +125,19 @@ class GuardConfig:
     #                                 stability test"; the median: the largest quantile that let no
     #                                 WaNet model of the dev halves 1 point further). None: every
     #                                 head (the rule until session 33)
-    neighbourhood_quantile: float | None = 0.995  # the neighbourhood rank test (after TED, S&P
+    neighbourhood_quantile: float | None = 0.999  # the neighbourhood rank test (after TED, S&P
     #                                 2024): an accepted answer raises the alarm instead when, in its
     #                                 head's view of the last masked layer, more validation samples of
     #                                 other classes sit nearer than the nearest of its class than this
     #                                 quantile of the validation set's own ranks allows (leave one
     #                                 out). A faint trigger fires the target head with every neuron
     #                                 inside its bound, while the input's neighbours there are still
-    #                                 its source class. 0.995, not 0.99: on the dev halves it keeps
-    #                                 the Trojan square's drop within its 1-point target and still
-    #                                 more than halves the faint trigger's ASR (docs/method.md, "A
-    #                                 faint trigger's neighbourhood"). None: off (the rule until
-    #                                 session 35)
+    #                                 its source class. 0.999 with the jittered neighbour (the
+    #                                 default since session 36; 0.995 with session 35's noise
+    #                                 neighbour): on the dev halves it keeps every CIFAR-10 and GTSRB
+    #                                 drop within its target (docs/method.md, "A faint trigger's
+    #                                 neighbourhood", "With a geometric neighbour"). None: off (the
+    #                                 rule until session 35)
     neighbourhood_gate: float | None = 0.9  # ... and it judges only an answer whose head's
     #                                 consistency ratio exceeds this quantile of the validation set's
     #                                 confident, consistent samples' ratios, as the stability gate

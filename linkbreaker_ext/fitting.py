@@ -11,12 +11,13 @@ import dataclasses
 import hashlib
 import math
 import time
+import warnings
 
 import torch
 from torch import nn
 
 from . import calibrate, salient, search
-from .config import GuardConfig
+from .config import NON_IMAGE_NOISE, GuardConfig
 from .data import stratified_split
 from .layers import (INPUT, LATE, TappedModel, auto_layers, check_layers, evidence_layer, final_linear,
                      frozen_copy, logits_of, units)
@@ -95,6 +96,25 @@ def _check_fields(config_cls, overrides):
         raise ValueError(f"unknown GuardConfig field(s) {unknown}; known: {sorted(known)}")
 
 
+def is_image(shape) -> bool:
+    """Whether inputs of ``shape`` (one sample's) are images [C, H, W] that the jitter can resample."""
+    return len(shape) == 3 and min(shape[1:]) >= 2
+
+
+def neighbour_for_inputs(cfg: GuardConfig, shape) -> GuardConfig:
+    """The settings the fit runs with for inputs of ``shape``: the geometric neighbour
+    (``stability_jitter``, on by default) resamples images; on any other input the stability test
+    falls back to Gaussian noise of std :data:`NON_IMAGE_NOISE` (or ``stability_noise`` where it is
+    set), with a warning, so the default fits every input and the saved config says what ran."""
+    if cfg.stability_jitter == 0 or is_image(shape):
+        return cfg
+    noise = cfg.stability_noise or NON_IMAGE_NOISE
+    warnings.warn(f"stability_jitter={cfg.stability_jitter} resamples images [C, H, W]; these inputs "
+                  f"are {list(shape)}: the stability test uses Gaussian noise of std {noise} instead "
+                  f"(stability_jitter=0, stability_noise={noise})", stacklevel=4)
+    return dataclasses.replace(cfg, stability_jitter=0.0, stability_noise=noise)
+
+
 def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, progress, **overrides):
 
     t0 = time.perf_counter()
@@ -146,6 +166,7 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
     scores = {k: s["score"] for k, s in stats.items()}
     fills = {k: s["fill"] for k, s in stats.items()}
     ones = {k: torch.ones_like(v) for k, v in scores.items()}
+    cfg = neighbour_for_inputs(cfg, x.shape[1:])  # once the model has taken these inputs
     guard = cls(model, layers, tapped.late_name, ones, fills, torch.full((num_classes,), 0.5), {},
                 cfg, x.shape[1:], tapped=tapped, input_range=(x.min().item(), x.max().item()))
 
@@ -378,7 +399,7 @@ def jitter_grids(shape, cfg) -> torch.Tensor:
     (M = ``cfg.stability_draws``): every pixel moved by a uniform random amount of up to
     ``cfg.stability_jitter`` pixels per axis, drawn from ``cfg.seed`` (deterministic, like the noise
     patterns). Image inputs ``[C, H, W]`` only."""
-    if len(shape) != 3 or min(shape[1:]) < 2:
+    if not is_image(shape):
         raise ValueError(f"stability_jitter={cfg.stability_jitter} resamples images [C, H, W] with H, W "
                          f">= 2; these inputs are {list(shape)}: set stability_jitter=0")
     _, h, w = shape

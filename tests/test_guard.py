@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import (ACTIVE, FAST, NUM_CLASSES, SHAPE, add_trigger, make_deep_net, make_images,
+from conftest import (ACTIVE, FAST, _train, NUM_CLASSES, SHAPE, add_trigger, make_deep_net, make_images,
                       make_net)
 from linkbreaker_ext import (ACCEPT, ALARM, OOD, GuardConfig, GuardResult, LinkBreaker, calibrate,
                              data, fitting, guard_head, guard_head_reference, safefiles, salient,
@@ -25,6 +25,10 @@ from linkbreaker_ext.layers import INPUT, LATE, auto_layers
 
 HAS_CUDA = torch.cuda.is_available()
 GUARDS = ["guard_hidden", "guard_input", "guard_deep"]
+# the stability test off; and its noise neighbour (session 35's default, the fallback where inputs
+# are not images), where a test is about the noise rather than the default jittered neighbour
+NO_STABILITY = dict(stability_noise=0.0, stability_jitter=0.0)
+NOISE = dict(stability_noise=0.05, stability_jitter=0.0)
 
 
 def fit(model, x, y=None, **kw):
@@ -133,7 +137,7 @@ def test_guard_keeps_clean_accuracy(which, request, synth):
 def test_confidences_match_reference_head(which, request, synth):
     """With the consistency veto off, the guard is exactly the fused op on the features of the
     masked forward: ``guard_head_reference`` on ``tapped.features`` gives the same answers."""
-    guard = with_config(request.getfixturevalue(which), consistency=False, stability_noise=0.0)
+    guard = with_config(request.getfixturevalue(which), consistency=False, **NO_STABILITY)
     x = torch.cat([synth["x_test"][:48], add_trigger(synth["x_test"][:16])])
     r = guard(x)
     assert r.consistency is None
@@ -163,7 +167,9 @@ def test_consistency_is_deviation_over_bound_and_vetoes(which, request, synth):
     # judges the larger
     torch.testing.assert_close(r.consistency, guard.deviations(x) / guard.profile["bounds"], atol=0, rtol=0)
     torch.testing.assert_close(r.stability, guard.stability_ratios(x), atol=0, rtol=0)
-    ratio = torch.maximum(r.consistency, r.stability)
+    # the stability test judges only heads past its gate (a quantile of the consistency ratios)
+    judged = torch.where(r.consistency > r.stability_gate, r.stability, torch.zeros_like(r.stability))
+    ratio = torch.maximum(r.consistency, judged)
     assert torch.equal(r.credibility, ratio)
     confident = r.confidences >= r.thresholds
     labels, verdict = vote(r.confidences, confident & (ratio <= 1), ratio <= 1, confident, ratio)
@@ -206,7 +212,7 @@ def test_vote_matches_the_op_reference_on_random_inputs():
 def test_consistency_veto_refuses_an_input_far_from_every_class(which, request):
     guard = request.getfixturevalue(which)
     far = torch.full((4, *SHAPE), 3.0)  # a saturated image, unlike any clean class
-    no_veto = with_config(guard, consistency=False, stability_noise=0.0)(far)
+    no_veto = with_config(guard, consistency=False, **NO_STABILITY)(far)
     assert (no_veto.verdict == ACCEPT).all(), "precondition: the confidence test alone accepts it"
     r = guard(far)
     assert (r.consistency > 1).all()
@@ -419,7 +425,7 @@ def test_trigger_on_dormant_pixels_is_erased_for_every_head(which, request, synt
                        guard.tapped.features(xt, masks, guard.fills))
     for a, b in zip(guard.head_confidences(x), guard.head_confidences(xt)):
         assert torch.equal(a, b)
-    no_veto = with_config(guard, consistency=False, stability_noise=0.0)
+    no_veto = with_config(guard, consistency=False, **NO_STABILITY)
     assert_same_result(no_veto(x), no_veto(xt))
 
 
@@ -1245,7 +1251,7 @@ def test_config_survives_round_trip(shared_net, synth, tmp_path):
 
 def test_guard_without_consistency_round_trips(shared_net, synth, tmp_path):
     g = fit(shared_net, synth["x_val"], synth["y_val"], layers=["input"], consistency=False,
-            neighbours=0, stability_noise=0.0)
+            neighbours=0, **NO_STABILITY)
     assert g.profile == {} and g.stability is None and g(synth["x_test"][:5]).consistency is None
     # the rank test (on by default) needs the consistency profile: none is made, and the file loads
     assert g.config.neighbourhood_quantile is not None and g.neighbourhood is None
@@ -1266,7 +1272,7 @@ def test_saved_file_is_plain_safetensors(guard_deep, tmp_path):
     header = json.loads(raw[8:8 + n])
     names = ({"thresholds"} | {f"masks.{k}" for k in guard_deep.masks}
              | {f"fill.{k}" for k in guard_deep.fills} | {f"profile.{k}" for k in guard_deep.profile}
-             | {"stability.noise", "stability.bound", "stability.gate"}
+             | {"stability.noise", "stability.jitter", "stability.bound", "stability.gate"}
              | {f"neighbourhood.{k}" for k in guard_deep.neighbourhood})
     assert "masks.3" in names and "profile.bounds" in names and "neighbourhood.references" in names
     assert set(header) == names | {"__metadata__"}
@@ -1701,7 +1707,7 @@ def test_neighbourhood_test_is_a_last_stage_setting(guard_deep, deep_net, synth,
                    .clamp(0, 1)])
     xv, yv = synth["x_val"], synth["y_val"]
     # the default fit carries the test; the same guard without it is the baseline
-    assert guard_deep.config.neighbourhood_quantile == 0.995 and guard_deep.neighbourhood is not None
+    assert guard_deep.config.neighbourhood_quantile == 0.999 and guard_deep.neighbourhood is not None
     plain = guard_deep.recalibrate(xv, yv, neighbourhood_quantile=None)
     assert plain.neighbourhood is None
     guards = {gate: guard_deep.recalibrate(xv, yv, neighbourhood_quantile=0.5, neighbourhood_gate=gate)
@@ -1793,7 +1799,7 @@ def test_stability_ratio_is_the_fall_of_each_heads_log_odds_to_the_fixed_neighbo
     head's own-class log-odds from ``x`` to it, over the calibrated bound."""
     from linkbreaker_ext.fitting import stability_pattern
 
-    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_draws=1)  # one pattern
+    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_draws=1, **NOISE)  # one pattern
     assert "contrast" not in g.stability  # the default: the same noise for every input
     lo, hi = g.input_range
     noise = g.stability["noise"]
@@ -1821,8 +1827,8 @@ def test_several_neighbours_judge_the_mean_fall_and_survive_save_and_export(guar
     from linkbreaker_ext.fitting import stability_pattern
     from linkbreaker_ext.verdict import stability_falls
 
-    one = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_draws=1)
-    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_draws=3)
+    one = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_draws=1, **NOISE)
+    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_draws=3, **NOISE)
     lo, hi = g.input_range
     noise = g.stability["noise"]
     assert noise.shape == (3, *g.input_shape)
@@ -1869,8 +1875,8 @@ def test_the_neighbour_noise_shrinks_for_inputs_of_low_contrast_and_never_grows(
     whole validation set's pixel stds; an input of lower contrast gets the patterns scaled down by
     the ratio (by hand), one of higher contrast gets them whole, and the bound is calibrated on
     those neighbours."""
-    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_contrast=0.5)
-    fixed = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_contrast=0.0)
+    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_contrast=0.5, **NOISE)
+    fixed = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_contrast=0.0, **NOISE)
     ref = torch.quantile(synth["x_val"].flatten(1).std(1), 0.5)
     torch.testing.assert_close(g.stability["contrast"].cpu(), ref)
     x = synth["x_test"][:20]
@@ -1928,8 +1934,8 @@ def test_jittered_neighbours_resample_the_input_through_fixed_grids(guard_deep, 
     repeated) through the m-th fixed grid, every pixel moved by at most a pixels per axis, then its
     noise pattern added (by hand, and a whole-pixel grid reproduces a shifted image); the grids come
     from the seed, and the bound is calibrated on these neighbours."""
-    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_jitter=0.5)
-    plain = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_jitter=0.0)
+    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_jitter=0.5, stability_noise=0.05)
+    plain = guard_deep.recalibrate(synth["x_val"], synth["y_val"], **NOISE)
     _, h, w = SHAPE
     m = g.config.stability_draws
     grids = g.stability["jitter"].cpu()
@@ -1946,14 +1952,14 @@ def test_jittered_neighbours_resample_the_input_through_fixed_grids(guard_deep, 
     one = (torch.stack([gx, gy], -1) - torch.tensor([2 / (w - 1), 0.0])).clamp(-1, 1)
     shifted = neighbour(x, torch.zeros(1, *SHAPE), None, None, one[None])
     torch.testing.assert_close(shifted[..., 1:], x[..., :-1])
-    assert torch.equal(g.stability["jitter"], guard_deep.recalibrate(
-        synth["x_val"], synth["y_val"], stability_jitter=0.5).stability["jitter"])  # from the seed
+    assert torch.equal(g.stability["jitter"], guard_deep.stability["jitter"])  # from the seed
     assert not torch.equal(g.diagnostics["calibration_stability_drops"],
                            plain.diagnostics["calibration_stability_drops"])
-    # the jitter alone makes a stability test, without noise
-    alone = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_jitter=0.5, stability_noise=0.0)
-    assert alone.config.stability_test and alone(x).stability is not None
-    assert not guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_noise=0.0).config.stability_test
+    # the jitter alone makes a stability test, without noise: the default
+    assert (guard_deep.config.stability_jitter, guard_deep.config.stability_noise) == (0.5, 0.0)
+    assert guard_deep.config.stability_test and guard_deep(x).stability is not None
+    assert not torch.equal(guard_deep.stability_ratios(x), g.stability_ratios(x))
+    assert not guard_deep.recalibrate(synth["x_val"], synth["y_val"], **NO_STABILITY).config.stability_test
 
 
 def test_jitter_grids_round_trip_and_bad_ones_are_refused(guard_deep, deep_net, synth, tmp_path):
@@ -1976,11 +1982,43 @@ def test_jitter_grids_round_trip_and_bad_ones_are_refused(guard_deep, deep_net, 
         fitting.jitter_grids((10,), GuardConfig(stability_jitter=0.5))
 
 
+def test_the_default_neighbour_falls_back_to_noise_on_inputs_that_are_not_images(synth, tmp_path):
+    """The default jitter resamples images only: a guard fitted with the defaults on flat inputs
+    warns, runs the stability test on the noise neighbour instead (std NON_IMAGE_NOISE, no grids),
+    records that in its config, and saves and loads as such; images keep the jitter."""
+    from linkbreaker_ext.config import NON_IMAGE_NOISE
+    from linkbreaker_ext.fitting import neighbour_for_inputs
+
+    flat_x = {k: synth[k].flatten(1) for k in ("x_train", "x_val", "x_test")}
+    mlp = _train(lambda: nn.Sequential(nn.Linear(144, 16), nn.ReLU(), nn.Linear(16, NUM_CLASSES)),
+                 flat_x["x_train"], synth["y_train"])
+    with pytest.warns(UserWarning, match=r"resamples images \[C, H, W\]; these inputs are \[144\]"):
+        g = fit(mlp, flat_x["x_val"], synth["y_val"])
+    assert (g.config.stability_jitter, g.config.stability_noise) == (0.0, NON_IMAGE_NOISE)
+    assert g.config.stability_test and "jitter" not in g.stability and g.stability["noise"].shape == (4, 144)
+    r = g(flat_x["x_test"])
+    assert r.stability is not None and (r.labels == synth["y_test"]).float().mean() >= 0.8
+    g.save(tmp_path / "g.safetensors")
+    loaded = LinkBreaker.load(tmp_path / "g.safetensors", mlp)
+    assert loaded.config == g.config
+    assert_same_result(loaded(flat_x["x_test"]), r)
+    # a noise std the user set is kept; images, and a config without jitter, pass unchanged
+    cfg = GuardConfig(stability_noise=0.02)
+    with pytest.warns(UserWarning):
+        assert neighbour_for_inputs(cfg, (144,)).stability_noise == 0.02
+    for cfg, shape in ((GuardConfig(), SHAPE), (GuardConfig(**NOISE), (144,)), (GuardConfig(), (1, 1, 144))):
+        if shape == (1, 1, 144):  # an image one pixel high cannot be resampled either
+            with pytest.warns(UserWarning):
+                assert neighbour_for_inputs(cfg, shape).stability_jitter == 0.0
+        else:
+            assert neighbour_for_inputs(cfg, shape) is cfg
+
+
 def test_stability_test_turns_away_an_input_whose_neighbour_is_another_class(guard_deep, synth):
     """An input its head accepts is answered with the alarm once its neighbour (here: a pattern that
     moves it onto an image of another class) no longer supports that head, and only because of the
     stability test (the same guard with the test off accepts it)."""
-    g = with_config(guard_deep, stability_draws=1)  # one pattern, set by hand below
+    g = with_config(guard_deep, stability_draws=1, **NOISE)  # one noise pattern, set by hand below
     x, y = synth["x_test"], synth["y_test"]
     r = guard_deep(x)
     i = int(((r.verdict == ACCEPT) & (r.labels == y)).nonzero()[0])
@@ -1988,7 +2026,7 @@ def test_stability_test_turns_away_an_input_whose_neighbour_is_another_class(gua
     g.stability = {"noise": (x[j] - x[i]).to(g.device), "bound": guard_deep.stability["bound"]}
     assert g(x[i:i + 1]).verdict.item() == ALARM
     assert g.stability_ratios(x[i:i + 1])[0, y[i]] > 1
-    off = with_config(g, stability_noise=0.0)(x[i:i + 1])
+    off = with_config(g, **NO_STABILITY)(x[i:i + 1])
     assert off.verdict.item() == ACCEPT and off.labels.item() == y[i]
 
 
@@ -2018,15 +2056,16 @@ def test_a_file_from_before_the_stability_test_loads_without_it(guard_deep, deep
     path = tmp_path / "g.safetensors"
     guard_deep.save(path)
     tensors, meta = _file(path)
-    for field in ("stability_noise", "stability_quantile"):
+    for field in ("stability_noise", "stability_jitter", "stability_quantile"):
         del meta["config"][field]
     safefiles.write(path, {k: v for k, v in tensors.items() if not k.startswith("stability.")}, FORMAT, meta)
     old = LinkBreaker.load(path, deep_net)
-    assert old.config.stability_noise == 0.0 and old.stability is None
+    assert old.config.stability_test is False and old.stability is None
     x = synth["x_test"][:48]
-    assert_same_result(old(x), with_config(guard_deep, stability_noise=0.0)(x))
+    assert_same_result(old(x), with_config(guard_deep, **NO_STABILITY)(x))
     assert old.config.stability_quantile is None  # the bound rule of that time
     new = old.recalibrate(synth["x_val"], synth["y_val"], stability_noise=GuardConfig().stability_noise,
+                          stability_jitter=GuardConfig().stability_jitter,
                           stability_quantile=GuardConfig().stability_quantile)
     assert_same_result(new(x), guard_deep(x))
 
