@@ -20,7 +20,8 @@ The references are the validation set in its stored order, the same samples as t
 
     python scripts/rank_layers_study.py --work runs/gtsrb-sgdbf16-e30 --runs trojan-watermark-0
 
-Writes ``results/dev/rank-layers/<dataset>-<run>-t<t>.json``.
+Writes ``results/dev/rank-layers/<dataset>-<run>-t<t>.json`` (``--out``: another folder; session
+35's default guards are in the default folder, session 36's in ``results/dev/rank-layers-s36/``).
 """
 from __future__ import annotations
 
@@ -101,16 +102,20 @@ def main():
     ap.add_argument("--transparency", type=float, default=0.0)
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--out", default=str(OUT.relative_to(ROOT)),
+                    help="folder for the JSONs (another one keeps an earlier default's study)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    OUT.mkdir(parents=True, exist_ok=True)
+    out = ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
     for run in args.runs:
         res = study(work, run, args.quantiles, args.transparency, args.n, args.data)
         res["command"] = (f"python scripts/rank_layers_study.py --work {args.work} --runs {run} --quantiles "
                           + " ".join(f"{q:g}" for q in args.quantiles)
-                          + f" --transparency {args.transparency:g} --n {args.n}")
-        (OUT / f"{res['dataset']}-{run}-t{args.transparency:g}.json").write_text(json.dumps(res, indent=1) + "\n")
+                          + f" --transparency {args.transparency:g} --n {args.n}"
+                          + ("" if args.out == str(OUT.relative_to(ROOT)) else f" --out {args.out}"))
+        (out / f"{res['dataset']}-{run}-t{args.transparency:g}.json").write_text(json.dumps(res, indent=1) + "\n")
         for r in res["rows"]:
             print(run, json.dumps(r), flush=True)
         print(run, "accepted right", res["accepted_right"], "passed", res["passed"], flush=True)
