@@ -9,19 +9,20 @@ test's bound (the ``--quantiles`` of the validation samples' leave-one-out own-c
 least log 2; over every validation sample, where the guard keeps those whose own head is
 confident, so its bounds are a little lower), judges only heads over the saved guard's gate (as
 the guard does),
-and counts, on the dev half (test indices 0-4999):
+and counts, on the dev half (test indices 0-4999), for each evidence, for a head that fails at any of
+them, and for one score summed over the evidences (``sum``: all; ``sum-last``: the last masked
+layer's views; each with its own bound, the same quantile of the validation samples' summed scores):
 
 * *cost*: clean inputs the saved guard answers rightly and accepts whose head fails (%);
 * *caught*: triggered inputs (at ``--transparency``) the saved guard accepts as the target whose
-  target head fails (%), beside how many it accepts;
-* the same for a head that fails at *any* masked evidence.
+  target head fails (%), beside how many it accepts.
 
 The references are the validation set in its stored order, the same samples as the guard's.
 
     python scripts/rank_layers_study.py --work runs/gtsrb-sgdbf16-e30 --runs trojan-watermark-0
 
-Writes ``results/dev/rank-layers/<dataset>-<run>-t<t>.json`` (``--out``: another folder; session
-35's default guards are in the default folder, session 36's in ``results/dev/rank-layers-s36/``).
+Writes ``results/dev/rank-layers/<dataset>-<run>-t<t>.json`` (session 35's default guards), or
+``<out>/<work folder>-<run>-t<t>.json`` with ``--out`` (session 36's: ``results/dev/rank-layers-s36/``).
 """
 from __future__ import annotations
 
@@ -75,21 +76,36 @@ def study(work: Path, run: str, quantiles, transparency: float, n: int, data) ->
     judged_c = rc.consistency.gather(1, yc[:, None])[:, 0] > gate
     judged_t = rt.consistency[:, target] > gate
     pct = lambda m: round(100 * m.double().mean().item(), 3)  # noqa: E731
+    # each evidence's scores, once: the validation samples' own (left out), the clean inputs' own,
+    # the triggered inputs' target's
+    scores = {}
+    for k in names:
+        refs = F.normalize(uv[k], dim=-1).transpose(0, 1).contiguous()  # [V, R, D]
+        scores[k] = (neighbourhood_scores(uv[k], refs, yv, row, torch.arange(len(yv))).gather(1, yv[:, None])[:, 0],
+                     neighbourhood_scores(uc[k], refs, yv, row).gather(1, yc[:, None])[:, 0],
+                     neighbourhood_scores(ut[k], refs, yv, row)[:, target])
+    last = [k for k in names if k.split("@")[0] == names[-1].split("@")[0]]  # the last masked layer's views
+    # TED's idea, simply: one score summed over evidences (a faint trigger's input may sit among its
+    # source class at several layers, each too weakly to pass one evidence's bound)
+    sums = {"sum": names, "sum-last": last}
     rows = []
     for q in quantiles:
         any_c, any_t = torch.zeros_like(right), torch.zeros_like(passed)
         for k in names:
-            refs = F.normalize(uv[k], dim=-1).transpose(0, 1).contiguous()  # [V, R, D]
-            own = neighbourhood_scores(uv[k], refs, yv, row, torch.arange(len(yv))).gather(1, yv[:, None])[:, 0]
+            own, sc, st = scores[k]
             bound = max(float(torch.quantile(own, q)), float(torch.tensor(2.0).log()))
-            fail_c = neighbourhood_scores(uc[k], refs, yv, row).gather(1, yc[:, None])[:, 0] > bound
-            fail_t = neighbourhood_scores(ut[k], refs, yv, row)[:, target] > bound
+            fail_c, fail_t = sc > bound, st > bound
             any_c |= fail_c
             any_t |= fail_t
             rows.append({"quantile": q, "evidence": k, "bound": round(bound, 4),
                          "cost": pct(right & judged_c & fail_c), "caught": pct(passed & judged_t & fail_t)})
         rows.append({"quantile": q, "evidence": "any", "cost": pct(right & judged_c & any_c),
                      "caught": pct(passed & judged_t & any_t)})
+        for name, members in sums.items():
+            own, sc, st = (sum(scores[k][i] for k in members) for i in range(3))
+            bound = max(float(torch.quantile(own, q)), float(torch.tensor(2.0).log()))
+            rows.append({"quantile": q, "evidence": name, "members": members, "bound": round(bound, 4),
+                         "cost": pct(right & judged_c & (sc > bound)), "caught": pct(passed & judged_t & (st > bound))})
     return {"dataset": meta["dataset"], "run": run, "work": str(work), "split": "dev", "transparency": transparency,
             "n": n, "gate": round(gate, 4), "accepted_right": pct(right), "passed": pct(passed), "rows": rows}
 
@@ -115,7 +131,8 @@ def main():
                           + " ".join(f"{q:g}" for q in args.quantiles)
                           + f" --transparency {args.transparency:g} --n {args.n}"
                           + ("" if args.out == str(OUT.relative_to(ROOT)) else f" --out {args.out}"))
-        (out / f"{res['dataset']}-{run}-t{args.transparency:g}.json").write_text(json.dumps(res, indent=1) + "\n")
+        stem = f"{res['dataset']}-{run}" if out == OUT else f"{work.name}-{run}"  # one work's runs apart from another's
+        (out / f"{stem}-t{args.transparency:g}.json").write_text(json.dumps(res, indent=1) + "\n")
         for r in res["rows"]:
             print(run, json.dumps(r), flush=True)
         print(run, "accepted right", res["accepted_right"], "passed", res["passed"], flush=True)
