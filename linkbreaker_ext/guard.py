@@ -320,8 +320,8 @@ class LinkBreaker:
         return result
 
     def neighbour(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` (resampled through the guard's fixed displacement grids, with ``stability_jitter``)
-        plus the guard's fixed noise pattern, inside the validation set's value range
+        """``x`` (resampled through the guard's fixed displacement grids, with ``stability_jitter``,
+        the default for images) plus the guard's fixed noise pattern (zero by default), inside the validation set's value range
         (``[M * B, ...]``, pattern-major, with ``stability_draws`` = M > 1)."""
         return neighbour(x.to(self.device), self.stability["noise"], self.input_range,
                          self.stability.get("contrast"), self.stability.get("jitter"))

@@ -187,8 +187,10 @@ def stability_falls(conf: torch.Tensor, conf_neighbour: torch.Tensor) -> torch.T
 
 def neighbour(x: torch.Tensor, noise: torch.Tensor, value_range=None,
               contrast: torch.Tensor | None = None, jitter: torch.Tensor | None = None) -> torch.Tensor:
-    """The input's neighbour for the stability test: ``x`` plus the guard's fixed noise pattern,
-    kept inside the validation set's value range. With M patterns (``noise`` of shape ``[M,
+    """The input's neighbour for the stability test: ``x``, resampled through the guard's fixed
+    displacement grid where it has one (the default for images), plus its fixed noise pattern (zero
+    by default; the neighbour itself for inputs that are not images), kept inside the validation
+    set's value range. With M patterns (``noise`` of shape ``[M,
     *input_shape]``), the M neighbours of every input, pattern-major: ``[M * B, ...]``. With a
     reference ``contrast`` (0-d), an input whose own contrast (:func:`input_contrast`) is lower gets the
     pattern scaled down by their ratio: a dark, flat image is not drowned by noise that a
