@@ -84,9 +84,10 @@ class GuardConfig:
     #                                 36: the jitter below is the neighbour; 0.05 until then, and the
     #                                 fallback where inputs are not images); the test is off when
     #                                 stability_jitter is 0 too (docs/method.md, "A warp that noise undoes")
-    stability_draws: int = 4        # fixed noise patterns of that std; a head's fall is the mean over
-    #                                 them (one pattern's fall is noisy: docs/method.md, "Several
-    #                                 neighbours"); each costs one more forward per head mask
+    stability_draws: int = 4        # fixed neighbours (each a jitter grid and a noise pattern); a
+    #                                 head's fall is the mean over them (one neighbour's fall is
+    #                                 noisy: docs/method.md, "Several neighbours"); each costs one
+    #                                 more forward per head mask
     stability_jitter: float = 0.5   # > 0: each neighbour is resampled through a fixed random
     #                                 displacement of up to this many pixels per pixel and axis:
     #                                 a trigger that needs exact geometry (WaNet's warp, a faint
