@@ -50,13 +50,9 @@ def study(work: Path, run: str, transparencies, n: int, data) -> dict:
     first = guard._hidden_masks()[1][0][:1]  # the first head's view
     names = guard._profile_layers()[:-1]  # every masked evidence
 
-    def views(x):
-        parts = {k: [] for k in names}
-        for i in range(0, len(x), 256):
-            u = guard.head_confidences(x[i:i + 256], with_units=True)[3]
-            for k in names:
-                parts[k].append(F.normalize(u[k][:, first[0]].float(), dim=-1))
-        return {k: torch.cat(v) for k, v in parts.items()}
+    def views(x):  # every masked evidence's units in the view(s) kept (head_confidences chunks the forward)
+        u = guard.head_confidences(x, with_units=True)[3]
+        return {k: F.normalize(u[k][:, first[0]].float(), dim=-1) for k in names}
 
     yv = split["y_val"]
     refs = views(split["x_val"])

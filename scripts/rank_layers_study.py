@@ -59,13 +59,9 @@ def study(work: Path, run: str, quantiles, transparency: float, n: int, data) ->
     first, row = guard._hidden_masks()[1]
     names = guard._profile_layers()[:-1]  # every masked evidence (the late layer is not masked)
 
-    def views(x):
-        parts = {k: [] for k in names}
-        for i in range(0, len(x), 256):
-            u = guard.head_confidences(x[i:i + 256], with_units=True)[3]
-            for k in names:
-                parts[k].append(u[k][:, first].float())
-        return {k: torch.cat(v) for k, v in parts.items()}
+    def views(x):  # every masked evidence's units in the view(s) kept (head_confidences chunks the forward)
+        u = guard.head_confidences(x, with_units=True)[3]
+        return {k: u[k][:, first].float() for k in names}
 
     yv = split["y_val"]
     uv, uc, ut = views(split["x_val"]), views(xc), views(xt)
