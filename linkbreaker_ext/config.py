@@ -32,6 +32,12 @@ class GuardConfig:
     tolerance_out: float = 0.0005   # ... and this much more sure of the other classes
     min_importance: float = 0.0     # importance at or below this is never salient
     min_active: float = 0.03        # neurons active on fewer clean samples than this are dormant
+    image_margins: bool = False     # images: the widest bands along the edges that the model does
+    #                                 not need (blanked, every class within tolerance_in/_out on the
+    #                                 fit split) are non-salient for every head, as dormant pixels
+    #                                 are: a trigger in a sign's background margin is erased. Needs
+    #                                 "input" among the masked layers (docs/method.md, "Margins the
+    #                                 model does not need"; an option, off by default)
     use_early: bool = True          # mask the masked layers (False: only the late layer)
     use_late: bool = True
     fill: str = "blank"             # reference for non-salient neurons: "blank" input's activations or "mean"
@@ -176,7 +182,7 @@ class GuardConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, "must be a non-negative integer")
         for name in ("use_early", "use_late", "consistency", "search_on_neighbours", "drop_misclassified",
-                     "neighbourhood_alarm"):
+                     "neighbourhood_alarm", "image_margins"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be True or False")
         fr = self.fractions

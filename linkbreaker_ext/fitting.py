@@ -145,6 +145,10 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
         layers = [INPUT] + [n for n in auto_layers(net, x[:1].to(device), cfg.hidden_layers)
                             if n != INPUT]
     layers = check_layers(net, layers)
+    if cfg.image_margins and (INPUT not in layers or not is_image(x.shape[1:])):
+        raise ValueError(f"GuardConfig.image_margins=True blanks bands of an image's pixels: it needs "
+                         f"image inputs [C, H, W] (got {list(x.shape[1:])}) and {INPUT!r} among the "
+                         f"masked layers (got {list(layers)})")
     tapped = TappedModel(net, layers, private=True)
     calib_idx, fit_idx = stratified_split(y, cfg.calibration_fraction, seed=cfg.seed)
     x_fit, y_fit = x[fit_idx], y[fit_idx]
@@ -175,6 +179,10 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
     sub = _per_class_subset(y_s, cfg.search_per_class, cfg.seed)
     x_s, y_s = x_s[sub], y_s[sub].to(device)
     half = torch.full((num_classes,), 0.5, device=device)
+    margins = None
+    if cfg.image_margins:
+        margins, keep = _unused_margins(guard, x_s, y_s, half, cfg)
+        scores[INPUT] = scores[INPUT] * keep.to(device).expand(x.shape[1], -1, -1).reshape(1, -1)
 
     def masks_for(fractions):
         # a layer switched off (use_early / use_late False) keeps every neuron, dormant ones included
@@ -220,6 +228,7 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
         "kept": {k: m.mean(1).tolist() for k, m in guard.masks.items()},
         "n_fit": len(x_fit), "n_neighbours": len(x_nb), "n_calibration": len(calib_idx),
         "n_dropped_misclassified": n_dropped, **calibration,
+        **({"image_margins": margins} if margins is not None else {}),
     }
     guard.data_sha256 = data_sha256
     return guard
@@ -492,6 +501,20 @@ def _unit_to_elements(unit_flags, shape, layer):
     if layer not in (INPUT, LATE) and len(shape) == 4:
         return unit_flags[:, None].expand(-1, shape[2] * shape[3]).reshape(-1)
     return unit_flags
+
+
+def _unused_margins(guard, x_s, y_s, half, cfg):
+    """``({side: width}, keep [H, W])``: :func:`search.search_margins` on the set search's samples,
+    every head seeing the whole network but the bands, which take the input layer's fill."""
+    c, h, w = guard.input_shape
+    n = guard.num_heads
+
+    def evaluate(keep):
+        m = keep.to(guard.device).expand(c, -1, -1).reshape(1, -1).expand(n, -1)
+        conf = guard.head_confidences(x_s, {INPUT: m}, half)[0]
+        return search.head_rates(conf, y_s, cfg.reliability_measure)
+
+    return search.search_margins(evaluate, (h, w), cfg.tolerance_in, cfg.tolerance_out)
 
 
 def _own_units(guard, x_fit, y_fit):

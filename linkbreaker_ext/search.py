@@ -8,6 +8,9 @@ k on class-k inputs) and ``out`` (its confidence in class k on other classes' in
 ``budget_out`` of ``out`` against the whole layer; the smallest acceptable fraction wins. With tiny
 budgets (MNIST's defaults) this is "as reliable as the whole layer"; on natural images no smaller
 set is quite that reliable, so a budget is what makes the heads restricted at all (issue #6).
+
+With ``GuardConfig.image_margins``, the same budgets also decide which bands along an image's edges
+no class needs (:func:`search_margins`): their pixels are then non-salient for every head.
 """
 from __future__ import annotations
 
@@ -53,3 +56,46 @@ def search_sets(evaluate, stages, fractions, budget_in: float, budget_out: float
         chosen.update({layer: pick for layer in layers})
         table[name] = [{"fraction": q, "in": i.tolist(), "out": o.tolist()} for q, i, o in rows]
     return chosen, table
+
+
+SIDES = ("top", "bottom", "left", "right")
+
+
+def margin_mask(size, widths: dict) -> torch.Tensor:
+    """``[H, W]`` float: 1 where a pixel is kept, 0 in the bands ``widths`` (pixels per side)."""
+    h, w = size
+    keep = torch.ones(h, w)
+    keep[:widths.get("top", 0)] = 0
+    keep[h - widths.get("bottom", 0):] = 0
+    keep[:, :widths.get("left", 0)] = 0
+    keep[:, w - widths.get("right", 0):] = 0
+    return keep
+
+
+def search_margins(evaluate, size, budget_in: float, budget_out: float, max_share: float = 0.25):
+    """The widest bands along an image's edges that the model does not need, for every class at once:
+    the dormant-neuron rule's question (what does clean data leave unused?) asked of the model's
+    answers rather than of the pixels' values, whose background varies. ``evaluate(keep [H, W]) ->
+    (in [K], out [K])`` as in :func:`head_rates`, with the band pixels at their fill. Greedily widens
+    one side by a pixel at a time, the one that costs least, while every class stays within the set
+    search's budgets against the whole image; each side at most ``max_share`` of its axis. Returns
+    ``({side: width}, keep [H, W])``."""
+    h, w = size
+    limit = {"top": int(h * max_share), "bottom": int(h * max_share),
+             "left": int(w * max_share), "right": int(w * max_share)}
+    widths = dict.fromkeys(SIDES, 0)
+    in_all, out_all = evaluate(margin_mask(size, widths))
+    while True:
+        best = None
+        for side in SIDES:
+            if widths[side] >= limit[side]:
+                continue
+            trial = dict(widths, **{side: widths[side] + 1})
+            i, o = evaluate(margin_mask(size, trial))
+            if bool(((i >= in_all - budget_in) & (o <= out_all + budget_out)).all()):
+                loss = float((in_all - i).sum())
+                if best is None or loss < best[0]:
+                    best = (loss, trial)
+        if best is None:
+            return widths, margin_mask(size, widths)
+        widths = best[1]

@@ -785,6 +785,73 @@ def test_search_sets_goes_stage_by_stage():
     assert all(c["a"] == pytest.approx([0.3, 0.1]) for c in calls[4:])
 
 
+def test_search_margins_widens_only_what_no_class_needs():
+    need = search.margin_mask((8, 10), {"bottom": 2, "left": 1}) == 0  # pixels the fake model ignores
+
+    def evaluate(keep):  # each class loses confidence for every needed pixel blanked
+        lost = float(((keep == 0) & ~need).sum())
+        return torch.tensor([0.9 - 0.01 * lost, 0.8]), torch.tensor([0.0, 0.0 + 0.001 * lost])
+
+    widths, keep = search.search_margins(evaluate, (8, 10), budget_in=0.002, budget_out=0.0005)
+    assert widths == {"top": 0, "bottom": 2, "left": 1, "right": 0}
+    assert torch.equal(keep, search.margin_mask((8, 10), widths)) and keep.sum() == 8 * 10 - 2 * 10 - 6
+    # a side never grows past a quarter of its axis, even where nothing is needed
+    widths, _ = search.search_margins(lambda k: (torch.ones(2), torch.zeros(2)), (8, 10), 0.0, 0.0)
+    assert widths == {"top": 2, "bottom": 2, "left": 2, "right": 2}
+
+
+class _IgnoresMargins(nn.Module):
+    """``inner`` after zeroing the pixels outside the top-left ACTIVE x ACTIVE region: a model that
+    provably never needs the bottom and right margins, whatever is drawn there."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = copy.deepcopy(inner)
+        keep = torch.zeros(SHAPE)
+        keep[:, :ACTIVE, :ACTIVE] = 1
+        self.register_buffer("keep", keep)
+
+    def forward(self, x):
+        return self.inner(x * self.keep)
+
+
+def test_image_margins_blank_what_the_model_never_needs_for_every_head(shared_net, synth, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    def noisy(x):  # background noise in the margins: no pixel there is dormant any more
+        out = x.clone()
+        out[:, :, ACTIVE:, :] = torch.rand(out[:, :, ACTIVE:, :].shape, generator=g)
+        out[:, :, :, ACTIVE:] = torch.rand(out[:, :, :, ACTIVE:].shape, generator=g)
+        return out
+    model = _IgnoresMargins(shared_net)
+    guard = fit(model, noisy(synth["x_val"]), synth["y_val"], layers=["input"], image_margins=True)
+    margins = guard.diagnostics["image_margins"]
+    assert margins["bottom"] == margins["right"] == SHAPE[1] - ACTIVE  # the widest a side may be
+    masks = guard.masks["input"].reshape(NUM_CLASSES, *SHAPE)
+    assert (masks[:, :, ACTIVE:, :] == 0).all() and (masks[:, :, :, ACTIVE:] == 0).all()
+    assert masks.sum() > 0
+    # a trigger drawn in those margins never reaches a head
+    x = noisy(synth["x_test"][:40])
+    xt = add_trigger(x)
+    assert not torch.equal(x, xt)
+    hidden = hidden_masks(guard)
+    assert torch.equal(guard.tapped.features(x, hidden, guard.fills), guard.tapped.features(xt, hidden, guard.fills))
+    # the saved guard keeps the blanked margins and says it was fitted with them
+    guard.save(tmp_path / "g.safetensors")
+    loaded = LinkBreaker.load(tmp_path / "g.safetensors", model)
+    assert loaded.config.image_margins is True and torch.equal(loaded.masks["input"], guard.masks["input"])
+    assert_same_result(loaded(xt), guard(xt))
+
+
+def test_image_margins_need_images_and_the_input_layer(shared_net, deep_net, synth):
+    with pytest.raises(ValueError, match="image_margins"):
+        GuardConfig(image_margins=1)
+    with pytest.raises(ValueError, match="image_margins=True .* 'input' among the masked layers"):
+        fit(deep_net, synth["x_val"], synth["y_val"], layers=["1"], image_margins=True)
+    flat = nn.Sequential(nn.Linear(SHAPE[1] * SHAPE[2], 8), nn.ReLU(), nn.Linear(8, NUM_CLASSES))
+    with pytest.raises(ValueError, match=r"image inputs \[C, H, W\] \(got \[144\]\)"):
+        fit(flat, synth["x_val"].flatten(1), synth["y_val"], layers=["input"], image_margins=True)
+
+
 def test_head_rates():
     conf = torch.tensor([[0.9, 0.2], [0.7, 0.4], [0.1, 0.6]])
     y = torch.tensor([0, 0, 1])
