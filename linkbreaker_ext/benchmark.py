@@ -140,12 +140,17 @@ def _fit_guard(model, x, y, **overrides):
 
 
 def _shared_hidden(guard):
-    """``guard`` with every head keeping head 0's hidden neurons (its late masks unchanged)."""
+    """``guard`` with every head keeping head 0's hidden neurons (its late masks unchanged), its
+    tests included: the rank test's references in head 0's view, the only one left."""
     from .guard import LinkBreaker
     masks = {k: (v[:1].expand_as(v).clone() if k in guard.layers else v) for k, v in guard.masks.items()}
+    near = guard.neighbourhood
+    if near is not None:
+        view = int(guard._hidden_masks()[1][1][0])  # head 0's view among the references
+        near = dict(near, references=near["references"][view:view + 1])
     return LinkBreaker(guard.model, guard.layers, guard.late_layer, masks, guard.fills, guard.thresholds,
                        guard.profile, guard.config, guard.input_shape, input_range=guard.input_range,
-                       stability=guard.stability)
+                       stability=guard.stability, neighbourhood=near)
 
 
 def _without_stability(guard):

@@ -291,6 +291,17 @@ def test_bench_writes_the_json_schema(tmp_path):
         assert isinstance(result["ratios"][key], float) and result["ratios"][key] > 0, key
 
 
+def test_bench_shared_guard_keeps_the_rank_test_in_head_0s_view(guard_deep, synth):
+    assert guard_deep.neighbourhood is not None
+    shared = benchmark._shared_hidden(guard_deep)
+    assert shared.neighbourhood is not None and shared.neighbourhood["references"].shape[0] == 1
+    x = synth["x_test"][:50]
+    ours, theirs = shared(x), guard_deep(x)
+    # head 0 keeps its own masks, so its view, references and rank ratios are the guard's
+    assert torch.equal(ours.neighbourhood[:, 0], theirs.neighbourhood[:, 0])
+    assert torch.equal(ours.confidences[:, 0], theirs.confidences[:, 0])
+
+
 def _with_masks(guard, edit):
     """The same fitted guard with its hidden masks changed by ``edit(name, masks) -> masks``."""
     masks = {k: (edit(k, v.clone()) if k in guard.layers else v) for k, v in guard.masks.items()}
