@@ -182,7 +182,7 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
     margins = None
     if cfg.image_margins:
         margins, keep = _unused_margins(guard, x_s, y_s, half, cfg)
-        scores[INPUT] = scores[INPUT] * keep.to(device).expand(x.shape[1], -1, -1).reshape(1, -1)
+        scores[INPUT] = scores[INPUT] * keep
 
     def masks_for(fractions):
         # a layer switched off (use_early / use_late False) keeps every neuron, dormant ones included
@@ -504,17 +504,20 @@ def _unit_to_elements(unit_flags, shape, layer):
 
 
 def _unused_margins(guard, x_s, y_s, half, cfg):
-    """``({side: width}, keep [H, W])``: :func:`search.search_margins` on the set search's samples,
-    every head seeing the whole network but the bands, which take the input layer's fill."""
+    """``({side: width}, keep [C*H*W])``: :func:`search.search_margins` on the set search's samples,
+    every head seeing the whole network but the bands, which take the input layer's fill; ``keep``
+    flags the input's neurons (every channel of a pixel alike) on the guard's device."""
     c, h, w = guard.input_shape
-    n = guard.num_heads
+
+    def flat(keep):  # [H, W] -> [1, C*H*W], the input layer's neuron order
+        return keep.to(guard.device).expand(c, -1, -1).reshape(1, -1)
 
     def evaluate(keep):
-        m = keep.to(guard.device).expand(c, -1, -1).reshape(1, -1).expand(n, -1)
-        conf = guard.head_confidences(x_s, {INPUT: m}, half)[0]
+        conf = guard.head_confidences(x_s, {INPUT: flat(keep).expand(guard.num_heads, -1)}, half)[0]
         return search.head_rates(conf, y_s, cfg.reliability_measure)
 
-    return search.search_margins(evaluate, (h, w), cfg.tolerance_in, cfg.tolerance_out)
+    widths, keep = search.search_margins(evaluate, (h, w), cfg.tolerance_in, cfg.tolerance_out)
+    return widths, flat(keep)
 
 
 def _own_units(guard, x_fit, y_fit):

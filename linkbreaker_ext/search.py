@@ -81,8 +81,7 @@ def search_margins(evaluate, size, budget_in: float, budget_out: float, max_shar
     search's budgets against the whole image; each side at most ``max_share`` of its axis. Returns
     ``({side: width}, keep [H, W])``."""
     h, w = size
-    limit = {"top": int(h * max_share), "bottom": int(h * max_share),
-             "left": int(w * max_share), "right": int(w * max_share)}
+    limit = {side: int((h if side in ("top", "bottom") else w) * max_share) for side in SIDES}
     widths = dict.fromkeys(SIDES, 0)
     in_all, out_all = evaluate(margin_mask(size, widths))
     while True:
