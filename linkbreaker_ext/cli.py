@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import attacks, data, experiment, metrics, models, plots, reproduce, training
+from . import attacks, data, experiment, metrics, models, plots, reproduce, summary, training
 from .guard import LinkBreaker
 
 
@@ -173,6 +173,16 @@ def cmd_reproduce(args):
           f"{args.results}/runs/{args.dataset}/")
 
 
+def cmd_summary(args):
+    text = summary.table(args.folders, args.split)
+    if args.out is None:
+        print(text, end="")
+        return
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(f"wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="linkbreaker", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -275,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-clean", type=_positive, default=2000)
     s.add_argument("--n-trigger", type=_positive, default=2000)
     s.set_defaults(func=cmd_reproduce)
+
+    s = sub.add_parser("summary", help="the README's table of targets: every default per-run report "
+                                       "of the given results folders, one row per model and attack")
+    s.add_argument("folders", nargs="+", help="results folders of linkbreaker reproduce (--results)")
+    s.add_argument("--split", choices=sorted(reproduce.SPLITS), default="heldout")
+    s.add_argument("--out", default=None, help="write the markdown here (default: print it)")
+    s.set_defaults(func=cmd_summary)
 
     s = sub.add_parser("bench", add_help=False,
                        help="latency of the op, the guard and STRIP against the bare model "

@@ -187,7 +187,8 @@ def _mean_sd(values):
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _pct(values) -> str:
+def pct(values) -> str:
+    """Fractions as ``"mean ± std"`` in % (std 0 for one value)."""
     mean, sd = _mean_sd([100 * v for v in values])
     return f"{round(mean, 2) + 0.0:.2f} ± {sd:.2f}"  # + 0.0: no "-0.00"
 
@@ -199,15 +200,18 @@ def _target_cells(dataset, attack_name, reps):
     target = TARGETS.get((dataset, attack_name))
     if target is None:
         return "-", "-"
-    text, hint = _verdict(target, reps, "")
-    _, strict = _verdict(target, reps, "_strict")
+    text, hint = target_verdict(target, reps, "")
+    _, strict = target_verdict(target, reps, "_strict")
     return text, f"hint reading {hint}; Alg. 3 reading {strict}"
 
 
-def _verdict(target, reps, suffix):
+def target_verdict(target, reps, suffix):
+    """``(target text, "met (...)" / "missed: ...")`` for a target ``(max drop, max ASR or None)``
+    on the mean over ``reps``; ``suffix`` "_strict" reads accepted answers only."""
     max_drop, max_asr = target
-    drop = statistics.mean(100 * (r["before"]["cda"] - r["after"]["cda" + suffix]) for r in reps)
-    asr = statistics.mean(100 * r["after"]["asr" + suffix] for r in reps)
+    # judged as printed, to 0.01 points: float rounding must not turn "at the limit" into a miss
+    drop = round(statistics.mean(100 * (r["before"]["cda"] - r["after"]["cda" + suffix]) for r in reps), 2)
+    asr = round(statistics.mean(100 * r["after"]["asr" + suffix] for r in reps), 2)
     text = f"drop <= {max_drop:g}" + (f", ASR <= {max_asr:g}%" if max_asr is not None else "")
     misses = []
     if drop > max_drop:
@@ -285,15 +289,15 @@ def table(dataset: str, split: str, reports: dict, tag: str | None = None, valid
 
 
 def _row(dataset, attack_name, reps, label="", with_target=True) -> str:
-    b = lambda k: _pct([r["before"][k] for r in reps])  # noqa: E731
-    a = lambda k: _pct([r["after"][k] for r in reps])  # noqa: E731
-    drop = _pct([r["before"]["cda"] - r["after"]["cda"] for r in reps])
+    b = lambda k: pct([r["before"][k] for r in reps])  # noqa: E731
+    a = lambda k: pct([r["after"][k] for r in reps])  # noqa: E731
+    drop = pct([r["before"]["cda"] - r["after"]["cda"] for r in reps])
     paper = PAPER.get((dataset, attack_name))
     paper_text = f"{paper[0]:g} / {paper[1]:g}" if paper else "-"
     target, verdict = _target_cells(dataset, attack_name, reps)
     names = ", ".join(sorted({r.get("model", "?") for r in reps}))
     seeds = " ".join(str(r["seed"]) for r in reps)
-    return (f"| {attack_name}{label} | {names} | {seeds} | {_pct([r['clean_model_cda'] for r in reps])} "
+    return (f"| {attack_name}{label} | {names} | {seeds} | {pct([r['clean_model_cda'] for r in reps])} "
             f"| {b('asr')} | {a('cda')} | {a('asr')} | {a('cda_strict')} | {a('asr_strict')} "
             f"| {drop} | {a('r_acc')} "
             f"| {a('alarm_rate_clean')} | {a('ood_rate_clean')} | {a('alarm_rate_trigger')} "

@@ -568,3 +568,68 @@ def test_reproduce_measures_again_when_the_validation_set_moves(tiny_reproduce, 
     assert new["badnets"][0]["validation"] == "test-tail"
     assert new["badnets"][0]["validation_size"] == len(moved["y_val"])
     assert "--validation test-tail" in table.read_text()
+
+
+# ------------------------------------------------------------------------------ summary of targets
+
+def _summary_report(dataset, attack, seed, cda_before, cda_after, asr_after, config=None, recipe="adam"):
+    return {"dataset": dataset, "attack": attack, "seed": seed, "arch": "net", "recipe": recipe,
+            "clean_model_cda": cda_before, "before": {"cda": cda_before, "asr": 1.0},
+            "after": {"cda": cda_after, "asr": asr_after},
+            "guard_config": json.loads(json.dumps(dataclasses.asdict(GuardConfig(seed=seed)), default=list))
+            if config is None else config}
+
+
+def _write_runs(folder, reports, suffix=""):
+    for r in reports:
+        path = folder / "runs" / r["dataset"] / f"heldout-{r['attack']}-{r['seed']}{suffix}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(r))
+
+
+def test_summary_collects_default_runs_against_targets(tmp_path, capsys):
+    from linkbreaker_ext import summary
+    a, b = tmp_path / "a", tmp_path / "b"
+    _write_runs(a, [_summary_report("cifar10", "badnets", 0, 0.90, 0.895, 0.0),
+                    _summary_report("cifar10", "badnets", 1, 0.90, 0.885, 0.01)])
+    # a tagged variant beside them must not enter the row
+    _write_runs(a, [_summary_report("cifar10", "badnets", 0, 0.90, 0.10, 0.9)], suffix="-variant")
+    old = _summary_report("gtsrb", "trojan-watermark", 0, 0.97, 0.96, 0.02)
+    old["guard_config"] = {k: v for k, v in old["guard_config"].items() if k != "stability_jitter"}
+    _write_runs(b, [old])
+    text = summary.table([a, b])
+    rows = {line.split(" | ")[3]: line for line in text.splitlines() if line.startswith("| cifar10")
+            or line.startswith("| gtsrb")}
+    # CIFAR-10 BadNets: drops 0.5 and 1.5 points -> 1.00 ± 0.71, ASR 0.50 ± 0.71: the ASR target met
+    # exactly, the drop exactly at its limit
+    assert "| 0 1 | 90.00 ± 0.00 | 89.00 ± 0.71 | 1.00 ± 0.71 |" in rows["badnets"]
+    assert "met (drop 0.00 pts under, ASR 0.00 pts under)" in rows["badnets"]
+    assert "| 89.36 / 0.4 |" in rows["badnets"] and "| default |" in rows["badnets"]
+    # one seed shows no spread; an ASR of 2 % misses the watermark's 1 %; a report without the
+    # jitter field predates it (legacy value 0), so it is not today's default guard
+    assert "| 0 | 97.00 | 96.00 | 1.00 |" in rows["trojan-watermark"]
+    assert "missed: ASR 1.00 pts over" in rows["trojan-watermark"]
+    assert "differs: stability_jitter" in rows["trojan-watermark"]
+    assert summary.default_drift(_summary_report("mnist", "none", 3, 1, 1, 0)) == []
+    # the CLI writes the same table, and ``FOLDER:DATASET`` keeps one data set
+    out = tmp_path / "summary.md"
+    assert cli.main(["summary", str(a), f"{b}:cifar10", "--out", str(out)]) == 2  # b has no CIFAR-10
+    assert "holds no default heldout report" in capsys.readouterr().err
+    assert cli.main(["summary", str(a), f"{b}:gtsrb", "--out", str(out)]) == 0
+    assert out.read_text().count("\n| ") == 4 and f"linkbreaker summary {a} {b}:gtsrb" in out.read_text()
+
+
+def test_summary_refuses_ambiguous_or_empty_folders(tmp_path):
+    from linkbreaker_ext import summary
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        _write_runs(folder, [_summary_report("mnist", "blended", 0, 0.99, 0.99, 0.0)])
+    with pytest.raises(ValueError, match="in both"):
+        summary.collect([a, b])
+    with pytest.raises(ValueError, match="no runs/ folder"):
+        summary.collect([tmp_path / "nothing"])
+    # another recipe of the same model and attack is another row, not a clash
+    _write_runs(b, [_summary_report("mnist", "blended", 0, 0.99, 0.99, 0.0, recipe="sgd")])
+    (b / "runs" / "mnist" / "heldout-blended-0.json").write_text(
+        json.dumps(_summary_report("mnist", "blended", 0, 0.99, 0.99, 0.0, recipe="sgd")))
+    assert len(summary.collect([a, b])) == 2
