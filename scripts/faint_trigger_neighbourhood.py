@@ -2,7 +2,7 @@
 that today's guard accepts?
 
 A Trojan square blended at 30-50 % transparency passes today's guard on a third of CIFAR-10's
-triggered inputs (README, "Trigger transparency"): each of its neurons sits inside its bound.
+triggered inputs (docs/results.md, "Trigger transparency"): each of its neurons sits inside its bound.
 ``scripts/ted_study.py`` asked whether TED's neighbourhood ranks separate WaNet on their own (they
 did worse than the guard's own evidence). This screen asks the question that matters for a second
 check: among the inputs the guard *accepts*, do the ranks separate the faint trigger from clean

@@ -1,7 +1,7 @@
 """Dev screen (issue #6, the paper's Fig. 12): does a dimmed neighbour catch a faint trigger?
 
 A Trojan square blended at 30-50 % transparency passes today's guard on a third of CIFAR-10's
-triggered inputs (README, "Trigger transparency"): its neurons sit inside every bound. Such a trigger
+triggered inputs (docs/results.md, "Trigger transparency"): its neurons sit inside every bound. Such a trigger
 fires the backdoor only just, so a copy of the input with its contrast reduced (``m + alpha * (x -
 m)``, m the image's mean, alpha < 1) should lose it, while a clean input keeps its class. This screen
 measures the fall of a head's own-class log-odds (capped as the stability test's) from the input to

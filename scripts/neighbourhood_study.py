@@ -3,7 +3,7 @@ on the saved guards, recalibrated (no refit), against the same guards without it
 until session 35).
 
 A Trojan square at 50-70 % of its strength fires the backdoor with every neuron inside its bound
-(README, "Trigger transparency"). The rank test (after TED, S&P 2024) asks instead where the input
+(docs/results.md, "Trigger transparency"). The rank test (after TED, S&P 2024) asks instead where the input
 sits among the validation samples in head k's view of the last masked layer: how many samples of
 other classes are nearer than the nearest one of class k. A faint trigger turns the answer; the
 input's neighbourhood there is still its source class. ``scripts/faint_trigger_neighbourhood.py``

@@ -1,4 +1,4 @@
-"""Reproduce the MNIST result tables (README) and the ablation (docs/method.md).
+"""Reproduce the MNIST result tables (docs/results.md) and the ablation (docs/method.md).
 
     python scripts/reproduce_mnist.py --data ../shared/data                 # 3 seeds x 3 attacks
     python scripts/reproduce_mnist.py --data ../shared/data --ablation      # components, seed 0
