@@ -236,7 +236,7 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
 
 CALIBRATION_FIELDS = frozenset({"mad_k", "out_quantile", "threshold_floor", "threshold_split", "consistency_mad_k",
                                 "consistency_center", "consistency_bound", "consistency_margin", "consistency_quantile",
-                                "consistency_split",
+                                "consistency_split", "consistency_peak",
                                 "consistency_reduce", "inconsistent_verdict", "ood_hint", "alarm_margin", "stability_noise", "stability_draws",
                                 "stability_contrast", "stability_jitter", "stability_bound", "stability_floor",
                                 "stability_quantile", "stability_gate", "neighbourhood_quantile",
@@ -285,10 +285,10 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
         by_layer = guard.deviations(x_cal, by_layer=True).cpu()  # [n_cal, K, L]
         pool, y_pool, conf_pool = by_layer, y_cal.cpu(), conf
         if cfg.consistency_split == "all":  # the fit split joins, each sample out of its fold
-            names = guard._profile_layers()
+            readings = guard.readings()
             oof, used = salient.out_of_fold_deviations(
-                {k: own[0][k] for k in names}, own[1], {k: profile[f"weight.{k}"] for k in names},
-                num_classes, seed=cfg.seed)
+                {k: own[0][k] for k, _ in readings}, own[1], {k: profile[f"weight.{k}"] for k, _ in readings},
+                num_classes, seed=cfg.seed, readings=readings)
             y_oof = y_fit.cpu()[used]
             pool = torch.cat([by_layer, calibrate.own_class_pool(oof[used], y_oof, num_classes)])
             y_pool = torch.cat([y_pool, y_oof])
@@ -545,11 +545,11 @@ def _consistency_profile(guard, stats, own, y, num_classes):
 
 
 def _typical_deviations(guard, own, y, num_classes):
-    """``[K, L]``: class k's median deviation from its own profile on the fit split, per evidence,
-    so that the layers' deviations are comparable."""
+    """``[K, L]``: class k's median deviation from its own profile on the fit split, per reading of
+    an evidence (:meth:`LinkBreaker.readings`), so that the layers' deviations are comparable."""
     norms = []
-    for name in guard._profile_layers():
+    for name, how in guard.readings():
         d = salient.deviation(own[name], guard.profile[f"center.{name}"], guard.profile[f"scale.{name}"],
-                              guard.profile[f"weight.{name}"])
+                              guard.profile[f"weight.{name}"], how)
         norms.append(salient.class_medians(d[torch.arange(len(y)), y], y, num_classes))
     return torch.stack(norms, 1)

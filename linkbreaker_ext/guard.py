@@ -213,9 +213,9 @@ class LinkBreaker:
         profile on class k's salient neurons, relative to the layer's norm for class k, reduced over
         layers (:func:`salient.reduce_layers`); ``by_layer``: ``[B, N, L]``, not reduced."""
         layers = []
-        for i, layer in enumerate(self._profile_layers()):
+        for i, (layer, how) in enumerate(self.readings()):
             d = salient.deviation(units_[layer], self.profile[f"center.{layer}"],
-                                  self.profile[f"scale.{layer}"], self.profile[f"weight.{layer}"])
+                                  self.profile[f"scale.{layer}"], self.profile[f"weight.{layer}"], how)
             layers.append(d / self.profile["norms"][:, i])
         stacked = torch.stack(layers, -1)
         return stacked if by_layer else salient.reduce_layers(stacked, self.config.consistency_reduce)
@@ -239,7 +239,7 @@ class LinkBreaker:
         step = self._inputs_per_forward(self._hidden_masks()[1])  # one head_confidences chunk
         if len(x) == 0:
             conf = self.head_confidences(x)[0]
-            out = conf, (conf.new_empty(0, self.num_heads, len(self._profile_layers())) if by_layer
+            out = conf, (conf.new_empty(0, self.num_heads, len(self.readings())) if by_layer
                          else conf.clone())
             return (*out, conf.clone()) if ranks else out
         # The outputs are allocated once, up front: small per-chunk results kept alive between the
@@ -247,7 +247,7 @@ class LinkBreaker:
         # the batch (100,000 MNIST inputs: 1.85 GiB added, 0.52 GiB now;
         # results/memory-scale*.json) although live tensors do not.
         conf = torch.empty(len(x), self.num_heads, device=self.device)
-        dev = torch.empty(len(x), self.num_heads, *([len(self._profile_layers())] if by_layer else []),
+        dev = torch.empty(len(x), self.num_heads, *([len(self.readings())] if by_layer else []),
                           device=self.device)
         near = torch.empty(len(x), self.num_heads, device=self.device) if ranks else None
         # deviations' [inputs, N, D_unit] temporaries: at most batch_rows // N inputs at a time
@@ -266,9 +266,17 @@ class LinkBreaker:
         """``[B, N]`` :meth:`deviations_from_units` of inputs ``x`` (the heads' batched forward);
         ``by_layer``: ``[B, N, L]``, every layer's deviation relative to its norm."""
         if not self.profile or len(x) == 0:
-            shape = (len(x), self.num_heads, *([len(self._profile_layers())] if by_layer else []))
+            shape = (len(x), self.num_heads, *([len(self.readings())] if by_layer else []))
             return torch.zeros(shape, device=self.device)
         return self._heads_with_deviations(x, by_layer)[1]
+
+    def readings(self) -> list:
+        """``[(evidence, how)]``: the columns of the profile's norms and of ``by_layer`` deviations,
+        every evidence read as its salient neurons' mean z-score, then with
+        ``config.consistency_peak`` each one again as their largest (:func:`salient.deviation`)."""
+        names = self._profile_layers()
+        return [(n, "mean") for n in names] + ([(n, "peak") for n in names]
+                                              if self.config.consistency_peak else [])
 
     def _profile_layers(self, available=None):
         """The consistency check's evidence, in the order of the profile's norms: every masked layer
@@ -428,7 +436,10 @@ class LinkBreaker:
             for n in evidence:
                 expected.update({f"profile.{p}.{n}": ("N", f"U:{evidence_layer(n)[0]}")
                                  for p in ("center", "scale", "weight")})
-            expected.update({"profile.norms": ("N", len(evidence)), "profile.bounds": ("N",)})
+            # one norm per reading: every evidence's mean, then with consistency_peak its peak too
+            peak = meta["config"].get("consistency_peak", False) is True
+            expected.update({"profile.norms": ("N", len(evidence) * (2 if peak else 1)),
+                             "profile.bounds": ("N",)})
         ranked = any(k.startswith("neighbourhood.") for k in tensors)
         if ranked:  # head k's view of R validation samples at the last masked layer's last view
             if not evidence:

@@ -77,13 +77,17 @@ def class_medians(d: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.T
     return torch.stack([d[y == k].median() for k in range(num_classes)]).clamp_min(1e-6)
 
 
-def deviation(u: torch.Tensor, center: torch.Tensor, scale: torch.Tensor, weights: torch.Tensor):
+def deviation(u: torch.Tensor, center: torch.Tensor, scale: torch.Tensor, weights: torch.Tensor,
+              how: str = "mean"):
     """``[B, K]`` mean robust z-score ``|u - center_k| / scale_k`` of each input over class k's
     neurons (``weights`` ``[K, D]``, the salient set): how far an input's evidence for class k is from
     what class k's clean inputs show in this layer. ``u`` is ``[B, D]`` (one view for every class) or
-    ``[B, K, D]`` (head k's own view of the input for class k)."""
-    w = weights / weights.sum(1, keepdim=True).clamp_min(1e-12)
+    ``[B, K, D]`` (head k's own view of the input for class k). ``how="peak"``: the largest z-score
+    among the salient neurons instead of their weighted mean (a few neurons driven far)."""
     z = ((u[:, None, :] if u.dim() == 2 else u) - center[None]).abs() / scale[None]  # [B, K, D]
+    if how == "peak":
+        return z.masked_fill(weights[None] <= 0, 0.0).amax(-1)
+    w = weights / weights.sum(1, keepdim=True).clamp_min(1e-12)
     return (z * w[None]).sum(-1)
 
 
@@ -95,7 +99,7 @@ def reduce_layers(dev: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def out_of_fold_deviations(own: dict, y: torch.Tensor, weights: dict, num_classes: int,
-                           folds: int = 5, seed: int = 0):
+                           folds: int = 5, seed: int = 0, readings=None):
     """``([n, L] deviations, [n] used)``: each fit sample's :func:`deviation` from its own class's
     profile computed without it (``folds`` folds, drawn within each class), relative to that
     profile's typical own-class deviation (its median on the samples it was computed from), per
@@ -103,7 +107,8 @@ def out_of_fold_deviations(own: dict, y: torch.Tensor, weights: dict, num_classe
     ``weights``: ``{evidence: [K, D]}``, the salient, live neurons. The fit split's in-sample
     deviations are smaller than new inputs' (the profile was computed on them); out of fold they are
     not, so the consistency bounds can be calibrated on them too. A sample whose class has no other
-    fit sample has no out-of-fold profile and is not ``used``."""
+    fit sample has no out-of-fold profile and is not ``used``. ``readings``: ``[(evidence, how)]``,
+    the columns (default: every evidence of ``own``, its mean deviation; see :func:`deviation`)."""
     y_cpu = y.cpu()
     n, g = len(y_cpu), torch.Generator().manual_seed(seed)
     fold = torch.full((n,), -1, dtype=torch.long)
@@ -111,10 +116,10 @@ def out_of_fold_deviations(own: dict, y: torch.Tensor, weights: dict, num_classe
         idx = (y_cpu == k).nonzero().flatten()
         if len(idx) >= 2:
             fold[idx[torch.randperm(len(idx), generator=g)]] = torch.arange(len(idx)) % min(folds, len(idx))
-    names = list(own)
-    units_ = {k: own[k].cpu().float() for k in names}
-    weights_ = {k: weights[k].cpu().float() for k in names}
-    out = torch.ones(n, len(names))
+    readings = list(readings or [(k, "mean") for k in own])
+    units_ = {k: own[k].cpu().float() for k, _ in readings}
+    weights_ = {k: weights[k].cpu().float() for k, _ in readings}
+    out = torch.ones(n, len(readings))
     for j in range(folds):
         test = fold == j
         if not test.any():
@@ -123,11 +128,11 @@ def out_of_fold_deviations(own: dict, y: torch.Tensor, weights: dict, num_classe
         present = torch.bincount(y_cpu[train], minlength=num_classes) > 0
         remap = torch.cumsum(present.long(), 0) - 1  # class -> row among the present classes
         rows_tr, rows_te = remap[y_cpu[train]], remap[y_cpu[test]]
-        for i, name in enumerate(names):
+        for i, (name, how) in enumerate(readings):
             u, w = units_[name], weights_[name][present]
             center, scale = robust_class_profile(u[train], rows_tr, int(present.sum()))
-            d_tr = deviation(u[train], center, scale, w)[torch.arange(len(rows_tr)), rows_tr]
+            d_tr = deviation(u[train], center, scale, w, how)[torch.arange(len(rows_tr)), rows_tr]
             norm = class_medians(d_tr, rows_tr, len(center))
-            d_te = deviation(u[test], center, scale, w)[torch.arange(len(rows_te)), rows_te]
+            d_te = deviation(u[test], center, scale, w, how)[torch.arange(len(rows_te)), rows_te]
             out[test, i] = d_te / norm[rows_te]
     return out, fold >= 0

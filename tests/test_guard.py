@@ -1143,7 +1143,7 @@ def test_recalibrate_equals_a_refit_with_those_settings(guard_deep, deep_net, sy
     settings = dict(consistency_center="class", consistency_mad_k=3.0, mad_k=2.0,
                     inconsistent_verdict="ood", consistency_bound="tail", consistency_margin=0.5,
                     stability_noise=0.03, stability_floor=0.7, stability_draws=2,
-                    threshold_split="calibration")
+                    threshold_split="calibration", consistency_peak=True)
     refit = LinkBreaker.fit(deep_net, synth["x_val"], synth["y_val"], NUM_CLASSES,
                             layers=["input", "1", "3"], progress=False, **dict(FAST, **settings))
     before = {k: v.clone() for k, v in guard_deep.profile.items()}
@@ -2227,3 +2227,31 @@ def test_stability_bound_quantile_rule_ignores_the_mad_and_averages_several_neig
         calibrate.stability_bound(conf, near, y, thresholds, None)
     with pytest.raises(ValueError, match="stability_quantile"):
         GuardConfig(stability_bound="quantile", stability_quantile=None)
+
+
+def test_consistency_peak_reads_each_evidence_twice(guard_deep, synth):
+    """``consistency_peak``: every evidence is also read as the largest robust z-score among class
+    k's salient neurons, within its own calibrated bound; the mean readings stay as they were."""
+    x = synth["x_test"][:32]
+    peak = guard_deep.recalibrate(synth["x_val"], synth["y_val"], consistency_peak=True)
+    names = guard_deep._profile_layers()
+    assert guard_deep.readings() == [(n, "mean") for n in names]
+    assert peak.readings() == [(n, "mean") for n in names] + [(n, "peak") for n in names]
+    assert peak.profile["norms"].shape == (NUM_CLASSES, 2 * len(names))
+    base, both = guard_deep.deviations(x, by_layer=True), peak.deviations(x, by_layer=True)
+    assert both.shape == (32, NUM_CLASSES, 2 * len(names))
+    # the mean readings keep their deviations; their bounds are recalibrated from the same samples
+    # and only the norms' scale differs, so the columns are proportional per class
+    unscaled = both[..., :len(names)] * peak.profile["norms"][:, :len(names)]
+    torch.testing.assert_close(unscaled, base * guard_deep.profile["norms"], rtol=1e-4, atol=1e-5)
+    # a peak column is the largest salient z-score over the head's own view, over its norm
+    _, _, _, units_ = peak.head_confidences(x, with_units=True)
+    i, name = len(names) - 1, names[-1]
+    z = (units_[name] - peak.profile[f"center.{name}"]).abs() / peak.profile[f"scale.{name}"]
+    z = z.masked_fill(peak.profile[f"weight.{name}"] <= 0, 0).amax(-1)
+    torch.testing.assert_close(both[..., len(names) + i], z / peak.profile["norms"][:, len(names) + i])
+    # the peak is never below the weighted mean of the same z-scores: it can only add vetoes
+    mean_z = both[..., i] * peak.profile["norms"][:, i]
+    assert bool((z >= mean_z - 1e-5).all())
+    with pytest.raises(ValueError, match="consistency_peak"):
+        GuardConfig(consistency_peak="yes")

@@ -18,7 +18,7 @@ from linkbreaker_ext import benchmark
 from linkbreaker_ext.serving import GuardedModule
 
 HAS_CUDA = torch.cuda.is_available()
-GUARDS = ["full", "late_only", "no_consistency", "hidden_only"]
+GUARDS = ["full", "late_only", "no_consistency", "hidden_only", "peak"]
 
 
 def _fit(model, synth, **kw):
@@ -29,12 +29,13 @@ def _fit(model, synth, **kw):
 
 @pytest.fixture(scope="module")
 def guards(deep_net, guard_deep, synth):
-    """Guards on the two-conv net: three masked layers (conftest's), late layer only, no veto, and
-    one hidden conv layer only."""
+    """Guards on the two-conv net: three masked layers (conftest's), late layer only, no veto, one
+    hidden conv layer only, and conftest's read with each evidence's peak too."""
     return {"full": guard_deep,
             "late_only": _fit(deep_net, synth, layers=["input", "1", "3"], use_early=False),
             "no_consistency": _fit(deep_net, synth, layers=["input", "1", "3"], consistency=False),
-            "hidden_only": _fit(deep_net, synth, layers=["3"])}
+            "hidden_only": _fit(deep_net, synth, layers=["3"]),
+            "peak": guard_deep.recalibrate(synth["x_val"], synth["y_val"], consistency_peak=True)}
 
 
 @pytest.fixture(scope="module")
