@@ -11,7 +11,9 @@ largest 10 %) and ``max``. Each is taken relative to its class's median on the c
 and bounded at the pooled 0.995 quantile of the calibration samples' ratios (a probe's bound, not
 the library's tail rule). Reported: the share of the guard's escapes (triggered inputs answered
 with the target, accepted or as an OOD hint) that some evidence's bound would catch, and the share
-of clean inputs the guard answers correctly that it would flag.
+of clean inputs the guard answers correctly that it would flag. ``max_gated``: the largest z-score
+judged only where the head's mean readings already exceed the calibration split's median of their
+largest ratio (the stability test's gate, applied to the peak).
 
     python scripts/top_deviation_probe.py --dataset gtsrb --attack trojan-watermark --seed 0 \
         --work runs/gtsrb-sgdbf16-e30 --n 1000
@@ -115,6 +117,23 @@ def main():
                                  if escaped.any() else None}
                              for i, n in enumerate(names)},
         }
+    # the peak judged only where the head's mean readings already lean out: the largest of its
+    # mean ratios over their bounds above the calibration split's median of the same (the stability
+    # test's gate, applied to the peak)
+    ratios = {}
+    for a in ("mean", "max"):
+        med = torch.stack([s_cal[a][y_cal == k].median(0).values if (y_cal == k).any()
+                           else torch.ones(len(names)) for k in range(guard.num_heads)]).clamp_min(1e-6)
+        bound = (s_cal[a] / med[y_cal]).quantile(QUANTILE, dim=0)
+        ratios[a] = [s_cal[a] / med[y_cal] / bound, s_c[a] / med[yc] / bound, s_t[a] / med[target] / bound]
+    gate = ratios["mean"][0].amax(1).median()
+    over_c = (ratios["max"][1] > 1).any(1) & (ratios["mean"][1].amax(1) > gate)
+    over_t = (ratios["max"][2] > 1).any(1) & (ratios["mean"][2].amax(1) > gate)
+    result["aggregations"]["max_gated"] = {
+        "gate": gate.item(), "clean_flagged_any": over_c[kept].float().mean().item(),
+        "escapes_caught_any": over_t[escaped].float().mean().item() if escaped.any() else None,
+        "accepted_caught_any": over_t[accepted].float().mean().item() if accepted.any() else None,
+        "triggered_caught_any": over_t.float().mean().item()}
     result["seconds"] = time.time() - t0
     out = ROOT / "results" / "dev" / args.dataset / f"top-deviation-{args.attack}-{args.seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +143,7 @@ def main():
     for a, r in result["aggregations"].items():
         print(f"{a:>5}: escapes caught {r['escapes_caught_any']}, accepted caught "
               f"{r['accepted_caught_any']}, clean flagged {r['clean_flagged_any']:.4f}")
-        for n, e in r["per_evidence"].items():
+        for n, e in r.get("per_evidence", {}).items():
             print(f"       {n:<24} clean {e['clean_flagged']:.4f}  escapes {e['escapes_caught']}  "
                   f"median ratio {e['escapes_median_ratio']}")
     print(f"wrote {out.relative_to(ROOT)} ({result['seconds']:.0f} s)")
