@@ -60,10 +60,11 @@ class GuardConfig:
     consistency_units: str = "mean+max"  # a channel's value at a hidden conv layer: its spatial
     #                                 "max" (sees a small trigger), its "mean" (sees a warp), or both,
     #                                 each view within its own bound (docs/method.md, "Two views")
-    consistency_peak: bool = False  # each evidence also read as the largest robust z-score among
-    #                                 class k's salient neurons, within its own bound: a trigger that
-    #                                 drives a few neurons far is diluted in the mean over all of them
-    #                                 (docs/method.md, "The most deviant neuron")
+    consistency_peak: str = "off"   # evidences also read as the largest robust z-score among class
+    #                                 k's salient neurons, each within its own bound: "max" the hidden
+    #                                 conv layers' channel-maximum views, "all" every evidence, "off";
+    #                                 a trigger that drives a few neurons far is diluted in the mean
+    #                                 over all of them (docs/method.md, "The most deviant neuron")
     consistency_reduce: str = "per_layer"  # across layers: "per_layer" (every layer within its own
     #                                 bound), "max" (one bound on the max of normalised deviations) or "mean"
     consistency_center: str = "pooled"  # each bound's center: the median over every class ("pooled":
@@ -188,7 +189,7 @@ class GuardConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, "must be a non-negative integer")
         for name in ("use_early", "use_late", "consistency", "search_on_neighbours", "drop_misclassified",
-                     "neighbourhood_alarm", "image_margins", "consistency_peak"):
+                     "neighbourhood_alarm", "image_margins"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be True or False")
         fr = self.fractions
@@ -224,6 +225,7 @@ class GuardConfig:
         choices = {"fill": ("blank", "mean"), "reliability_measure": ("confidence", "rate"),
                    "consistency_reduce": ("per_layer", "max", "mean"),
                    "consistency_units": ("max", "mean", "mean+max"), "inconsistent_verdict": ("ood", "alarm"),
+                   "consistency_peak": ("off", "max", "all"),
                    "ood_hint": ("nearest", "confident"),
                    "consistency_center": ("class", "pooled", "shrunk"), "consistency_bound": ("mad", "max", "tail"),
                    "neighbour_mode": ("alg1", "perturb"), "stability_bound": ("mad", "tail", "quantile"),

@@ -74,6 +74,14 @@ def _range(value):
     return value
 
 
+
+def readings(evidence, peak: str = "off") -> list:
+    """``[(evidence, how)]``: every evidence read as its salient neurons' mean robust z-score, then,
+    with ``peak`` ("max": the channel-maximum views ``<layer>@max``; "all": every evidence), again as
+    their largest (:func:`salient.deviation`), each reading within its own bound."""
+    peaks = [n for n in evidence if peak == "all" or (peak == "max" and n.endswith("@max"))]
+    return [(n, "mean") for n in evidence] + [(n, "peak") for n in peaks]
+
 class LinkBreaker:
     """A fitted guard around ``model``. Build with :meth:`fit` or :meth:`load`; call like the model.
 
@@ -271,12 +279,9 @@ class LinkBreaker:
         return self._heads_with_deviations(x, by_layer)[1]
 
     def readings(self) -> list:
-        """``[(evidence, how)]``: the columns of the profile's norms and of ``by_layer`` deviations,
-        every evidence read as its salient neurons' mean z-score, then with
-        ``config.consistency_peak`` each one again as their largest (:func:`salient.deviation`)."""
-        names = self._profile_layers()
-        return [(n, "mean") for n in names] + ([(n, "peak") for n in names]
-                                              if self.config.consistency_peak else [])
+        """:func:`readings` of this guard's evidences: the columns of the profile's norms and of
+        ``by_layer`` deviations."""
+        return readings(self._profile_layers(), self.config.consistency_peak)
 
     def _profile_layers(self, available=None):
         """The consistency check's evidence, in the order of the profile's norms: every masked layer
@@ -437,8 +442,8 @@ class LinkBreaker:
                 expected.update({f"profile.{p}.{n}": ("N", f"U:{evidence_layer(n)[0]}")
                                  for p in ("center", "scale", "weight")})
             # one norm per reading: every evidence's mean, then with consistency_peak its peak too
-            peak = meta["config"].get("consistency_peak", False) is True
-            expected.update({"profile.norms": ("N", len(evidence) * (2 if peak else 1)),
+            peak = str(meta["config"].get("consistency_peak", "off"))
+            expected.update({"profile.norms": ("N", len(readings(evidence, peak))),
                              "profile.bounds": ("N",)})
         ranked = any(k.startswith("neighbourhood.") for k in tensors)
         if ranked:  # head k's view of R validation samples at the last masked layer's last view

@@ -200,7 +200,7 @@ class GuardedModule(nn.Module):
         self.input_range = guard.input_range
         self.num_heads = int(guard.num_heads)
         self.consistency = bool(cfg.consistency and guard.profile)
-        self.peak = False  # consistency_peak: set with the profile below
+        self.peak = []  # consistency_peak: the evidences read again as their peak (set below)
         self.stable = guard.stability is not None and cfg.stability_test
         self.draws = cfg.stability_draws  # neighbours per input (stability test)
         self.reduce = cfg.consistency_reduce
@@ -254,8 +254,8 @@ class GuardedModule(nn.Module):
                 self.register_buffer(f"coef{i}", coef.to(device))
             # consistency_peak: each evidence read again as its salient neurons' largest z-score,
             # |u - center| times 1 / scale on the salient set (0 elsewhere)
-            self.peak = bool(cfg.consistency_peak)
-            for i, name in enumerate(evidence if self.peak else []):
+            self.peak = [evidence.index(n) for n, how in guard.readings() if how == "peak"]
+            for i, name in enumerate(evidence[j] for j in self.peak):
                 inv = (p[f"weight.{name}"] > 0).float() / p[f"scale.{name}"].float()
                 self.register_buffer(f"peak_center{i}", p[f"center.{name}"].float().to(device).contiguous())
                 self.register_buffer(f"peak_inv{i}", inv.to(device).contiguous())
@@ -406,7 +406,7 @@ class GuardedModule(nn.Module):
                 parts.append((v - center).abs_().mul_(coef).sum(-1))
             d = parts[0] if len(parts) == 1 else torch.cat(parts)
             per_layer.append(d / self.norms[:, i])
-        for i, u in enumerate(units if self.peak else []):  # the peak readings' columns follow
+        for i, u in enumerate(units[j] for j in self.peak):  # the peak readings' columns follow
             center, inv = getattr(self, f"peak_center{i}"), getattr(self, f"peak_inv{i}")
             step = (max(1, (self.batch_rows or 8192) // center.shape[0]) if u.is_cuda
                     else max(1, _TEMP // center.numel()))

@@ -19,7 +19,7 @@ from linkbreaker_ext import (ACCEPT, ALARM, OOD, GuardConfig, GuardResult, LinkB
                              data, fitting, guard_head, guard_head_reference, safefiles, salient,
                              search)
 from linkbreaker_ext.fitting import blank_input
-from linkbreaker_ext.guard import FORMAT, FORMAT_VERSION
+from linkbreaker_ext.guard import FORMAT, FORMAT_VERSION, readings
 from linkbreaker_ext.verdict import neighbour, vote
 from linkbreaker_ext.layers import INPUT, LATE, auto_layers
 
@@ -1143,7 +1143,7 @@ def test_recalibrate_equals_a_refit_with_those_settings(guard_deep, deep_net, sy
     settings = dict(consistency_center="class", consistency_mad_k=3.0, mad_k=2.0,
                     inconsistent_verdict="ood", consistency_bound="tail", consistency_margin=0.5,
                     stability_noise=0.03, stability_floor=0.7, stability_draws=2,
-                    threshold_split="calibration", consistency_peak=True)
+                    threshold_split="calibration", consistency_peak="all")
     refit = LinkBreaker.fit(deep_net, synth["x_val"], synth["y_val"], NUM_CLASSES,
                             layers=["input", "1", "3"], progress=False, **dict(FAST, **settings))
     before = {k: v.clone() for k, v in guard_deep.profile.items()}
@@ -2229,12 +2229,15 @@ def test_stability_bound_quantile_rule_ignores_the_mad_and_averages_several_neig
         GuardConfig(stability_bound="quantile", stability_quantile=None)
 
 
-def test_consistency_peak_reads_each_evidence_twice(guard_deep, synth):
+def test_consistency_peak_reads_each_evidence_twice(guard_deep, deep_net, synth, tmp_path):
     """``consistency_peak``: every evidence is also read as the largest robust z-score among class
     k's salient neurons, within its own calibrated bound; the mean readings stay as they were."""
     x = synth["x_test"][:32]
-    peak = guard_deep.recalibrate(synth["x_val"], synth["y_val"], consistency_peak=True)
+    peak = guard_deep.recalibrate(synth["x_val"], synth["y_val"], consistency_peak="all")
     names = guard_deep._profile_layers()
+    maxima = [n for n in names if n.endswith("@max")]
+    assert maxima and len(maxima) < len(names)
+    assert readings(names, "max") == [(n, "mean") for n in names] + [(n, "peak") for n in maxima]
     assert guard_deep.readings() == [(n, "mean") for n in names]
     assert peak.readings() == [(n, "mean") for n in names] + [(n, "peak") for n in names]
     assert peak.profile["norms"].shape == (NUM_CLASSES, 2 * len(names))
@@ -2253,5 +2256,10 @@ def test_consistency_peak_reads_each_evidence_twice(guard_deep, synth):
     # the peak is never below the weighted mean of the same z-scores: it can only add vetoes
     mean_z = both[..., i] * peak.profile["norms"][:, i]
     assert bool((z >= mean_z - 1e-5).all())
+    # saved and loaded, the guard keeps its readings and answers
+    peak.save(tmp_path / "peak.safetensors")
+    loaded = LinkBreaker.load(tmp_path / "peak.safetensors", deep_net)
+    assert loaded.readings() == peak.readings()
+    assert torch.equal(loaded(x).verdict, peak(x).verdict)
     with pytest.raises(ValueError, match="consistency_peak"):
-        GuardConfig(consistency_peak="yes")
+        GuardConfig(consistency_peak=True)

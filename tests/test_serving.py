@@ -30,12 +30,12 @@ def _fit(model, synth, **kw):
 @pytest.fixture(scope="module")
 def guards(deep_net, guard_deep, synth):
     """Guards on the two-conv net: three masked layers (conftest's), late layer only, no veto, one
-    hidden conv layer only, and conftest's read with each evidence's peak too."""
+    hidden conv layer only, and conftest's with its channel-maximum views read as their peak too."""
     return {"full": guard_deep,
             "late_only": _fit(deep_net, synth, layers=["input", "1", "3"], use_early=False),
             "no_consistency": _fit(deep_net, synth, layers=["input", "1", "3"], consistency=False),
             "hidden_only": _fit(deep_net, synth, layers=["3"]),
-            "peak": guard_deep.recalibrate(synth["x_val"], synth["y_val"], consistency_peak=True)}
+            "peak": guard_deep.recalibrate(synth["x_val"], synth["y_val"], consistency_peak="max")}
 
 
 @pytest.fixture(scope="module")
