@@ -325,7 +325,10 @@ def test_comparison_table_gives_linkbreakers_alarm_only_operating_point(tmp_path
         {**common, "defense": "strip", "after": {"cda": 0.96, "asr": 0.999, "r_acc": 0.001,
                                                    "alarm_rate_clean": 0.006, "alarm_rate_trigger": 0.0},
          "tpr": 0.0, "fpr": 0.006, "auroc": 0.71}))
-    cb.write_tables(tmp_path, SimpleNamespace(dataset="gtsrb", attacks=[], data="d", threads=1, reuse_guards=False))
+    cb.write_tables(tmp_path, SimpleNamespace(dataset="gtsrb", attacks=[], data="d", threads=1, reuse_guards=False,
+                                              work="runs/gtsrb-sgd", recipe="sgd"))
     table = (tmp_path / "gtsrb.md").read_text()
+    # the command it names regenerates it: the models' folder and recipe, and where the tables go
+    assert f"--work runs/gtsrb-sgd --recipe sgd --out {tmp_path} " in table
     assert "| attack | linkbreaker TPR / FPR | linkbreaker, alarm only TPR / FPR | strip TPR / FPR |" in table
     assert "| badnets | 100.00 / 11.35 | 99.40 / 1.20 | 0.00 / 0.60 | n/a / n/a | n/a / n/a |" in table
