@@ -75,13 +75,18 @@ def _jsonable(settings: dict) -> dict:
     return json.loads(json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}))
 
 
+def config_record(config: GuardConfig) -> dict:
+    """A guard configuration as a report records it (JSON types: tuples as lists)."""
+    return _jsonable(dataclasses.asdict(config))
+
+
 def recorded_config(stored: dict | None, seed: int) -> dict | None:
     """The whole configuration a cached report was made with. A field the report does not record
     did not exist yet: it had its legacy value (``guard.LEGACY_CONFIG``) if its default changed since,
     otherwise today's default, so adding a field leaves existing reports fresh."""
     if stored is None:
         return None
-    defaults = _jsonable(dataclasses.asdict(GuardConfig(seed=seed)))
+    defaults = config_record(GuardConfig(seed=seed))
     return {**defaults, **_jsonable(LEGACY_CONFIG), **stored}
 
 
@@ -131,7 +136,7 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
     # the whole configuration the guard would be fitted with (defaults included): a report made
     # under other defaults is stale and is measured again
     target = GuardConfig(**{**settings, "seed": seed})
-    config = _jsonable(dataclasses.asdict(target))
+    config = config_record(target)
     if path.is_file():
         report = json.loads(path.read_text())
         experiment.check_made_with(path, {"dataset": dataset, **report}, arch, recipe)

@@ -368,6 +368,12 @@ class GuardedModule(nn.Module):
                                  self.rank_alarm)
         return labels, verdict, conf
 
+    def _inputs_per_pass(self, u, center) -> int:
+        """Inputs per pass of a deviation's ``[rows, K, D]`` temporaries: on CPU at most _TEMP
+        elements, on GPU ``batch_rows // K`` inputs (see :meth:`_deviations`)."""
+        return (max(1, (self.batch_rows or 8192) // center.shape[0]) if u.is_cuda
+                else max(1, _TEMP // center.numel()))
+
     def _spread(self, v):
         """``[B, R, ...]`` row values to ``[B, N, ...]``: the row each head reads."""
         return v if self.rows == self.num_heads else v[:, self.head_row]
@@ -392,8 +398,7 @@ class GuardedModule(nn.Module):
             # GPU: batch_rows // K inputs per pass ([batch_rows, D] temporaries, the bound of the
             # rows themselves); small chunks there cost a launch each (40 chunks at batch 256 on an
             # H100, measured)
-            step = (max(1, (self.batch_rows or 8192) // center.shape[0]) if u.is_cuda
-                    else max(1, _TEMP // center.numel()))
+            step = self._inputs_per_pass(u, center)
             parts = []
             for s in range(0, u.shape[0], step):
                 v = u[s:s + step]
@@ -408,8 +413,7 @@ class GuardedModule(nn.Module):
             per_layer.append(d / self.norms[:, i])
         for i, u in enumerate(units[j] for j in self.peak):  # the peak readings' columns follow
             center, inv = getattr(self, f"peak_center{i}"), getattr(self, f"peak_inv{i}")
-            step = (max(1, (self.batch_rows or 8192) // center.shape[0]) if u.is_cuda
-                    else max(1, _TEMP // center.numel()))
+            step = self._inputs_per_pass(u, center)
             parts = [((v[:, None, :] if v.dim() == 2 else v) - center).abs_().mul_(inv).amax(-1)
                      for v in (u[s:s + step] for s in range(0, u.shape[0], step))]
             d = parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -10,13 +10,12 @@ present an older guard's numbers as today's.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
 
 from .config import GuardConfig
-from .reproduce import PAPER, TARGETS, pct, recorded_config, target_verdict
+from .reproduce import PAPER, TARGETS, config_record, pct, recorded_config, target_verdict
 
 _DEFAULT_RUN = re.compile(r"^(?P<split>heldout|dev)-(?P<attack>.+)-(?P<seed>\d+)\.json$")
 
@@ -26,7 +25,7 @@ def default_drift(report: dict) -> list[str]:
     measured with today's default). Fields the report does not record take the value they had
     when it was made (:func:`reproduce.recorded_config`)."""
     seed = report["seed"]
-    today = json.loads(json.dumps(dataclasses.asdict(GuardConfig(seed=seed)), default=list))
+    today = config_record(GuardConfig(seed=seed))
     made = recorded_config(report.get("guard_config"), seed)
     if made is None:
         return ["guard_config (not recorded)"]

@@ -32,7 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from linkbreaker_ext import experiment  # noqa: E402
 from linkbreaker_ext.data import stratified_split  # noqa: E402
-from linkbreaker_ext.guard import LinkBreaker  # noqa: E402
 from linkbreaker_ext.verdict import ACCEPT  # noqa: E402
 
 DEV = slice(0, 5000)
@@ -76,10 +75,8 @@ def main():
     torch.set_num_threads(args.threads)
     t0 = time.time()
     work = Path(args.work)
-    split = experiment.split_data(args.dataset, args.data, None, args.seed)
-    model, meta = experiment.load_model(work / "models" / f"{args.attack}-{args.seed}.safetensors")
-    attack = experiment.attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None
-    guard = LinkBreaker.load(work / "guards" / f"{args.attack}-{args.seed}.safetensors", model)
+    split, _, attack, guard, _ = experiment.saved_run(args.dataset, f"{args.attack}-{args.seed}",
+                                                      args.data, work)
     cal, _ = stratified_split(split["y_val"], guard.config.calibration_fraction, seed=guard.config.seed)
     x_cal, y_cal = split["x_val"][cal], split["y_val"][cal]
     xc, yc, xt, _, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], args.n,
