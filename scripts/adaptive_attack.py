@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from linkbreaker_ext import experiment, metrics, salient  # noqa: E402
 from linkbreaker_ext.guard import LinkBreaker  # noqa: E402
+from linkbreaker_ext.reproduce import config_record  # noqa: E402
 from linkbreaker_ext.verdict import ACCEPT, STABILITY_EPS  # noqa: E402
 from linkbreaker_ext.layers import LATE, expand_mask, unit_views  # noqa: E402
 
@@ -163,8 +164,9 @@ def judged(guard, x, k):
             "ood": (r.verdict == 2).double().mean().item()}
 
 
-def run(dataset, attack_name, n, eps_list, steps, source, without_stability=False, guard_tag=None):
-    work = ROOT / "runs" / dataset
+def run(dataset, attack_name, n, eps_list, steps, source, without_stability=False, guard_tag=None,
+        work=None):
+    work = Path(work) if work else ROOT / "runs" / dataset
     split = experiment.split_data(dataset, source, None, 0)
     model, meta = experiment.load_model(work / "models" / f"{attack_name}-0.safetensors")
     backdoor = experiment.attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None
@@ -193,12 +195,9 @@ def run(dataset, attack_name, n, eps_list, steps, source, without_stability=Fals
     report = {"dataset": dataset, "attack": attack_name, "seed": 0, "split": "heldout",
               "target": k, "n_triggered": len(xt), "n_clean": len(xc), "steps": steps,
               "step_size": "2.5 * eps / steps", "margin": MARGIN, "surrogate_max_error": err,
-              "guard_config": {f: getattr(guard.config, f) for f in ("consistency_bound",
-                                                                   "consistency_mad_k",
-                                                                   "consistency_margin",
-                                                                   "stability_noise",
-                                                                   "stability_jitter")},
-              "guard_tag": guard_tag,
+              "work": str(work), "model": experiment.model_arch(meta),
+              "recipe": experiment.model_recipe(meta),
+              "guard_config": config_record(guard.config), "guard_tag": guard_tag,
               "rows": rows}
     OUT.mkdir(parents=True, exist_ok=True)
     suffix = tag + ("-without-stability" if without_stability else "")
@@ -252,6 +251,8 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--without-stability", action="store_true",
                    help="switch the saved guard's stability test off (the ablation of the test)")
+    p.add_argument("--work", default=None,
+                   help="the reproduce cache holding models/<attack>-0 and guards/ (default runs/<dataset>)")
     p.add_argument("--guard-tag", default=None,
                    help="attack the variant guard <attack>-0-<tag>.safetensors (linkbreaker reproduce --tag)")
     p.add_argument("--table", action="store_true")
@@ -262,7 +263,7 @@ def main():
     torch.manual_seed(0)
     for a in args.attacks:
         run(args.dataset, a, args.n, [e / 255 for e in args.eps], args.steps, args.data,
-            args.without_stability, args.guard_tag)
+            args.without_stability, args.guard_tag, args.work)
     table()
 
 
