@@ -23,6 +23,10 @@ def _table(report: dict) -> str:
     fmt = lambda v: "      -" if v is None else f"{100 * v:6.2f}%"  # noqa: E731
     lines = [f"{'metric':32s} {'before':>8s} {'after':>8s}", "-" * 50]
     lines += [f"{name:32s} {fmt(bv):>8s} {fmt(av):>8s}" for name, bv, av in rows]
+    if "drop_pairs" in report:  # the drop as flips on the same clean inputs, with its sampling error
+        p = report["drop_pairs"]
+        lines.append(f"CDA drop {100 * (b['cda'] - a['cda']):.2f} pts +- {100 * p['se']:.2f} (answers lost "
+                     f"{p['lost']}, gained {p['gained']} of {p['n']})")
     t = report["timing"]
     lines.append(f"fit {t['fit_s']:.1f} s, online {t['online_ms_per_sample']:.3f} ms/sample")
     return "\n".join(lines)

@@ -143,8 +143,8 @@ def evaluate(model, guard: LinkBreaker, attack, x_test, y_test, n_clean=2000, n_
     """The report: ``{"before": {cda, asr}, "after": {...}, "timing": {...}}`` (fractions)."""
     xc, yc, xt, yt, target = eval_sets(attack, x_test, y_test, n_clean, n_trigger, seed, pool)
     device = next(model.parameters()).device
-    before = metrics.undefended(training.predict_logits(model, xc).argmax(1), yc,
-                                training.predict_logits(model, xt).argmax(1), target)
+    bare_clean = training.predict_logits(model, xc).argmax(1)
+    before = metrics.undefended(bare_clean, yc, training.predict_logits(model, xt).argmax(1), target)
     start = time.perf_counter()
     rc = guard(xc.to(device))
     online_s = time.perf_counter() - start
@@ -154,7 +154,8 @@ def evaluate(model, guard: LinkBreaker, attack, x_test, y_test, n_clean=2000, n_
               "timing": {"fit_s": guard.diagnostics.get("fit_s", float("nan")),
                          "online_ms_per_sample": 1000 * online_s / max(len(xc), 1)},
               "attack": attack.to_dict() if attack is not None else None,
-              "counts": {"clean": len(xc), "triggered": len(xt)}}
+              "counts": {"clean": len(xc), "triggered": len(xt)},
+              "drop_pairs": metrics.paired_drop(bare_clean, rc.labels, yc)}
     if rc.credibility is not None:
         # The same heads and thresholds without the vetoes (the paper's credibility test alone),
         # from the same forward passes: the ablation of the checks comes for free. Every variant

@@ -43,6 +43,20 @@ def defended(clean, y_clean, trig, y_trig_true, target: int) -> dict:
     }
 
 
+def paired_drop(pred_bare, labels_guard, y_clean) -> dict:
+    """The CDA drop as a paired count on the same clean inputs: answers the guard ``lost`` (the bare
+    model right, the guard not) and ``gained``, and the drop's standard error from those pairs
+    (``se``, a fraction). A drop on n inputs is (lost - gained) / n, so a few tens of flips carry
+    visible sampling noise: 2,000 inputs with 40 flips give about 0.3 points."""
+    right_bare = pred_bare.cpu() == y_clean.cpu()
+    right_guard = labels_guard.cpu() == y_clean.cpu()
+    d = right_bare.double() - right_guard.double()  # 1 lost, -1 gained, 0 unchanged
+    n = len(d)
+    se = (d.std() / n ** 0.5).item() if n > 1 else float("nan")
+    return {"lost": int((right_bare & ~right_guard).sum()), "gained": int((~right_bare & right_guard).sum()),
+            "n": n, "se": se}
+
+
 def auroc(clean_scores: torch.Tensor, trigger_scores: torch.Tensor) -> float:
     """Area under the ROC curve of a detector score (higher = triggered): the probability that a
     triggered input outscores a clean one, ties counted half (Mann-Whitney U)."""

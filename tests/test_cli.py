@@ -201,12 +201,16 @@ def test_cli_fit_then_evaluate(tmp_path, capsys):
 
     assert cli.main(["evaluate", "--model", str(model_path), "--guard", str(guard_path), "--quiet",
                      "--device", "cpu", "--n-clean", "40", "--n-trigger", "30", "--out", str(out)]) == 0
-    assert "CDA (clean accuracy)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "CDA (clean accuracy)" in printed and "CDA drop" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["counts"] == {"clean": 40, "triggered": 30}
     assert set(report["before"]) == {"cda", "asr"}
     assert all(0.0 <= v <= 1.0 for v in report["before"].values())
     assert {"cda", "asr", "r_acc", "alarm_rate_clean"} <= set(report["after"])
+    pairs = report["drop_pairs"]  # the drop as counted flips on the same 40 clean inputs
+    assert pairs["n"] == 40 and pairs["se"] >= 0
+    assert report["before"]["cda"] - report["after"]["cda"] == pytest.approx((pairs["lost"] - pairs["gained"]) / 40)
     pngs = list(out.glob("confidences_class*.png"))
     assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 

@@ -69,6 +69,21 @@ def test_undefended():
     assert math.isnan(metrics.undefended(T([0]), T([0]), T([], dtype=torch.int64), target=0)["asr"])
 
 
+def test_paired_drop_counts_flips_and_their_sampling_error():
+    y = T([0, 1, 2, 3, 4, 5])
+    bare = T([0, 1, 2, 3, 9, 9])      # right on the first four
+    guard = T([0, -1, 7, 3, 4, 9])    # loses inputs 1 and 2 (an alarm, a wrong label), gains input 4
+    m = metrics.paired_drop(bare, guard, y)
+    assert (m["lost"], m["gained"], m["n"]) == (2, 1, 6)
+    # the drop is (lost - gained) / n, and its standard error is that of the paired differences
+    d = torch.tensor([0.0, 1.0, 1.0, 0.0, -1.0, 0.0])
+    assert m["se"] == pytest.approx((d.std() / 6 ** 0.5).item())
+    undefended = metrics.undefended(bare, y, T([0]), 0)["cda"]
+    assert undefended - (guard == y).float().mean().item() == pytest.approx((m["lost"] - m["gained"]) / m["n"])
+    same = metrics.paired_drop(bare, bare, y)
+    assert (same["lost"], same["gained"], same["se"]) == (0, 0, 0.0)
+
+
 def test_auroc_counts_pairs_and_ties():
     from linkbreaker_ext import metrics
     assert metrics.auroc(torch.tensor([0.0, 1, 2]), torch.tensor([3.0, 4])) == 1.0
