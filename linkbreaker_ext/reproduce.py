@@ -19,6 +19,7 @@ import shutil
 import statistics
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from . import data, experiment, models, safefiles, training
@@ -176,7 +177,7 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
         "settings": _jsonable(settings),
         "guard_config": config,
         "validation": validation, "validation_size": len(d["y_val"]),
-        "device": str(device),
+        "device": str(device), "torch_threads": torch.get_num_threads(),
     })
     if recalibrated is not None:
         report["recalibrated"] = recalibrated

@@ -165,6 +165,27 @@ def test_model_files_record_their_training_recipe(tmp_path):
         p.parse_args(["train", "--out", "m", "--recipe", "rmsprop"])
 
 
+def test_threads_option_sets_torch_threads_and_models_record_theirs(tmp_path, monkeypatch, capsys):
+    """bfloat16 training on the CPU is bit-reproducible at one thread count only, so ``--threads``
+    sets torch's before any work, and a trained model records the count it was trained with."""
+    from linkbreaker_ext import models
+    before = torch.get_num_threads()
+    try:  # the option acts before the command runs (this one fails on its bad setting)
+        assert cli.main(["reproduce", "--dataset", "mnist", "--attacks", "badnets", "--set", "bogus=1",
+                         "--quiet", "--threads", "1"]) == 2
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", "--out", "m", "--threads", "0"])
+    model = models.build_model("cifar10", 10)
+    monkeypatch.setattr(experiment, "train_model", lambda *a, **k: model)
+    experiment.model_for("cifar10", "none", 0, {"x_train": None, "y_train": None}, tmp_path, progress=False)
+    _, meta = experiment.load_model(tmp_path / "models" / "none-0.safetensors")
+    assert meta["train_threads"] == torch.get_num_threads()
+
+
 def test_load_model_rejects_other_files(tmp_path):
     from safetensors.torch import save_file
 
@@ -554,6 +575,7 @@ def test_reproduce_measures_again_when_the_validation_set_moves(tiny_reproduce, 
               n_clean=30, n_trigger=30, results=tmp_path / "r", progress=False)
     first, _ = reproduce.reproduce("mnist", ["badnets"], [0], work=tmp_path / "w", **kw)
     assert first["badnets"][0]["validation"] == "train"
+    assert first["badnets"][0]["torch_threads"] == torch.get_num_threads()
     assert first["badnets"][0]["validation_size"] == len(synth["y_val"])
     fits = []
     real_fit = reproduce.LinkBreaker.fit.__func__
