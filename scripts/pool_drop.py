@@ -19,7 +19,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from linkbreaker_ext import experiment  # noqa: E402
+from linkbreaker_ext import experiment, metrics  # noqa: E402
 from linkbreaker_ext.reproduce import SPLITS  # noqa: E402
 from linkbreaker_ext.verdict import ALARM, OOD  # noqa: E402
 
@@ -28,11 +28,10 @@ def pool_drop(guard, model, x, y, batch: int = 512) -> dict:
     with torch.no_grad():
         bare = torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
     r = guard(x)
-    right_bare, right_guard = bare == y, r.labels == y
-    return {"n": len(x), "cda_bare": 100 * right_bare.double().mean().item(),
-            "cda_guard": 100 * right_guard.double().mean().item(),
-            "drop": 100 * (right_bare.double().mean() - right_guard.double().mean()).item(),
-            "lost": int((right_bare & ~right_guard).sum()), "gained": int((~right_bare & right_guard).sum()),
+    pairs = metrics.paired_drop(bare, r.labels, y)  # lost, gained, n and the drop's standard error
+    return {"cda_bare": 100 * (bare == y).double().mean().item(),
+            "cda_guard": 100 * (r.labels == y).double().mean().item(),
+            "drop": 100 * (pairs["lost"] - pairs["gained"]) / pairs["n"], **pairs,
             "alarms": 100 * (r.verdict == ALARM).double().mean().item(),
             "ood": 100 * (r.verdict == OOD).double().mean().item()}
 
