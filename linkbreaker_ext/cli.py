@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--device", default="auto", help="auto, cpu or cuda")
         s.add_argument("--quiet", action="store_true", help="no progress bars")
         s.add_argument("--threads", type=_positive, default=None,
-                       help="torch CPU threads (default: torch's). Training on the CPU is bit-reproducible "
+                       help="torch CPU threads (default: torch's). Training on the CPU is reproducible "
                             "at one thread count only: the committed tables' models were trained on 1")
 
     s = sub.add_parser("demo", help="train a BadNets MNIST model, fit the guard, report before/after")

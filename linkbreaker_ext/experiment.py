@@ -227,7 +227,7 @@ def model_for(dataset: str, attack_name: str, seed: int, split: dict, work, epoc
     save_model(path, model, {"dataset": dataset, "arch": arch, "recipe": recipe, "num_classes": data.spec(dataset).num_classes,
                              "seed": seed, "val_fraction": val_fraction(dataset),
                              "attack": attack.to_dict() if attack else None,
-                             # bfloat16 CPU training is bit-reproducible at one thread count only
+                             # bfloat16 CPU training is reproducible at one thread count only
                              "train_threads": torch.get_num_threads()})
     ckpt.unlink(missing_ok=True)
     return model, attack

@@ -166,7 +166,7 @@ def test_model_files_record_their_training_recipe(tmp_path):
 
 
 def test_threads_option_sets_torch_threads_and_models_record_theirs(tmp_path, monkeypatch, capsys):
-    """bfloat16 training on the CPU is bit-reproducible at one thread count only, so ``--threads``
+    """bfloat16 training on the CPU is reproducible at one thread count only, so ``--threads``
     sets torch's before any work, and a trained model records the count it was trained with."""
     from linkbreaker_ext import models
     before = torch.get_num_threads()
