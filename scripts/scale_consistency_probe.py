@@ -39,7 +39,6 @@ sys.path.insert(0, str(ROOT))
 from linkbreaker_ext import experiment  # noqa: E402
 from linkbreaker_ext.baselines import ScaleUp  # noqa: E402
 from linkbreaker_ext.baselines.base import holdout_split  # noqa: E402
-from linkbreaker_ext.verdict import ALARM  # noqa: E402
 
 DEV = slice(0, 5000)
 FRRS = (0.01, 0.005, 0.002, 0.0)
@@ -54,9 +53,8 @@ def probe(dataset: str, run: str, work: Path, data: str, n: int) -> dict:
     split, model, attack, guard, seed = experiment.saved_run(dataset, run, data, work)
     xc, yc, xt, _, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], n, n, seed, DEV)
     rc, rt = guard(xc), guard(xt)
-    answered_c, answered_t = rc.verdict != ALARM, rt.verdict != ALARM
-    kept = answered_c & (rc.labels == yc)              # clean answers the guard gets right
-    escaped = answered_t & (rt.labels == target)        # hint reading, as the tables count ASR
+    kept = rc.labels == yc            # clean answers the guard gets right (an alarm's label is -1)
+    escaped = rt.labels == target     # hint reading, as the tables count ASR
     gate = guard.stability.get("gate") if guard.stability else None
 
     def head_ratio(r):  # the answering head's consistency ratio (deviation / bound)
@@ -79,7 +77,7 @@ def probe(dataset: str, run: str, work: Path, data: str, n: int) -> dict:
                      "triggered_flagged": ft.float().mean().item(),
                      "clean_flagged": fc.float().mean().item()})
     return {"dataset": dataset, "run": run, "split": "dev", "work": str(work), "n": n,
-            "target": int(target), "cda_guard": (answered_c & (rc.labels == yc)).float().mean().item(),
+            "target": int(target), "cda_guard": kept.float().mean().item(),
             "asr_guard": escaped.float().mean().item(), "escaped": int(escaped.sum()),
             "clean_kept": int(kept.sum()), "gate": None if gate is None else float(gate),
             "escapes_gated": share(gated_t, escaped), "clean_gated": share(gated_c, kept),
