@@ -109,6 +109,15 @@ class GuardConfig:
     #                                 since session 36, 0 until then). Images [C, H, W] only: on other
     #                                 inputs the fit uses noise of std NON_IMAGE_NOISE instead, warns,
     #                                 and the fitted config records it. 0 = noise only
+    stability_median: int = 0       # > 0 (odd, >= 3): one more neighbour, the input through a
+    #                                 median filter of this side per channel, with its own bound
+    #                                 (the same rule and floor) on the head's fall; the stability
+    #                                 ratio is the larger of the two, and an OOD verdict does not
+    #                                 name a head that fails the filter while another passes. A
+    #                                 thin, sparse trigger (GTSRB's Trojan watermark) does not
+    #                                 survive it where the sign does (docs/method.md, "A filtered
+    #                                 neighbour"). Images only; one more forward per head mask.
+    #                                 0 = off (the default: unmeasured on CIFAR-10)
     stability_contrast: float = 0.0  # > 0: the patterns shrink, for an input of lower contrast
     #                                 (pixel std) than this quantile of the validation set's, by
     #                                 the ratio of the two, never grow. 0 = the same noise for every
@@ -206,6 +215,11 @@ class GuardConfig:
         if not isinstance(self.stability_draws, int) or isinstance(self.stability_draws, bool) \
                 or self.stability_draws < 1:
             bad("stability_draws", "must be a positive integer")
+        m = self.stability_median
+        if not isinstance(m, int) or isinstance(m, bool) or m < 0 or (m and (m < 3 or m % 2 == 0)):
+            bad("stability_median", "must be 0 (off) or an odd integer >= 3 (the filter's side)")
+        if m and not self.stability_test:
+            bad("stability_median", "needs the stability test (stability_jitter or stability_noise > 0)")
         if not isinstance(self.stability_contrast, (int, float)) or isinstance(self.stability_contrast, bool) \
                 or not 0 <= self.stability_contrast <= 1:
             bad("stability_contrast", "must lie in [0, 1] (a quantile; 0 = off)")

@@ -11,7 +11,7 @@ import torch
 
 from . import attacks, data, metrics, models, safefiles, training
 from .guard import LinkBreaker
-from .verdict import GuardResult, combined_ratio, decide, score_from_result as guard_score
+from .verdict import GuardResult, combined_ratio, decide, gated, score_from_result as guard_score
 
 NO_ATTACK = "none"
 MODEL_KEY = "linkbreaker-model"
@@ -163,17 +163,22 @@ def evaluate(model, guard: LinkBreaker, attack, x_test, y_test, n_clean=2000, n_
         cfg = guard.config
 
         def variant(ratio, inconsistent=cfg.inconsistent_verdict, hint=cfg.ood_hint, margin=cfg.alarm_margin,
-                    ranks=True):
+                    ranks=True, filtered=True):
             return [redecided(r, ratio(r), inconsistent, hint, margin, r.rank_ratio if ranks else None,
-                              cfg.neighbourhood_alarm) for r in (rc, rt)]
+                              cfg.neighbourhood_alarm, r.filtered if filtered else None) for r in (rc, rt)]
 
         def add(key, results):
             report[key] = metrics.defended(results[0], yc, results[1], yt, target)
         add("after_without_consistency", [redecided(r) for r in (rc, rt)])
         if rc.stability is not None and rc.consistency is not None:  # ... and without the stability test
-            add("after_without_stability", variant(lambda r: r.consistency))
+            add("after_without_stability", variant(lambda r: r.consistency, filtered=False))
             if rc.stability_gate is not None:  # ... and with the stability test judging every head
-                add("after_without_stability_gate", variant(lambda r: combined_ratio(r.consistency, r.stability)))
+                add("after_without_stability_gate", variant(
+                    lambda r: combined_ratio(r.consistency, r.stability, r.filtered)))
+            if rc.filtered is not None:  # ... and without the filtered neighbour (stability_median)
+                add("after_without_filtered_neighbour", variant(
+                    lambda r: combined_ratio(r.consistency, gated(r.stability, r.consistency, r.stability_gate)),
+                    filtered=False))
         if rc.neighbourhood is not None:  # ... and without the neighbourhood rank test
             add("after_without_neighbourhood", variant(lambda r: r.credibility, ranks=False))
         # ... and with the other verdict for a confident but inconsistent top head
@@ -191,14 +196,15 @@ def evaluate(model, guard: LinkBreaker, attack, x_test, y_test, n_clean=2000, n_
 
 def redecided(r: GuardResult, ratio=None, inconsistent_verdict: str = "alarm",
               ood_hint: str = "nearest", alarm_margin: float = 0.0, ranks=None,
-              rank_alarm: bool = True) -> GuardResult:
+              rank_alarm: bool = True, hint_filter=None) -> GuardResult:
     """``r``'s heads decided again (:func:`guard.decide`) with veto ratios ``ratio`` (None: the
     paper's confidence test alone), ``inconsistent_verdict``, ``ood_hint``, ``alarm_margin`` and the
-    rank test's judged ratios ``ranks`` (None: no rank test; ``rank_alarm=False``: hints only): a
+    rank test's judged ratios ``ranks`` (None: no rank test; ``rank_alarm=False``: hints only) and
+    the filtered neighbour's ratios ``hint_filter`` that an OOD hint avoids (None: none): a
     decision variant that needs no new forward pass. The result carries ``ratio`` as its consistency
     ratios."""
     labels, verdict = decide(r.confidences, r.thresholds, ratio, inconsistent_verdict, ood_hint, alarm_margin,
-                             ranks, rank_alarm)
+                             ranks, rank_alarm, hint_filter)
     return GuardResult(labels, verdict, r.confidences, r.thresholds, ratio)
 
 

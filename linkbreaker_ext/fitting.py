@@ -22,7 +22,7 @@ from .data import stratified_split
 from .layers import (INPUT, LATE, TappedModel, auto_layers, check_layers, evidence_layer, final_linear,
                      frozen_copy, logits_of, units)
 from .neighbours import generate_neighbours, perturbed_samples
-from .verdict import input_contrast, neighbourhood_scores, stability_falls
+from .verdict import input_contrast, median_filter, neighbourhood_scores, stability_falls
 
 
 def as_tensors(x, y):
@@ -101,6 +101,13 @@ def is_image(shape) -> bool:
     return len(shape) == 3 and min(shape[1:]) >= 2
 
 
+def check_median_inputs(cfg: GuardConfig, shape):
+    """``stability_median`` filters images: refuse it, naming the field, on any other input."""
+    if cfg.stability_median and not (is_image(shape) and min(shape[1:]) >= cfg.stability_median):
+        raise ValueError(f"stability_median={cfg.stability_median} filters images [C, H, W] at least "
+                         f"that large; these inputs are {list(shape)}: set stability_median=0")
+
+
 def neighbour_for_inputs(cfg: GuardConfig, shape) -> GuardConfig:
     """The settings the fit runs with for inputs of ``shape``: the geometric neighbour
     (``stability_jitter``, on by default) resamples images; on any other input the stability test
@@ -171,6 +178,7 @@ def fit_guard(cls, model: nn.Module, x_val, y_val, num_classes, layers, config, 
     fills = {k: s["fill"] for k, s in stats.items()}
     ones = {k: torch.ones_like(v) for k, v in scores.items()}
     cfg = neighbour_for_inputs(cfg, x.shape[1:])  # once the model has taken these inputs
+    check_median_inputs(cfg, x.shape[1:])
     guard = cls(model, layers, tapped.late_name, ones, fills, torch.full((num_classes,), 0.5), {},
                 cfg, x.shape[1:], tapped=tapped, input_range=(x.min().item(), x.max().item()))
 
@@ -238,7 +246,7 @@ CALIBRATION_FIELDS = frozenset({"mad_k", "out_quantile", "threshold_floor", "thr
                                 "consistency_center", "consistency_bound", "consistency_margin", "consistency_quantile",
                                 "consistency_split", "consistency_peak",
                                 "consistency_reduce", "inconsistent_verdict", "ood_hint", "alarm_margin", "stability_noise", "stability_draws",
-                                "stability_contrast", "stability_jitter", "stability_bound", "stability_floor",
+                                "stability_contrast", "stability_jitter", "stability_median", "stability_bound", "stability_floor",
                                 "stability_quantile", "stability_gate", "neighbourhood_quantile",
                                 "neighbourhood_gate", "neighbourhood_alarm"})
 """The settings of the last stage alone: a fitted guard takes new values of these by
@@ -312,7 +320,7 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
                 salient.reduce_layers(pool, cfg.consistency_reduce), y_pool, cfg.consistency_mad_k,
                 center=cfg.consistency_center, rule=cfg.consistency_bound,
                 margin=cfg.consistency_margin, **floor).to(device)
-    drops = None
+    drops = median_drops = None
     guard.stability = None
     if cfg.stability_test:
         guard.stability = {"noise": stability_pattern(guard.input_shape, cfg, guard.input_range).to(device)}
@@ -330,6 +338,19 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
             cfg.stability_quantile)
         guard.stability["bound"] = bound.to(device)
         drops = stability_falls(conf, conf_n).float()  # [n_cal, K]
+        if cfg.stability_median:  # the filtered neighbour: its own bound, by the same rule
+            check_median_inputs(cfg, guard.input_shape)
+            step = guard._batch_rows()  # the filter's windows: size^2 copies of a chunk at a time
+            conf_m = torch.cat([guard.head_confidences(median_filter(x_cal[i:i + step].to(device),
+                                                                     cfg.stability_median),
+                                                       thresholds=half)[0].cpu()
+                                for i in range(0, len(x_cal), step)])
+            guard.stability["median_bound"] = calibrate.stability_bound(
+                conf, conf_m, y_cal, guard.thresholds.cpu(),
+                None if cfg.stability_bound == "quantile" else cfg.consistency_mad_k,
+                cfg.consistency_margin if cfg.stability_bound == "tail" else None, cfg.stability_floor,
+                cfg.stability_quantile).to(device)
+            median_drops = stability_falls(conf, conf_m).float()
         if cfg.stability_gate is not None and pool is not None:
             guard.stability["gate"] = ratio_gate(pool, y_pool, confident, layer_bounds,
                                                  profile["bounds"].cpu(), cfg, cfg.stability_gate).to(device)
@@ -345,7 +366,7 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
             # the samples the consistency bounds were set on ([n, K, L]: only own-class entries
             # count), their labels and which of them the quantile floor pooled
             "bound_deviations": pool, "bound_labels": y_pool, "bound_confident": confident,
-            "calibration_stability_drops": drops,
+            "calibration_stability_drops": drops, "calibration_median_drops": median_drops,
             # the whole validation set's own-head neighbourhood scores (fit split first), each
             # sample left out of the references, and whether its own head was confident
             "neighbourhood_scores": None if near is None else near[0],

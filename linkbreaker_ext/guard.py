@@ -28,10 +28,10 @@ from torch import nn
 
 from . import ops, safefiles, salient
 from .config import LEGACY_CONFIG, GuardConfig
-from .fitting import fit_guard, recalibrate_guard
+from .fitting import check_median_inputs, fit_guard, recalibrate_guard
 from .layers import LATE, TappedModel, evidence_layer, evidence_names, head_rows, rank_evidence, units
 from .serving import GuardedModule
-from .verdict import (GuardResult, check_input, decide, neighbour, neighbourhood_scores,
+from .verdict import (GuardResult, check_input, decide, median_filter, neighbour, neighbourhood_scores,
                       score_from_result, stability_ratio)
 
 FORMAT = "linkbreaker-guard"
@@ -323,13 +323,13 @@ class LinkBreaker:
             ratio = dev / self.profile["bounds"]
         else:
             conf, ratio = self.head_confidences(x)[0], None
-        unstable = self.stability_ratios(x, conf) if stable else None
+        unstable, filtered = self._stability_parts(x, conf) if stable else (None, None)
         gate = self.stability.get("gate") if stable else None
-        result = GuardResult(None, None, conf, self.thresholds, ratio, unstable, gate, near, near_gate)
+        result = GuardResult(None, None, conf, self.thresholds, ratio, unstable, gate, near, near_gate, filtered)
         result.labels, result.verdict = decide(conf, self.thresholds, result.credibility,
                                                self.config.inconsistent_verdict, self.config.ood_hint,
                                                self.config.alarm_margin, result.rank_ratio,
-                                               self.config.neighbourhood_alarm)
+                                               self.config.neighbourhood_alarm, filtered)
         return result
 
     def neighbour(self, x: torch.Tensor) -> torch.Tensor:
@@ -341,18 +341,32 @@ class LinkBreaker:
 
     def stability_ratios(self, x: torch.Tensor, conf: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, N]``: how far each head's own-class log-odds fall from ``x`` to its neighbour,
-        relative to the calibrated bound (<= 1: as stable as clean inputs). ``conf``: the heads'
-        confidences on ``x``, when the caller has them."""
+        relative to the calibrated bound (<= 1: as stable as clean inputs); with ``stability_median``
+        the larger of that and the filtered neighbour's ratio. ``conf``: the heads' confidences on
+        ``x``, when the caller has them."""
+        jitter, filtered = self._stability_parts(x, conf)
+        return jitter if filtered is None else torch.maximum(jitter, filtered)
+
+    def _stability_parts(self, x: torch.Tensor, conf: torch.Tensor | None = None):
+        """``(jittered, filtered)`` ``[B, N]`` ratios of :meth:`stability_ratios`; ``filtered`` is
+        None without ``stability_median``."""
         if conf is None:
             conf = self.head_confidences(x)[0]
         # neighbours made chunk by chunk (never a second copy of the whole batch), into one output
         m = self.config.stability_draws
         near = torch.empty(m, len(x), self.num_heads, device=self.device)
         step = max(1, self._inputs_per_forward(self._hidden_masks()[1]) // m)
+        filtered = "median_bound" in self.stability  # stability_median: one more neighbour
+        near_m = torch.empty(len(x), self.num_heads, device=self.device) if filtered else None
         for i in range(0, len(x), step):
             xs = x[i:i + step]
             near[:, i:i + step] = self.head_confidences(self.neighbour(xs))[0].reshape(m, len(xs), -1)
-        return stability_ratio(conf, near, self.stability["bound"])
+            if filtered:
+                xm = median_filter(xs.to(self.device), self.config.stability_median)
+                near_m[i:i + step] = self.head_confidences(xm)[0]
+        ratio = stability_ratio(conf, near, self.stability["bound"])
+        # the filtered neighbour, against its own bound
+        return ratio, stability_ratio(conf, near_m, self.stability["median_bound"]) if filtered else None
 
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> torch.Tensor:
@@ -459,7 +473,7 @@ class LinkBreaker:
             draws = meta["config"].get("stability_draws", LEGACY_CONFIG["stability_draws"])
             draws = draws if isinstance(draws, int) and draws > 1 else None  # GuardConfig names a bad one
             expected.update({"stability.noise": (draws, *shape) if draws else tuple(shape), "stability.bound": ()})
-            for name in ("contrast", "gate"):
+            for name in ("contrast", "gate", "median_bound"):
                 if f"stability.{name}" in tensors:
                     expected[f"stability.{name}"] = ()
             if "stability.jitter" in tensors:  # one sampling grid per neighbour, images only
@@ -469,7 +483,7 @@ class LinkBreaker:
                 expected["stability.jitter"] = (draws or 1, *shape[1:], 2)
         safefiles.check_shapes(tensors, expected, path)
         safefiles.check_tensor_ranges(tensors, path)
-        for name in ("bound", "contrast"):  # a bound <= 0 would invert the test, a contrast <= 0 divide by 0
+        for name in ("bound", "contrast", "median_bound"):  # a bound <= 0 would invert the test, a contrast <= 0 divide by 0
             if f"stability.{name}" in tensors and not float(tensors[f"stability.{name}"]) > 0:
                 raise Err(f"{path}: stability.{name} must be > 0, got {float(tensors[f'stability.{name}']):g}")
         if "stability.gate" in tensors and not float(tensors["stability.gate"]) >= 0:  # a ratio's quantile
@@ -505,6 +519,13 @@ class LinkBreaker:
             if stable and scaled != (config.stability_contrast > 0):
                 raise ValueError(f"stability_contrast={config.stability_contrast} but the file "
                                  f"{'has' if scaled else 'lacks'} the reference contrast")
+            filtered = "stability.median_bound" in tensors
+            if stable and filtered != (config.stability_median > 0):
+                raise ValueError(f"stability_median={config.stability_median} but the file "
+                                 f"{'has' if filtered else 'lacks'} the filtered neighbour's bound")
+            if filtered and not stable:
+                raise ValueError("stability.median_bound needs the stability test's tensors")
+            check_median_inputs(config, shape)
             gate = "stability.gate" in tensors  # set only where the consistency check gives a ratio
             if stable and gate != (config.stability_gate is not None and config.consistency and bool(profile)):
                 raise ValueError(f"stability_gate={config.stability_gate} but the file "

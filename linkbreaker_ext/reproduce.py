@@ -267,9 +267,13 @@ def table(dataset: str, split: str, reports: dict, tag: str | None = None, valid
                 ("after_ood_hint_confident", " + confident hint"), ("after_ood_hint_nearest", " + nearest hint"),
                 ("after_without_alarm_margin", " - alarm margin"),
                 ("after_without_neighbourhood", " - neighbourhood test"),
+                ("after_without_filtered_neighbour", " - filtered neighbour"),
                 ("after_without_stability_gate", " - stability gate"),
                 ("after_without_stability", " - stability test"),
                 ("after_without_consistency", " - consistency check")]
+    if any("after_without_filtered_neighbour" in r for rs in reports.values() for r in rs):
+        lines[2] += (" *- filtered neighbour*: the same, without the median-filtered neighbour "
+                     "(`stability_median=0`: neither its veto nor its say in an OOD verdict's hint).")
     for attack_name, reps in reports.items():
         if not reps:
             continue

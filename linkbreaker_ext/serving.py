@@ -50,7 +50,8 @@ import torch
 from torch import fx, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.linkbreaker.guard_head and its fake kernel)
-from .verdict import check_input, combined_ratio, decide, gated, neighbour, neighbourhood_scores, stability_ratio
+from .verdict import (check_input, combined_ratio, decide, gated, median_filter, neighbour, neighbourhood_scores,
+                      stability_ratio)
 from .salient import reduce_layers
 from .layers import INPUT, LATE, evidence_layer, frozen_copy, head_rows, units
 
@@ -203,6 +204,8 @@ class GuardedModule(nn.Module):
         self.peak = []  # consistency_peak: the evidences read again as their peak (set below)
         self.stable = guard.stability is not None and cfg.stability_test
         self.draws = cfg.stability_draws  # neighbours per input (stability test)
+        # stability_median: one more neighbour per input, the input median-filtered
+        self.median = int(cfg.stability_median) if self.stable and "median_bound" in guard.stability else 0
         self.reduce = cfg.consistency_reduce
         self.inconsistent_verdict = cfg.inconsistent_verdict
         self.ood_hint = cfg.ood_hint
@@ -277,6 +280,8 @@ class GuardedModule(nn.Module):
             self.register_buffer("stability_contrast", None if contrast is None else contrast.float().to(device))
             jitter = guard.stability.get("jitter")  # None: the noise alone makes the neighbours
             self.register_buffer("stability_jitter", None if jitter is None else jitter.float().to(device))
+            if self.median:
+                self.register_buffer("stability_median_bound", guard.stability["median_bound"].float().to(device))
             gate = guard.stability.get("gate")  # None: the test judges every head
             self.register_buffer("stability_gate", None if gate is None else gate.float().to(device))
 
@@ -310,7 +315,12 @@ class GuardedModule(nn.Module):
         stability neighbour are two)."""
         device = device or self.thresholds.device
         rows = self.batch_rows or (256 if device.type == "cpu" else 8192)
-        return max(1, rows // (self.rows * (1 + self.draws if self.stable else 1)))
+        return max(1, rows // (self.rows * self._copies()))
+
+    def _copies(self) -> int:
+        """Forwards per input and head mask: the input, and with the stability test its neighbours
+        (``stability_draws``, and the filtered one with ``stability_median``)."""
+        return 1 + self.draws + (1 if self.median else 0) if self.stable else 1
 
     def cuda_graph(self, batch_size: int, warmup: int = 3) -> "GraphedGuard":
         """This module captured as one CUDA graph for inputs of exactly ``batch_size``: each call is a
@@ -337,7 +347,8 @@ class GuardedModule(nn.Module):
         b, r = x.shape[0], self.rows
         if self.stable:  # the input and its neighbour(s) (stability test) in one forward
             x = torch.cat([x, neighbour(x, self.stability_noise, self.input_range, self.stability_contrast,
-                                        self.stability_jitter)])
+                                        self.stability_jitter),
+                           *([median_filter(x, self.median)] if self.median else [])])
         rows = x.repeat_interleave(r, dim=0) if r > 1 else x
         late, *acts = self.body(rows)
         late = late.reshape(x.shape[0], r, -1)
@@ -346,9 +357,13 @@ class GuardedModule(nn.Module):
             feats.contiguous(), self.late_weight, self.late_bias, self.late_mask, self.late_fill, self.thresholds)
         if not (self.consistency or self.stable):
             return labels, verdict, conf
-        deviation = unstable = None
+        deviation = unstable = filtered = None
         if self.stable:
-            unstable = stability_ratio(conf[:b], conf[b:].reshape(self.draws, b, -1), self.stability_bound)
+            m = self.draws * b
+            unstable = stability_ratio(conf[:b], conf[b:b + m].reshape(self.draws, b, -1), self.stability_bound)
+            if self.median:  # the filtered neighbour, against its own bound
+                filtered = stability_ratio(conf[:b], conf[b + m:], self.stability_median_bound)
+                unstable = torch.maximum(unstable, filtered)
             # a copy: a view of the first b rows would keep the neighbours' rows alive in the outputs
             conf, feats, acts = conf[:b].clone(), feats[:b], [a[:b] for a in acts]
         row_acts = acts  # each row's values, before they are spread over the heads (the rank test)
@@ -365,7 +380,7 @@ class GuardedModule(nn.Module):
                          / self.rank_bound, deviation, self.rank_gate)
         labels, verdict = decide(conf, self.thresholds, combined_ratio(deviation, unstable),
                                  self.inconsistent_verdict, self.ood_hint, self.alarm_margin, near,
-                                 self.rank_alarm)
+                                 self.rank_alarm, filtered)
         return labels, verdict, conf
 
     def _inputs_per_pass(self, u, center) -> int:

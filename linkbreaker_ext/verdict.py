@@ -25,13 +25,16 @@ class GuardResult:
     #                                             consistency ratio exceeds it (None: every head)
     neighbourhood: torch.Tensor | None = None  # float32 [B, N]; neighbourhood rank score / bound
     neighbourhood_gate: torch.Tensor | None = None  # 0-d; the rank test's gate, as stability_gate's
+    filtered: torch.Tensor | None = None  # float32 [B, N]; log-odds fall to the median-filtered
+    #                                       input / its bound (stability_median; None without it)
 
     @property
     def credibility(self) -> torch.Tensor | None:
         """``[B, N]``: the ratio the veto judges, the larger of the consistency ratio and the
-        stability ratio where the gate lets the test judge (<= 1: credible if confident); None when
-        the guard has neither."""
-        return combined_ratio(self.consistency, gated(self.stability, self.consistency, self.stability_gate))
+        stability ratio (the larger of the jittered and the filtered neighbours') where the gate lets
+        the test judge (<= 1: credible if confident); None when the guard has neither."""
+        unstable = combined_ratio(self.stability, self.filtered)  # both neighbours, under one gate
+        return combined_ratio(self.consistency, gated(unstable, self.consistency, self.stability_gate))
 
     @property
     def rank_ratio(self) -> torch.Tensor | None:
@@ -123,7 +126,8 @@ def vote(conf: torch.Tensor, credible: torch.Tensor, consistent: torch.Tensor | 
 
 def decide(conf: torch.Tensor, thresholds: torch.Tensor, ratio: torch.Tensor | None = None,
            inconsistent_verdict: str = "alarm", ood_hint: str = "nearest", alarm_margin: float = 0.0,
-           ranks: torch.Tensor | None = None, rank_alarm: bool = True):
+           ranks: torch.Tensor | None = None, rank_alarm: bool = True,
+           hint_filter: torch.Tensor | None = None):
     """``(labels, verdict)`` of Alg. 3 with the consistency veto: a head is credible when it passes
     its confidence threshold and, given its consistency ``ratio`` ``[B, N]``, is consistent
     (``ratio <= 1``); a confident but inconsistent head gets ``inconsistent_verdict``; ``ood_hint``
@@ -136,7 +140,11 @@ def decide(conf: torch.Tensor, thresholds: torch.Tensor, ratio: torch.Tensor | N
     rank test's judged ratios, :attr:`GuardResult.rank_ratio`), an accepted answer whose head's
     ratio exceeds 1 raises the alarm instead, and an OOD verdict's hint weighs them with the veto
     ratios (``rank_alarm=False``: only the hint); the test never changes which heads are credible
-    (docs/method.md, "A faint trigger's neighbourhood")."""
+    (docs/method.md, "A faint trigger's neighbourhood"). With ``hint_filter`` ``[B, N]`` (the
+    filtered neighbour's ratios, :attr:`GuardResult.filtered`, not gated), an OOD verdict never names
+    a head that fails it (ratio > 1) while another head passes: a head whose answer the median
+    filter takes away rests on thin lines or dots, not on the object (docs/method.md, "A filtered
+    neighbour"); verdicts are unchanged."""
     confident = conf >= thresholds
     if ratio is None:
         return alarm_on_failed_ranks(*vote(conf, confident), ranks if rank_alarm else None)
@@ -150,6 +158,9 @@ def decide(conf: torch.Tensor, thresholds: torch.Tensor, ratio: torch.Tensor | N
     # the OOD hint also weighs the rank test: a head whose class's neighbourhood the input is not in
     # is named last (the verdicts are the same either way)
     hint = ratio if ranks is None else combined_ratio(ratio, ranks)
+    if hint_filter is not None:  # named only where no head that passes the filter is left
+        fails = hint_filter > 1
+        hint = hint.masked_fill(fails & (~fails).any(1, keepdim=True), float("inf"))
     return alarm_on_failed_ranks(*vote(conf, confident & consistent, hint <= 1, alarm,
                              hint if ood_hint == "nearest" else None), ranks if rank_alarm else None)
 
@@ -210,6 +221,17 @@ def neighbour(x: torch.Tensor, noise: torch.Tensor, value_range=None,
     xn = base + noise
     xn = xn.flatten(0, 1) if xn.dim() > x.dim() else xn
     return xn if value_range is None else xn.clamp(value_range[0], value_range[1])
+
+
+def median_filter(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` ``[B, C, H, W]`` through a ``size`` x ``size`` median filter per channel (edges
+    repeated): the stability test's filtered neighbour (``stability_median``). A median keeps edges
+    and flat regions, what a sign or an object is made of, and removes lines and dots thinner than
+    half the window, what a sparse trigger is made of (docs/method.md, "A filtered neighbour")."""
+    b, c, h, w = x.shape
+    r = size // 2
+    windows = F.unfold(F.pad(x, (r, r, r, r), mode="replicate"), size)  # [B, C * size^2, H * W]
+    return windows.view(b, c, size * size, h * w).median(2).values.view(b, c, h, w)
 
 
 def input_contrast(x: torch.Tensor) -> torch.Tensor:

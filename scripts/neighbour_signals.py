@@ -20,9 +20,21 @@ For each, the AUROC of triggered against clean dev inputs (both directions: a sc
 threshold set on the clean calibration split (its 99th percentile, both tails) together with the
 share of dev clean inputs it refuses. Bare model only: a screen, before anything enters the guard.
 
-Writes ``results/dev/<dataset>/neighbours-<attack>-<seed>.json``.
+``median3`` (a 3x3 median filter per channel, a classic remover of sparse patterns) and ``blur5``
+(a wider binomial blur) were added for GTSRB's Trojan watermark, whose trigger is thin dashed lines.
+
+``--guarded``: judge the saved guard's leftovers instead of the bare model's whole populations. The
+triggered inputs screened are the guard's *escapes* (answered with the target, hint reading) and
+the clean ones are the answers it gets right; each signal's threshold is set on the clean
+calibration split at the quantiles of ``GUARDED_QUANTILES``, and the report says how many escapes
+each would catch and how many right answers it would cost. A signal worth carrying into the guard
+catches escapes at a cost of a few tenths of a point.
+
+Writes ``results/dev/<dataset>/neighbours-<attack>-<seed>[-guarded].json``.
 
     python scripts/neighbour_signals.py --attack wanet-noise --seed 1 --n 500
+    python scripts/neighbour_signals.py --dataset gtsrb --attack trojan-watermark --seed 0 \
+        --work runs/gtsrb-sgdbf16-e30-t1 --guarded --n 2000
 """
 from __future__ import annotations
 
@@ -45,6 +57,14 @@ from linkbreaker_ext.verdict import neighbour  # noqa: E402
 
 DEV = slice(0, 5000)
 ROWS = 250
+GUARDED_QUANTILES = (0.99, 0.995, 0.999)
+
+
+def median3(x):
+    """3x3 median filter per channel (replicate padding)."""
+    b, c, h, w = x.shape
+    patches = F.unfold(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3)  # [b, c*9, h*w]
+    return patches.view(b, c, 9, h * w).median(2).values.view(b, c, h, w)
 
 
 def answer_log_odds(model, x, labels):
@@ -60,8 +80,12 @@ def corruptions(x):
     g = torch.Generator().manual_seed(0)
     kernel = torch.tensor([1.0, 2.0, 1.0])
     kernel = (kernel[:, None] * kernel[None, :] / 16).expand(x.shape[1], 1, 3, 3)
+    wide = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
+    wide = (wide[:, None] * wide[None, :] / 256).expand(x.shape[1], 1, 5, 5)
     out = {
         "blur": F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=x.shape[1]),
+        "blur5": F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), wide, groups=x.shape[1]),
+        "median3": median3(x),
         "down2": F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode="bilinear", align_corners=False),
         "shift1": torch.roll(x, shifts=1, dims=3),
         "bright": (x + 0.1).clamp(0, 1),
@@ -106,22 +130,50 @@ def main():
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--eps", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--work", default=None, help="the reproduce work folder (default runs/<dataset>)")
+    p.add_argument("--guarded", action="store_true",
+                   help="screen the saved guard's escapes against the clean answers it gets right")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    work = ROOT / "runs" / args.dataset
-    split = experiment.split_data(args.dataset, args.data, None, args.seed)
-    model, meta = experiment.load_model(work / "models" / f"{args.attack}-{args.seed}.safetensors")
+    work = Path(args.work) if args.work else ROOT / "runs" / args.dataset
+    run = f"{args.attack}-{args.seed}"
+    if args.guarded:
+        split, model, attack, guard, _ = experiment.saved_run(args.dataset, run, args.data, work)
+    else:
+        split = experiment.split_data(args.dataset, args.data, None, args.seed)
+        model, meta = experiment.load_model(work / "models" / f"{run}.safetensors")
+        attack = experiment.attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None
     model.eval()
-    attack = experiment.attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None
     cal, _ = stratified_split(split["y_val"], 0.3, seed=0)
     x_cal = split["x_val"][cal]
     xc, yc, xt, _, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], args.n,
                                                  args.n, args.seed, DEV)
-    hit = model(xt).argmax(1) == target  # triggered inputs that work: the ones a guard must catch
+    kept = torch.ones(len(xc), dtype=torch.bool)
+    if args.guarded:  # the guard's escapes, and the clean answers it gets right
+        hit = guard(xt).labels == target
+        kept = guard(xc).labels == yc
+    else:
+        hit = model(xt).argmax(1) == target  # triggered inputs that work: the ones a guard must catch
     f_cal, f_c, f_t = (falls(model, x, args.eps) for x in (x_cal, xc, xt))
     out = {"dataset": args.dataset, "attack": args.attack, "seed": args.seed, "n": args.n,
-           "asr_bare": hit.float().mean().item(), "signals": {}}
+           "work": str(work), "guarded": args.guarded, "escapes" if args.guarded else "hits": int(hit.sum()),
+           "asr_bare" if not args.guarded else "asr_guarded": hit.float().mean().item(),
+           "clean_kept": int(kept.sum()), "signals": {}}
     for name in f_c:
+        if args.guarded:
+            t, c = f_t[name][hit], f_c[name][kept]
+            out["signals"][name] = row = {
+                "auroc_high": auroc(c, t) if len(t) else None, "clean_median": c.median().item(),
+                "escape_median": t.median().item() if len(t) else None, "by_quantile": {}}
+            for q in GUARDED_QUANTILES:
+                hi = f_cal[name].quantile(q).item()
+                row["by_quantile"][str(q)] = {"threshold": hi, "escapes_caught": int((t > hi).sum()),
+                                             "clean_right_lost": int((c > hi).sum())}
+            qs = " ".join(f"q{q}: {v['escapes_caught']}/{len(t)} caught, {v['clean_right_lost']} lost"
+                          for q, v in row["by_quantile"].items())
+            print(f"{name:10s} auroc {row['auroc_high']} | median clean {row['clean_median']:.3f} "
+                  f"escape {row['escape_median']} | {qs}", flush=True)
+            continue
         t = f_t[name][hit]
         lo, hi = f_cal[name].quantile(0.005).item(), f_cal[name].quantile(0.995).item()
         row = {"auroc_high": auroc(f_c[name], t), "auroc_low": auroc(-f_c[name], -t),
@@ -133,7 +185,8 @@ def main():
         print(f"{name:10s} auroc hi {row['auroc_high']:.3f} lo {row['auroc_low']:.3f} | median clean "
               f"{row['clean_median']:.3f} trig {row['trigger_median']:.3f} | caught hi {row['caught_high']:.3f} "
               f"(clean {row['clean_high']:.3f}) lo {row['caught_low']:.3f} (clean {row['clean_low']:.3f})", flush=True)
-    dest = ROOT / "results" / "dev" / args.dataset / f"neighbours-{args.attack}-{args.seed}.json"
+    tag = "-guarded" if args.guarded else ""
+    dest = ROOT / "results" / "dev" / args.dataset / f"neighbours-{run}{tag}.json"
     dest.write_text(json.dumps(out, indent=1) + "\n")
     print("wrote", dest)
 

@@ -1565,6 +1565,29 @@ def test_ood_hint_without_a_consistent_head_is_the_head_nearest_to_its_bounds():
         assert verdict.tolist() == [ALARM, ACCEPT, ALARM] and labels.tolist() == [-1, 1, -1]
 
 
+def test_an_ood_hint_skips_heads_that_fail_the_filtered_neighbour():
+    """decide with ``hint_filter``: an OOD verdict does not name a head whose filtered-neighbour
+    ratio exceeds 1 while another head passes (with no consistent head, the nearest of those that
+    pass; with consistent heads, the most confident consistent one that passes); where every head
+    fails, the rule without it; verdicts, alarms and accepted answers never change."""
+    from linkbreaker_ext.verdict import decide
+    conf = torch.tensor([[0.95, 0.30, 0.20]] * 4)
+    thresholds = torch.tensor([0.99, 0.99, 0.99])     # nothing confident: every row is OOD
+    ratio = torch.tensor([[1.2, 3.0, 2.0],            # none consistent: head 0 nearest, fails the filter
+                          [0.5, 0.9, 3.0],            # heads 0 and 1 consistent: 0 the more confident, fails
+                          [1.2, 3.0, 2.0],            # every head fails: the nearest all the same
+                          [1.2, 3.0, 2.0]])           # head 0 passes: named as before
+    filtered = torch.tensor([[1.5, 0.2, 0.1], [1.5, 0.2, 0.1], [1.5, 1.1, 2.0], [0.9, 0.2, 2.0]])
+    labels, verdict = decide(conf, thresholds, ratio)
+    assert labels.tolist() == [0, 0, 0, 0]
+    labels, verdict = decide(conf, thresholds, ratio, hint_filter=filtered)
+    assert verdict.tolist() == [OOD] * 4 and labels.tolist() == [2, 1, 0, 0]
+    thresholds = torch.tensor([0.9, 0.5, 0.99])       # head 0 confident everywhere
+    for f in (None, filtered):  # the filter's ratio is the veto's business (credibility), not the vote's
+        labels, verdict = decide(conf, thresholds, ratio, hint_filter=f)
+        assert verdict.tolist() == [ALARM, ACCEPT, ALARM, ALARM] and labels.tolist() == [-1, 0, -1, -1]
+
+
 def test_alarm_margin_turns_a_nearly_confident_head_without_support_into_the_alarm():
     """decide: with no head consistent with its class, a head within ``alarm_margin`` log-odds of
     its threshold raises the alarm (its hint would be that head); beyond the margin, or when some
@@ -1994,6 +2017,70 @@ def test_a_saved_reference_contrast_round_trips_and_a_bad_one_is_refused(guard_d
         LinkBreaker.load(path, deep_net)
     with pytest.raises(ValueError, match="stability_contrast"):
         GuardConfig(stability_contrast=1.5)
+
+
+def test_median_filter_takes_each_windows_median_and_removes_thin_lines():
+    """By hand: each output pixel is the median of its size x size window, edges repeated, per
+    channel; a one-pixel line on a flat image disappears, a 3x3 block's inside stays."""
+    from linkbreaker_ext.verdict import median_filter
+
+    x = torch.rand(2, 3, 7, 9, generator=torch.Generator().manual_seed(0))
+    for size in (3, 5):
+        r = size // 2
+        padded = torch.nn.functional.pad(x, (r, r, r, r), mode="replicate")
+        want = torch.stack([torch.stack([padded[:, :, i:i + size, j:j + size].flatten(2).median(2).values
+                                         for j in range(9)], -1) for i in range(7)], -2)
+        torch.testing.assert_close(median_filter(x, size), want, rtol=0, atol=0)
+    img = torch.zeros(1, 1, 8, 8)
+    img[0, 0, 5, :] = 1.0           # a thin line
+    img[0, 0, 0:3, 0:3] = 1.0       # a block
+    out = median_filter(img, 3)
+    assert out[0, 0, 5].abs().max() == 0 and out[0, 0, 1, 1] == 1
+
+
+def test_the_filtered_neighbour_joins_the_stability_ratio_and_round_trips(guard_deep, deep_net, synth, tmp_path):
+    """``stability_median=3`` adds one neighbour, the input through a 3x3 median filter, with its own
+    bound from the calibration split by the jitter's rule: a head's stability ratio becomes the
+    larger of its jitter ratio and its filtered fall over that bound (by hand), nothing else the
+    recalibration sets changes, and the bound is saved, loaded and served (``as_module``) with the
+    same answers. A file without it (or with a bound <= 0) is refused, and so are settings the
+    filter cannot run with."""
+    from linkbreaker_ext.verdict import median_filter, stability_falls
+
+    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_median=3)
+    assert "median_bound" not in guard_deep.stability
+    assert torch.equal(g.thresholds, guard_deep.thresholds)
+    assert torch.equal(g.stability["bound"], guard_deep.stability["bound"])
+    assert g.stability["median_bound"].item() >= g.config.stability_floor
+    assert g.diagnostics["calibration_median_drops"].shape == (len(g.diagnostics["calibration_labels"]), NUM_CLASSES)
+    x = torch.cat([synth["x_test"][:40], add_trigger(synth["x_test"][:8])])
+    conf = g.head_confidences(x)[0]
+    filtered = stability_falls(conf, g.head_confidences(median_filter(x, 3))[0]) / g.stability["median_bound"].double()
+    want = torch.maximum(guard_deep.stability_ratios(x), filtered.float())
+    torch.testing.assert_close(g.stability_ratios(x), want, rtol=1e-6, atol=1e-6)
+    assert (filtered.float() > guard_deep.stability_ratios(x)).any()  # the filter does judge some heads
+    r = g(x)  # the result carries the filtered ratios apart (an OOD hint reads them ungated)
+    torch.testing.assert_close(r.filtered, filtered.float(), rtol=1e-6, atol=1e-6)
+    assert guard_deep(x).filtered is None
+    path = tmp_path / "g.safetensors"
+    assert_neighbour_state_round_trips(g, "median_bound", path, deep_net, synth)
+    assert LinkBreaker.load(path, deep_net).config.stability_median == 3
+    tensors, meta = _file(path)
+    safefiles.write(path, dict(tensors, **{"stability.median_bound": torch.tensor(0.0)}), FORMAT, meta)
+    with pytest.raises(safefiles.GuardFileError, match="stability.median_bound must be > 0"):
+        LinkBreaker.load(path, deep_net)
+    safefiles.write(path, {k: v for k, v in tensors.items() if k != "stability.median_bound"}, FORMAT, meta)
+    with pytest.raises(safefiles.GuardFileError, match="lacks the filtered neighbour's bound"):
+        LinkBreaker.load(path, deep_net)
+    for bad, why in ((2, "odd integer"), (True, "odd integer"), (-3, "odd integer")):
+        with pytest.raises(ValueError, match=f"stability_median.*{why}"):
+            GuardConfig(stability_median=bad)
+    with pytest.raises(ValueError, match="stability_median.*needs the stability test"):
+        GuardConfig(stability_median=3, **NO_STABILITY)
+    with pytest.raises(ValueError, match=r"stability_median=3 filters images .* these inputs are \[144\]"):
+        fitting.check_median_inputs(GuardConfig(stability_median=3), (144,))
+    with pytest.raises(ValueError, match="stability_median=15 filters images"):  # larger than 12x12
+        guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_median=15)
 
 
 def test_jittered_neighbours_resample_the_input_through_fixed_grids(guard_deep, synth):

@@ -1,0 +1,146 @@
+"""Dev study (issue #6): the stability test's filtered neighbour (``stability_median``), and which
+heads it should judge.
+
+GTSRB's Trojan watermark is thin dashed lines; a 3x3 median filter erases them and keeps the sign
+(``python scripts/neighbour_signals.py --guarded``: the bare model's answer on the guard's escapes
+falls a median 20.7 log-odds under the filter, a clean answer 0.67). This asks how the guard should
+use that fall. For each saved run (recalibrated with ``stability_median``, no refit), on the dev
+half, from one pass of the heads over the inputs and their filtered copies, the decision is made
+again (:func:`linkbreaker_ext.verdict.decide`) four ways:
+
+* ``default``: today's guard (no filtered neighbour);
+* ``gated``: the filtered fall joins the stability ratio, under the stability test's gate (what
+  ``stability_median`` does);
+* ``ungated``: the filtered fall judges every head, the jitter's ratio stays gated;
+* ``gated_hint``: as ``gated``, and the filtered fall also judges every head that an OOD verdict
+  could name (the ratio the hint reads), never which heads are credible;
+* ``stable_hint``: as ``gated``, and an OOD verdict without a consistent head names the head
+  nearest to its bounds among those that pass both neighbours' tests ungated (jitter and filter
+  ratios <= 1), where there is one: the watermark's OOD escapes have no consistent head, and the
+  target head, whose ratios are the smallest, fails the filter while the source head passes it;
+* ``filter_hint``: as ``stable_hint``, with the filter's ratio alone (the jitter's, ungated, costs
+  clean hints).
+
+Reported per variant: the CDA drop against the bare model on the same clean inputs (points), the
+ASR after the guard (hint reading and accepted only, %), and the clean answers it loses and gains
+against ``default``. Writes ``results/dev/filtered-neighbour/<dataset>-<run>-<work>.json``.
+
+    python scripts/filtered_neighbour_study.py --work runs/gtsrb-sgdbf16-e30-t1 \
+        --runs trojan-watermark-0 badnets-0 --n 2000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from linkbreaker_ext import experiment  # noqa: E402
+from linkbreaker_ext.reproduce import SPLITS  # noqa: E402
+from linkbreaker_ext.verdict import (ACCEPT, combined_ratio, decide, gated, median_filter,  # noqa: E402
+                                     stability_ratio)
+
+OUT = ROOT / "results" / "dev" / "filtered-neighbour"
+
+
+def filtered_ratios(guard, x):
+    """``[B, N]``: each head's fall in own-class log-odds from ``x`` to its median-filtered copy,
+    over the filtered neighbour's calibrated bound (not gated)."""
+    size, bound = guard.config.stability_median, guard.stability["median_bound"]
+    out = []
+    for i in range(0, len(x), 256):
+        xs = x[i:i + 256]
+        conf = guard.head_confidences(xs)[0]
+        out.append(stability_ratio(conf, guard.head_confidences(median_filter(xs, size))[0], bound))
+    return torch.cat(out)
+
+
+def variants(guard, r, filtered):
+    """``{name: (labels, verdict)}`` of the four decisions, from the default guard's result ``r``
+    and the filtered ratios."""
+    cfg = guard.config
+    jitter = gated(r.stability, r.consistency, r.stability_gate)
+    base = combined_ratio(r.consistency, jitter)
+    gate_f = gated(filtered, r.consistency, r.stability_gate)
+
+    def run(veto, hint_extra=None):
+        ranks = r.rank_ratio
+        labels, verdict = decide(r.confidences, r.thresholds, veto, cfg.inconsistent_verdict, cfg.ood_hint,
+                                 cfg.alarm_margin, ranks, cfg.neighbourhood_alarm)
+        if hint_extra is None:
+            return labels, verdict
+        # the hint of an OOD verdict re-read with the filtered fall judging every head
+        l2, v2 = decide(r.confidences, r.thresholds, veto, cfg.inconsistent_verdict, cfg.ood_hint,
+                        cfg.alarm_margin, combined_ratio(ranks, hint_extra), cfg.neighbourhood_alarm)
+        ood = verdict == 2
+        return torch.where(ood & (v2 == 2), l2, labels), verdict
+
+    veto = combined_ratio(base, gate_f)
+    unstable = combined_ratio(r.stability, filtered) > 1
+    hint = combined_ratio(veto, r.rank_ratio)
+    return {"default": run(base),
+            "gated": run(veto),
+            "ungated": run(combined_ratio(base, filtered)),
+            "gated_hint": run(veto, filtered),
+            "stable_hint": run(veto, torch.where(unstable, hint + 1e3, torch.zeros_like(hint))),
+            "filter_hint": run(veto, torch.where(filtered > 1, hint + 1e3, torch.zeros_like(hint)))}
+
+
+def study(work: Path, run: str, size: int, n: int, data) -> dict:
+    split, model, attack, guard, seed = experiment.saved_run(
+        experiment.load_model(work / "models" / f"{run}.safetensors")[1]["dataset"], run, data, work)
+    g = guard.recalibrate(split["x_val"], split["y_val"], stability_median=size)
+    xc, yc, xt, _, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], n, n, seed,
+                                                 SPLITS["dev"])
+    with torch.no_grad():
+        before = model(xc).argmax(1) == yc
+        rc, rt = guard(xc), guard(xt)
+        fc, ft = filtered_ratios(g, xc), filtered_ratios(g, xt)
+    vc, vt = variants(g, rc, fc), variants(g, rt, ft)
+    right0 = vc["default"][0] == yc
+    out = {"run": run, "work": str(work), "split": "dev", "stability_median": size, "n_clean": len(xc),
+           "n_trigger": len(xt), "median_bound": g.stability["median_bound"].item(),
+           "stability_bound": g.stability["bound"].item(), "variants": {}}
+    for name in vc:
+        right = vc[name][0] == yc
+        hit = vt[name][0] == target
+        out["variants"][name] = {
+            "drop": round(100 * (before.double().mean() - right.double().mean()).item(), 3),
+            "asr": round(100 * hit.double().mean().item(), 3),
+            "asr_accepted": round(100 * (hit & (vt[name][1] == ACCEPT)).double().mean().item(), 3),
+            "clean_lost_vs_default": int((right0 & ~right).sum()),
+            "clean_gained_vs_default": int((~right0 & right).sum()),
+        }
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--runs", nargs="+", required=True)
+    ap.add_argument("--size", type=int, default=3, help="the median filter's side")
+    ap.add_argument("--n", type=int, default=2000, help="clean and triggered dev inputs each")
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    OUT.mkdir(parents=True, exist_ok=True)
+    for run in args.runs:
+        result = study(work, run, args.size, args.n, args.data)
+        dataset = experiment.load_model(work / "models" / f"{run}.safetensors")[1]["dataset"]
+        dest = OUT / f"{dataset}-{run}-{work.name}.json"
+        dest.write_text(json.dumps(result, indent=1) + "\n")
+        for name, v in result["variants"].items():
+            print(f"{run} ({work.name}) {name:>10}: drop {v['drop']:.2f}, ASR {v['asr']:.2f} / "
+                  f"{v['asr_accepted']:.2f}, clean lost {v['clean_lost_vs_default']} gained "
+                  f"{v['clean_gained_vs_default']} vs default", flush=True)
+        print("wrote", dest.relative_to(ROOT))
+
+
+if __name__ == "__main__":
+    main()
