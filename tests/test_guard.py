@@ -2083,6 +2083,22 @@ def test_the_filtered_neighbour_joins_the_stability_ratio_and_round_trips(guard_
         guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_median=15)
 
 
+def test_reports_ablate_the_filtered_neighbour_to_the_guard_without_it(guard_deep, deep_net, synth):
+    """A report of a guard with ``stability_median`` carries ``after_without_filtered_neighbour``:
+    the same forward passes decided without the filter's veto and hint rule, which is exactly the
+    guard recalibrated without it (the same thresholds and bounds); a guard without the filter has
+    no such row."""
+    from linkbreaker_ext import experiment
+
+    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_median=3)
+    args = (None, synth["x_test"], synth["y_test"], 80, 60)
+    with_filter, _ = experiment.evaluate(deep_net, g, *args)
+    without, _ = experiment.evaluate(deep_net, guard_deep, *args)
+    assert "after_without_filtered_neighbour" not in without
+    assert with_filter["after_without_filtered_neighbour"] == without["after"]
+    assert with_filter["after_without_stability"] == without["after_without_stability"]
+
+
 def test_jittered_neighbours_resample_the_input_through_fixed_grids(guard_deep, synth):
     """With ``stability_jitter`` = a > 0, the m-th neighbour is the input resampled (bilinear, edges
     repeated) through the m-th fixed grid, every pixel moved by at most a pixels per axis, then its
