@@ -19,14 +19,17 @@ again (:func:`linkbreaker_ext.verdict.decide`) four ways:
   ratios <= 1), where there is one: the watermark's OOD escapes have no consistent head, and the
   target head, whose ratios are the smallest, fails the filter while the source head passes it;
 * ``filter_hint``: as ``stable_hint``, with the filter's ratio alone (the jitter's, ungated, costs
-  clean hints).
+  clean hints): what ``stability_median`` does;
+* ``filter_hint@q`` (``--quantiles``): as ``filter_hint``, the filter's bound set at the quantile q
+  of the confident calibration heads' filtered falls alone (at least the floor) instead of the
+  jitter's rule: where a higher bound trades catches for clean answers.
 
 Reported per variant: the CDA drop against the bare model on the same clean inputs (points), the
 ASR after the guard (hint reading and accepted only, %), and the clean answers it loses and gains
 against ``default``. Writes ``results/dev/filtered-neighbour/<dataset>-<run>-<work>.json``.
 
     python scripts/filtered_neighbour_study.py --work runs/gtsrb-sgdbf16-e30-t1 \
-        --runs trojan-watermark-0 badnets-0 --n 2000
+        --runs trojan-watermark-0 badnets-0 --n 2000 --quantiles 0.995 0.999 1.0
 """
 from __future__ import annotations
 
@@ -59,7 +62,17 @@ def filtered_ratios(guard, x):
     return torch.cat(out)
 
 
-def variants(guard, r, filtered):
+def quantile_bound(guard, q: float) -> float:
+    """The filtered neighbour's bound at quantile ``q`` of the calibration split's own-class falls
+    of confident heads (at least ``stability_floor``)."""
+    d = guard.diagnostics
+    drops, y, conf = d["calibration_median_drops"], d["calibration_labels"], d["calibration_conf"]
+    i = torch.arange(len(y))
+    keep = conf[i, y] >= guard.thresholds.cpu()[y]
+    return max(guard.config.stability_floor, torch.quantile(drops[i, y][keep].double(), q).item())
+
+
+def variants(guard, r, filtered, quantiles=()):
     """``{name: (labels, verdict)}`` of the four decisions, from the default guard's result ``r``
     and the filtered ratios."""
     cfg = guard.config
@@ -82,15 +95,22 @@ def variants(guard, r, filtered):
     veto = combined_ratio(base, gate_f)
     unstable = combined_ratio(r.stability, filtered) > 1
     hint = combined_ratio(veto, r.rank_ratio)
-    return {"default": run(base),
+    out = {"default": run(base),
             "gated": run(veto),
             "ungated": run(combined_ratio(base, filtered)),
             "gated_hint": run(veto, filtered),
             "stable_hint": run(veto, torch.where(unstable, hint + 1e3, torch.zeros_like(hint))),
             "filter_hint": run(veto, torch.where(filtered > 1, hint + 1e3, torch.zeros_like(hint)))}
+    bound = guard.stability["median_bound"].item()
+    for q in quantiles:  # the filter's ratios against another bound
+        f = filtered * (bound / quantile_bound(guard, q))
+        v = combined_ratio(base, gated(f, r.consistency, r.stability_gate))
+        h = combined_ratio(v, r.rank_ratio)
+        out[f"filter_hint@{q:g}"] = run(v, torch.where(f > 1, h + 1e3, torch.zeros_like(h)))
+    return out
 
 
-def study(work: Path, run: str, size: int, n: int, data) -> dict:
+def study(work: Path, run: str, size: int, n: int, data, quantiles=()) -> dict:
     split, model, attack, guard, seed = experiment.saved_run(
         experiment.load_model(work / "models" / f"{run}.safetensors")[1]["dataset"], run, data, work)
     g = guard.recalibrate(split["x_val"], split["y_val"], stability_median=size)
@@ -100,11 +120,12 @@ def study(work: Path, run: str, size: int, n: int, data) -> dict:
         before = model(xc).argmax(1) == yc
         rc, rt = guard(xc), guard(xt)
         fc, ft = filtered_ratios(g, xc), filtered_ratios(g, xt)
-    vc, vt = variants(g, rc, fc), variants(g, rt, ft)
+    vc, vt = variants(g, rc, fc, quantiles), variants(g, rt, ft, quantiles)
     right0 = vc["default"][0] == yc
     out = {"run": run, "work": str(work), "split": "dev", "stability_median": size, "n_clean": len(xc),
            "n_trigger": len(xt), "median_bound": g.stability["median_bound"].item(),
-           "stability_bound": g.stability["bound"].item(), "variants": {}}
+           "stability_bound": g.stability["bound"].item(),
+           "quantile_bounds": {f"{q:g}": quantile_bound(g, q) for q in quantiles}, "variants": {}}
     for name in vc:
         right = vc[name][0] == yc
         hit = vt[name][0] == target
@@ -126,12 +147,14 @@ def main():
     ap.add_argument("--n", type=int, default=2000, help="clean and triggered dev inputs each")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quantiles", type=float, nargs="*", default=[],
+                    help="also the filter's bound at these quantiles of its calibration falls")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     OUT.mkdir(parents=True, exist_ok=True)
     for run in args.runs:
-        result = study(work, run, args.size, args.n, args.data)
+        result = study(work, run, args.size, args.n, args.data, args.quantiles)
         dataset = experiment.load_model(work / "models" / f"{run}.safetensors")[1]["dataset"]
         dest = OUT / f"{dataset}-{run}-{work.name}.json"
         dest.write_text(json.dumps(result, indent=1) + "\n")
