@@ -331,12 +331,14 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
                 input_contrast(torch.cat([x_fit, x_cal]).float()), cfg.stability_contrast).to(device)
         conf_n = guard.head_confidences(guard.neighbour(x_cal), thresholds=half)[0].cpu()
         conf_n = conf_n.reshape(cfg.stability_draws, len(x_cal), -1)  # [M, n_cal, K], pattern-major
-        bound = calibrate.stability_bound(
-            conf, conf_n, y_cal, guard.thresholds.cpu(),
-            None if cfg.stability_bound == "quantile" else cfg.consistency_mad_k,
-            cfg.consistency_margin if cfg.stability_bound == "tail" else None, cfg.stability_floor,
-            cfg.stability_quantile)
-        guard.stability["bound"] = bound.to(device)
+
+        def bound_of(conf_near):  # the same rule for every neighbour
+            return calibrate.stability_bound(
+                conf, conf_near, y_cal, guard.thresholds.cpu(),
+                None if cfg.stability_bound == "quantile" else cfg.consistency_mad_k,
+                cfg.consistency_margin if cfg.stability_bound == "tail" else None, cfg.stability_floor,
+                cfg.stability_quantile).to(device)
+        guard.stability["bound"] = bound_of(conf_n)
         drops = stability_falls(conf, conf_n).float()  # [n_cal, K]
         if cfg.stability_median:  # the filtered neighbour: its own bound, by the same rule
             check_median_inputs(cfg, guard.input_shape)
@@ -345,11 +347,7 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
                                                                      cfg.stability_median),
                                                        thresholds=half)[0].cpu()
                                 for i in range(0, len(x_cal), step)])
-            guard.stability["median_bound"] = calibrate.stability_bound(
-                conf, conf_m, y_cal, guard.thresholds.cpu(),
-                None if cfg.stability_bound == "quantile" else cfg.consistency_mad_k,
-                cfg.consistency_margin if cfg.stability_bound == "tail" else None, cfg.stability_floor,
-                cfg.stability_quantile).to(device)
+            guard.stability["median_bound"] = bound_of(conf_m)
             median_drops = stability_falls(conf, conf_m).float()
         if cfg.stability_gate is not None and pool is not None:
             guard.stability["gate"] = ratio_gate(pool, y_pool, confident, layer_bounds,

@@ -50,16 +50,13 @@ from linkbreaker_ext.verdict import (ACCEPT, combined_ratio, decide, gated, medi
 OUT = ROOT / "results" / "dev" / "filtered-neighbour"
 
 
-def filtered_ratios(guard, x):
-    """``[B, N]``: each head's fall in own-class log-odds from ``x`` to its median-filtered copy,
-    over the filtered neighbour's calibrated bound (not gated)."""
-    size, bound = guard.config.stability_median, guard.stability["median_bound"]
-    out = []
-    for i in range(0, len(x), 256):
-        xs = x[i:i + 256]
-        conf = guard.head_confidences(xs)[0]
-        out.append(stability_ratio(conf, guard.head_confidences(median_filter(xs, size))[0], bound))
-    return torch.cat(out)
+def filtered_ratios(guard, x, conf):
+    """``[B, N]``: each head's fall in own-class log-odds from ``x`` (head confidences ``conf``) to
+    its median-filtered copy, over the filtered neighbour's calibrated bound (not gated)."""
+    size = guard.config.stability_median
+    near = torch.cat([guard.head_confidences(median_filter(x[i:i + 256], size))[0]
+                      for i in range(0, len(x), 256)])
+    return stability_ratio(conf, near, guard.stability["median_bound"])
 
 
 def quantile_bound(guard, q: float) -> float:
@@ -110,16 +107,15 @@ def variants(guard, r, filtered, quantiles=()):
     return out
 
 
-def study(work: Path, run: str, size: int, n: int, data, quantiles=()) -> dict:
-    split, model, attack, guard, seed = experiment.saved_run(
-        experiment.load_model(work / "models" / f"{run}.safetensors")[1]["dataset"], run, data, work)
+def study(work: Path, dataset: str, run: str, size: int, n: int, data, quantiles=()) -> dict:
+    split, model, attack, guard, seed = experiment.saved_run(dataset, run, data, work)
     g = guard.recalibrate(split["x_val"], split["y_val"], stability_median=size)
     xc, yc, xt, _, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], n, n, seed,
                                                  SPLITS["dev"])
     with torch.no_grad():
         before = model(xc).argmax(1) == yc
         rc, rt = guard(xc), guard(xt)
-        fc, ft = filtered_ratios(g, xc), filtered_ratios(g, xt)
+        fc, ft = filtered_ratios(g, xc, rc.confidences), filtered_ratios(g, xt, rt.confidences)
     vc, vt = variants(g, rc, fc, quantiles), variants(g, rt, ft, quantiles)
     right0 = vc["default"][0] == yc
     out = {"run": run, "work": str(work), "split": "dev", "stability_median": size, "n_clean": len(xc),
@@ -154,8 +150,8 @@ def main():
     work = Path(args.work)
     OUT.mkdir(parents=True, exist_ok=True)
     for run in args.runs:
-        result = study(work, run, args.size, args.n, args.data, args.quantiles)
         dataset = experiment.load_model(work / "models" / f"{run}.safetensors")[1]["dataset"]
+        result = study(work, dataset, run, args.size, args.n, args.data, args.quantiles)
         dest = OUT / f"{dataset}-{run}-{work.name}.json"
         dest.write_text(json.dumps(result, indent=1) + "\n")
         for name, v in result["variants"].items():

@@ -53,18 +53,12 @@ from linkbreaker_ext.data import stratified_split  # noqa: E402
 from linkbreaker_ext.metrics import auroc  # noqa: E402
 from linkbreaker_ext.config import GuardConfig  # noqa: E402
 from linkbreaker_ext.fitting import jitter_grids  # noqa: E402
-from linkbreaker_ext.verdict import neighbour  # noqa: E402
+from linkbreaker_ext.verdict import median_filter, neighbour  # noqa: E402
 
 DEV = slice(0, 5000)
 ROWS = 250
 GUARDED_QUANTILES = (0.99, 0.995, 0.999)
 
-
-def median3(x):
-    """3x3 median filter per channel (replicate padding)."""
-    b, c, h, w = x.shape
-    patches = F.unfold(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3)  # [b, c*9, h*w]
-    return patches.view(b, c, 9, h * w).median(2).values.view(b, c, h, w)
 
 
 def answer_log_odds(model, x, labels):
@@ -85,7 +79,7 @@ def corruptions(x):
     out = {
         "blur": F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=x.shape[1]),
         "blur5": F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), wide, groups=x.shape[1]),
-        "median3": median3(x),
+        "median3": median_filter(x, 3),
         "down2": F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode="bilinear", align_corners=False),
         "shift1": torch.roll(x, shifts=1, dims=3),
         "bright": (x + 0.1).clamp(0, 1),

@@ -2001,6 +2001,19 @@ def assert_neighbour_state_round_trips(g, name, path, net, synth):
     assert torch.equal(labels, r.labels) and torch.equal(verdict, r.verdict)
 
 
+def assert_tampered_neighbour_state_is_refused(path, net, name, bad_value, bad_match, missing_match):
+    """The saved guard at ``path`` with ``stability.<name>`` replaced by ``bad_value(tensor)``, and
+    without it, is refused with errors matching ``bad_match`` and ``missing_match``."""
+    tensors, meta = _file(path)
+    key = f"stability.{name}"
+    safefiles.write(path, dict(tensors, **{key: bad_value(tensors[key])}), FORMAT, meta)
+    with pytest.raises(safefiles.GuardFileError, match=bad_match):
+        LinkBreaker.load(path, net)
+    safefiles.write(path, {k: v for k, v in tensors.items() if k != key}, FORMAT, meta)
+    with pytest.raises(safefiles.GuardFileError, match=missing_match):
+        LinkBreaker.load(path, net)
+
+
 def test_a_saved_reference_contrast_round_trips_and_a_bad_one_is_refused(guard_deep, deep_net, synth,
                                                                         tmp_path):
     """The reference contrast is saved, loaded and served (``as_module``) with the same answers; a
@@ -2008,13 +2021,8 @@ def test_a_saved_reference_contrast_round_trips_and_a_bad_one_is_refused(guard_d
     g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_contrast=0.5)
     path = tmp_path / "g.safetensors"
     assert_neighbour_state_round_trips(g, "contrast", path, deep_net, synth)
-    tensors, meta = _file(path)
-    safefiles.write(path, dict(tensors, **{"stability.contrast": torch.tensor(0.0)}), FORMAT, meta)
-    with pytest.raises(safefiles.GuardFileError, match="stability.contrast must be > 0"):
-        LinkBreaker.load(path, deep_net)
-    safefiles.write(path, {k: v for k, v in tensors.items() if k != "stability.contrast"}, FORMAT, meta)
-    with pytest.raises(safefiles.GuardFileError, match="lacks the reference contrast"):
-        LinkBreaker.load(path, deep_net)
+    assert_tampered_neighbour_state_is_refused(path, deep_net, "contrast", lambda t: torch.tensor(0.0),
+                                               "stability.contrast must be > 0", "lacks the reference contrast")
     with pytest.raises(ValueError, match="stability_contrast"):
         GuardConfig(stability_contrast=1.5)
 
@@ -2065,13 +2073,9 @@ def test_the_filtered_neighbour_joins_the_stability_ratio_and_round_trips(guard_
     path = tmp_path / "g.safetensors"
     assert_neighbour_state_round_trips(g, "median_bound", path, deep_net, synth)
     assert LinkBreaker.load(path, deep_net).config.stability_median == 3
-    tensors, meta = _file(path)
-    safefiles.write(path, dict(tensors, **{"stability.median_bound": torch.tensor(0.0)}), FORMAT, meta)
-    with pytest.raises(safefiles.GuardFileError, match="stability.median_bound must be > 0"):
-        LinkBreaker.load(path, deep_net)
-    safefiles.write(path, {k: v for k, v in tensors.items() if k != "stability.median_bound"}, FORMAT, meta)
-    with pytest.raises(safefiles.GuardFileError, match="lacks the filtered neighbour's bound"):
-        LinkBreaker.load(path, deep_net)
+    assert_tampered_neighbour_state_is_refused(path, deep_net, "median_bound", lambda t: torch.tensor(0.0),
+                                               "stability.median_bound must be > 0",
+                                               "lacks the filtered neighbour's bound")
     for bad, why in ((2, "odd integer"), (True, "odd integer"), (-3, "odd integer")):
         with pytest.raises(ValueError, match=f"stability_median.*{why}"):
             GuardConfig(stability_median=bad)
@@ -2139,13 +2143,8 @@ def test_jitter_grids_round_trip_and_bad_ones_are_refused(guard_deep, deep_net, 
     g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_jitter=0.5)
     path = tmp_path / "g.safetensors"
     assert_neighbour_state_round_trips(g, "jitter", path, deep_net, synth)
-    tensors, meta = _file(path)
-    safefiles.write(path, dict(tensors, **{"stability.jitter": 1.5 * tensors["stability.jitter"]}), FORMAT, meta)
-    with pytest.raises(safefiles.GuardFileError, match="must lie in \\[-1, 1\\]"):
-        LinkBreaker.load(path, deep_net)
-    safefiles.write(path, {k: v for k, v in tensors.items() if k != "stability.jitter"}, FORMAT, meta)
-    with pytest.raises(safefiles.GuardFileError, match="lacks the displacement grids"):
-        LinkBreaker.load(path, deep_net)
+    assert_tampered_neighbour_state_is_refused(path, deep_net, "jitter", lambda t: 1.5 * t,
+                                               "must lie in \\[-1, 1\\]", "lacks the displacement grids")
     with pytest.raises(ValueError, match="stability_jitter"):
         GuardConfig(stability_jitter=-1.0)
     with pytest.raises(ValueError, match="stability_jitter=0.5 resamples images"):
