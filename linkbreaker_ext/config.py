@@ -111,13 +111,21 @@ class GuardConfig:
     #                                 and the fitted config records it. 0 = noise only
     stability_median: int = 0       # > 0 (odd, >= 3): one more neighbour, the input through a
     #                                 median filter of this side per channel, with its own bound
-    #                                 (the same rule and floor) on the head's fall; the stability
-    #                                 ratio is the larger of the two, and an OOD verdict does not
-    #                                 name a head that fails the filter while another passes. A
+    #                                 (the same rule and floor) on the head's fall, judged like the
+    #                                 jitter's (under its own gate, below), and an OOD verdict does
+    #                                 not name a head that fails the filter while another passes. A
     #                                 thin, sparse trigger (GTSRB's Trojan watermark) does not
     #                                 survive it where the sign does (docs/method.md, "A filtered
     #                                 neighbour"). Images only; one more forward per head mask.
     #                                 0 = off (the default: unmeasured on CIFAR-10)
+    stability_median_gate: float | None = 0.9  # ... and the filter judges (its veto and its OOD
+    #                                 hint rule) only a head whose consistency ratio exceeds this
+    #                                 quantile of the validation set's confident, consistent
+    #                                 samples' ratios, the rank test's gate: the watermark's escapes
+    #                                 sit at the bounds, the clean answers a median filter takes
+    #                                 away mostly near the median (docs/method.md, "A filtered
+    #                                 neighbour", "Its own gate"; session 41, the stability gate
+    #                                 until then). None: every head
     stability_contrast: float = 0.0  # > 0: the patterns shrink, for an input of lower contrast
     #                                 (pixel std) than this quantile of the validation set's, by
     #                                 the ratio of the two, never grow. 0 = the same noise for every
@@ -231,7 +239,7 @@ class GuardConfig:
             bad("threshold_floor", "must lie in [0, 1)")
         if self.out_quantile is not None and not 0 < self.out_quantile < 1:
             bad("out_quantile", "must lie in (0, 1) or be None")
-        for name in ("stability_quantile", "consistency_quantile", "stability_gate",
+        for name in ("stability_quantile", "consistency_quantile", "stability_gate", "stability_median_gate",
                      "neighbourhood_quantile", "neighbourhood_gate"):
             q = getattr(self, name)
             if q is not None and (isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1):
@@ -263,3 +271,14 @@ LEGACY_CONFIG = {"consistency_units": "mean", "consistency_center": "class", "co
                  "stability_jitter": 0.0, "consistency_split": "calibration", "consistency_quantile": None,
                  "alarm_margin": 0.0, "stability_gate": None,
                  "neighbourhood_quantile": None}
+
+
+def with_legacy(stored: dict) -> dict:
+    """``stored`` (a saved guard's or a report's settings) with the meaning each missing field had
+    when it was written: :data:`LEGACY_CONFIG`, and a filtered neighbour from before its own gate
+    (session 40) judged under the stability test's gate."""
+    out = {**LEGACY_CONFIG, **stored}
+    if "stability_median_gate" not in stored and stored.get("stability_median"):
+        out["stability_median_gate"] = out.get("stability_gate", GuardConfig.stability_gate)
+    return out
+

@@ -165,7 +165,7 @@ def evaluate(model, guard: LinkBreaker, attack, x_test, y_test, n_clean=2000, n_
         def variant(ratio, inconsistent=cfg.inconsistent_verdict, hint=cfg.ood_hint, margin=cfg.alarm_margin,
                     ranks=True, filtered=True):
             return [redecided(r, ratio(r), inconsistent, hint, margin, r.rank_ratio if ranks else None,
-                              cfg.neighbourhood_alarm, r.filtered if filtered else None) for r in (rc, rt)]
+                              cfg.neighbourhood_alarm, r.filtered_judged if filtered else None) for r in (rc, rt)]
 
         def add(key, results):
             report[key] = metrics.defended(results[0], yc, results[1], yt, target)
@@ -174,7 +174,7 @@ def evaluate(model, guard: LinkBreaker, attack, x_test, y_test, n_clean=2000, n_
             add("after_without_stability", variant(lambda r: r.consistency, filtered=False))
             if rc.stability_gate is not None:  # ... and with the stability test judging every head
                 add("after_without_stability_gate", variant(
-                    lambda r: combined_ratio(r.consistency, r.stability, r.filtered)))
+                    lambda r: combined_ratio(r.consistency, r.stability, r.filtered_judged)))
             if rc.filtered is not None:  # ... and without the filtered neighbour (stability_median)
                 add("after_without_filtered_neighbour", variant(
                     lambda r: combined_ratio(r.consistency, gated(r.stability, r.consistency, r.stability_gate)),

@@ -246,7 +246,7 @@ CALIBRATION_FIELDS = frozenset({"mad_k", "out_quantile", "threshold_floor", "thr
                                 "consistency_center", "consistency_bound", "consistency_margin", "consistency_quantile",
                                 "consistency_split", "consistency_peak",
                                 "consistency_reduce", "inconsistent_verdict", "ood_hint", "alarm_margin", "stability_noise", "stability_draws",
-                                "stability_contrast", "stability_jitter", "stability_median", "stability_bound", "stability_floor",
+                                "stability_contrast", "stability_jitter", "stability_median", "stability_median_gate", "stability_bound", "stability_floor",
                                 "stability_quantile", "stability_gate", "neighbourhood_quantile",
                                 "neighbourhood_gate", "neighbourhood_alarm"})
 """The settings of the last stage alone: a fitted guard takes new values of these by
@@ -352,6 +352,9 @@ def _calibrate(guard, x_fit, y_fit, x_cal, y_cal, num_classes, cfg, own=None) ->
         if cfg.stability_gate is not None and pool is not None:
             guard.stability["gate"] = ratio_gate(pool, y_pool, confident, layer_bounds,
                                                  profile["bounds"].cpu(), cfg, cfg.stability_gate).to(device)
+        if cfg.stability_median and cfg.stability_median_gate is not None and pool is not None:
+            guard.stability["median_gate"] = ratio_gate(pool, y_pool, confident, layer_bounds, profile["bounds"].cpu(),
+                                                        cfg, cfg.stability_median_gate).to(device)
     guard.neighbourhood = near = None
     if cfg.neighbourhood_quantile is not None and pool is not None:  # its gate reads the consistency ratio
         guard.neighbourhood, near = neighbourhood_state(guard, torch.cat([x_fit, x_cal]),

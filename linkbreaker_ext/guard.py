@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import ops, safefiles, salient
-from .config import LEGACY_CONFIG, GuardConfig
+from .config import LEGACY_CONFIG, GuardConfig, with_legacy
 from .fitting import check_median_inputs, fit_guard, recalibrate_guard
 from .layers import LATE, TappedModel, evidence_layer, evidence_names, head_rows, rank_evidence, units
 from .serving import GuardedModule
@@ -325,11 +325,13 @@ class LinkBreaker:
             conf, ratio = self.head_confidences(x)[0], None
         unstable, filtered = self._stability_parts(x, conf) if stable else (None, None)
         gate = self.stability.get("gate") if stable else None
-        result = GuardResult(None, None, conf, self.thresholds, ratio, unstable, gate, near, near_gate, filtered)
+        median_gate = self.stability.get("median_gate") if stable else None
+        result = GuardResult(None, None, conf, self.thresholds, ratio, unstable, gate, near, near_gate, filtered,
+                             median_gate)
         result.labels, result.verdict = decide(conf, self.thresholds, result.credibility,
                                                self.config.inconsistent_verdict, self.config.ood_hint,
                                                self.config.alarm_margin, result.rank_ratio,
-                                               self.config.neighbourhood_alarm, filtered)
+                                               self.config.neighbourhood_alarm, result.filtered_judged)
         return result
 
     def neighbour(self, x: torch.Tensor) -> torch.Tensor:
@@ -473,7 +475,7 @@ class LinkBreaker:
             draws = meta["config"].get("stability_draws", LEGACY_CONFIG["stability_draws"])
             draws = draws if isinstance(draws, int) and draws > 1 else None  # GuardConfig names a bad one
             expected.update({"stability.noise": (draws, *shape) if draws else tuple(shape), "stability.bound": ()})
-            for name in ("contrast", "gate", "median_bound"):
+            for name in ("contrast", "gate", "median_bound", "median_gate"):
                 if f"stability.{name}" in tensors:
                     expected[f"stability.{name}"] = ()
             if "stability.jitter" in tensors:  # one sampling grid per neighbour, images only
@@ -486,8 +488,9 @@ class LinkBreaker:
         for name in ("bound", "contrast", "median_bound"):  # a bound <= 0 would invert the test, a contrast <= 0 divide by 0
             if f"stability.{name}" in tensors and not float(tensors[f"stability.{name}"]) > 0:
                 raise Err(f"{path}: stability.{name} must be > 0, got {float(tensors[f'stability.{name}']):g}")
-        if "stability.gate" in tensors and not float(tensors["stability.gate"]) >= 0:  # a ratio's quantile
-            raise Err(f"{path}: stability.gate must be >= 0, got {float(tensors['stability.gate']):g}")
+        for name in ("gate", "median_gate"):  # a ratio's quantile
+            if f"stability.{name}" in tensors and not float(tensors[f"stability.{name}"]) >= 0:
+                raise Err(f"{path}: stability.{name} must be >= 0, got {float(tensors[f'stability.{name}']):g}")
         if "stability.jitter" in tensors and not bool((tensors["stability.jitter"].abs() <= 1).all()):
             raise Err(f"{path}: stability.jitter holds sampling grids, which must lie in [-1, 1]")
         if ranked:
@@ -503,7 +506,10 @@ class LinkBreaker:
         fields = {f.name for f in dataclasses.fields(GuardConfig)}
         raw = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items() if k in fields}
         # settings a file from an earlier release does not record keep the meaning they had then
-        raw = {**LEGACY_CONFIG, **raw}
+        raw = with_legacy(raw)
+        if "stability_median_gate" not in meta["config"] and "stability.gate" in tensors \
+                and "stability.median_bound" in tensors:  # session 40's filter: the stability gate's
+            tensors["stability.median_gate"] = tensors["stability.gate"]
         pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         try:
             config = GuardConfig(**raw)
@@ -530,6 +536,11 @@ class LinkBreaker:
             if stable and gate != (config.stability_gate is not None and config.consistency and bool(profile)):
                 raise ValueError(f"stability_gate={config.stability_gate} but the file "
                                  f"{'has' if gate else 'lacks'} the gate")
+            gate = "stability.median_gate" in tensors
+            if stable and gate != (filtered and config.stability_median_gate is not None
+                                   and config.consistency and bool(profile)):
+                raise ValueError(f"stability_median_gate={config.stability_median_gate} but the file "
+                                 f"{'has' if gate else 'lacks'} the filtered neighbour's gate")
             # made only where the consistency check has a profile (its gate reads the ratio)
             if ranked != (config.neighbourhood_quantile is not None and config.consistency and bool(profile)):
                 raise ValueError(f"neighbourhood_quantile={config.neighbourhood_quantile} but the file "

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import data, experiment, models, safefiles, training
 from .fitting import CALIBRATION_FIELDS, data_fingerprint
-from .config import LEGACY_CONFIG, GuardConfig
+from .config import GuardConfig, with_legacy
 from .guard import LinkBreaker
 
 SPLITS = {"heldout": slice(5000, None), "dev": slice(0, 5000)}
@@ -83,12 +83,12 @@ def config_record(config: GuardConfig) -> dict:
 
 def recorded_config(stored: dict | None, seed: int) -> dict | None:
     """The whole configuration a cached report was made with. A field the report does not record
-    did not exist yet: it had its legacy value (``guard.LEGACY_CONFIG``) if its default changed since,
+    did not exist yet: it had its legacy value (``config.with_legacy``) if its default changed since,
     otherwise today's default, so adding a field leaves existing reports fresh."""
     if stored is None:
         return None
     defaults = config_record(GuardConfig(seed=seed))
-    return {**defaults, **_jsonable(LEGACY_CONFIG), **stored}
+    return {**defaults, **_jsonable(with_legacy(stored))}
 
 
 def _saved_guard(path: Path, model, target: GuardConfig, d: dict):

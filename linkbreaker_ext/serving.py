@@ -284,6 +284,8 @@ class GuardedModule(nn.Module):
                 self.register_buffer("stability_median_bound", guard.stability["median_bound"].float().to(device))
             gate = guard.stability.get("gate")  # None: the test judges every head
             self.register_buffer("stability_gate", None if gate is None else gate.float().to(device))
+            gate = guard.stability.get("median_gate") if self.median else None  # the filter's own
+            self.register_buffer("stability_median_gate", None if gate is None else gate.float().to(device))
 
     @staticmethod
     @torch.no_grad()
@@ -363,22 +365,22 @@ class GuardedModule(nn.Module):
             unstable = stability_ratio(conf[:b], conf[b:b + m].reshape(self.draws, b, -1), self.stability_bound)
             if self.median:  # the filtered neighbour, against its own bound
                 filtered = stability_ratio(conf[:b], conf[b + m:], self.stability_median_bound)
-                unstable = torch.maximum(unstable, filtered)
             # a copy: a view of the first b rows would keep the neighbours' rows alive in the outputs
             conf, feats, acts = conf[:b].clone(), feats[:b], [a[:b] for a in acts]
         row_acts = acts  # each row's values, before they are spread over the heads (the rank test)
         if self.consistency:
             acts = [a if r == 1 else self._spread(a) for a in acts]
             deviation = self._deviations([*acts, feats.float()]) / self.bounds
-        if self.stable:
+        if self.stable:  # each neighbour judges only the heads its gate lets through
             unstable = gated(unstable, deviation, self.stability_gate)
+            filtered = gated(filtered, deviation, self.stability_median_gate)
         near = None
         if self.ranked:  # the views per row, as read before they were spread over the heads
             u = [*row_acts, (late[:b] if r > 1 else feats).float()][self.rank_index]
             u = u[:, None] if u.dim() == 2 else u  # one shared row: [B, 1, D]
             near = gated(neighbourhood_scores(u, self.rank_references, self.rank_labels, self.head_row)
                          / self.rank_bound, deviation, self.rank_gate)
-        labels, verdict = decide(conf, self.thresholds, combined_ratio(deviation, unstable),
+        labels, verdict = decide(conf, self.thresholds, combined_ratio(deviation, unstable, filtered),
                                  self.inconsistent_verdict, self.ood_hint, self.alarm_margin, near,
                                  self.rank_alarm, filtered)
         return labels, verdict, conf

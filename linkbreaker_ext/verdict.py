@@ -27,14 +27,22 @@ class GuardResult:
     neighbourhood_gate: torch.Tensor | None = None  # 0-d; the rank test's gate, as stability_gate's
     filtered: torch.Tensor | None = None  # float32 [B, N]; log-odds fall to the median-filtered
     #                                       input / its bound (stability_median; None without it)
+    filtered_gate: torch.Tensor | None = None  # 0-d; the filtered neighbour's own gate, as
+    #                                            stability_gate's (stability_median_gate)
 
     @property
     def credibility(self) -> torch.Tensor | None:
         """``[B, N]``: the ratio the veto judges, the larger of the consistency ratio and the
-        stability ratio (the larger of the jittered and the filtered neighbours') where the gate lets
-        the test judge (<= 1: credible if confident); None when the guard has neither."""
-        unstable = combined_ratio(self.stability, self.filtered)  # both neighbours, under one gate
-        return combined_ratio(self.consistency, gated(unstable, self.consistency, self.stability_gate))
+        stability ratios (the jittered and the filtered neighbours', each where its gate lets it
+        judge) (<= 1: credible if confident); None when the guard has neither."""
+        return combined_ratio(self.consistency, gated(self.stability, self.consistency, self.stability_gate),
+                              self.filtered_judged)
+
+    @property
+    def filtered_judged(self) -> torch.Tensor | None:
+        """``[B, N]``: the filtered neighbour's ratios where its gate lets it judge (0 under it): the
+        veto's and the OOD hint rule's; None without ``stability_median``."""
+        return gated(self.filtered, self.consistency, self.filtered_gate)
 
     @property
     def rank_ratio(self) -> torch.Tensor | None:
@@ -141,7 +149,7 @@ def decide(conf: torch.Tensor, thresholds: torch.Tensor, ratio: torch.Tensor | N
     ratio exceeds 1 raises the alarm instead, and an OOD verdict's hint weighs them with the veto
     ratios (``rank_alarm=False``: only the hint); the test never changes which heads are credible
     (docs/method.md, "A faint trigger's neighbourhood"). With ``hint_filter`` ``[B, N]`` (the
-    filtered neighbour's ratios, :attr:`GuardResult.filtered`, not gated), an OOD verdict never names
+    filtered neighbour's judged ratios, :attr:`GuardResult.filtered_judged`), an OOD verdict never names
     a head that fails it (ratio > 1) while another head passes: a head whose answer the median
     filter takes away rests on thin lines or dots, not on the object (docs/method.md, "A filtered
     neighbour"); verdicts are unchanged."""

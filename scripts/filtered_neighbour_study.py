@@ -19,7 +19,17 @@ again (:func:`linkbreaker_ext.verdict.decide`) four ways:
   ratios <= 1), where there is one: the watermark's OOD escapes have no consistent head, and the
   target head, whose ratios are the smallest, fails the filter while the source head passes it;
 * ``filter_hint``: as ``stable_hint``, with the filter's ratio alone (the jitter's, ungated, costs
-  clean hints): what ``stability_median`` does;
+  clean hints): what ``stability_median`` did in session 40;
+* ``filter_flip`` / ``filter_below``: as ``filter_hint``, the filter's fall counting only where the
+  filtered copy's top head is another (the filter takes the answer away) / the head is no longer
+  confident there;
+* ``tail`` / ``tail_hint``: the filter's veto (``tail_hint``: and its hint rule) judging only heads
+  whose consistency ratio exceeds the rank test's gate (the 0.9 quantile of the validation pool's
+  ratios) instead of the stability test's (the median): the watermark's escapes sit at their
+  bounds, the clean answers the filter takes away mostly near the median. ``tail_hint`` is what
+  ``stability_median`` does since session 41 (``stability_median_gate=0.9``), and ``implemented``
+  is that guard's own answers, which must equal it; ``tail_flip`` / ``tail_flip_hint`` add the
+  flip rule;
 * ``filter_hint@q`` (``--quantiles``): as ``filter_hint``, the filter's bound set at the quantile q
   of the confident calibration heads' filtered falls alone (at least the floor) instead of the
   jitter's rule: where a higher bound trades catches for clean answers.
@@ -51,12 +61,13 @@ OUT = ROOT / "results" / "dev" / "filtered-neighbour"
 
 
 def filtered_ratios(guard, x, conf):
-    """``[B, N]``: each head's fall in own-class log-odds from ``x`` (head confidences ``conf``) to
-    its median-filtered copy, over the filtered neighbour's calibrated bound (not gated)."""
+    """``([B, N], [B, N])``: each head's fall in own-class log-odds from ``x`` (head confidences
+    ``conf``) to its median-filtered copy, over the filtered neighbour's calibrated bound (not
+    gated); and the heads' confidences on the filtered copy."""
     size = guard.config.stability_median
     near = torch.cat([guard.head_confidences(median_filter(x[i:i + 256], size))[0]
                       for i in range(0, len(x), 256)])
-    return stability_ratio(conf, near, guard.stability["median_bound"])
+    return stability_ratio(conf, near, guard.stability["median_bound"]), near
 
 
 def quantile_bound(guard, q: float) -> float:
@@ -69,7 +80,7 @@ def quantile_bound(guard, q: float) -> float:
     return max(guard.config.stability_floor, torch.quantile(drops[i, y][keep].double(), q).item())
 
 
-def variants(guard, r, filtered, quantiles=()):
+def variants(guard, r, filtered, near, quantiles=()):
     """``{name: (labels, verdict)}`` of the four decisions, from the default guard's result ``r``
     and the filtered ratios."""
     cfg = guard.config
@@ -98,6 +109,27 @@ def variants(guard, r, filtered, quantiles=()):
             "gated_hint": run(veto, filtered),
             "stable_hint": run(veto, torch.where(unstable, hint + 1e3, torch.zeros_like(hint))),
             "filter_hint": run(veto, torch.where(filtered > 1, hint + 1e3, torch.zeros_like(hint)))}
+    # the filter's fall counts only where it takes the answer away: on the filtered copy head k is
+    # no longer the most confident head (``flip``), or no longer confident (``below``)
+    top = near.topk(2, dim=1)
+    best = torch.arange(near.shape[1]) == top.indices[:, :1]  # [B, N]: the filtered copy's top head
+    others = torch.where(best, top.values[:, 1:], top.values[:, :1])  # the best head but k
+    for name, lost in (("filter_flip", near < others),
+                       ("filter_below", near < r.thresholds.to(near.dtype))):
+        f = filtered.masked_fill(~lost, 0.0)
+        v = combined_ratio(base, gated(f, r.consistency, r.stability_gate))
+        h = combined_ratio(v, r.rank_ratio)
+        out[name] = run(v, torch.where(f > 1, h + 1e3, torch.zeros_like(h)))
+    # the filter judging only heads whose consistency ratio sits in the clean tail: past the rank
+    # test's gate (the 0.9 quantile of the validation pool's), not the stability test's (the median)
+    tail = guard.stability["median_gate"]
+    for name, lost, hint_gated in (("tail", None, False), ("tail_hint", None, True),
+                                   ("tail_flip", near < others, False), ("tail_flip_hint", near < others, True)):
+        f = filtered if lost is None else filtered.masked_fill(~lost, 0.0)
+        v = combined_ratio(base, gated(f, r.consistency, tail))
+        h = combined_ratio(v, r.rank_ratio)
+        skip = (gated(f, r.consistency, tail) if hint_gated else f) > 1
+        out[name] = run(v, torch.where(skip, h + 1e3, torch.zeros_like(h)))
     bound = guard.stability["median_bound"].item()
     for q in quantiles:  # the filter's ratios against another bound
         f = filtered * (bound / quantile_bound(guard, q))
@@ -109,18 +141,23 @@ def variants(guard, r, filtered, quantiles=()):
 
 def study(work: Path, dataset: str, run: str, size: int, n: int, data, quantiles=()) -> dict:
     split, model, attack, guard, seed = experiment.saved_run(dataset, run, data, work)
-    g = guard.recalibrate(split["x_val"], split["y_val"], stability_median=size)
+    g = guard.recalibrate(split["x_val"], split["y_val"], stability_median=size, stability_median_gate=0.9)
     xc, yc, xt, _, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], n, n, seed,
                                                  SPLITS["dev"])
     with torch.no_grad():
         before = model(xc).argmax(1) == yc
         rc, rt = guard(xc), guard(xt)
-        fc, ft = filtered_ratios(g, xc, rc.confidences), filtered_ratios(g, xt, rt.confidences)
-    vc, vt = variants(g, rc, fc, quantiles), variants(g, rt, ft, quantiles)
+        gc, gt = g(xc), g(xt)  # the library's filtered neighbour, for the check below
+        (fc, nc), (ft, nt) = filtered_ratios(g, xc, rc.confidences), filtered_ratios(g, xt, rt.confidences)
+    vc, vt = variants(g, rc, fc, nc, quantiles), variants(g, rt, ft, nt, quantiles)
+    vc["implemented"], vt["implemented"] = (gc.labels, gc.verdict), (gt.labels, gt.verdict)
+    same = all(torch.equal(a, b) for v in (vc, vt) for a, b in zip(v["implemented"], v["tail_hint"]))
     right0 = vc["default"][0] == yc
     out = {"run": run, "work": str(work), "split": "dev", "stability_median": size, "n_clean": len(xc),
            "n_trigger": len(xt), "median_bound": g.stability["median_bound"].item(),
            "stability_bound": g.stability["bound"].item(),
+           "median_gate": g.stability["median_gate"].item(), "stability_gate": g.stability["gate"].item(),
+           "implemented_equals_tail_hint": same,
            "quantile_bounds": {f"{q:g}": quantile_bound(g, q) for q in quantiles}, "variants": {}}
     for name in vc:
         right = vc[name][0] == yc
@@ -158,7 +195,8 @@ def main():
             print(f"{run} ({work.name}) {name:>10}: drop {v['drop']:.2f}, ASR {v['asr']:.2f} / "
                   f"{v['asr_accepted']:.2f}, clean lost {v['clean_lost_vs_default']} gained "
                   f"{v['clean_gained_vs_default']} vs default", flush=True)
-        print("wrote", dest.relative_to(ROOT))
+        print(f"the guard's own answers equal tail_hint: {result['implemented_equals_tail_hint']}; wrote",
+              dest.relative_to(ROOT))
 
 
 if __name__ == "__main__":

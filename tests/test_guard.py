@@ -2053,7 +2053,7 @@ def test_the_filtered_neighbour_joins_the_stability_ratio_and_round_trips(guard_
     recalibration sets changes, and the bound is saved, loaded and served (``as_module``) with the
     same answers. A file without it (or with a bound <= 0) is refused, and so are settings the
     filter cannot run with."""
-    from linkbreaker_ext.verdict import median_filter, stability_falls
+    from linkbreaker_ext.verdict import decide, median_filter, stability_falls
 
     g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_median=3)
     assert "median_bound" not in guard_deep.stability
@@ -2067,15 +2067,38 @@ def test_the_filtered_neighbour_joins_the_stability_ratio_and_round_trips(guard_
     want = torch.maximum(guard_deep.stability_ratios(x), filtered.float())
     torch.testing.assert_close(g.stability_ratios(x), want, rtol=1e-6, atol=1e-6)
     assert (filtered.float() > guard_deep.stability_ratios(x)).any()  # the filter does judge some heads
-    r = g(x)  # the result carries the filtered ratios apart (an OOD hint reads them ungated)
+    r = g(x)  # the result carries the filtered ratios apart, each neighbour under its own gate
     torch.testing.assert_close(r.filtered, filtered.float(), rtol=1e-6, atol=1e-6)
     assert guard_deep(x).filtered is None
+    # the filter's gate: the rank test's quantile (0.9) of the same pool, above the jitter's (0.5)
+    assert g.config.stability_median_gate == g.config.neighbourhood_gate == 0.9
+    assert torch.equal(g.stability["median_gate"], g.neighbourhood["gate"])
+    assert g.stability["median_gate"] > g.stability["gate"]
+    judged = filtered.float().masked_fill(r.consistency <= g.stability["median_gate"], 0.0)
+    torch.testing.assert_close(r.filtered_judged, judged)
+    jitter = r.stability.masked_fill(r.consistency <= g.stability["gate"], 0.0)
+    torch.testing.assert_close(r.credibility, torch.maximum(r.consistency, torch.maximum(jitter, judged)))
+    assert ((filtered.float() > 0) & (judged == 0)).any() and (judged > 0).any()  # the gate acts
+    labels, verdict = decide(r.confidences, r.thresholds, r.credibility, g.config.inconsistent_verdict,
+                             g.config.ood_hint, g.config.alarm_margin, r.rank_ratio,
+                             g.config.neighbourhood_alarm, judged)
+    assert torch.equal(labels, r.labels) and torch.equal(verdict, r.verdict)  # the hint reads it gated
+    every = g.recalibrate(synth["x_val"], synth["y_val"], stability_median_gate=None)
+    assert "median_gate" not in every.stability
+    torch.testing.assert_close(every(x).filtered_judged, r.filtered)  # None: the filter judges every head
     path = tmp_path / "g.safetensors"
     assert_neighbour_state_round_trips(g, "median_bound", path, deep_net, synth)
     assert LinkBreaker.load(path, deep_net).config.stability_median == 3
     assert_tampered_neighbour_state_is_refused(path, deep_net, "median_bound", lambda t: torch.tensor(0.0),
                                                "stability.median_bound must be > 0",
                                                "lacks the filtered neighbour's bound")
+    assert_neighbour_state_round_trips(g, "median_gate", path, deep_net, synth)
+    assert_tampered_neighbour_state_is_refused(path, deep_net, "median_gate", lambda t: torch.tensor(-1.0),
+                                               "stability.median_gate must be >= 0",
+                                               "lacks the filtered neighbour's gate")
+    every.save(path)
+    assert "stability.median_gate" not in _file(path)[0]
+    assert_same_result(LinkBreaker.load(path, deep_net)(x), every(x))
     for bad, why in ((2, "odd integer"), (True, "odd integer"), (-3, "odd integer")):
         with pytest.raises(ValueError, match=f"stability_median.*{why}"):
             GuardConfig(stability_median=bad)
@@ -2085,6 +2108,29 @@ def test_the_filtered_neighbour_joins_the_stability_ratio_and_round_trips(guard_
         fitting.check_median_inputs(GuardConfig(stability_median=3), (144,))
     with pytest.raises(ValueError, match="stability_median=15 filters images"):  # larger than 12x12
         guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_median=15)
+
+
+def test_a_filtered_neighbour_saved_before_its_own_gate_loads_under_the_stability_gate(guard_deep, deep_net,
+                                                                                      synth, tmp_path):
+    """A file from session 40 (``stability_median`` without ``stability_median_gate`` or its tensor)
+    keeps the meaning it had: the filter judged under the stability test's gate."""
+    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], stability_median=3)
+    path = tmp_path / "g.safetensors"
+    g.save(path)
+    tensors, meta = _file(path)
+    del meta["config"]["stability_median_gate"]
+    safefiles.write(path, {k: v for k, v in tensors.items() if k != "stability.median_gate"}, FORMAT, meta)
+    old = LinkBreaker.load(path, deep_net)
+    assert old.config.stability_median_gate == g.config.stability_gate
+    assert torch.equal(old.stability["median_gate"], g.stability["gate"])
+    then = g.recalibrate(synth["x_val"], synth["y_val"], stability_median_gate=g.config.stability_gate)
+    assert_same_result(old(synth["x_test"]), then(synth["x_test"]))
+    # a cached report from then is stale under today's gate, one without the filter is not
+    from linkbreaker_ext.reproduce import recorded_config
+    record = {k: v for k, v in meta["config"].items() if k != "seed"}
+    assert recorded_config(record, 0)["stability_median_gate"] == g.config.stability_gate
+    plain = dict(record, stability_median=0)
+    assert recorded_config(plain, 0)["stability_median_gate"] == GuardConfig().stability_median_gate
 
 
 def test_reports_ablate_the_filtered_neighbour_to_the_guard_without_it(guard_deep, deep_net, synth):
