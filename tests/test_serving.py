@@ -127,17 +127,21 @@ def test_export_save_load_round_trip(module, guard_deep, synth, tmp_path):
     assert "linkbreaker.guard_head.default" in ops
 
 
-@pytest.mark.parametrize("setting", ["stability_contrast", "stability_jitter"])
-def test_a_guard_with_shaped_neighbours_exports(guard_deep, synth, setting):
-    """``stability_contrast`` > 0 (a reference contrast) or ``stability_jitter`` > 0 (displacement
-    grids, the resampling part of the graph): what shapes the neighbours travels as a buffer of the
-    exported program, whose answers are the guard's."""
-    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], **{setting: 0.5})
+@pytest.mark.parametrize("setting, value, buffers", [
+    ("stability_contrast", 0.5, ("stability_contrast",)),
+    ("stability_jitter", 0.5, ("stability_jitter",)),
+    ("stability_median", 3, ("stability_median_bound", "stability_median_gate"))])
+def test_a_guard_with_shaped_neighbours_exports(guard_deep, synth, setting, value, buffers):
+    """``stability_contrast`` > 0 (a reference contrast), ``stability_jitter`` > 0 (displacement
+    grids, the resampling part of the graph) or ``stability_median`` (the filtered neighbour, its
+    bound and its own gate): what shapes or judges the neighbours travels as buffers of the exported
+    program, whose answers are the guard's."""
+    g = guard_deep.recalibrate(synth["x_val"], synth["y_val"], **{setting: value})
     x = _inputs(synth)
     expected = g.as_module()(x)
     assert_same(expected, g(x))
     ep = torch.export.export(g.as_module(), (x,))
-    assert setting in dict(ep.named_buffers())
+    assert set(buffers) <= set(dict(ep.named_buffers()))
     assert_identical(ep.module()(x), expected)
 
 
