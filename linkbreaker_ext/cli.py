@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("summary", help="the README's table of targets: every default per-run report "
                                        "of the given results folders, one row per model and attack")
-    s.add_argument("folders", nargs="+", help="results folders of linkbreaker reproduce (--results)")
+    s.add_argument("folders", nargs="+", help="results folders of linkbreaker reproduce (--results); "
+                   "FOLDER:DATASET keeps one data set, FOLDER@TAG shows a tagged variant's runs (--tag)")
     s.add_argument("--split", choices=sorted(reproduce.SPLITS), default="heldout")
     s.add_argument("--out", default=None, help="write the markdown here (default: print it)")
     s.set_defaults(func=cmd_summary)

@@ -2,8 +2,9 @@
 
 Each results folder of ``linkbreaker reproduce`` holds one JSON report per run under
 ``runs/<dataset>/``. This collects the default (untagged) held-out reports of the folders it is
-given, one row per (data set, architecture, recipe, attack): the mean ± std over seeds of the CDA
-drop and the ASR after the guard, beside the paper's numbers and issue #6's target, and whether
+given (and of the tagged variants named), one row per (data set, architecture, recipe, attack[,
+tag]): the mean ± std over seeds of the CDA drop and the ASR after the guard, beside the paper's
+numbers and issue #6's target, and whether
 every run was measured with today's default guard (:class:`GuardConfig` as it stands now). A row
 measured with another configuration names the fields that differ, so the table cannot silently
 present an older guard's numbers as today's.
@@ -33,33 +34,37 @@ def default_drift(report: dict) -> list[str]:
 
 
 def collect(folders, split: str = "heldout") -> dict:
-    """``{(dataset, arch, recipe, attack): {"folder": str, "reports": [report]}}`` from the default
-    reports (``<split>-<attack>-<seed>.json``, no tag) of each folder's ``runs/<dataset>/``; a folder
-    given as ``FOLDER:DATASET`` contributes that data set's reports only. One key appearing in two
-    folders is an error: the table would not say which one it shows."""
+    """``{(dataset, arch, recipe, attack, tag): {"folder": str, "reports": [report]}}`` from the
+    default reports (``<split>-<attack>-<seed>.json``, no tag) of each folder's ``runs/<dataset>/``;
+    a folder given as ``FOLDER:DATASET`` contributes that data set's reports only, and one given as
+    ``FOLDER@TAG`` (or ``FOLDER:DATASET@TAG``) the reports of that tagged variant
+    (``<split>-<attack>-<seed>-<TAG>.json``, ``linkbreaker reproduce --tag``), a row of its own. One
+    key appearing in two folders is an error: the table would not say which one it shows."""
     rows: dict = {}
     for spec in map(str, folders):
-        folder, _, only = spec.partition(":")
+        place, _, tag = spec.partition("@")
+        folder, _, only = place.partition(":")
         folder = Path(folder)
         runs = folder / "runs"
         if not runs.is_dir():
             raise ValueError(f"{folder} has no runs/ folder: not a results folder of linkbreaker reproduce")
         found = 0
-        for path in sorted(runs.glob(f"{only or '*'}/*.json")):
-            m = _DEFAULT_RUN.match(path.name)
+        suffix = f"-{tag}.json" if tag else ".json"
+        for path in sorted(runs.glob(f"{only or '*'}/*{suffix}")):
+            m = _DEFAULT_RUN.match(path.name[:len(path.name) - len(suffix)] + ".json")
             if m is None or m["split"] != split:
                 continue
             report = json.loads(path.read_text())
             if report.get("attack") != m["attack"] or report.get("seed") != int(m["seed"]):
                 continue  # a tagged run: <attack>-<seed>-<tag> parses as another attack name
-            key = (report["dataset"], report.get("arch", "?"), report.get("recipe", "adam"), report["attack"])
+            key = (report["dataset"], report.get("arch", "?"), report.get("recipe", "adam"), report["attack"], tag)
             entry = rows.setdefault(key, {"folder": spec, "reports": []})
             if entry["folder"] != spec:
                 raise ValueError(f"{key} has reports in both {entry['folder']} and {spec}: list one of them")
             entry["reports"].append(report)
             found += 1
         if not found:
-            raise ValueError(f"{spec} holds no default {split} report")
+            raise ValueError(f"{spec} holds no {f'{tag!r}' if tag else 'default'} {split} report")
     for entry in rows.values():
         entry["reports"].sort(key=lambda r: r["seed"])
     return rows
@@ -86,14 +91,15 @@ def table(folders, split: str = "heldout") -> str:
         "| ASR undefended | ASR after | paper CDA / ASR | target | verdict | guard | folder |",
         "| --- " * 15 + "|",
     ]
-    for (dataset, arch, recipe, attack), entry in sorted(rows.items()):
+    for (dataset, arch, recipe, attack, tag), entry in sorted(rows.items()):
         reps = entry["reports"]
         target = TARGETS.get((dataset, attack))
         text, verdict = target_verdict(target, reps, "") if target else ("-", "-")
         paper = PAPER.get((dataset, attack))
         drift = sorted({f for r in reps for f in default_drift(r)})
         lines.append(
-            f"| {dataset} | {arch} | {recipe} | {attack} | {' '.join(str(r['seed']) for r in reps)} "
+            f"| {dataset} | {arch} | {recipe} | {attack}{f' ({tag})' if tag else ''} "
+            f"| {' '.join(str(r['seed']) for r in reps)} "
             f"| {_cell([r['before']['cda'] for r in reps])} | {_cell([r['after']['cda'] for r in reps])} "
             f"| {_cell([r['before']['cda'] - r['after']['cda'] for r in reps])} "
             f"| {_cell([r['before']['asr'] for r in reps])} | {_cell([r['after']['asr'] for r in reps])} "

@@ -637,6 +637,12 @@ def test_summary_collects_default_runs_against_targets(tmp_path, capsys):
     assert "missed: ASR 1.00 pts over" in rows["trojan-watermark"]
     assert "differs: stability_jitter" in rows["trojan-watermark"]
     assert summary.default_drift(_summary_report("mnist", "none", 3, 1, 1, 0)) == []
+    # ``FOLDER@TAG``: the tagged variant's runs, a row of their own beside the default's
+    tagged = [line for line in summary.table([a, f"{a}@variant"]).splitlines() if line.startswith("| cifar10")]
+    assert len(tagged) == 2 and "| badnets | 0 1 |" in tagged[0]
+    assert "| badnets (variant) | 0 | 90.00 | 10.00 | 80.00 |" in tagged[1]
+    with pytest.raises(ValueError, match="holds no 'other' heldout report"):
+        summary.collect([f"{a}@other"])
     # the CLI writes the same table, and ``FOLDER:DATASET`` keeps one data set
     out = tmp_path / "summary.md"
     assert cli.main(["summary", str(a), f"{b}:cifar10", "--out", str(out)]) == 2  # b has no CIFAR-10
