@@ -279,6 +279,6 @@ def with_legacy(stored: dict) -> dict:
     (session 40) judged under the stability test's gate."""
     out = {**LEGACY_CONFIG, **stored}
     if "stability_median_gate" not in stored and stored.get("stability_median"):
-        out["stability_median_gate"] = out.get("stability_gate", GuardConfig.stability_gate)
+        out["stability_median_gate"] = out["stability_gate"]
     return out
 

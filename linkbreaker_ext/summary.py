@@ -4,10 +4,9 @@ Each results folder of ``linkbreaker reproduce`` holds one JSON report per run u
 ``runs/<dataset>/``. This collects the default (untagged) held-out reports of the folders it is
 given (and of the tagged variants named), one row per (data set, architecture, recipe, attack[,
 tag]): the mean ± std over seeds of the CDA drop and the ASR after the guard, beside the paper's
-numbers and issue #6's target, and whether
-every run was measured with today's default guard (:class:`GuardConfig` as it stands now). A row
-measured with another configuration names the fields that differ, so the table cannot silently
-present an older guard's numbers as today's.
+numbers and issue #6's target, and whether every run was measured with today's default guard
+(:class:`GuardConfig` as it stands now). A row measured with another configuration names the
+fields that differ, so the table cannot silently present an older guard's numbers as today's.
 """
 from __future__ import annotations
 

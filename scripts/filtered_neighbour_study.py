@@ -100,42 +100,41 @@ def variants(guard, r, filtered, near, quantiles=()):
         ood = verdict == 2
         return torch.where(ood & (v2 == 2), l2, labels), verdict
 
+    def skipping(ratio, skip):
+        """The veto ``ratio``, and an OOD hint that skips the heads ``skip`` marks."""
+        hint = combined_ratio(ratio, r.rank_ratio)
+        return run(ratio, torch.where(skip, hint + 1e3, torch.zeros_like(hint)))
+
+    def with_filter(f, gate, hint_gated=False):
+        """The filter's ratios ``f`` in the veto under ``gate``, and in the hint rule (gated too
+        with ``hint_gated``)."""
+        judged = gated(f, r.consistency, gate)
+        return skipping(combined_ratio(base, judged), (judged if hint_gated else f) > 1)
+
     veto = combined_ratio(base, gate_f)
-    unstable = combined_ratio(r.stability, filtered) > 1
-    hint = combined_ratio(veto, r.rank_ratio)
     out = {"default": run(base),
             "gated": run(veto),
             "ungated": run(combined_ratio(base, filtered)),
             "gated_hint": run(veto, filtered),
-            "stable_hint": run(veto, torch.where(unstable, hint + 1e3, torch.zeros_like(hint))),
-            "filter_hint": run(veto, torch.where(filtered > 1, hint + 1e3, torch.zeros_like(hint)))}
+            "stable_hint": skipping(veto, combined_ratio(r.stability, filtered) > 1),
+            "filter_hint": with_filter(filtered, r.stability_gate)}
     # the filter's fall counts only where it takes the answer away: on the filtered copy head k is
     # no longer the most confident head (``flip``), or no longer confident (``below``)
     top = near.topk(2, dim=1)
     best = torch.arange(near.shape[1]) == top.indices[:, :1]  # [B, N]: the filtered copy's top head
     others = torch.where(best, top.values[:, 1:], top.values[:, :1])  # the best head but k
-    for name, lost in (("filter_flip", near < others),
-                       ("filter_below", near < r.thresholds.to(near.dtype))):
-        f = filtered.masked_fill(~lost, 0.0)
-        v = combined_ratio(base, gated(f, r.consistency, r.stability_gate))
-        h = combined_ratio(v, r.rank_ratio)
-        out[name] = run(v, torch.where(f > 1, h + 1e3, torch.zeros_like(h)))
+    flip = filtered.masked_fill(near >= others, 0.0)
+    out["filter_flip"] = with_filter(flip, r.stability_gate)
+    out["filter_below"] = with_filter(filtered.masked_fill(near >= r.thresholds.to(near.dtype), 0.0),
+                                      r.stability_gate)
     # the filter judging only heads whose consistency ratio sits in the clean tail: past the rank
     # test's gate (the 0.9 quantile of the validation pool's), not the stability test's (the median)
     tail = guard.stability["median_gate"]
-    for name, lost, hint_gated in (("tail", None, False), ("tail_hint", None, True),
-                                   ("tail_flip", near < others, False), ("tail_flip_hint", near < others, True)):
-        f = filtered if lost is None else filtered.masked_fill(~lost, 0.0)
-        v = combined_ratio(base, gated(f, r.consistency, tail))
-        h = combined_ratio(v, r.rank_ratio)
-        skip = (gated(f, r.consistency, tail) if hint_gated else f) > 1
-        out[name] = run(v, torch.where(skip, h + 1e3, torch.zeros_like(h)))
+    out["tail"], out["tail_hint"] = with_filter(filtered, tail), with_filter(filtered, tail, True)
+    out["tail_flip"], out["tail_flip_hint"] = with_filter(flip, tail), with_filter(flip, tail, True)
     bound = guard.stability["median_bound"].item()
     for q in quantiles:  # the filter's ratios against another bound
-        f = filtered * (bound / quantile_bound(guard, q))
-        v = combined_ratio(base, gated(f, r.consistency, r.stability_gate))
-        h = combined_ratio(v, r.rank_ratio)
-        out[f"filter_hint@{q:g}"] = run(v, torch.where(f > 1, h + 1e3, torch.zeros_like(h)))
+        out[f"filter_hint@{q:g}"] = with_filter(filtered * (bound / quantile_bound(guard, q)), r.stability_gate)
     return out
 
 
