@@ -290,6 +290,10 @@ def table(dataset: str, split: str, reports: dict, tag: str | None = None, valid
     seeds = " ".join(str(s) for s in sorted({r["seed"] for r in all_reps}))
     sets = "".join(f" --set {k}={v!r}".replace("'", "") if isinstance(v, str) else f" --set {k}={v}"
                    for k, v in (all_reps[0].get("settings") or {}).items()) if all_reps else ""
+    # CPU training is bit-reproducible only at the thread count it ran with: name it when the runs agree
+    threads = {(r.get("device"), r.get("torch_threads")) for r in all_reps}
+    if len(threads) == 1 and next(iter(threads))[0] == "cpu" and next(iter(threads))[1]:
+        options = f" --threads {next(iter(threads))[1]}" + options
     lines += ["", f"Guard settings (GuardConfig overrides): {', '.join(sorted(settings))}.",
               f"Per-run reports, in this table's folder: `runs/{dataset}/{split}-<attack>-<seed>{'-' + tag if tag else ''}.json`. "
               f"Regenerate: `linkbreaker reproduce --dataset {dataset} --split {split} "

@@ -404,6 +404,10 @@ def test_reproduce_writes_reports_and_table(tiny_reproduce, synth, shared_net, b
     mean = sum(100 * r["after"]["asr"] for r in reps) / 2
     assert rows["badnets"][col["ASR after"]].startswith(f"{mean:.2f} ± ")
     assert "--set neighbours=0" in table
+    # the thread count the runs used, on which CPU training's bits depend
+    assert f" --threads {torch.get_num_threads()} " in table.split("Regenerate: ")[1]
+    mixed = dict(reps[1], torch_threads=torch.get_num_threads() + 1)
+    assert "--threads" not in reproduce.table("mnist", "heldout", {"badnets": [reps[0], mixed]})
     # the footer's per-run path resolves beside the table, for every run in it
     footer = table.split("Per-run reports, in this table's folder: `")[1].split("`")[0]
     for a, sd in (("badnets", 0), ("badnets", 1), ("none", 0)):
