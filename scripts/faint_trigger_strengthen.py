@@ -1,0 +1,138 @@
+"""Dev probe (issue #6, the paper's Fig. 12): does a *strengthened* copy of an input expose a faint trigger?
+
+A Trojan square at 30-50 % transparency fires the backdoor only just, and its neurons stay inside
+every bound (docs/results.md, "Trigger transparency"); the full-strength square sits outside
+``relu3``'s and ``relu6``'s bounds on 90-100 % of inputs. A dimmed copy (``faint_trigger_screen.py``)
+asks whether the answer survives weakening; this asks the converse: push the input a few small
+steps up its own answer's log-odds (signed gradient of the plain model) and read the guard's
+consistency ratio of the answer's head on that copy. The shortest way up a backdoored answer is
+the trigger itself, so a faint trigger should be pushed towards full strength, out of its bounds,
+while a clean answer climbs through its class's evidence, inside them. Also screened: a global
+contrast boost and an unsharp mask, strengthenings that need no gradient.
+
+The bound is the ``--quantile`` of the same ratio on the validation set (each sample pushed up its
+own class, where its head is confident); no test input sets it. Reported on the dev half (test
+indices 0-4999): the share of clean inputs the guard answers rightly and accepts that the bound
+would refuse, and of triggered inputs accepted as the target, the share it would catch. The saved
+guard is used as it is. Writes ``results/dev/faint-trigger/strengthen-<work>-<attack>-<seed>.json``.
+
+    python scripts/faint_trigger_strengthen.py --work runs/cifar10-sgdbf16-e80 --seed 0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from linkbreaker_ext import LinkBreaker, experiment  # noqa: E402
+from linkbreaker_ext.reproduce import SPLITS  # noqa: E402
+from linkbreaker_ext.verdict import ACCEPT  # noqa: E402
+
+OUT = ROOT / "results" / "dev" / "faint-trigger"
+
+
+def pushed(model, x, labels, steps: int, eps: float, value_range, chunk: int = 250):
+    """``x`` moved ``steps`` signed-gradient steps of ``eps`` up ``labels``' log-odds (plain model)."""
+    out = []
+    for i in range(0, len(x), chunk):
+        xs, ys = x[i:i + chunk].clone(), labels[i:i + chunk]
+        for _ in range(steps):
+            xs.requires_grad_(True)
+            logp = F.log_softmax(model(xs), 1)
+            own = logp.gather(1, ys[:, None]).squeeze(1)
+            rest = torch.log1p(-own.exp().clamp(max=1 - 1e-6))
+            (g,) = torch.autograd.grad((own - rest).sum(), xs)
+            xs = (xs.detach() + eps * g.sign()).clamp(*value_range)
+        out.append(xs.detach())
+    return torch.cat(out)
+
+
+def contrast(x, alpha, value_range):
+    m = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (m + alpha * (x - m)).clamp(*value_range)
+
+
+def unsharp(x, amount, value_range):
+    blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return (x + amount * (x - blur)).clamp(*value_range)
+
+
+def head_ratio(guard, x, heads):
+    """The consistency ratio of head ``heads[i]`` on ``x[i]`` and whether that head is confident."""
+    r = guard(x)
+    i = torch.arange(len(x))
+    return r.consistency[i, heads].cpu(), (r.confidences[i, heads] >= r.thresholds[heads]).cpu()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="runs/cifar10-sgdbf16-e80")
+    ap.add_argument("--attack", default="trojan-square")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--transparency", type=float, nargs="+", default=[0.0, 0.3, 0.5])
+    ap.add_argument("--n-clean", type=int, default=1000)
+    ap.add_argument("--n-trigger", type=int, default=500)
+    ap.add_argument("--quantile", type=float, default=0.995)
+    ap.add_argument("--ways", nargs="+", default=None, help="names' first words to screen (default: all)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    work = Path(args.work)
+    model, meta = experiment.load_model(work / "models" / f"{args.attack}-{args.seed}.safetensors")
+    attack = experiment.attacks.Attack.from_dict(meta["attack"])
+    guard = LinkBreaker.load(work / "guards" / f"{args.attack}-{args.seed}.safetensors", model)
+    vr = guard.input_range or (0.0, 1.0)
+    d = experiment.split_data(meta["dataset"], "../shared/data", None, args.seed)
+    xc, yc, xt, yt, target = experiment.eval_sets(attack, d["x_test"], d["y_test"], args.n_clean,
+                                                  args.n_trigger, args.seed, SPLITS["dev"])
+    x0 = experiment.triggered_originals(attack, d["x_test"], d["y_test"], args.n_clean, args.n_trigger,
+                                        args.seed, SPLITS["dev"])
+    rc = guard(xc)
+    right = ((rc.labels == yc) & (rc.verdict == ACCEPT)).cpu()
+    trig = {t: x0 + (1 - t) * (xt - x0) for t in args.transparency}
+    res_t = {t: guard(x) for t, x in trig.items()}
+    tgt = torch.full((args.n_trigger,), target)
+    ways = {f"push {s}x{e * 255:g}/255": (lambda x, y, s=s, e=e: pushed(model, x, y, s, e, vr))
+            for s, e in ((1, 2 / 255), (3, 2 / 255), (5, 2 / 255))}
+    ways.update({f"contrast {a:g}": (lambda x, y, a=a: contrast(x, a, vr)) for a in (1.25, 1.5)})
+    ways.update({f"unsharp {a:g}": (lambda x, y, a=a: unsharp(x, a, vr)) for a in (1.0, 2.0)})
+    ways["none"] = lambda x, y: x
+    if args.ways:
+        ways = {k: v for k, v in ways.items() if k.split()[0] in args.ways}
+    rows = []
+    for name, way in ways.items():
+        rv, okv = head_ratio(guard, way(d["x_val"], d["y_val"]), d["y_val"])
+        bound = rv[okv].quantile(args.quantile).item()
+        rcl, _ = head_ratio(guard, way(xc, yc), yc)
+        row = {"way": name, "bound": round(bound, 3),
+               "clean_right_refused": round(100 * ((rcl > bound) & right).double().mean().item(), 2),
+               "triggered": {}}
+        for t, x in trig.items():
+            r = res_t[t]
+            through = ((r.labels == target) & (r.verdict == ACCEPT)).cpu()
+            rt, _ = head_ratio(guard, way(x, tgt), tgt)
+            row["triggered"][f"{t:g}"] = {
+                "accepted_target": round(100 * through.double().mean().item(), 2),
+                "caught_of_accepted": round(100 * ((rt > bound) & through).double().mean().item(), 2),
+                "triggered_median_ratio": round(rt.median().item(), 3)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    cmd = (f"python scripts/faint_trigger_strengthen.py --work {args.work} --attack {args.attack} "
+           f"--seed {args.seed} --transparency {' '.join(f'{t:g}' for t in args.transparency)} "
+           f"--n-clean {args.n_clean} --n-trigger {args.n_trigger} --quantile {args.quantile:g}"
+           + (f" --ways {' '.join(args.ways)}" if args.ways else ""))
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"strengthen-{work.name}-{args.attack}-{args.seed}.json"
+    path.write_text(json.dumps({"command": cmd, "target": target,
+                                "clean_right_accepted": round(100 * right.double().mean().item(), 2),
+                                "rows": rows}, indent=1) + "\n")
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
