@@ -84,7 +84,7 @@ def main():
     torch.set_num_threads(1)
     work = Path(args.work)
     model, meta = experiment.load_model(work / "models" / f"{args.attack}-{args.seed}.safetensors")
-    attack = experiment.attacks.Attack.from_dict(meta["attack"])
+    attack = experiment.attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None  # clean: a BadNets probe
     guard = LinkBreaker.load(work / "guards" / f"{args.attack}-{args.seed}.safetensors", model)
     vr = guard.input_range or (0.0, 1.0)
     d = experiment.split_data(meta["dataset"], "../shared/data", None, args.seed)
