@@ -291,9 +291,9 @@ def table(dataset: str, split: str, reports: dict, tag: str | None = None, valid
     sets = "".join(f" --set {k}={v!r}".replace("'", "") if isinstance(v, str) else f" --set {k}={v}"
                    for k, v in (all_reps[0].get("settings") or {}).items()) if all_reps else ""
     # CPU training is bit-reproducible only at the thread count it ran with: name it when the runs agree
-    threads = {(r.get("device"), r.get("torch_threads")) for r in all_reps}
-    if len(threads) == 1 and next(iter(threads))[0] == "cpu" and next(iter(threads))[1]:
-        options = f" --threads {next(iter(threads))[1]}" + options
+    runs_on = {(r.get("device"), r.get("torch_threads")) for r in all_reps}
+    if len(runs_on) == 1 and (only := runs_on.pop())[0] == "cpu" and only[1]:
+        options = f" --threads {only[1]}" + options
     lines += ["", f"Guard settings (GuardConfig overrides): {', '.join(sorted(settings))}.",
               f"Per-run reports, in this table's folder: `runs/{dataset}/{split}-<attack>-<seed>{'-' + tag if tag else ''}.json`. "
               f"Regenerate: `linkbreaker reproduce --dataset {dataset} --split {split} "

@@ -25,6 +25,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -52,41 +53,64 @@ def falls(guard, x: torch.Tensor, heads: torch.Tensor, alpha: float):
     return log_odds(c0, STABILITY_EPS) - log_odds(c1, STABILITY_EPS), c0 >= guard.thresholds.cpu()[heads]
 
 
-def screen(work: Path, attack_name: str, seed: int, alphas, transparencies, n_clean, n_trigger, q) -> dict:
+def dev_draw(work: Path, attack_name: str, seed: int, n_clean: int, n_trigger: int, transparencies):
+    """What the faint-trigger screens share: the saved model and guard, the data split, the dev half's
+    clean draw (``right``: those the guard answers rightly and accepts) and the triggered draw blended
+    at each transparency, with the guard's results on it. A clean model is probed with BadNets."""
     model, meta = experiment.load_model(work / "models" / f"{attack_name}-{seed}.safetensors")
-    attack = experiment.attacks.Attack.from_dict(meta["attack"])
+    attack = experiment.attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None
     guard = LinkBreaker.load(work / "guards" / f"{attack_name}-{seed}.safetensors", model)
     split = experiment.split_data(meta["dataset"], "../shared/data", None, seed)
-    xc, yc, xt, yt, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], n_clean,
-                                                  n_trigger, seed, SPLITS["dev"])
+    xc, yc, xt, _, target = experiment.eval_sets(attack, split["x_test"], split["y_test"], n_clean,
+                                                 n_trigger, seed, SPLITS["dev"])
     x0 = experiment.triggered_originals(attack, split["x_test"], split["y_test"], n_clean, n_trigger, seed,
                                         SPLITS["dev"])  # the triggered draw's clean images
-    assert torch.equal(attack.apply(x0), xt), "draw out of step with experiment.eval_sets"
+    if attack is not None:
+        assert torch.equal(attack.apply(x0), xt), "draw out of step with experiment.eval_sets"
     rc = guard(xc)
-    right = ((rc.labels == yc) & (rc.verdict == ACCEPT)).cpu()
     trig = {t: x0 + (1 - t) * (xt - x0) for t in transparencies}
-    res_t = {t: guard(x) for t, x in trig.items()}
-    tgt = torch.full((n_trigger,), target)
+    return SimpleNamespace(model=model, guard=guard, split=split, xc=xc, yc=yc, target=target,
+                           right=((rc.labels == yc) & (rc.verdict == ACCEPT)).cpu(), trig=trig,
+                           res={t: guard(x) for t, x in trig.items()})
+
+
+def bounded_row(draw, score, q: float, digits: int = 3, median_key: str | None = None) -> dict:
+    """One candidate test: ``score(x, heads)`` gives ``([n] value, [n] head confident)``; its bound is
+    the ``q`` quantile of the validation set's values where the own head is confident (no test input
+    sets it). Returns the bound, the clean right answers it would refuse and, per transparency, the
+    triggered inputs the guard accepts as the target and those of them it would catch (in %);
+    ``median_key``: also the triggered inputs' median value, under that name."""
+    val, ok = score(draw.split["x_val"], draw.split["y_val"])
+    bound = val[ok].quantile(q).item()
+    clean, _ = score(draw.xc, draw.yc)
+    tgt = torch.full((len(next(iter(draw.trig.values()))),), draw.target)
+    row = {"bound": round(bound, 3),
+           "clean_right_refused": round(100 * ((clean > bound) & draw.right).double().mean().item(), digits),
+           "triggered": {}}
+    for t, x in draw.trig.items():
+        r = draw.res[t]
+        through = ((r.labels == draw.target) & (r.verdict == ACCEPT)).cpu()
+        trig, _ = score(x, tgt)
+        row["triggered"][f"{t:g}"] = {
+            "accepted_target": round(100 * through.double().mean().item(), digits),
+            "caught_of_accepted": round(100 * ((trig > bound) & through).double().mean().item(), digits)}
+        if median_key:
+            row["triggered"][f"{t:g}"][median_key] = round(trig.median().item(), 3)
+    return row
+
+
+def screen(work: Path, attack_name: str, seed: int, alphas, transparencies, n_clean, n_trigger, q) -> dict:
+    draw = dev_draw(work, attack_name, seed, n_clean, n_trigger, transparencies)
     rows = []
     for alpha in alphas:
-        fv, okv = falls(guard, split["x_val"], split["y_val"], alpha)
-        bound = fv[okv].quantile(q).item()
-        fc, _ = falls(guard, xc, yc, alpha)
-        row = {"alpha": alpha, "bound": round(bound, 3),
-               "clean_right_refused": round(100 * ((fc > bound) & right).double().mean().item(), 3),
-               "triggered": {}}
-        for t, x in trig.items():
-            r = res_t[t]
-            through = ((r.labels == target) & (r.verdict == ACCEPT)).cpu()
-            ft, _ = falls(guard, x, tgt, alpha)
-            row["triggered"][f"{t:g}"] = {
-                "asr_after": round(100 * (r.labels.cpu() == target).double().mean().item(), 3),
-                "accepted_target": round(100 * through.double().mean().item(), 3),
-                "caught_of_accepted": round(100 * ((ft > bound) & through).double().mean().item(), 3)}
+        row = {"alpha": alpha, **bounded_row(draw, lambda x, h: falls(draw.guard, x, h, alpha), q)}
+        for t, cell in row["triggered"].items():  # the guard's ASR after, hint reading
+            labels = draw.res[float(t)].labels.cpu()
+            cell["asr_after"] = round(100 * (labels == draw.target).double().mean().item(), 3)
         rows.append(row)
         print(seed, json.dumps(row))
-    return {"seed": seed, "target": target, "n_clean": n_clean, "n_trigger": n_trigger,
-            "clean_right_accepted": round(100 * right.double().mean().item(), 3), "rows": rows}
+    return {"seed": seed, "target": draw.target, "n_clean": n_clean, "n_trigger": n_trigger,
+            "clean_right_accepted": round(100 * draw.right.double().mean().item(), 3), "rows": rows}
 
 
 def main():

@@ -30,11 +30,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from linkbreaker_ext import LinkBreaker, experiment  # noqa: E402
-from linkbreaker_ext.reproduce import SPLITS  # noqa: E402
-from linkbreaker_ext.verdict import ACCEPT  # noqa: E402
-
-OUT = ROOT / "results" / "dev" / "faint-trigger"
+sys.path.insert(0, str(ROOT / "scripts"))
+from faint_trigger_screen import OUT, bounded_row, dev_draw  # noqa: E402
 
 
 def pushed(model, x, labels, steps: int, eps: float, value_range, chunk: int = 250):
@@ -83,20 +80,9 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     work = Path(args.work)
-    model, meta = experiment.load_model(work / "models" / f"{args.attack}-{args.seed}.safetensors")
-    attack = experiment.attacks.Attack.from_dict(meta["attack"]) if meta["attack"] else None  # clean: a BadNets probe
-    guard = LinkBreaker.load(work / "guards" / f"{args.attack}-{args.seed}.safetensors", model)
+    draw = dev_draw(work, args.attack, args.seed, args.n_clean, args.n_trigger, args.transparency)
+    model, guard = draw.model, draw.guard
     vr = guard.input_range or (0.0, 1.0)
-    d = experiment.split_data(meta["dataset"], "../shared/data", None, args.seed)
-    xc, yc, xt, yt, target = experiment.eval_sets(attack, d["x_test"], d["y_test"], args.n_clean,
-                                                  args.n_trigger, args.seed, SPLITS["dev"])
-    x0 = experiment.triggered_originals(attack, d["x_test"], d["y_test"], args.n_clean, args.n_trigger,
-                                        args.seed, SPLITS["dev"])
-    rc = guard(xc)
-    right = ((rc.labels == yc) & (rc.verdict == ACCEPT)).cpu()
-    trig = {t: x0 + (1 - t) * (xt - x0) for t in args.transparency}
-    res_t = {t: guard(x) for t, x in trig.items()}
-    tgt = torch.full((args.n_trigger,), target)
     ways = {f"push {s}x{e * 255:g}/255": (lambda x, y, s=s, e=e: pushed(model, x, y, s, e, vr))
             for s, e in ((1, 2 / 255), (3, 2 / 255), (5, 2 / 255))}
     ways.update({f"contrast {a:g}": (lambda x, y, a=a: contrast(x, a, vr)) for a in (1.25, 1.5)})
@@ -106,20 +92,8 @@ def main():
         ways = {k: v for k, v in ways.items() if k.split()[0] in args.ways}
     rows = []
     for name, way in ways.items():
-        rv, okv = head_ratio(guard, way(d["x_val"], d["y_val"]), d["y_val"])
-        bound = rv[okv].quantile(args.quantile).item()
-        rcl, _ = head_ratio(guard, way(xc, yc), yc)
-        row = {"way": name, "bound": round(bound, 3),
-               "clean_right_refused": round(100 * ((rcl > bound) & right).double().mean().item(), 2),
-               "triggered": {}}
-        for t, x in trig.items():
-            r = res_t[t]
-            through = ((r.labels == target) & (r.verdict == ACCEPT)).cpu()
-            rt, _ = head_ratio(guard, way(x, tgt), tgt)
-            row["triggered"][f"{t:g}"] = {
-                "accepted_target": round(100 * through.double().mean().item(), 2),
-                "caught_of_accepted": round(100 * ((rt > bound) & through).double().mean().item(), 2),
-                "triggered_median_ratio": round(rt.median().item(), 3)}
+        row = {"way": name, **bounded_row(draw, lambda x, h, way=way: head_ratio(guard, way(x, h), h),
+                                          args.quantile, digits=2, median_key="triggered_median_ratio")}
         rows.append(row)
         print(json.dumps(row), flush=True)
     cmd = (f"python scripts/faint_trigger_strengthen.py --work {args.work} --attack {args.attack} "
@@ -128,8 +102,8 @@ def main():
            + (f" --ways {' '.join(args.ways)}" if args.ways else ""))
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"strengthen-{work.name}-{args.attack}-{args.seed}.json"
-    path.write_text(json.dumps({"command": cmd, "target": target,
-                                "clean_right_accepted": round(100 * right.double().mean().item(), 2),
+    path.write_text(json.dumps({"command": cmd, "target": draw.target,
+                                "clean_right_accepted": round(100 * draw.right.double().mean().item(), 2),
                                 "rows": rows}, indent=1) + "\n")
     print(path)
 
