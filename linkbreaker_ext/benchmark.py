@@ -22,8 +22,9 @@ Rows (``ms_per_batch``, median of timed calls after a warm-up; CUDA calls synchr
   ``[B, N, D]`` (what the guard passes) and 2-D ``[B, D]`` (``op-2d``, ``reference-2d``);
   ``gemm-floor``: one contiguous ``[B*N, D] x [D, C]`` GEMM, the op's FLOPs with nothing else.
 
-Models: the MNIST net and the CIFAR-10 net (``models.build_model``), untrained, with guards fitted on
-random data (latency does not depend on the weights; N = 10 heads). Ratios are ``time(A) / time(B)``
+Models: the MNIST net, the CIFAR-10 net and GTSRB's ResNet20 (``models.build_model``), untrained,
+with guards fitted on random data (latency does not depend on the weights; N = 10 heads, 43 for
+GTSRB: the heads grow with the classes, so GTSRB shows the method's cost at many classes). Ratios are ``time(A) / time(B)``
 for a key ``A_vs_B`` (``op_vs_reference_b256_n43`` < 1 means the op is faster; its inverse is
 ``reference_over_op_b256_n43``).
 """
@@ -125,18 +126,20 @@ def _random_data(shape, n_per_class: int, num_classes: int, seed: int):
     return x, y
 
 
-# model key -> (builder args, input shape, validation samples per class, guard fit overrides)
+# model key -> (builder args: data set and classes, input shape, validation samples per class,
+# guard fit overrides)
 MODELS = {
     "mnist": (("mnist", 10), (1, 28, 28), 30, {}),
     "cifar10": (("cifar10", 10), (3, 32, 32), 6, {"search_per_class": 3}),
+    "gtsrb": (("gtsrb", 43), (3, 32, 32), 3, {"search_per_class": 2}),
 }
 
 
-def _fit_guard(model, x, y, **overrides):
+def _fit_guard(model, x, y, num_classes=10, **overrides):
     from .guard import LinkBreaker
     opts = dict(progress=False, neighbours=0, fractions=(0.5, 1.0), min_per_class=2)
     opts.update(overrides)
-    return LinkBreaker.fit(model, x, y, 10, **opts)
+    return LinkBreaker.fit(model, x, y, num_classes, **opts)
 
 
 def _shared_hidden(guard):
@@ -171,8 +174,9 @@ def _settings(args):
         return {"models": ["mnist", "cifar10"], "batches": {"mnist": (1, 256), "cifar10": (1, 16)},
                 "reps": 5, "warmup": 1, "budget_s": 1.0, "strip_overlays": 100,
                 "strip_batches": (256,), "op_batch": 256, "memory_batches": (1, 256, 2048)}
-    return {"models": ["mnist", "cifar10"], "batches": {"mnist": (1, 64, 256, 1024),
-                                                        "cifar10": (1, 64, 256)},
+    return {"models": ["mnist", "cifar10", "gtsrb"], "batches": {"mnist": (1, 64, 256, 1024),
+                                                                 "cifar10": (1, 64, 256),
+                                                                 "gtsrb": (1, 64)},
             "reps": 20, "warmup": 2, "budget_s": 5.0, "strip_overlays": 100,
             "strip_batches": (256,), "op_batch": 256, "memory_batches": (1, 256, 2048, 8192)}
 
@@ -219,8 +223,9 @@ def run(args) -> dict:
         build, shape, per_class, overrides = MODELS[key]
         torch.manual_seed(SEED)
         model = zoo.build_model(*build).eval().to(device)
-        x_val, y_val = _random_data(shape, per_class, 10, SEED)
-        guard = _fit_guard(model, x_val, y_val, **overrides)
+        classes = build[1]
+        x_val, y_val = _random_data(shape, per_class, classes, SEED)
+        guard = _fit_guard(model, x_val, y_val, classes, **overrides)
         module = GuardedModule(guard)
         shared = GuardedModule(_shared_hidden(guard))
         shared_unstable = GuardedModule(_without_stability(_shared_hidden(guard)))
@@ -278,7 +283,7 @@ def run(args) -> dict:
                          "strip_overlays": s["strip_overlays"],
                          "loadavg_1m_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
                          "threads": torch.get_num_threads(), "torch": torch.__version__,
-                         "heads": 10, "op": {"B": B, "N": N, "C": N, "D": D},
+                         "heads": {k: MODELS[k][0][1] for k in s["models"]}, "op": {"B": B, "N": N, "C": N, "D": D},
                          "ratio_definition": "A_vs_B = ms(A) / ms(B), same machine, same run",
                          "date": datetime.date.today().isoformat()}}
 
