@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -60,6 +61,13 @@ def unsharp(x, amount, value_range):
     return (x + amount * (x - blur)).clamp(*value_range)
 
 
+def ms_per_input(fn, x) -> float:
+    """Wall time of ``fn(x)`` per input, in ms (one thread): what a way would add online."""
+    t = time.perf_counter()
+    fn(x)
+    return round(1000 * (time.perf_counter() - t) / len(x), 3)
+
+
 def head_ratio(guard, x, heads):
     """The consistency ratio of head ``heads[i]`` on ``x[i]`` and whether that head is confident."""
     r = guard(x)
@@ -90,10 +98,14 @@ def main():
     ways["none"] = lambda x, y: x
     if args.ways:
         ways = {k: v for k, v in ways.items() if k.split()[0] in args.ways}
+    probe = draw.xc[:500]  # the online cost: the guard's call, and each way's copy and its reading
+    guard_ms = ms_per_input(guard, probe)
     rows = []
     for name, way in ways.items():
         row = {"way": name, **bounded_row(draw, lambda x, h, way=way: head_ratio(guard, way(x, h), h),
-                                          args.quantile, digits=2, median_key="triggered_median_ratio")}
+                                          args.quantile, digits=2, median_key="triggered_median_ratio"),
+               "copy_and_reading_ms_per_input": ms_per_input(
+                   lambda x, way=way: head_ratio(guard, way(x, draw.yc[:len(x)]), draw.yc[:len(x)]), probe)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     cmd = (f"python scripts/faint_trigger_strengthen.py --work {args.work} --attack {args.attack} "
@@ -102,7 +114,7 @@ def main():
            + (f" --ways {' '.join(args.ways)}" if args.ways else ""))
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"strengthen-{work.name}-{args.attack}-{args.seed}.json"
-    path.write_text(json.dumps({"command": cmd, "target": draw.target,
+    path.write_text(json.dumps({"command": cmd, "target": draw.target, "guard_ms_per_input": guard_ms,
                                 "clean_right_accepted": round(100 * draw.right.double().mean().item(), 2),
                                 "rows": rows}, indent=1) + "\n")
     print(path)
