@@ -22,11 +22,11 @@ Rows (``ms_per_batch``, median of timed calls after a warm-up; CUDA calls synchr
   ``[B, N, D]`` (what the guard passes) and 2-D ``[B, D]`` (``op-2d``, ``reference-2d``);
   ``gemm-floor``: one contiguous ``[B*N, D] x [D, C]`` GEMM, the op's FLOPs with nothing else.
 
-Models: the MNIST net, the CIFAR-10 net and GTSRB's ResNet20 (``models.build_model``), untrained,
-with guards fitted on random data (latency does not depend on the weights; N = 10 heads, 43 for
-GTSRB: the heads grow with the classes, so GTSRB shows the method's cost at many classes). Ratios are ``time(A) / time(B)``
-for a key ``A_vs_B`` (``op_vs_reference_b256_n43`` < 1 means the op is faster; its inverse is
-``reference_over_op_b256_n43``).
+Models: the MNIST net, the CIFAR-10 net and (full run only, to keep ``--quick`` under a minute)
+GTSRB's ResNet20 (``models.build_model``), untrained, with guards fitted on random data (latency
+does not depend on the weights; N = 10 heads, 43 for GTSRB: the method's cost at many classes).
+Ratios are ``time(A) / time(B)`` for a key ``A_vs_B`` (``op_vs_reference_b256_n43`` < 1 means the op
+is faster; its inverse is ``reference_over_op_b256_n43``).
 """
 from __future__ import annotations
 
@@ -283,7 +283,8 @@ def run(args) -> dict:
                          "strip_overlays": s["strip_overlays"],
                          "loadavg_1m_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
                          "threads": torch.get_num_threads(), "torch": torch.__version__,
-                         "heads": {k: MODELS[k][0][1] for k in s["models"]}, "op": {"B": B, "N": N, "C": N, "D": D},
+                         "heads": {k: MODELS[k][0][1] for k in s["models"]},
+                         "op": {"B": B, "N": N, "C": N, "D": D},
                          "ratio_definition": "A_vs_B = ms(A) / ms(B), same machine, same run",
                          "date": datetime.date.today().isoformat()}}
 
