@@ -2046,6 +2046,23 @@ def test_median_filter_takes_each_windows_median_and_removes_thin_lines():
     assert out[0, 0, 5].abs().max() == 0 and out[0, 0, 1, 1] == 1
 
 
+def test_the_3x3_selection_network_equals_the_sorted_median():
+    """The guard's 3x3 filter is a network of min/max pairs; the reference sorts every window. They
+    agree exactly on all 512 binary windows (which, by the 0-1 principle, proves the network for
+    every input), on ties and on random images in each floating dtype, edges included."""
+    from linkbreaker_ext.verdict import _median3, median_filter_reference
+
+    bits = torch.arange(512)[:, None].bitwise_right_shift(torch.arange(9)).bitwise_and(1).float()
+    windows = bits.view(512, 1, 3, 3)  # each pattern as a 3x3 image: its centre sees the whole window
+    assert torch.equal(_median3(windows)[:, 0, 1, 1], bits.median(1).values)
+    assert torch.equal(_median3(windows), median_filter_reference(windows, 3))
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for x in (torch.rand(4, 3, 9, 11, generator=g), torch.randint(0, 3, (4, 1, 6, 5), generator=g) / 2.0):
+            x = x.to(dtype)
+            assert torch.equal(_median3(x), median_filter_reference(x, 3)), dtype
+
+
 def test_the_filtered_neighbour_joins_the_stability_ratio_and_round_trips(guard_deep, deep_net, synth, tmp_path):
     """``stability_median=3`` adds one neighbour, the input through a 3x3 median filter, with its own
     bound from the calibration split by the jitter's rule: a head's stability ratio becomes the
