@@ -45,7 +45,7 @@ def main():
     ap.add_argument("--against", nargs="+", required=True, metavar="FIELD=VALUE",
                     help="the recalibrated guard's settings (last-stage fields)")
     ap.add_argument("--out", required=True, help="the JSON to write")
-    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--batch", type=int, nargs="+", default=[512], help="one or more batch sizes")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     args = ap.parse_args()
@@ -58,16 +58,17 @@ def main():
         saved = LinkBreaker.load(Path(work) / "guards" / f"{run}.safetensors", model)
         split = experiment.split_data(meta["dataset"], args.data, None, int(run.rsplit("-", 1)[1]))
         other = saved.recalibrate(split["x_val"], split["y_val"], **against)
-        x = split["x_test"][5000:5000 + args.batch]  # held-out half
-        ms_saved, ms_other = ms_per_input([saved, other], x, args.repeats)
-        rows.append({"dataset": meta["dataset"], "work": work, "run": run, "batch": len(x),
-                     "ms_per_input_saved": round(ms_saved, 3), "ms_per_input_against": round(ms_other, 3),
-                     "ratio": round(ms_saved / ms_other, 3)})
-        print(json.dumps(rows[-1]), flush=True)
+        for batch in args.batch:
+            x = split["x_test"][5000:5000 + batch]  # held-out half
+            ms_saved, ms_other = ms_per_input([saved, other], x, args.repeats)
+            rows.append({"dataset": meta["dataset"], "work": work, "run": run, "batch": len(x),
+                         "ms_per_input_saved": round(ms_saved, 3), "ms_per_input_against": round(ms_other, 3),
+                         "ratio": round(ms_saved / ms_other, 3)})
+            print(json.dumps(rows[-1]), flush=True)
     out = {"device": f"cpu, 1 thread ({platform.processor() or platform.machine()})",
            "saved": "each run's saved guard (reproduce's default when it was measured)", "against": against,
            "command": "python scripts/setting_cost.py --runs " + " ".join(args.runs) + " --against "
-           + " ".join(args.against) + f" --out {args.out} --batch {args.batch} --repeats {args.repeats}",
+           + " ".join(args.against) + f" --out {args.out} --batch {' '.join(map(str, args.batch))} --repeats {args.repeats}",
            "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
 
