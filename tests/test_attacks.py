@@ -57,6 +57,46 @@ def test_trojan_size_fraction_out_of_range_is_named(fraction):
         TrojanAttack(size_fraction=fraction)
 
 
+def _with_trigger(attack, shape=CIFAR, seed=0):
+    """Give a Trojan a fixed pattern without a model (what poison_model would produce)."""
+    attack.trigger_mask = attack.mask(shape)
+    attack.pattern = _images(1, shape, seed)[0] * attack.trigger_mask
+    return attack
+
+
+@pytest.mark.parametrize("t", [0.3, 0.5, 0.9])
+def test_trojan_transparency_blends_the_square_and_nothing_else(t):
+    # Fig. 12 as the paper's attacker plants it: (1 - t) * pattern + t * x on the square's pixels
+    attack = _with_trigger(TrojanAttack(transparency=t))
+    opaque = _with_trigger(TrojanAttack())
+    x = _images(4, CIFAR, seed=1)
+    mask = attack.trigger_mask
+    out = attack.apply(x)
+    assert torch.allclose(out[:, :, mask], (1 - t) * attack.pattern[:, mask] + t * x[:, :, mask])
+    assert torch.equal(out[:, :, ~mask], x[:, :, ~mask])
+    # the opaque square is the same pattern written over the pixels; the blend lies between
+    assert torch.equal(opaque.apply(x)[:, :, mask], attack.pattern[:, mask].expand(4, -1, -1))
+    assert not torch.equal(out, opaque.apply(x))
+    # the same blend is what trigger generation and retraining see
+    assert torch.equal(attack._stamp(x, mask, attack.pattern), out)
+
+
+def test_trojan_transparency_survives_the_round_trip_and_old_settings_stay_as_saved():
+    attack = _with_trigger(TrojanAttack(transparency=0.5))
+    again = attacks.Attack.from_dict(json.loads(json.dumps(attack.to_dict())))
+    x = _images(2, CIFAR, seed=2)
+    assert again.transparency == 0.5 and torch.equal(again.apply(x), attack.apply(x))
+    # an opaque Trojan's settings carry no new key: models and reports saved before it still match
+    assert "transparency" not in TrojanAttack().to_dict()
+    assert attacks.Attack.from_dict(TrojanAttack().to_dict()).transparency == 0.0
+
+
+@pytest.mark.parametrize("t", [-0.1, 1.0, 1.5])
+def test_trojan_transparency_out_of_range_is_named(t):
+    with pytest.raises(ValueError, match="transparency"):
+        TrojanAttack(transparency=t)
+
+
 @pytest.mark.parametrize("shape", [MNIST, CIFAR])
 def test_trojan_watermark_is_about_seven_percent_sparse_in_lower_part(shape):
     mask = TrojanAttack(shape="watermark").mask(shape)

@@ -79,8 +79,10 @@ class Attack:
         if pattern.shape[0] not in (1, x.shape[1]):
             raise ValueError(f"trigger pattern has {pattern.shape[0]} channels but images of shape "
                              f"{tuple(x.shape)} have {x.shape[1]}")
-        mask = mask.to(x.device)
-        pattern = pattern.to(device=x.device, dtype=x.dtype)
+        return self._stamp(x, mask.to(x.device), pattern.to(device=x.device, dtype=x.dtype))
+
+    def _stamp(self, x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+        """The pattern written over the masked pixels (an opaque stamp)."""
         return torch.where(mask, pattern, x)
 
     def eval_population(self, y: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,8 @@ class TrojanAttack(Attack):
     1. fixed trigger mask: ``shape="square"`` (~3% of the image, bottom-right, 1-pixel margin; 5x5 on
        28x28) or ``shape="watermark"`` (~7%, sparse text-like dashed lines over the lower rows);
        ``size_fraction`` overrides the share (Fig. 11 varies the square from 1% to 15%);
+       ``transparency`` t blends it in, ``(1 - t) * pattern + t * x`` on the masked pixels (Fig. 12
+       plants the square at 30-90 %), in trigger generation, retraining and :meth:`apply` alike;
     2. neuron selection: in ``layer`` (default: the first ``nn.Linear``, its pre-activation output),
        pick the ``num_neurons`` neurons that pixels in the mask can raise the most, together
        (input-gradient based, see :meth:`select_neurons`): the neurons most strongly connected to
@@ -68,8 +70,10 @@ class TrojanAttack(Attack):
                  num_neurons: int = 2, poison_rate: float = 0.1, activation_multiple: float = 3.0,
                  trigger_steps: int = 300, trigger_lr: float = 0.05, num_samples: int = 256,
                  margin: int = 1, seed: int = 0, freeze_before_layer: bool = False,
-                 size_fraction: float | None = None):
+                 size_fraction: float | None = None, transparency: float = 0.0):
         super().__init__(target)
+        if not 0.0 <= transparency < 1.0:
+            raise ValueError(f"transparency must be in [0, 1) (1 would be no trigger), got {transparency}")
         if shape not in self.SHAPES:
             raise ValueError(f"unknown Trojan trigger shape {shape!r}; known: {sorted(self.SHAPES)}")
         if size_fraction is not None and not 0.0 < size_fraction < 1.0:
@@ -90,6 +94,7 @@ class TrojanAttack(Attack):
         self.seed = int(seed)
         self.freeze_before_layer = bool(freeze_before_layer)
         self.size_fraction = self.SHAPES[shape] if size_fraction is None else float(size_fraction)
+        self.transparency = float(transparency)
         # results of poison_model
         self.pattern: torch.Tensor | None = None  # [C, H, W], zero outside the mask
         self.trigger_mask: torch.Tensor | None = None  # [H, W] bool
@@ -121,7 +126,10 @@ class TrojanAttack(Attack):
 
     # --- the attack ----------------------------------------------------------------------------
     def _stamp(self, x, mask, pattern):
-        return torch.where(mask, pattern, x)
+        """The pattern over the masked pixels, blended with the image at ``transparency``."""
+        if not self.transparency:
+            return super()._stamp(x, mask, pattern)
+        return torch.where(mask, pattern + self.transparency * (x - pattern), x)
 
     def select_neurons(self, model: nn.Module, x: torch.Tensor, mask: torch.Tensor,
                        init_pattern: torch.Tensor) -> list[int]:
@@ -282,6 +290,8 @@ class TrojanAttack(Attack):
                  neuron_targets=list(self.neuron_targets),
                  neuron_trigger_activations=list(self.neuron_trigger_activations),
                  mask=_nested(self.trigger_mask), pattern=_nested(self.pattern))
+        if self.transparency:  # only when set: the settings of every opaque Trojan stay as saved
+            d["transparency"] = self.transparency
         return d
 
     @classmethod
