@@ -18,7 +18,8 @@ faded at test time, which fires its backdoor only partly.
 
 Models and guards go to ``<work>/transparency/``, one report per setting to
 ``results/transparency-planted/<work name>/`` (skipped when present: a cut run resumes; several
-processes may share the work, one setting each); ``--table`` writes ``table.md`` beside them.
+processes may share the work, one setting each); ``--table`` writes ``table.md`` beside them. ``--set FIELD=VALUE --tag NAME`` judges with the saved
+default guard recalibrated with last-stage settings (no refit), in reports named ``...-<tag>.json``.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from linkbreaker_ext import LinkBreaker, data, experiment  # noqa: E402
 from linkbreaker_ext.attacks import Attack  # noqa: E402
-from linkbreaker_ext.reproduce import SPLITS  # noqa: E402
+from linkbreaker_ext.reproduce import SPLITS, parse_settings  # noqa: E402
 
 PAPER = "ASR after LinkBreaker below 2.7 % at 30, 50, 70 and 90 % (Fig. 12)"
 
@@ -67,8 +68,8 @@ def planted(args, t: float, split: dict, folder: Path):
     return model.eval(), attack, make_s
 
 
-def run(args, t: float, split: dict, out: Path) -> None:
-    report_path = out / f"{args.dataset}-{_name(args.attack, t, args.seed)}.json"
+def run(args, t: float, split: dict, out: Path, settings: dict) -> None:
+    report_path = out / f"{args.dataset}-{_name(args.attack, t, args.seed)}{'-' + args.tag if args.tag else ''}.json"
     if report_path.is_file():
         return
     folder = Path(args.work) / "transparency"
@@ -80,9 +81,12 @@ def run(args, t: float, split: dict, out: Path) -> None:
         guard = LinkBreaker.fit(model, split["x_val"], split["y_val"], data.spec(args.dataset).num_classes,
                                 progress=False, seed=args.seed)
         guard.save(guard_path)
+    if settings:
+        guard = guard.recalibrate(split["x_val"], split["y_val"], **settings)
     report, _ = experiment.evaluate(model, guard, attack, split["x_test"], split["y_test"], args.n, args.n,
                                     args.seed, SPLITS[args.split])
     report.update(dataset=args.dataset, attack=args.attack, transparency=t, seed=args.seed,
+                  guard=args.tag or "default", settings=settings,
                   split=args.split, work=Path(args.work).name, make_s=make_s,
                   guard_config=guard.config.__dict__, torch_threads=torch.get_num_threads(),
                   command=" ".join(["python scripts/planted_transparency.py"] + sys.argv[1:]))
@@ -97,7 +101,8 @@ def run(args, t: float, split: dict, out: Path) -> None:
 
 def table(out: Path) -> str:
     reports = sorted((json.loads(p.read_text()) for p in out.glob("*.json")),
-                     key=lambda r: (r["dataset"], r["attack"], r["transparency"], r["seed"]))
+                     key=lambda r: (r["dataset"], r["attack"], r["transparency"], r["seed"],
+                                    r.get("guard", "default") != "default", r.get("guard", "default")))
     if not reports:
         raise SystemExit(f"no reports in {out}")
     lines = [f"# A Trojan square planted at part of its strength (the paper's Fig. 12), `{out.name}`", "",
@@ -108,11 +113,11 @@ def table(out: Path) -> str:
              f"inputs of the {reports[0]['split']} half. Percentages. The paper: {PAPER}. Each report "
              "names the command that made it; `python scripts/planted_transparency.py --work <work> "
              "--table` writes this table.", "",
-             "| data set | attack | t | seed | CDA before | ASR before | CDA after | CDA drop | ASR after (accepted only) | triggered: alarms / OOD | AUROC |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| data set | attack | t | seed | guard | CDA before | ASR before | CDA after | CDA drop | ASR after (accepted only) | triggered: alarms / OOD | AUROC |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in reports:
         b, a = r["before"], r["after"]
-        lines.append(f"| {r['dataset']} | {r['attack']} | {100 * r['transparency']:.0f} % | {r['seed']} | "
+        lines.append(f"| {r['dataset']} | {r['attack']} | {100 * r['transparency']:.0f} % | {r['seed']} | {r.get('guard', 'default')} | "
                      f"{100 * b['cda']:.2f} | {100 * b['asr']:.2f} | {100 * a['cda']:.2f} | "
                      f"{100 * (b['cda'] - a['cda']):.2f} | {100 * a['asr']:.2f} ({100 * a['asr_strict']:.2f}) | "
                      f"{100 * a['alarm_rate_trigger']:.1f} / {100 * a['ood_rate_trigger']:.1f} | "
@@ -137,8 +142,14 @@ def main() -> None:
     p.add_argument("--out", default=None, help="default: results/transparency-planted/<work name>")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a last-stage GuardConfig setting the saved guard is recalibrated with (repeatable)")
+    p.add_argument("--tag", default=None, help="names a --set variant's reports")
     p.add_argument("--table", action="store_true", help="only rebuild the table")
     args = p.parse_args()
+    settings = parse_settings(args.set)
+    if bool(settings) != bool(args.tag):
+        p.error("--set and --tag go together (a variant's reports must not overwrite the default's)")
     if not all(0 < t < 1 for t in args.transparency):
         p.error("--transparency values must lie in (0, 1): 0 is the table's own model, 1 no trigger")
     out = Path(args.out or ROOT / "results" / "transparency-planted" / Path(args.work).name)
@@ -146,7 +157,7 @@ def main() -> None:
     if not args.table:
         split = experiment.split_data(args.dataset, args.data, None, args.seed)
         for t in args.transparency:
-            run(args, t, split, out)
+            run(args, t, split, out, settings)
     print(table(out))
 
 
