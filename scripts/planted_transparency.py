@@ -108,7 +108,8 @@ def table(out: Path) -> str:
     lines = [f"# A Trojan square planted at part of its strength (the paper's Fig. 12), `{out.name}`", "",
              "One Trojaned model per transparency t: the work folder's clean model of the seed, then "
              "Liu et al.'s trigger generation and the recipe's retraining with the square blended in at "
-             "t; the default guard fitted on the clean validation split; "
+             "t; the default guard fitted on the clean validation split (the *guard* column: `default`, or a "
+             "`--tag` variant, that guard recalibrated with the report's `settings`); "
              f"{reports[0]['counts']['clean']:,} clean + {reports[0]['counts']['triggered']:,} triggered "
              f"inputs of the {reports[0]['split']} half. Percentages. The paper: {PAPER}. Each report "
              "names the command that made it; `python scripts/planted_transparency.py --work <work> "
