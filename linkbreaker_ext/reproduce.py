@@ -181,11 +181,18 @@ def run_one(dataset: str, attack_name: str, seed: int, *, data_source, work, spl
     })
     if recalibrated is not None:
         report["recalibrated"] = recalibrated
+    write_report(path, report)
+    return report
+
+
+def write_report(path, report: dict, default=None) -> None:
+    """Write a run's JSON so that it is either complete or absent: a cut run resumes from the
+    reports that exist (``default``: ``json.dumps``' fallback for values JSON lacks)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(path)  # a report is either complete or absent
-    return report
+    tmp.write_text(json.dumps(report, indent=2, default=default))
+    tmp.replace(path)
 
 
 def _mean_sd(values):

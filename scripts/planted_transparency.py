@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from linkbreaker_ext import LinkBreaker, data, experiment  # noqa: E402
 from linkbreaker_ext.attacks import Attack  # noqa: E402
-from linkbreaker_ext.reproduce import SPLITS, parse_settings  # noqa: E402
+from linkbreaker_ext.reproduce import SPLITS, parse_settings, write_report  # noqa: E402
 
 PAPER = "ASR after LinkBreaker below 2.7 % at 30, 50, 70 and 90 % (Fig. 12)"
 
@@ -90,10 +90,7 @@ def run(args, t: float, split: dict, out: Path, settings: dict) -> None:
                   split=args.split, work=Path(args.work).name, make_s=make_s,
                   guard_config=guard.config.__dict__, torch_threads=torch.get_num_threads(),
                   command=" ".join(["python scripts/planted_transparency.py"] + sys.argv[1:]))
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = report_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=list))
-    tmp.replace(report_path)
+    write_report(report_path, report, default=list)
     b, a = report["before"], report["after"]
     print(f"t = {t:g}: before CDA {b['cda']:.4f} ASR {b['asr']:.4f}; after CDA {a['cda']:.4f} "
           f"ASR {a['asr']:.4f} (accepted only {a['asr_strict']:.4f})", flush=True)

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from linkbreaker_ext import experiment, plots  # noqa: E402
 from linkbreaker_ext.attacks import TrojanAttack  # noqa: E402
 from linkbreaker_ext.guard import LinkBreaker  # noqa: E402
+from linkbreaker_ext.reproduce import write_report  # noqa: E402
 
 HELDOUT = slice(5000, 10000)
 OUT = ROOT / "results" / "trigger-size"
@@ -84,10 +85,7 @@ def run(fraction: float, split: dict) -> None:
     report.update(dataset="cifar10", attack="trojan-square", size_fraction=fraction, side=int(side),
                   size_share=side * side / (32 * 32), make_s=make_s, split="heldout", seed=0,
                   layers=list(guard.layers), late_layer=guard.late_layer)
-    OUT.mkdir(parents=True, exist_ok=True)
-    tmp = report_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    tmp.replace(report_path)
+    write_report(report_path, report, default=str)
     b, a = report["before"], report["after"]
     print(f"{_percent(fraction)} %: before CDA {b['cda']:.4f} ASR {b['asr']:.4f}; after CDA "
           f"{a['cda']:.4f} ASR {a['asr']:.4f} (accepted {a['asr_strict']:.4f})", flush=True)
